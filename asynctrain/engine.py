@@ -1,0 +1,355 @@
+"""The event-driven engine (torch backend): SPEC sections 3-6 for one batch.
+
+A call runs T passes (timesteps). The timeline of a call is a flat list of ops::
+
+    ("start", t)  ("input", t)  ("step", t, k, sel, sel_delivered) ...  ("end", t)
+
+Only "step" ops need a record: the [B, K] indices they selected (int32). The
+differentiable state is (V, O, acc) -- membrane, outbox values, output accumulator
+of the pass -- plus two non-differentiable tensors the replay needs (refractory
+flag, received-current count). The pending flag and the pre-spike potential only
+drive selection, which is recorded, so the backward never needs them.
+
+`Engine.run` executes the ops and the selection; with grad enabled it is plain
+autograd through every step (``checkpoint_every=0``). `EventFunction` runs it
+without grad, keeps a state checkpoint every C ops (adaptive C ~ sqrt(ops) by
+default) and, in the backward, replays one segment at a time with autograd from its
+checkpoint and sweeps it in reverse. Randomness that changes values in the replay
+(refractory dropout) comes from the counter hash of `rng`, so it replays exactly.
+
+Per step the work is K x F_max (gather, scatter) plus O(N) elementwise and one
+topk over [B, N + 1]; nothing is N x N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .kernels.select import select_torch
+
+from . import rng
+from .config import SimConfig, per_neuron
+from .network import Network
+from .ops import deliver, lif
+
+
+@dataclass
+class State:
+    """One batch's state; differentiable: v, o, acc. Updated functionally (never in
+    place), so a checkpoint is a reference, not a copy."""
+
+    v: torch.Tensor        # [B, W] membrane
+    o: torch.Tensor        # [B, W] outbox values (pending spikes not yet delivered)
+    acc: torch.Tensor      # [B, n_out] output spikes of the current pass
+    refr: torch.Tensor     # bool [B, W]
+    n_in: torch.Tensor     # int32 [B, W] currents received in this pass
+
+
+@dataclass
+class StepInfo:
+    vals: torch.Tensor     # [B, K] delivered values
+    spikes: torch.Tensor   # [B, W]
+    v_pre: torch.Tensor    # [B, W] V1 (pre-spike potential)
+    received: torch.Tensor  # bool [B, W]
+    n_before: torch.Tensor  # int32 [B, W]
+
+
+class Engine:
+    """Constants of one call (device, dtype, per-neuron knobs) and the ops."""
+
+    def __init__(self, net: Network, cfg: SimConfig, *, batch: int, device: torch.device,
+                 dtype: torch.dtype, training: bool, seed: int,
+                 checkpoint_every: int | None = None):
+        self.net, self.cfg, self.training, self.seed = net, cfg, training, seed
+        self.batch, self.device, self.dtype = batch, device, dtype
+        self.checkpoint_every = checkpoint_every
+        self.tables = net.tables(device)
+        w = net.width + 1
+        nn_, nin = net.n_neurons, net.n_inputs
+        inf = torch.full((1,), math.inf, dtype=dtype)
+
+        def full_width(values: torch.Tensor, pad: float) -> torch.Tensor:
+            return torch.cat([torch.full((nin,), pad, dtype=values.dtype), values,
+                              torch.full((1,), pad, dtype=values.dtype)]).to(device)
+
+        theta = per_neuron(cfg.theta, nn_, "theta", dtype)
+        self.theta = full_width(theta, math.inf)  # inputs and dump never fire
+        tau = per_neuron(cfg.tau, nn_, "tau", torch.float64)
+        self.decay = full_width(torch.exp(-cfg.dt / tau).to(dtype), 1.0)
+        sync = per_neuron(cfg.sync_threshold, nn_, "sync_threshold", torch.float64)
+        self.sync = full_width(sync.to(torch.int32), 1)
+        self.source_f = self.tables.is_source.to(dtype)
+        self.hidden_f = self.tables.is_hidden.to(dtype)
+        self.columns = self.tables.columns.expand(batch, w)
+        self.width = w
+        layer1 = torch.zeros(w, dtype=torch.bool)
+        layer1[net.offsets[1]:net.offsets[1] + net.layer_sizes[1]] = True
+        self.layer1 = layer1.to(device).expand(batch, w)
+        self.k = min(cfg.forward_group_size, w)
+        self.alpha = float(cfg.surrogate_steepness)
+        del inf
+        # Training-only randomness.
+        t = training
+        self.p_ref = cfg.refractory_dropout if t else 0.0
+        self.p_net = cfg.network_dropout if t else 0.0
+        self.noise = cfg.momentum_noise if t else 0.0
+
+    # --- ops (used by the forward and by the replay) --------------------------------
+    def initial_state(self) -> State:
+        b, w = self.batch, self.width
+        z = torch.zeros(b, w, dtype=self.dtype, device=self.device)
+        return State(z, z, z.new_zeros(b, self.net.n_outputs),
+                     torch.zeros(b, w, dtype=torch.bool, device=self.device),
+                     torch.zeros(b, w, dtype=torch.int32, device=self.device))
+
+    def op_start(self, st: State) -> State:
+        o = st.o if self.cfg.carry_pending else torch.zeros_like(st.o)
+        return State(st.v * self.decay, o, torch.zeros_like(st.acc),
+                     torch.zeros_like(st.refr), torch.zeros_like(st.n_in))
+
+    def op_input(self, st: State, x: torch.Tensor, wt: torch.Tensor, t: int
+                 ) -> tuple[State, StepInfo | None]:
+        """Prioritized: deliver the whole frame as one forward step (k = 0).
+        Otherwise the frame's nonzero entries join the outboxes."""
+        net = self.net
+        if not self.cfg.prioritize_input:
+            o = st.o + torch.nn.functional.pad(x, (0, self.width - net.n_inputs))
+            return replace(st, o=o), None
+        lo, n1 = net.offsets[1], net.layer_sizes[1]
+        current = torch.nn.functional.pad(x @ wt[:net.n_inputs, :n1], (lo, self.width - lo - n1))
+        n_add = self.layer1.to(torch.int32) * net.n_inputs
+        return self._evaluate(st, st.o, current, n_add, self.layer1, t, 0, x)
+
+    def op_step(self, st: State, sel: torch.Tensor, sel_deliv: torch.Tensor, wt: torch.Tensor,
+                t: int, k: int) -> tuple[State, StepInfo]:
+        vals = st.o.gather(1, sel_deliv)
+        o = st.o.scatter(1, sel, 0.0)
+        current, n_add = deliver(vals, sel_deliv, wt, self.tables.targets)
+        return self._evaluate(st, o, current, n_add, n_add > 0, t, k, vals)
+
+    def _evaluate(self, st: State, o: torch.Tensor, current: torch.Tensor, n_add: torch.Tensor,
+                  received: torch.Tensor, t: int, k: int, vals: torch.Tensor
+                  ) -> tuple[State, StepInfo]:
+        n_in = st.n_in + n_add
+        gate = received & (n_in >= self.sync)
+        v, spikes, v_pre = lif(st.v, current, st.refr, received, gate, self.theta, self.alpha,
+                               self.cfg.detach_reset)
+        o = o + spikes * self.source_f
+        acc = st.acc + spikes[:, self.net.output_slice]
+        refr = st.refr
+        if self.cfg.refractory:
+            fired = spikes > 0
+            if self.p_ref > 0:
+                fired = fired & (rng.uniform(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k,
+                                             self.columns) >= self.p_ref)
+            refr = refr | fired
+        return State(v, o, acc, refr, n_in), StepInfo(vals, spikes, v_pre, received, st.n_in)
+
+    def op_end(self, st: State) -> torch.Tensor:
+        if self.cfg.readout == "potential":
+            return st.v[:, self.net.output_slice]
+        return st.acc
+
+    # --- selection (forward only; recorded) -----------------------------------------
+    def select(self, pending: torch.Tensor, pre_spike: torch.Tensor, t: int, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.policy == "RS":
+            keys = rng.uniform(self.seed, rng.STREAM_RS_KEY, t, k, self.columns)
+        else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
+            keys = pre_spike.to(torch.float32)
+            if self.noise > 0:
+                keys = keys + self.noise * rng.uniform(self.seed, rng.STREAM_MOMENTUM_NOISE, t, k,
+                                                       self.columns)
+            keys = keys.masked_fill(self.tables.is_input, math.inf)
+        sel = select_torch(pending, keys, self.k)
+        sel_deliv = sel
+        if self.p_net > 0:
+            drop = rng.uniform(self.seed, rng.STREAM_NETWORK_DROPOUT, t, k, sel) < self.p_net
+            sel_deliv = sel.masked_fill(drop, self.net.dump)
+        return sel, sel_deliv
+
+    # --- the whole call --------------------------------------------------------------
+    def run(self, frames: torch.Tensor, wt: torch.Tensor, *, keep_checkpoints: bool):
+        """Execute all passes. Returns (out [T, B, n_out], stats, ops, checkpoints)."""
+        cfg, net, tb = self.cfg, self.net, self.tables
+        steps_cap, dump = cfg.max_steps, net.dump
+        T, B = frames.shape[0], self.batch
+        dev = self.device
+        ckpt = Checkpoints(self.checkpoint_every) if keep_checkpoints else None
+        stats = new_stats(T, B, dev)
+        st = self.initial_state()
+        pending = torch.zeros(B, self.width, dtype=torch.bool, device=dev)
+        ops: list[tuple] = []
+        outs = []
+        for t in range(T):
+            _offer(ckpt, ops, st)
+            ops.append(("start", t))
+            st = self.op_start(st)
+            if not cfg.carry_pending:
+                pending = torch.zeros_like(pending)
+            pre_spike = torch.zeros(B, self.width, dtype=self.dtype, device=dev)
+            steps = torch.zeros(B, dtype=torch.int64, device=dev)
+            first_out = torch.full((B,), -1, dtype=torch.int64, device=dev)
+            x = frames[t]
+            _offer(ckpt, ops, st)
+            ops.append(("input", t))
+            st, info = self.op_input(st, x, wt, t)
+            k = 0
+            if info is None:
+                pending = pending | torch.nn.functional.pad(x != 0, (0, self.width - net.n_inputs))
+            else:
+                k = 1
+                steps += 1
+                nz = (x != 0).sum(1)
+                stats["synops"][t] += nz * net.layer_sizes[1]
+                stats["spikes_processed"][t] += nz
+                pending, pre_spike = self._after_eval(st, info, pending, pre_spike, stats,
+                                                      steps, first_out)
+            while True:
+                n_pending = pending.sum(1)
+                out_stop = (first_out >= 0) & (steps >= first_out + cfg.steps_after_output) \
+                    if cfg.stop == "output" else torch.zeros_like(steps, dtype=torch.bool)
+                at_cap = steps >= steps_cap
+                done = (n_pending == 0) | out_stop | at_cap
+                stats["capped"][t] |= at_cap & (n_pending > 0) & ~out_stop
+                if bool(done.all()):
+                    break
+                sel, sel_deliv = self.select(pending & ~done[:, None], pre_spike, t, k)
+                _offer(ckpt, ops, st)
+                ops.append(("step", t, k, _compact(sel), None if sel_deliv is sel else _compact(sel_deliv)))
+                taken = torch.zeros_like(pending).scatter_(1, sel, True)
+                st, info = self.op_step(st, sel, sel_deliv, wt, t, k)
+                pending = pending & ~taken
+                delivered = sel_deliv != dump
+                stats["synops"][t] += (tb.fan_out[sel_deliv] * (info.vals != 0)).sum(1)
+                stats["spikes_processed"][t] += delivered.sum(1)
+                steps += ~done
+                pending, pre_spike = self._after_eval(st, info, pending, pre_spike, stats,
+                                                      steps, first_out)
+                k += 1
+            stats["forward_steps"][t] = steps
+            stats["first_output_step"][t] = first_out
+            _offer(ckpt, ops, st)
+            ops.append(("end", t))
+            outs.append(self.op_end(st))
+        stats["final_v"] = st.v[:, net.neuron_slice].detach()
+        return torch.stack(outs), stats, ops, (ckpt.saved if ckpt else None)
+
+    def _after_eval(self, st: State, info: StepInfo, pending, pre_spike, stats, steps, first_out):
+        """Non-differentiable bookkeeping after a neuron evaluation: pending flags,
+        pre-spike potentials, spike stats, first output step."""
+        fired = info.spikes > 0
+        is_src = self.tables.is_source
+        pending = pending | (fired & is_src)
+        if self.cfg.barrier_messages:
+            reached = (info.n_before < self.sync) & (st.n_in >= self.sync)
+            pending = pending | (reached & ~fired & is_src)
+        pre_spike = torch.where(fired, info.v_pre.detach(), pre_spike)
+        stats["hidden_spikes"] += (info.spikes * self.hidden_f).sum(1).to(torch.int64)
+        out_fired = fired[:, self.net.output_slice].any(1)
+        first_out.copy_(torch.where((first_out < 0) & out_fired, steps, first_out))
+        return pending, pre_spike
+
+    def replay(self, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor
+               ) -> tuple[State, list[tuple[int, torch.Tensor]]]:
+        """Re-execute recorded ops from state `st` (with autograd if enabled)."""
+        emitted = []
+        for op in ops:
+            kind, t = op[0], op[1]
+            if kind == "start":
+                st = self.op_start(st)
+            elif kind == "input":
+                st, _ = self.op_input(st, frames[t], wt, t)
+            elif kind == "step":
+                sel = op[3].long()
+                sel_deliv = sel if op[4] is None else op[4].long()
+                st, _ = self.op_step(st, sel, sel_deliv, wt, t, op[2])
+            else:
+                emitted.append((t, self.op_end(st)))
+        return st, emitted
+
+
+def _compact(sel: torch.Tensor) -> torch.Tensor:
+    # int32 halves the per-step record; flat indices stay far below 2**31.
+    return sel.to(torch.int32)
+
+
+def new_stats(T: int, B: int, device) -> dict:
+    z = lambda: torch.zeros(T, B, dtype=torch.int64, device=device)  # noqa: E731
+    return {"forward_steps": z(), "synops": z(), "spikes_processed": z(),
+            "first_output_step": torch.full((T, B), -1, dtype=torch.int64, device=device),
+            "capped": torch.zeros(T, B, dtype=torch.bool, device=device),
+            "hidden_spikes": torch.zeros(B, dtype=torch.int64, device=device)}
+
+
+class Checkpoints:
+    """States kept before every C-th op. ``every=None``: adaptive -- C doubles (and
+    every other checkpoint is dropped) whenever more than C are kept, so at the end
+    C ~ sqrt(ops) and about sqrt(ops) checkpoints remain."""
+
+    def __init__(self, every: int | None):
+        self.adaptive = every is None
+        self.c = 1 if every is None else every
+        self.saved: dict[int, State] = {}
+
+    def offer(self, i: int, st: State) -> None:
+        if i % self.c:
+            return
+        self.saved[i] = st
+        if self.adaptive and len(self.saved) > self.c:
+            self.c *= 2
+            self.saved = {j: s for j, s in self.saved.items() if j % self.c == 0}
+
+
+def _offer(ckpt: Checkpoints | None, ops: list, st: State) -> None:
+    if ckpt is not None:
+        ckpt.offer(len(ops), st)
+
+
+class EventFunction(torch.autograd.Function):
+    """Forward without autograd, keeping checkpoints and per-step indices; backward
+    replays segments from their checkpoints in reverse (unlayered backpropagation)."""
+
+    @staticmethod
+    def forward(ctx, engine: Engine, frames: torch.Tensor, wt: torch.Tensor):
+        out, stats, ops, ckpts = engine.run(frames, wt, keep_checkpoints=True)
+        engine.stats = stats
+        ctx.engine, ctx.ops, ctx.ckpts = engine, ops, ckpts
+        # frames: the input replay needs them; wt: the [N + 1, F] table the deliveries
+        # read. Both exist anyway (frames are the caller's, wt feeds autograd).
+        ctx.save_for_backward(frames, wt)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        frames, wt = ctx.saved_tensors
+        engine, ops, ckpts = ctx.engine, ctx.ops, ctx.ckpts
+        wt_leaf = wt.detach().requires_grad_()
+        starts = sorted(ckpts)
+        ends = starts[1:] + [len(ops)]
+        adj: tuple | None = None
+        for i0, i1 in reversed(list(zip(starts, ends))):
+            base = ckpts[i0]
+            leaves = [x.detach().requires_grad_() for x in (base.v, base.o, base.acc)]
+            st0 = State(*leaves, base.refr, base.n_in)
+            with torch.enable_grad():
+                st1, emitted = engine.replay(ops[i0:i1], st0, frames, wt_leaf)
+            tensors, grads = [], []
+            if adj is not None:
+                for x, g in zip((st1.v, st1.o, st1.acc), adj):
+                    if x.requires_grad and g is not None:
+                        tensors.append(x)
+                        grads.append(g)
+            for t, y in emitted:
+                if y.requires_grad:
+                    tensors.append(y)
+                    grads.append(grad_out[t])
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+            adj = tuple(x.grad for x in leaves)
+        ctx.ops = ctx.ckpts = None  # free the record once used
+        return None, None, wt_leaf.grad

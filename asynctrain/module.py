@@ -1,0 +1,184 @@
+"""`AsyncSNN`: a drop-in ``nn.Module`` that executes a stack of layers as an
+asynchronous (or layered) spiking network and trains it by unlayered backpropagation.
+
+    snn = AsyncSNN(net, SimConfig(forward_group_size=8, policy="MS"))
+    counts = snn(frames)          # frames [T, B, n_inputs] -> [T, B, n_outputs]
+    counts.sum(0) -> logits; loss.backward() trains net's weights
+    snn.stats                     # what the engine measured in that call
+
+The weights stay in `net` (``snn.net``), so one state_dict serves every execution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import rng
+from .config import SimConfig, per_neuron
+from .engine import Engine, EventFunction
+from .layered import layered_forward
+from .network import Network, linear_weights
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class AsyncSNN(nn.Module):
+    """Asynchronous SNN around `net`.
+
+    Args:
+        net: ``nn.Sequential`` of bias-free ``nn.Linear`` layers (or one ``nn.Linear``).
+            Every layer is followed by LIF neurons; the last layer's are the outputs.
+        cfg: execution config (`SimConfig`); default ``SimConfig()``.
+        backend: "torch" (any device), "triton" (CUDA kernels; not built yet) or "auto".
+        checkpoint_every: forward ops between state checkpoints for the backward.
+            None (default): adaptive, about sqrt(ops) checkpoints of about sqrt(ops)
+            ops each. 0: no checkpointing, plain autograd through every forward step
+            (memory grows with the number of steps). C >= 1: fixed spacing.
+
+    Attributes:
+        stats: dict of the last call (all detached): ``forward_steps [T, B]``,
+            ``synops [T, B]``, ``spikes_processed [T, B]`` (outbox entries delivered),
+            ``first_output_step [T, B]`` (1-based forward step of the pass's first
+            output spike, -1 if none), ``capped [T, B]`` and ``capped_passes`` (passes
+            stopped by ``max_steps``), ``hidden_spikes [B]``, ``final_v [B, n_neurons]``
+            (membranes after the last pass), ``seed`` (the call's seed).
+    """
+
+    def __init__(self, net: nn.Module, cfg: SimConfig | None = None, *, backend: str = "auto",
+                 checkpoint_every: int | None = None):
+        super().__init__()
+        self.net = net
+        self.graph = Network.from_module(net)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            raise NotImplementedError("backend='triton': the Triton kernels are not built yet; "
+                                      "use backend='torch' (works on CPU and CUDA)")
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
+                                             or not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 0):
+            raise ValueError(f"checkpoint_every must be None or an int >= 0, got {checkpoint_every!r}")
+        self.backend = backend
+        self.checkpoint_every = checkpoint_every
+        self.cfg = cfg if cfg is not None else SimConfig()
+        self.stats: dict[str, Any] | None = None
+        self._calls = 0
+
+    # --- config ------------------------------------------------------------------
+    @property
+    def cfg(self) -> SimConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: SimConfig) -> None:
+        if not isinstance(cfg, SimConfig):
+            raise TypeError(f"cfg must be a SimConfig, got {type(cfg).__name__}")
+        n = self.graph.n_neurons
+        for name in ("theta", "tau", "sync_threshold"):
+            per_neuron(getattr(cfg, name), n, name, torch.float64)  # raises on a wrong length
+        self._cfg = cfg
+
+    @contextlib.contextmanager
+    def configured(self, **changes: Any) -> Iterator["AsyncSNN"]:
+        """Run with other execution settings, same weights::
+
+            with snn.configured(policy="RS", stop="output"):
+                counts = snn(frames)
+        """
+        old = self._cfg
+        self.cfg = old.replace(**changes)
+        try:
+            yield self
+        finally:
+            self._cfg = old
+
+    # --- forward -----------------------------------------------------------------
+    def forward(self, frames: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Args:
+            frames: float ``[T, B, n_inputs]``: spike counts (or analog currents) per
+                input feature per frame of ``cfg.dt`` ms.
+            seed: seed of this call's randomness (RS keys, dropouts, noise); default
+                see `SimConfig.seed`.
+
+        Returns: ``[T, B, n_outputs]`` output spike counts per pass (or output
+        potentials after each pass with ``readout="potential"``).
+        """
+        weights = linear_weights(self.net)
+        frames = self._check_frames(frames, weights[0])
+        cfg, graph = self.cfg, self.graph
+        seed = self._call_seed(seed)
+        if self.training and cfg.input_dropout > 0:
+            frames = _input_dropout(frames, cfg.input_dropout, seed)
+        T, B = frames.shape[:2]
+        if cfg.policy == "layered":
+            out, stats = layered_forward(
+                graph, cfg, weights, frames, training=self.training, seed=seed,
+                theta=per_neuron(cfg.theta, graph.n_neurons, "theta", frames.dtype).to(frames.device),
+                decay=torch.exp(-cfg.dt / per_neuron(cfg.tau, graph.n_neurons, "tau", torch.float64))
+                .to(frames.device, frames.dtype))
+        else:
+            engine = Engine(graph, cfg, batch=B, device=frames.device, dtype=frames.dtype,
+                            training=self.training, seed=seed, checkpoint_every=self.checkpoint_every)
+            wt = graph.weight_table(weights)
+            if self.checkpoint_every == 0 or not (torch.is_grad_enabled() and wt.requires_grad):
+                out, stats, _, _ = engine.run(frames, wt, keep_checkpoints=False)
+            else:
+                out = EventFunction.apply(engine, frames, wt)
+                stats = engine.stats
+        stats["capped_passes"] = int(stats["capped"].sum())
+        stats["seed"] = seed
+        if stats["capped_passes"]:
+            warnings.warn(f"{stats['capped_passes']} of {T * B} passes reached max_steps="
+                          f"{cfg.max_steps} with spikes still pending (see stats['capped'])",
+                          RuntimeWarning, stacklevel=2)
+        self.stats = stats
+        return out
+
+    def _check_frames(self, frames: Any, w: torch.Tensor) -> torch.Tensor:
+        n_in = self.graph.n_inputs
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"frames must be a torch.Tensor [T, B, {n_in}], got {type(frames).__name__}")
+        if frames.dim() != 3 or frames.shape[2] != n_in:
+            raise ValueError(f"frames must be [T, B, {n_in}] (time, batch, input features), "
+                             f"got shape {tuple(frames.shape)}")
+        if frames.shape[0] == 0 or frames.shape[1] == 0:
+            raise ValueError(f"frames must have T >= 1 and B >= 1, got shape {tuple(frames.shape)}")
+        if not frames.is_floating_point():
+            raise TypeError(f"frames must be floating point (spike counts as float), got {frames.dtype}; "
+                            f"use frames.float()")
+        if frames.device != w.device:
+            raise ValueError(f"frames are on {frames.device} but the weights on {w.device}")
+        bad = ~torch.isfinite(frames)
+        if bad.any():
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"frames contain {int(bad.sum())} NaN/inf value(s), first at "
+                             f"[t, b, feature] = {list(where)}")
+        return frames.to(w.dtype)
+
+    def _call_seed(self, seed: int | None) -> int:
+        self._calls += 1
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+                raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+            return seed
+        if self.cfg.seed is not None:
+            return rng.counter_hash(self.cfg.seed, 0, self._calls - 1, 0)
+        return rng.draw_seed()
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"layers={list(self.graph.layer_sizes)}, policy={c.policy}, K={c.K}, "
+                f"backend={self.backend}")
+
+
+def _input_dropout(frames: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Drop input entries (all spikes of one feature in one frame) with probability p."""
+    T, B, F = frames.shape
+    cols = torch.arange(F, device=frames.device).expand(B, F)
+    keep = torch.stack([rng.uniform(seed, rng.STREAM_INPUT_DROPOUT, t, 0, cols) >= p for t in range(T)])
+    return frames * keep

@@ -1,0 +1,197 @@
+"""One description of the network: layers -> a flat neuron index space.
+
+Flat layout of one sample's state (width ``N + 1``)::
+
+    [ input features | hidden layer 1 | ... | hidden layer L-1 | output | dump ]
+      sources ........................................ ^n_sources   not sources
+
+Input features are sources only (no membrane). Output neurons never feed anything.
+The last column (``dump``) is a sink: padded fan-out entries and unused selection
+slots point at it, so every per-step gather/scatter has a fixed shape and needs no
+mask. Its threshold is +inf, so it never fires.
+
+Fan-out map (fully connected): source ``j`` of layer ``l`` reaches every neuron of
+layer ``l + 1`` with weight ``W_l[:, j - offset_l]``. The engine gathers those rows
+from a table ``[N + 1, F_max]`` (``W_l`` transposed, rows padded to the widest fan-out),
+built once per call, so a step costs K x F_max, never N x N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Network:
+    """Shapes and index maps of a stack of fully connected layers.
+
+    Attributes:
+        layer_sizes: ``[n_inputs, n_1, ..., n_L]``; layer 0 is the input features.
+    """
+
+    layer_sizes: tuple[int, ...]
+
+    @staticmethod
+    def from_module(net: nn.Module) -> "Network":
+        """Validate `net` (an ``nn.Sequential`` of bias-free ``nn.Linear``, or one
+        ``nn.Linear``) and describe it. Anything else raises, naming the layer."""
+        return Network(tuple(_linear_sizes(net)))
+
+    # --- sizes -------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Number of weight layers L (= neuron layers)."""
+        return len(self.layer_sizes) - 1
+
+    @property
+    def n_inputs(self) -> int:
+        return self.layer_sizes[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layer_sizes[-1]
+
+    @property
+    def n_neurons(self) -> int:
+        """Hidden + output neurons (the ones with a membrane)."""
+        return sum(self.layer_sizes[1:])
+
+    @property
+    def n_hidden(self) -> int:
+        return sum(self.layer_sizes[1:-1])
+
+    @property
+    def width(self) -> int:
+        """N: inputs + neurons. State tensors are ``[B, N + 1]`` (dump column last)."""
+        return sum(self.layer_sizes)
+
+    @property
+    def n_sources(self) -> int:
+        """Flat indices below this can be pending (inputs and hidden neurons)."""
+        return self.width - self.n_outputs
+
+    @property
+    def dump(self) -> int:
+        return self.width
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Flat index of the first entry of each layer (``offsets[0] == 0``: inputs)."""
+        out, acc = [], 0
+        for n in self.layer_sizes:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    @property
+    def output_slice(self) -> slice:
+        return slice(self.offsets[-1], self.width)
+
+    @property
+    def neuron_slice(self) -> slice:
+        return slice(self.n_inputs, self.width)
+
+    @property
+    def max_fan_out(self) -> int:
+        return max(self.layer_sizes[1:])
+
+    def fan_in_per_neuron(self) -> torch.Tensor:
+        """int64 ``[n_neurons]``: size of the previous layer for each neuron."""
+        return torch.cat([torch.full((n,), self.layer_sizes[l], dtype=torch.int64)
+                          for l, n in enumerate(self.layer_sizes[1:])])
+
+    # --- index maps (cached per device) -------------------------------------------
+    def tables(self, device: torch.device) -> "IndexTables":
+        key = str(device)
+        cache = self.__dict__.setdefault("_tables", {})
+        if key not in cache:
+            cache[key] = IndexTables.build(self, device)
+        return cache[key]
+
+    def weight_table(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """``[N + 1, F_max]``: row j = outgoing weights of flat source j (zeros for
+        output neurons, the dump and padding). Differentiable in `weights`."""
+        self.check_weights(weights)
+        f = self.max_fan_out
+        rows = [nn.functional.pad(w.t(), (0, f - w.shape[0])) for w in weights]
+        tail = weights[0].new_zeros(self.n_outputs + 1, f)
+        return torch.cat(rows + [tail], 0)
+
+    def check_weights(self, weights: list[torch.Tensor]) -> None:
+        if len(weights) != self.n_layers:
+            raise ValueError(f"expected {self.n_layers} weight matrices, got {len(weights)}")
+        for l, w in enumerate(weights):
+            want = (self.layer_sizes[l + 1], self.layer_sizes[l])
+            if tuple(w.shape) != want:
+                raise ValueError(f"weight {l} has shape {tuple(w.shape)}, expected {want}")
+
+
+@dataclass(frozen=True)
+class IndexTables:
+    """Integer maps on one device, built once per network.
+
+    Attributes:
+        targets: int64 ``[N + 1, F_max]`` flat receiver of each fan-out entry
+            (the dump for padding, output neurons and the dump row).
+        fan_out: int64 ``[N + 1]`` number of real targets of each entry (synops per delivery).
+        is_source: bool ``[N + 1]``.
+        is_input: bool ``[N + 1]``.
+        is_hidden: bool ``[N + 1]``.
+        columns: int64 ``[N + 1]`` arange, for hashing and tie-breaking.
+    """
+
+    targets: torch.Tensor
+    fan_out: torch.Tensor
+    is_source: torch.Tensor
+    is_input: torch.Tensor
+    is_hidden: torch.Tensor
+    columns: torch.Tensor
+
+    @staticmethod
+    def build(net: Network, device: torch.device) -> "IndexTables":
+        n1 = net.width + 1
+        f = net.max_fan_out
+        targets = torch.full((n1, f), net.dump, dtype=torch.int64)
+        fan_out = torch.zeros(n1, dtype=torch.int64)
+        for l in range(net.n_layers):
+            lo, n = net.offsets[l], net.layer_sizes[l]
+            nxt, m = net.offsets[l + 1], net.layer_sizes[l + 1]
+            targets[lo:lo + n, :m] = torch.arange(nxt, nxt + m)
+            fan_out[lo:lo + n] = m
+        cols = torch.arange(n1)
+        is_source = cols < net.n_sources
+        is_input = cols < net.n_inputs
+        is_hidden = is_source & ~is_input
+        return IndexTables(*(t.to(device) for t in (targets, fan_out, is_source, is_input,
+                                                     is_hidden, cols)))
+
+
+def _linear_sizes(net: nn.Module) -> list[int]:
+    layers = list(net) if isinstance(net, nn.Sequential) else [net]
+    if not layers:
+        raise ValueError("the network is an empty nn.Sequential")
+    sizes: list[int] = []
+    for i, m in enumerate(layers):
+        if not isinstance(m, nn.Linear):
+            raise TypeError(f"layer {i} ({type(m).__name__}) is not supported: this backend takes "
+                            f"an nn.Sequential of bias-free nn.Linear layers")
+        if m.bias is not None:
+            raise ValueError(f"layer {i} (nn.Linear {m.in_features}->{m.out_features}) has a bias; "
+                             f"SNN layers here are bias-free: use nn.Linear(..., bias=False)")
+        if sizes and sizes[-1] != m.in_features:
+            raise ValueError(f"layer {i} takes {m.in_features} features but the previous layer "
+                             f"gives {sizes[-1]}")
+        if not sizes:
+            sizes.append(m.in_features)
+        sizes.append(m.out_features)
+    return sizes
+
+
+def linear_weights(net: nn.Module) -> list[torch.Tensor]:
+    """The weight parameters of `net`'s linear layers, in order."""
+    layers = list(net) if isinstance(net, nn.Sequential) else [net]
+    return [m.weight for m in layers]

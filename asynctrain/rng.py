@@ -1,0 +1,87 @@
+"""Counter-based random numbers that replay exactly.
+
+Every random draw of the simulator (RS keys, momentum noise, network spike dropout,
+refractory dropout, input dropout) is a pure function of
+``(seed, stream, timestep, forward_step, sample, index)``. The backward pass recomputes
+checkpointed segments and must see the same refractory-dropout decisions as the
+forward pass; a stateful generator would need its state saved per step, a hash needs
+nothing. The same hash is cheap to write in a Triton kernel (uint32 multiply/xor), so
+a kernel and its torch twin draw identical numbers.
+
+The mixer is the 32-bit finalizer of MurmurHash3 (``fmix32``), applied to a running
+hash of the counters. Values are uniform on [0, 1) with 24 bits of resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_C1 = 0x85EBCA6B
+_C2 = 0xC2B2AE35
+_GOLDEN = 0x9E3779B9
+
+# Stream ids: one per kind of random decision, so that e.g. enabling network dropout
+# does not change which neurons RS selects.
+STREAM_RS_KEY = 1
+STREAM_MOMENTUM_NOISE = 2
+STREAM_NETWORK_DROPOUT = 3
+STREAM_REFRACTORY_DROPOUT = 4
+STREAM_INPUT_DROPOUT = 5
+
+
+def _fmix32_int(h: int) -> int:
+    h &= _MASK32
+    h ^= h >> 16
+    h = (h * _C1) & _MASK32
+    h ^= h >> 13
+    h = (h * _C2) & _MASK32
+    h ^= h >> 16
+    return h
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic: a 32-bit value times a 32-bit constant can pass 2**63 and wrap,
+    # but the low 32 bits (all we keep) are exact in two's complement.
+    h = h ^ (h >> 16)
+    h = (h * _C1) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * _C2) & _MASK32
+    return h ^ (h >> 16)
+
+
+def counter_hash(seed: int, stream: int, timestep: int, step: int) -> int:
+    """Scalar part of the hash: mixes the counters shared by a whole [B, M] draw."""
+    h = _fmix32_int(seed ^ _GOLDEN)
+    for c in (stream, timestep, step):
+        h = _fmix32_int(h ^ ((c * _GOLDEN) & _MASK32))
+    return h
+
+
+def uniform(seed: int, stream: int, timestep: int, step: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) numbers, one per entry of ``index``.
+
+    Args:
+        seed: per-call seed (non-negative int below 2**32).
+        stream: one of the ``STREAM_*`` constants.
+        timestep: timestep ``t`` (0-based).
+        step: forward step inside the pass (0-based; the prioritized input step is 0).
+        index: int64 ``[B, M]`` neuron (or feature) indices; row ``b`` is sample ``b``.
+            The value for ``(b, j)`` does not depend on the tensor's width, so a draw
+            over all neurons and a draw at selected indices agree.
+
+    Returns:
+        float32 ``[B, M]`` on ``index.device``.
+    """
+    if index.dim() != 2:
+        raise ValueError(f"index must be [B, M], got shape {tuple(index.shape)}")
+    h0 = counter_hash(seed, stream, timestep, step)
+    rows = torch.arange(index.shape[0], device=index.device, dtype=torch.int64)
+    hb = _fmix32(((rows * _GOLDEN) & _MASK32) ^ h0)  # [B]
+    h = _fmix32(hb[:, None] ^ ((index.to(torch.int64) * _C2) & _MASK32))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh per-call seed from torch's RNG (so ``torch.manual_seed`` governs it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())

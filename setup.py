@@ -1,0 +1,17 @@
+from setuptools import setup
+
+setup(
+    name="asynctrain",
+    version="0.1.0",
+    description="Train spiking neural networks for asynchronous (unlayered) execution",
+    python_requires=">=3.10",
+    packages=["asynctrain", "asynctrain.kernels", "asynctrain.models"],
+    package_dir={"asynctrain": "asynctrain", "asynctrain.kernels": "kernels",
+                 "asynctrain.models": "models"},
+    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    extras_require={
+        "data": ["tonic>=1.4", "torchvision", "scikit-learn", "h5py"],
+        "plots": ["matplotlib"],
+        "test": ["pytest"],
+    },
+)
