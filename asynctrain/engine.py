@@ -127,7 +127,8 @@ class Engine:
                 t: int, k: int) -> tuple[State, StepInfo]:
         vals = st.o.gather(1, sel_deliv)
         o = st.o.scatter(1, sel, 0.0)
-        current, n_add = deliver(vals, sel_deliv, wt, self.tables.targets)
+        current = deliver(vals, sel_deliv, wt, self.tables.targets)
+        n_add = self.tables.received_counts(sel_deliv)
         return self._evaluate(st, o, current, n_add, n_add > 0, t, k, vals)
 
     def _evaluate(self, st: State, o: torch.Tensor, current: torch.Tensor, n_add: torch.Tensor,
@@ -143,8 +144,10 @@ class Engine:
         if self.cfg.refractory:
             fired = spikes > 0
             if self.p_ref > 0:
-                fired = fired & (rng.uniform(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k,
-                                             self.columns) >= self.p_ref)
+                # draw only at the neurons that fired: a handful, not [B, N]
+                at = fired.nonzero(as_tuple=True)
+                u = rng.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k, *at)
+                fired = fired.index_put(at, u >= self.p_ref)
             refr = refr | fired
         return State(v, o, acc, refr, n_in), StepInfo(vals, spikes, v_pre, received, st.n_in)
 

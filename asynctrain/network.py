@@ -142,6 +142,9 @@ class IndexTables:
         is_input: bool ``[N + 1]``.
         is_hidden: bool ``[N + 1]``.
         columns: int64 ``[N + 1]`` arange, for hashing and tie-breaking.
+        source_slot: int64 ``[N + 1]`` layer of each source (L + 1 for the dump).
+        receive_slot: int64 ``[N + 1]`` layer whose sources feed each column (L, the
+            output layer, which never delivers, for inputs and the dump).
     """
 
     targets: torch.Tensor
@@ -150,6 +153,19 @@ class IndexTables:
     is_input: torch.Tensor
     is_hidden: torch.Tensor
     columns: torch.Tensor
+    source_slot: torch.Tensor
+    receive_slot: torch.Tensor
+
+    def received_counts(self, sel: torch.Tensor) -> torch.Tensor:
+        """int32 ``[B, N + 1]``: delivered sources that reached each column in one step.
+        Fully connected: every neuron of layer l + 1 hears every delivered source of
+        layer l, so a count per layer ([B, L + 2], from the [B, K] selection) gathered
+        back to the columns replaces a [B, K x F] scatter."""
+        b, n_slots = sel.shape[0], int(self.source_slot[-1]) + 1
+        per_layer = torch.zeros(b, n_slots, dtype=torch.int32, device=sel.device)
+        ones = torch.ones((), dtype=torch.int32, device=sel.device).expand(sel.shape)
+        per_layer.scatter_add_(1, self.source_slot[sel], ones)
+        return per_layer.gather(1, self.receive_slot.expand(b, -1))
 
     @staticmethod
     def build(net: Network, device: torch.device) -> "IndexTables":
@@ -166,8 +182,12 @@ class IndexTables:
         is_source = cols < net.n_sources
         is_input = cols < net.n_inputs
         is_hidden = is_source & ~is_input
+        layer = torch.cat([torch.full((n,), l) for l, n in enumerate(net.layer_sizes)]
+                          + [torch.tensor([net.n_layers + 1])])
+        source_slot = layer.clone()
+        receive_slot = torch.where((layer >= 1) & (layer <= net.n_layers), layer - 1, net.n_layers)
         return IndexTables(*(t.to(device) for t in (targets, fan_out, is_source, is_input,
-                                                     is_hidden, cols)))
+                                                     is_hidden, cols, source_slot, receive_slot)))
 
 
 def _linear_sizes(net: nn.Module) -> list[int]:

@@ -17,14 +17,12 @@ from .kernels.lif import lif_backward_torch, lif_torch
 class Deliver(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, sel, weight_table, targets):
-        current, n_received = deliver_torch(vals, sel, weight_table, targets)
         # [B, K] values and indices: cheaper to keep than the [B, K, F] rows.
         ctx.save_for_backward(vals, sel, weight_table, targets)
-        ctx.mark_non_differentiable(n_received)
-        return current, n_received
+        return deliver_torch(vals, sel, weight_table, targets)
 
     @staticmethod
-    def backward(ctx, grad_current, _grad_counts):
+    def backward(ctx, grad_current):
         vals, sel, weight_table, targets = ctx.saved_tensors
         grad_vals, grad_table = deliver_backward_torch(grad_current, vals, sel, weight_table, targets)
         return grad_vals, None, grad_table, None

@@ -75,10 +75,19 @@ def uniform(seed: int, stream: int, timestep: int, step: int, index: torch.Tenso
     """
     if index.dim() != 2:
         raise ValueError(f"index must be [B, M], got shape {tuple(index.shape)}")
-    h0 = counter_hash(seed, stream, timestep, step)
     rows = torch.arange(index.shape[0], device=index.device, dtype=torch.int64)
-    hb = _fmix32(((rows * _GOLDEN) & _MASK32) ^ h0)  # [B]
-    h = _fmix32(hb[:, None] ^ ((index.to(torch.int64) * _C2) & _MASK32))
+    return uniform_at(seed, stream, timestep, step, rows[:, None], index)
+
+
+def uniform_at(seed: int, stream: int, timestep: int, step: int, rows: torch.Tensor,
+               index: torch.Tensor) -> torch.Tensor:
+    """The same numbers as `uniform` at explicit (sample, index) pairs: `rows` and
+    `index` are int64 tensors that broadcast together (e.g. the two halves of a
+    ``nonzero(as_tuple=True)``). Drawing only where needed (the few neurons that
+    fired in a step) costs a fraction of a draw over the whole network."""
+    h0 = counter_hash(seed, stream, timestep, step)
+    hb = _fmix32(((rows * _GOLDEN) & _MASK32) ^ h0)
+    h = _fmix32(hb ^ ((index.to(torch.int64) * _C2) & _MASK32))
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 

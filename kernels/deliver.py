@@ -15,8 +15,8 @@ import torch
 
 
 def deliver_torch(vals: torch.Tensor, sel: torch.Tensor, weight_table: torch.Tensor,
-                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Currents and received-source counts of one forward step.
+                  targets: torch.Tensor) -> torch.Tensor:
+    """Currents of one forward step.
 
     Args:
         vals: ``[B, K]`` delivered outbox values (0 for empty slots and dropped ones).
@@ -25,16 +25,11 @@ def deliver_torch(vals: torch.Tensor, sel: torch.Tensor, weight_table: torch.Ten
         targets: int64 ``[W, F]`` flat receiver per fan-out entry (dump for padding).
 
     Returns:
-        I ``[B, W]`` summed currents; n_received int32 ``[B, W]``: number of delivered
-        sources that reached each neuron (the dump column collects padding).
+        ``[B, W]`` summed currents (the dump column collects padding).
     """
     b, width = vals.shape[0], weight_table.shape[0]
-    tg = targets[sel].view(b, -1)
     contrib = (weight_table[sel] * vals[..., None]).view(b, -1)
-    current = vals.new_zeros(b, width).scatter_add_(1, tg, contrib)
-    ones = torch.ones((), dtype=torch.int32, device=vals.device).expand(tg.shape)
-    n_received = torch.zeros(b, width, dtype=torch.int32, device=vals.device).scatter_add_(1, tg, ones)
-    return current, n_received
+    return vals.new_zeros(b, width).scatter_add_(1, targets[sel].view(b, -1), contrib)
 
 
 def deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor, sel: torch.Tensor,

@@ -1,0 +1,209 @@
+"""End-to-end cost of one training iteration (forward + backward + Adam).
+
+Models (input Bernoulli spikes, xavier init, the paper's hyper-parameters, SPEC 10):
+  shd-like     350 -> 128-128-128 -> 20, batch 32, T=20, p=0.03 (SHD settings)
+  shd700-like  the same with 700 inputs (time per step vs network width)
+  nmnist-like  2312 -> 64-64-64 -> 10, batch 64, T=10, p=0.02 (N-MNIST settings)
+Implementations: `layered` (AsyncSNN policy="layered"), `engine` (AsyncSNN, RS/MS at
+several K) and `dense` (benchmarks/dense_baseline.py: the paper's per-step algorithm,
+batched: a dense matmul over the whole network and a full argsort per step).
+
+Each point runs in a fresh subprocess (so peak memory is its own), one thread:
+wall time is the median of --repeat iterations after one warm-up; memory is the peak
+resident set during the iterations minus the resident set of the built model and
+data (glibc is told to return freed blocks, so RSS follows live tensors). Prints one
+JSON line per point, then a table of ratios measured in this run.
+
+    python benchmarks/cost.py                 # all points (~5 min on 2 cores)
+    python benchmarks/cost.py --quick         # fewer points
+    python benchmarks/cost.py --device cuda   # on a GPU (peak = max_memory_allocated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+MODELS = {
+    "shd": dict(sizes=[350, 128, 128, 128, 20], batch=32, T=20, p=0.03,
+                cfg=dict(theta=0.3, tau=100.0, dt=10.0, surrogate_steepness=10.0, input_dropout=0.2,
+                         refractory_dropout=0.8, momentum_noise=0.1), lr=7e-4, wd=1e-4),
+    "shd700": dict(sizes=[700, 128, 128, 128, 20], batch=32, T=20, p=0.015,
+                   cfg=dict(theta=0.3, tau=100.0, dt=10.0, surrogate_steepness=10.0, input_dropout=0.2,
+                            refractory_dropout=0.8, momentum_noise=0.1), lr=7e-4, wd=1e-4),
+    "nmnist": dict(sizes=[2312, 64, 64, 64, 10], batch=64, T=10, p=0.02,
+                   cfg=dict(theta=0.3, tau=1.0, dt=10.0, surrogate_steepness=2.0, input_dropout=0.25,
+                            refractory_dropout=0.8, momentum_noise=1e-6), lr=5e-4, wd=1e-5),
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: str) -> dict:
+    """One measurement, in this process."""
+    import torch
+
+    import asynctrain as at
+    sys.path.insert(0, str(HERE))
+    from dense_baseline import DenseSNN
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    spec = MODELS[model]
+    sizes = spec["sizes"]
+    net = torch.nn.Sequential(*[torch.nn.Linear(a, b, bias=False) for a, b in zip(sizes, sizes[1:])])
+    for m in net:
+        torch.nn.init.xavier_uniform_(m.weight)
+    net = net.to(device)
+    cfg = at.SimConfig(forward_group_size=k, policy="layered" if impl == "layered" else policy,
+                       **spec["cfg"])
+    mod = DenseSNN(net, cfg) if impl == "dense" else at.AsyncSNN(net, cfg)
+    mod.train()
+    opt = torch.optim.Adam(net.parameters(), lr=spec["lr"], weight_decay=spec["wd"])
+    frames = (torch.rand(spec["T"], spec["batch"], sizes[0]) < spec["p"]).float().to(device)
+    labels = torch.randint(0, sizes[-1], (spec["batch"],)).to(device)
+    cuda = device.startswith("cuda")
+
+    def iteration(seed: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = mod(frames, seed=seed)
+        loss = torch.nn.functional.cross_entropy(out.sum(0), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = [iteration(i) for i in range(repeat + 1)][1:]
+    peak = torch.cuda.max_memory_allocated() if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    steps = mod.stats["forward_steps"]
+    batch_steps = int(steps.max(1).values.sum())  # the batch advances until its slowest sample
+    med = statistics.median(times)
+    return dict(model=model, impl=impl, policy="layered" if impl == "layered" else policy, K=k,
+                time_s=med, time_p20_s=sorted(times)[max(0, len(times) // 5)],
+                time_p80_s=sorted(times)[min(len(times) - 1, (4 * len(times)) // 5)],
+                mem_growth_mb=(peak - base) / 2**20, steps_per_pass=float(steps.float().mean()),
+                batch_steps=batch_steps, time_per_step_ms=1e3 * med / batch_steps,
+                repeat=repeat, device=device)
+
+
+def points(quick: bool) -> list[tuple[str, str, str, int]]:
+    ks = (64, 8) if quick else (64, 32, 16, 8)
+    pts = []
+    for model in ("shd", "nmnist"):
+        pts.append((model, "layered", "-", 1))
+        for pol in ("RS", "MS"):
+            pts += [(model, "engine", pol, k) for k in ks]
+        pts.append((model, "dense", "MS", 8))
+    pts += [("shd", "dense", "RS", 8), ("shd", "dense", "MS", 64),
+            ("shd700", "engine", "MS", 8), ("shd700", "dense", "MS", 8)]
+    return pts
+
+
+def meta() -> dict:
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+                machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), commit=commit)
+
+
+def ratios(rows: list[dict]) -> list[tuple[str, float | None]]:
+    def get(model, impl, policy, k):
+        for r in rows:
+            if (r["model"], r["impl"], r["policy"], r["K"]) == (model, impl, policy, k):
+                return r
+        return None
+
+    out = []
+
+    def add(name, a, b, key):
+        out.append((name, a[key] / b[key] if a and b and b[key] else None))
+
+    for pol in ("MS", "RS"):
+        add(f"shd {pol} K=8: dense / engine time (target >= 5)", get("shd", "dense", pol, 8),
+            get("shd", "engine", pol, 8), "time_s")
+        add(f"shd {pol} K=8 / K=64 engine memory (target <= 1.5)", get("shd", "engine", pol, 8),
+            get("shd", "engine", pol, 64), "mem_growth_mb")
+        add(f"shd {pol} K=8 engine / layered time", get("shd", "engine", pol, 8),
+            get("shd", "layered", "layered", 1), "time_s")
+    add("nmnist MS K=8: dense / engine time", get("nmnist", "dense", "MS", 8),
+        get("nmnist", "engine", "MS", 8), "time_s")
+    add("nmnist MS K=8 / K=64 engine memory", get("nmnist", "engine", "MS", 8),
+        get("nmnist", "engine", "MS", 64), "mem_growth_mb")
+    add("shd MS dense memory K=8 / K=64 (paper's doubling)", get("shd", "dense", "MS", 8),
+        get("shd", "dense", "MS", 64), "mem_growth_mb")
+    add("engine time/step 700 / 350 inputs (target < 1.3)", get("shd700", "engine", "MS", 8),
+        get("shd", "engine", "MS", 8), "time_per_step_ms")
+    add("dense time/step 700 / 350 inputs", get("shd700", "dense", "MS", 8),
+        get("shd", "dense", "MS", 8), "time_per_step_ms")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="K in {64, 8} only")
+    ap.add_argument("--repeat", type=int, default=5, help="timed iterations per point (median)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    ap.add_argument("--point", help=argparse.SUPPRESS)  # model:impl:policy:K, run in-process
+    a = ap.parse_args()
+    if a.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {a.repeat}")
+    if a.point:
+        model, impl, policy, k = a.point.split(":")
+        print(json.dumps(run_point(model, impl, policy, int(k), a.repeat, a.device)))
+        return
+    info = meta()
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536",
+               OMP_NUM_THREADS="1")
+    rows = []
+    for model, impl, policy, k in points(a.quick):
+        r = subprocess.run([sys.executable, __file__, "--point", f"{model}:{impl}:{policy}:{k}",
+                            "--repeat", str(a.repeat), "--device", a.device],
+                           capture_output=True, text=True, env=env)
+        if r.returncode:
+            sys.exit(f"point {model}:{impl}:{policy}:{k} failed:\n{r.stderr}")
+        row = dict(json.loads(r.stdout.strip().splitlines()[-1]), **info)
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+    print(f"\n{'model':8} {'impl':8} {'policy':8} {'K':>4} {'time s':>8} {'mem MB':>8} "
+          f"{'steps/pass':>10} {'ms/step':>8}")
+    for r in rows:
+        print(f"{r['model']:8} {r['impl']:8} {r['policy']:8} {r['K']:>4} {r['time_s']:8.3f} "
+              f"{r['mem_growth_mb']:8.1f} {r['steps_per_pass']:10.2f} {r['time_per_step_ms']:8.2f}")
+    print()
+    for name, v in ratios(rows):
+        print(f"{name:60} {'n/a' if v is None else f'{v:.2f}'}")
+
+
+if __name__ == "__main__":
+    main()
