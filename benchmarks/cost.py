@@ -8,10 +8,11 @@ Implementations: `layered` (AsyncSNN policy="layered"), `engine` (AsyncSNN, RS/M
 several K) and `dense` (benchmarks/dense_baseline.py: the paper's per-step algorithm,
 batched: a dense matmul over the whole network and a full argsort per step).
 
-Each point runs in a fresh subprocess (so peak memory is its own), one thread:
-wall time is the median of --repeat iterations after one warm-up; memory is the peak
-resident set during the iterations minus the resident set of the built model and
-data (glibc is told to return freed blocks, so RSS follows live tensors). Prints one
+Each point runs in two fresh subprocesses, one thread. Time: the median of --repeat
+iterations after one warm-up. Memory (a second process, so peak memory is its own):
+the peak resident set during two iterations minus the resident set of the built
+model and data; there glibc is told to return freed blocks at once, so RSS follows
+live tensors -- that slows small allocations, so time is never measured in it. Prints one
 JSON line per point, then a table of ratios measured in this run.
 
     python benchmarks/cost.py                 # all points (~5 min on 2 cores)
@@ -53,7 +54,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: str) -> dict:
+def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: str,
+              what: str = "time") -> dict:
     """One measurement, in this process."""
     import torch
 
@@ -94,16 +96,20 @@ def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: s
     base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if what == "memory":
+        for i in range(2):
+            iteration(i)
+        peak = torch.cuda.max_memory_allocated() if cuda else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return dict(mem_growth_mb=(peak - base) / 2**20)
     times = [iteration(i) for i in range(repeat + 1)][1:]
-    peak = torch.cuda.max_memory_allocated() if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steps = mod.stats["forward_steps"]
     batch_steps = int(steps.max(1).values.sum())  # the batch advances until its slowest sample
     med = statistics.median(times)
     return dict(model=model, impl=impl, policy="layered" if impl == "layered" else policy, K=k,
                 time_s=med, time_p20_s=sorted(times)[max(0, len(times) // 5)],
                 time_p80_s=sorted(times)[min(len(times) - 1, (4 * len(times)) // 5)],
-                mem_growth_mb=(peak - base) / 2**20, steps_per_pass=float(steps.float().mean()),
+                steps_per_pass=float(steps.float().mean()),
                 batch_steps=batch_steps, time_per_step_ms=1e3 * med / batch_steps,
                 repeat=repeat, device=device)
 
@@ -171,24 +177,27 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     ap.add_argument("--point", help=argparse.SUPPRESS)  # model:impl:policy:K, run in-process
+    ap.add_argument("--what", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {a.repeat}")
     if a.point:
         model, impl, policy, k = a.point.split(":")
-        print(json.dumps(run_point(model, impl, policy, int(k), a.repeat, a.device)))
+        print(json.dumps(run_point(model, impl, policy, int(k), a.repeat, a.device, a.what)))
         return
     info = meta()
-    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536",
-               OMP_NUM_THREADS="1")
+    env_time = dict(os.environ, OMP_NUM_THREADS="1")
+    env_mem = dict(env_time, MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for model, impl, policy, k in points(a.quick):
-        r = subprocess.run([sys.executable, __file__, "--point", f"{model}:{impl}:{policy}:{k}",
-                            "--repeat", str(a.repeat), "--device", a.device],
-                           capture_output=True, text=True, env=env)
-        if r.returncode:
-            sys.exit(f"point {model}:{impl}:{policy}:{k} failed:\n{r.stderr}")
-        row = dict(json.loads(r.stdout.strip().splitlines()[-1]), **info)
+        row = dict(info)
+        for what, env in (("time", env_time), ("memory", env_mem)):
+            r = subprocess.run([sys.executable, __file__, "--point", f"{model}:{impl}:{policy}:{k}",
+                                "--repeat", str(a.repeat), "--device", a.device, "--what", what],
+                               capture_output=True, text=True, env=env)
+            if r.returncode:
+                sys.exit(f"point {model}:{impl}:{policy}:{k} ({what}) failed:\n{r.stderr}")
+            row.update(json.loads(r.stdout.strip().splitlines()[-1]))
         rows.append(row)
         line = json.dumps(row)
         print(line, flush=True)
