@@ -62,14 +62,15 @@ class Engine:
 
     def __init__(self, net: Network, cfg: SimConfig, *, batch: int, device: torch.device,
                  dtype: torch.dtype, training: bool, seed: int,
-                 checkpoint_every: int | None = None):
+                 checkpoint_every: int | None = None, histogram: bool = False):
         self.net, self.cfg, self.training, self.seed = net, cfg, training, seed
+        # bins 0 .. max fan-in of the currents-to-spike histogram (0 = not recorded)
+        self.histogram_bins = (max(net.layer_sizes[:-1]) + 1) if histogram else 0
         self.batch, self.device, self.dtype = batch, device, dtype
         self.checkpoint_every = checkpoint_every
         self.tables = net.tables(device)
         w = net.width + 1
         nn_, nin = net.n_neurons, net.n_inputs
-        inf = torch.full((1,), math.inf, dtype=dtype)
 
         def full_width(values: torch.Tensor, pad: float) -> torch.Tensor:
             return torch.cat([torch.full((nin,), pad, dtype=values.dtype), values,
@@ -90,7 +91,6 @@ class Engine:
         self.layer1 = layer1.to(device).expand(batch, w)
         self.k = min(cfg.forward_group_size, w)
         self.alpha = float(cfg.surrogate_steepness)
-        del inf
         # Training-only randomness.
         t = training
         self.p_ref = cfg.refractory_dropout if t else 0.0
@@ -178,14 +178,12 @@ class Engine:
     # --- the whole call --------------------------------------------------------------
     def run(self, frames: torch.Tensor, wt: torch.Tensor, *, keep_checkpoints: bool):
         """Execute all passes. Returns (out [T, B, n_out], stats, ops, checkpoints)."""
-        cfg, net, tb = self.cfg, self.net, self.tables
-        steps_cap, dump = cfg.max_steps, net.dump
+        cfg, net = self.cfg, self.net
         T, B = frames.shape[0], self.batch
-        dev = self.device
         ckpt = Checkpoints(self.checkpoint_every) if keep_checkpoints else None
-        stats = new_stats(T, B, dev)
+        stats = new_stats(T, B, self.device, self.histogram_bins)
         st = self.initial_state()
-        pending = torch.zeros(B, self.width, dtype=torch.bool, device=dev)
+        pending = torch.zeros(B, self.width, dtype=torch.bool, device=self.device)
         ops: list[tuple] = []
         outs = []
         for t in range(T):
@@ -194,68 +192,61 @@ class Engine:
             st = self.op_start(st)
             if not cfg.carry_pending:
                 pending = torch.zeros_like(pending)
-            pre_spike = torch.zeros(B, self.width, dtype=self.dtype, device=dev)
-            steps = torch.zeros(B, dtype=torch.int64, device=dev)
-            first_out = torch.full((B,), -1, dtype=torch.int64, device=dev)
+            ps = _Pass(B, self.width, self.dtype, self.device, pending)
             x = frames[t]
             _offer(ckpt, ops, st)
             ops.append(("input", t))
             st, info = self.op_input(st, x, wt, t)
             k = 0
             if info is None:
-                pending = pending | torch.nn.functional.pad(x != 0, (0, self.width - net.n_inputs))
+                ps.pending = ps.pending | torch.nn.functional.pad(x != 0, (0, self.width - net.n_inputs))
             else:
                 k = 1
-                steps += 1
                 nz = (x != 0).sum(1)
-                stats["synops"][t] += nz * net.layer_sizes[1]
-                stats["spikes_processed"][t] += nz
-                pending, pre_spike = self._after_eval(st, info, pending, pre_spike, stats,
-                                                      steps, first_out)
+                ps.steps += 1
+                ps.synops += nz * net.layer_sizes[1]
+                ps.processed += nz
+                self._after_eval(st, info, ps, stats)
             while True:
-                n_pending = pending.sum(1)
-                out_stop = (first_out >= 0) & (steps >= first_out + cfg.steps_after_output) \
-                    if cfg.stop == "output" else torch.zeros_like(steps, dtype=torch.bool)
-                at_cap = steps >= steps_cap
-                done = (n_pending == 0) | out_stop | at_cap
-                stats["capped"][t] |= at_cap & (n_pending > 0) & ~out_stop
+                done = ps.done(cfg)
                 if bool(done.all()):
                     break
-                sel, sel_deliv = self.select(pending & ~done[:, None], pre_spike, t, k)
+                sel, sel_deliv = self.select(ps.pending & ~done[:, None], ps.pre_spike, t, k)
                 _offer(ckpt, ops, st)
                 ops.append(("step", t, k, _compact(sel), None if sel_deliv is sel else _compact(sel_deliv)))
-                taken = torch.zeros_like(pending).scatter_(1, sel, True)
                 st, info = self.op_step(st, sel, sel_deliv, wt, t, k)
-                pending = pending & ~taken
-                delivered = sel_deliv != dump
-                stats["synops"][t] += (tb.fan_out[sel_deliv] * (info.vals != 0)).sum(1)
-                stats["spikes_processed"][t] += delivered.sum(1)
-                steps += ~done
-                pending, pre_spike = self._after_eval(st, info, pending, pre_spike, stats,
-                                                      steps, first_out)
+                ps.pending = ps.pending.scatter(1, sel, False)
+                ps.synops += (self.tables.fan_out[sel_deliv] * (info.vals != 0)).sum(1)
+                ps.processed += (sel_deliv != net.dump).sum(1)
+                ps.steps += ~done
+                self._after_eval(st, info, ps, stats)
                 k += 1
-            stats["forward_steps"][t] = steps
-            stats["first_output_step"][t] = first_out
+            ps.store(stats, t)
+            pending = ps.pending
             _offer(ckpt, ops, st)
             ops.append(("end", t))
             outs.append(self.op_end(st))
         stats["final_v"] = st.v[:, net.neuron_slice].detach()
         return torch.stack(outs), stats, ops, (ckpt.saved if ckpt else None)
 
-    def _after_eval(self, st: State, info: StepInfo, pending, pre_spike, stats, steps, first_out):
+    def _after_eval(self, st: State, info: StepInfo, ps: "_Pass", stats: dict) -> None:
         """Non-differentiable bookkeeping after a neuron evaluation: pending flags,
         pre-spike potentials, spike stats, first output step."""
         fired = info.spikes > 0
         is_src = self.tables.is_source
-        pending = pending | (fired & is_src)
+        ps.pending = ps.pending | (fired & is_src)
         if self.cfg.barrier_messages:
             reached = (info.n_before < self.sync) & (st.n_in >= self.sync)
-            pending = pending | (reached & ~fired & is_src)
-        pre_spike = torch.where(fired, info.v_pre.detach(), pre_spike)
+            ps.pending = ps.pending | (reached & ~fired & is_src)
+        ps.pre_spike = torch.where(fired, info.v_pre.detach(), ps.pre_spike)
         stats["hidden_spikes"] += (info.spikes * self.hidden_f).sum(1).to(torch.int64)
-        out_fired = fired[:, self.net.output_slice].any(1)
-        first_out.copy_(torch.where((first_out < 0) & out_fired, steps, first_out))
-        return pending, pre_spike
+        first = (ps.first_out < 0) & fired[:, self.net.output_slice].any(1)
+        ps.first_out = torch.where(first, ps.steps, ps.first_out)
+        ps.to_first = torch.where(first, ps.processed, ps.to_first)
+        if self.histogram_bins:
+            # currents integrated before each spike (SPEC 9), hidden and output neurons
+            counts = st.n_in[fired].clamp(max=self.histogram_bins - 1).long()
+            stats["currents_to_spike"] += torch.bincount(counts, minlength=self.histogram_bins)
 
     def replay(self, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor
                ) -> tuple[State, list[tuple[int, torch.Tensor]]]:
@@ -281,12 +272,46 @@ def _compact(sel: torch.Tensor) -> torch.Tensor:
     return sel.to(torch.int32)
 
 
-def new_stats(T: int, B: int, device) -> dict:
+def new_stats(T: int, B: int, device, histogram_bins: int = 0) -> dict:
     z = lambda: torch.zeros(T, B, dtype=torch.int64, device=device)  # noqa: E731
-    return {"forward_steps": z(), "synops": z(), "spikes_processed": z(),
-            "first_output_step": torch.full((T, B), -1, dtype=torch.int64, device=device),
-            "capped": torch.zeros(T, B, dtype=torch.bool, device=device),
-            "hidden_spikes": torch.zeros(B, dtype=torch.int64, device=device)}
+    stats = {"forward_steps": z(), "synops": z(), "spikes_processed": z(),
+             "first_output_step": z() - 1, "spikes_to_first_output": z() - 1,
+             "capped": torch.zeros(T, B, dtype=torch.bool, device=device),
+             "hidden_spikes": torch.zeros(B, dtype=torch.int64, device=device)}
+    if histogram_bins:
+        stats["currents_to_spike"] = torch.zeros(histogram_bins, dtype=torch.int64, device=device)
+    return stats
+
+
+class _Pass:
+    """Per-pass, per-sample bookkeeping of the forward (never replayed)."""
+
+    def __init__(self, B: int, W: int, dtype, device, pending: torch.Tensor):
+        zeros = lambda: torch.zeros(B, dtype=torch.int64, device=device)  # noqa: E731
+        self.pending = pending
+        self.pre_spike = torch.zeros(B, W, dtype=dtype, device=device)
+        self.steps, self.synops, self.processed = zeros(), zeros(), zeros()
+        self.first_out, self.to_first = zeros() - 1, zeros() - 1
+        self.capped = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def done(self, cfg: SimConfig) -> torch.Tensor:
+        """bool [B]: the sample's pass is over (SPEC 4.2); records max_steps caps."""
+        n_pending = self.pending.sum(1)
+        at_cap = self.steps >= cfg.max_steps
+        if cfg.stop == "output":
+            out_stop = (self.first_out >= 0) & (self.steps >= self.first_out + cfg.steps_after_output)
+            self.capped = at_cap & (n_pending > 0) & ~out_stop
+            return (n_pending == 0) | out_stop | at_cap
+        self.capped = at_cap & (n_pending > 0)
+        return (n_pending == 0) | at_cap
+
+    def store(self, stats: dict, t: int) -> None:
+        stats["forward_steps"][t] = self.steps
+        stats["synops"][t] = self.synops
+        stats["spikes_processed"][t] = self.processed
+        stats["first_output_step"][t] = self.first_out
+        stats["spikes_to_first_output"][t] = self.to_first
+        stats["capped"][t] = self.capped
 
 
 class Checkpoints:

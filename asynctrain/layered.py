@@ -18,8 +18,8 @@ from .ops import lif
 
 
 def layered_forward(net: Network, cfg, weights: list[torch.Tensor], frames: torch.Tensor, *,
-                    theta: torch.Tensor, decay: torch.Tensor, training: bool, seed: int
-                    ) -> tuple[torch.Tensor, dict]:
+                    theta: torch.Tensor, decay: torch.Tensor, training: bool, seed: int,
+                    histogram: bool = False) -> tuple[torch.Tensor, dict]:
     """Args: frames ``[T, B, n_inputs]``; theta, decay: ``[n_neurons]``.
     Returns (out ``[T, B, n_out]``, stats) with the engine's stats keys."""
     T, B = frames.shape[:2]
@@ -30,7 +30,8 @@ def layered_forward(net: Network, cfg, weights: list[torch.Tensor], frames: torc
     decays = [decay[a:b] for a, b in bounds]
     true = torch.ones((), dtype=torch.bool, device=dev)
     p_net = cfg.network_dropout if training else 0.0
-    stats = new_stats(T, B, dev)
+    bins = max(sizes[:-1]) + 1 if histogram else 0
+    stats = new_stats(T, B, dev, bins)
     v = [frames.new_zeros(B, n) for n in sizes[1:]]
     outs = []
     for t in range(T):
@@ -52,8 +53,12 @@ def layered_forward(net: Network, cfg, weights: list[torch.Tensor], frames: torc
             m = true.expand(B, sizes[l + 1])
             v[l], spikes, _ = lif(v[l], current, ~m, m, m, thetas[l], float(cfg.surrogate_steepness),
                                   cfg.detach_reset)
+            if bins:  # every neuron integrates its whole fan-in before its threshold
+                stats["currents_to_spike"][sizes[l]] += (spikes != 0).sum()
         stats["forward_steps"][t] = L
-        stats["first_output_step"][t] = torch.where((spikes != 0).any(1), L, -1)
+        fired_out = (spikes != 0).any(1)
+        stats["first_output_step"][t] = torch.where(fired_out, L, -1)
+        stats["spikes_to_first_output"][t] = torch.where(fired_out, stats["spikes_processed"][t], -1)
         outs.append(v[-1] if cfg.readout == "potential" else spikes)
     stats["final_v"] = torch.cat(v, 1).detach()
     return torch.stack(outs), stats

@@ -46,11 +46,17 @@ class AsyncSNN(nn.Module):
             ``first_output_step [T, B]`` (1-based forward step of the pass's first
             output spike, -1 if none), ``capped [T, B]`` and ``capped_passes`` (passes
             stopped by ``max_steps``), ``hidden_spikes [B]``, ``final_v [B, n_neurons]``
-            (membranes after the last pass), ``seed`` (the call's seed).
+            (membranes after the last pass), ``seed`` (the call's seed),
+            ``spikes_to_first_output [T, B]`` (outbox entries delivered up to and
+            including the step of the first output spike; -1 if none) and, with
+            ``record_currents=True``, ``currents_to_spike [max fan-in + 1]``: how many
+            spikes were emitted after integrating n currents in the pass (SPEC 9).
+        record_currents: also record the currents-to-spike histogram (a bincount per
+            forward step; off by default to keep the hot loop lean).
     """
 
     def __init__(self, net: nn.Module, cfg: SimConfig | None = None, *, backend: str = "auto",
-                 checkpoint_every: int | None = None):
+                 checkpoint_every: int | None = None, record_currents: bool = False):
         super().__init__()
         self.net = net
         self.graph = Network.from_module(net)
@@ -65,6 +71,7 @@ class AsyncSNN(nn.Module):
             raise ValueError(f"checkpoint_every must be None or an int >= 0, got {checkpoint_every!r}")
         self.backend = backend
         self.checkpoint_every = checkpoint_every
+        self.record_currents = bool(record_currents)
         self.cfg = cfg if cfg is not None else SimConfig()
         self.stats: dict[str, Any] | None = None
         self._calls = 0
@@ -118,12 +125,14 @@ class AsyncSNN(nn.Module):
         if cfg.policy == "layered":
             out, stats = layered_forward(
                 graph, cfg, weights, frames, training=self.training, seed=seed,
+                histogram=self.record_currents,
                 theta=per_neuron(cfg.theta, graph.n_neurons, "theta", frames.dtype).to(frames.device),
                 decay=torch.exp(-cfg.dt / per_neuron(cfg.tau, graph.n_neurons, "tau", torch.float64))
                 .to(frames.device, frames.dtype))
         else:
             engine = Engine(graph, cfg, batch=B, device=frames.device, dtype=frames.dtype,
-                            training=self.training, seed=seed, checkpoint_every=self.checkpoint_every)
+                            training=self.training, seed=seed, checkpoint_every=self.checkpoint_every,
+                            histogram=self.record_currents)
             wt = graph.weight_table(weights)
             if self.checkpoint_every == 0 or not (torch.is_grad_enabled() and wt.requires_grad):
                 out, stats, _, _ = engine.run(frames, wt, keep_checkpoints=False)
