@@ -9,7 +9,9 @@ nothing. The same hash is cheap to write in a Triton kernel (uint32 multiply/xor
 a kernel and its torch twin draw identical numbers.
 
 The mixer is the 32-bit finalizer of MurmurHash3 (``fmix32``), applied to a running
-hash of the counters. Values are uniform on [0, 1) with 24 bits of resolution.
+hash of the counters and to the sample and index; the two are combined with xor
+and one multiply-xorshift round. Values are uniform on [0, 1) with 24 bits of
+resolution.
 """
 
 from __future__ import annotations
@@ -87,7 +89,30 @@ def uniform_at(seed: int, stream: int, timestep: int, step: int, rows: torch.Ten
     fired in a step) costs a fraction of a draw over the whole network."""
     h0 = counter_hash(seed, stream, timestep, step)
     hb = _fmix32(((rows * _GOLDEN) & _MASK32) ^ h0)
-    h = _fmix32(hb ^ ((index.to(torch.int64) * _C2) & _MASK32))
+    return _finish(hb ^ _index_mix(index))
+
+
+def _index_mix(index: torch.Tensor) -> torch.Tensor:
+    # fmix32 of the index; the full-width draw's arange is mixed once and cached
+    # (the engine draws over the same columns at every forward step).
+    if index.dim() == 2 and index.stride(0) == 0 and index.shape[1] > 64:
+        key = (index.device, index.shape[1], index.data_ptr())
+        mixed = _INDEX_CACHE.get(key)
+        if mixed is None:
+            if len(_INDEX_CACHE) > 64:
+                _INDEX_CACHE.clear()
+            mixed = _INDEX_CACHE[key] = _fmix32(index[:1].to(torch.int64) & _MASK32)
+        return mixed
+    return _fmix32(index.to(torch.int64) & _MASK32)
+
+
+_INDEX_CACHE: dict = {}
+
+
+def _finish(h: torch.Tensor) -> torch.Tensor:
+    # one multiply-xorshift round over two well-mixed halves, keep the top 24 bits
+    h = (h * _C1) & _MASK32
+    h = h ^ (h >> 15)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
