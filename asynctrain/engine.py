@@ -11,10 +11,10 @@ flag, received-current count). The pending flag and the pre-spike potential only
 drive selection, which is recorded, so the backward never needs them.
 
 `Engine.run` executes the ops and the selection; with grad enabled it is plain
-autograd through every step (``checkpoint_every=0``). `EventFunction` runs it
-without grad, keeps a state checkpoint every C ops (adaptive C ~ sqrt(ops) by
-default) and, in the backward, replays one segment at a time with autograd from its
-checkpoint and sweeps it in reverse. Randomness that changes values in the replay
+autograd through every step (``checkpoint_every=0``). `backward.EventFunction` runs
+it without grad, keeps a state checkpoint every C ops (adaptive C ~ sqrt(ops) by
+default) and, in the backward, recomputes one segment at a time from its checkpoint
+and sweeps it in reverse by hand. Randomness that changes values in the recompute
 (refractory dropout) comes from the counter hash of `rng`, so it replays exactly.
 
 Per step the work is K x F_max (gather, scatter) plus O(N) elementwise and one
@@ -50,11 +50,15 @@ class State:
 
 @dataclass
 class StepInfo:
-    vals: torch.Tensor     # [B, K] delivered values
+    """What one neuron evaluation leaves for the bookkeeping and the backward sweep."""
+
+    vals: torch.Tensor     # [B, K] delivered values (the frame for the input step)
     spikes: torch.Tensor   # [B, W]
     v_pre: torch.Tensor    # [B, W] V1 (pre-spike potential)
     received: torch.Tensor  # bool [B, W]
     n_before: torch.Tensor  # int32 [B, W]
+    gate: torch.Tensor     # bool [B, W] received and synced
+    refr: torch.Tensor     # bool [B, W] refractory before the step
 
 
 class Engine:
@@ -149,7 +153,8 @@ class Engine:
                 u = rng.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k, *at)
                 fired = fired.index_put(at, u >= self.p_ref)
             refr = refr | fired
-        return State(v, o, acc, refr, n_in), StepInfo(vals, spikes, v_pre, received, st.n_in)
+        return State(v, o, acc, refr, n_in), StepInfo(vals, spikes, v_pre, received, st.n_in, gate,
+                                                       st.refr)
 
     def op_end(self, st: State) -> torch.Tensor:
         if self.cfg.readout == "potential":
@@ -248,25 +253,6 @@ class Engine:
             counts = st.n_in[fired].clamp(max=self.histogram_bins - 1).long()
             stats["currents_to_spike"] += torch.bincount(counts, minlength=self.histogram_bins)
 
-    def replay(self, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor
-               ) -> tuple[State, list[tuple[int, torch.Tensor]]]:
-        """Re-execute recorded ops from state `st` (with autograd if enabled)."""
-        emitted = []
-        for op in ops:
-            kind, t = op[0], op[1]
-            if kind == "start":
-                st = self.op_start(st)
-            elif kind == "input":
-                st, _ = self.op_input(st, frames[t], wt, t)
-            elif kind == "step":
-                sel = op[3].long()
-                sel_deliv = sel if op[4] is None else op[4].long()
-                st, _ = self.op_step(st, sel, sel_deliv, wt, t, op[2])
-            else:
-                emitted.append((t, self.op_end(st)))
-        return st, emitted
-
-
 def _compact(sel: torch.Tensor) -> torch.Tensor:
     # int32 halves the per-step record; flat indices stay far below 2**31.
     return sel.to(torch.int32)
@@ -336,48 +322,3 @@ class Checkpoints:
 def _offer(ckpt: Checkpoints | None, ops: list, st: State) -> None:
     if ckpt is not None:
         ckpt.offer(len(ops), st)
-
-
-class EventFunction(torch.autograd.Function):
-    """Forward without autograd, keeping checkpoints and per-step indices; backward
-    replays segments from their checkpoints in reverse (unlayered backpropagation)."""
-
-    @staticmethod
-    def forward(ctx, engine: Engine, frames: torch.Tensor, wt: torch.Tensor):
-        out, stats, ops, ckpts = engine.run(frames, wt, keep_checkpoints=True)
-        engine.stats = stats
-        ctx.engine, ctx.ops, ctx.ckpts = engine, ops, ckpts
-        # frames: the input replay needs them; wt: the [N + 1, F] table the deliveries
-        # read. Both exist anyway (frames are the caller's, wt feeds autograd).
-        ctx.save_for_backward(frames, wt)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        frames, wt = ctx.saved_tensors
-        engine, ops, ckpts = ctx.engine, ctx.ops, ctx.ckpts
-        wt_leaf = wt.detach().requires_grad_()
-        starts = sorted(ckpts)
-        ends = starts[1:] + [len(ops)]
-        adj: tuple | None = None
-        for i0, i1 in reversed(list(zip(starts, ends))):
-            base = ckpts[i0]
-            leaves = [x.detach().requires_grad_() for x in (base.v, base.o, base.acc)]
-            st0 = State(*leaves, base.refr, base.n_in)
-            with torch.enable_grad():
-                st1, emitted = engine.replay(ops[i0:i1], st0, frames, wt_leaf)
-            tensors, grads = [], []
-            if adj is not None:
-                for x, g in zip((st1.v, st1.o, st1.acc), adj):
-                    if x.requires_grad and g is not None:
-                        tensors.append(x)
-                        grads.append(g)
-            for t, y in emitted:
-                if y.requires_grad:
-                    tensors.append(y)
-                    grads.append(grad_out[t])
-            if tensors:
-                torch.autograd.backward(tensors, grads)
-            adj = tuple(x.grad for x in leaves)
-        ctx.ops = ctx.ckpts = None  # free the record once used
-        return None, None, wt_leaf.grad

@@ -20,7 +20,8 @@ from torch import nn
 
 from . import rng
 from .config import SimConfig, per_neuron
-from .engine import Engine, EventFunction
+from .backward import EventFunction
+from .engine import Engine
 from .layered import layered_forward
 from .network import Network, linear_weights
 
