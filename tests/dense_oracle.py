@@ -37,6 +37,12 @@ Conventions where SPEC is silent (the project's choices, followed exactly):
   stop=="output" and steps >= q + steps_after_output (q = 1-based step of the first
   output spike of the pass); or steps >= max_steps (capped if still pending and the
   output stop had not triggered).
+- Convolutional networks (SPEC 1): pass each map's dense equivalent as its weight
+  ``[n_{l+1}, n_l]`` (conv + folded pooling applied to the identity basis, so
+  differentiable in the conv weight; tests/conv_oracle.py builds it) and the
+  structural connectivity as ``adjacency`` (list of 0/1 ``[n_l, n_{l+1}]``). Receive
+  counts, synops (fan-out per source) and the prioritized input's counts (fan-in per
+  layer-1 neuron) then come from it; without it every layer is fully connected.
 - Layered: per pass, per layer l: ``V1 = V_l + s_{l-1} @ W^T``, ``s = spike(V1 - theta)``,
   ``V_l = V1 * (1 - s)``; no refractoriness or sync threshold; network dropout zeroes
   hidden layer l-1's spike vector at step k = l-1 (flat index); synops and
@@ -82,7 +88,7 @@ def _knob(value, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((n,), float(value), dtype=dtype)
 
 
-def _setup(weights, frames, cfg):
+def _setup(weights, frames, cfg, adjacency=None):
     sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     for l, w in enumerate(weights):
         assert tuple(w.shape) == (sizes[l + 1], sizes[l]), f"weight {l} has shape {tuple(w.shape)}"
@@ -101,13 +107,14 @@ def _setup(weights, frames, cfg):
     layer = torch.cat([torch.full((n,), l) for l, n in enumerate(sizes)])
     g.hidden = (layer >= 1) & (layer < g.L)
     g.output = layer == g.L
-    g.fanout = torch.tensor([sizes[l + 1] if l < g.L else 0 for l in layer.tolist()])
     g.adj = torch.zeros(g.N, g.N, dtype=torch.float64)  # adj[j, i] = 1 iff j feeds i
     g.Wbig = torch.zeros(g.N, g.N, dtype=dtype)
     for l, w in enumerate(weights):
         rows, cols = slice(offs[l], offs[l + 1]), slice(offs[l + 1], offs[l + 2])
-        g.adj[rows, cols] = 1.0
+        g.adj[rows, cols] = 1.0 if adjacency is None else adjacency[l].to(torch.float64)
         g.Wbig[rows, cols] = w.t()  # differentiable (CopySlices)
+    g.fanout = g.adj.sum(1).round().long()                     # targets per source
+    g.fan_in1 = g.adj[:offs[1], offs[1]:offs[2]].sum(0).round().long()  # layer-1 fan-in
     return g
 
 
@@ -177,7 +184,7 @@ def _select(g, st, cfg, active, t, k, training):
     return sel
 
 
-def dense_simulate(weights, frames, cfg, *, seed=0, training=False):
+def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=None):
     """Event-driven simulation (policy RS or MS; "layered" dispatches to `dense_layered`).
 
     weights: list of W_l [n_{l+1}, n_l]; frames: [T, B, n_inputs]. Returns (out, stats):
@@ -187,8 +194,8 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False):
     n_neurons], detached), neuron_spikes (int64 [T, B, n_neurons]).
     """
     if cfg.policy == "layered":
-        return dense_layered(weights, frames, cfg, seed=seed, training=training)
-    g = _setup(weights, frames, cfg)
+        return dense_layered(weights, frames, cfg, seed=seed, training=training, adjacency=adjacency)
+    g = _setup(weights, frames, cfg, adjacency)
     T, B = g.frames.shape[:2]
     N, n0 = g.N, g.sizes[0]
     stats = _new_stats(T, B, N - n0, g.dtype)
@@ -218,9 +225,11 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False):
                            torch.zeros(B, N - n0 - g.sizes[1], dtype=g.dtype)], 1)
             recv = torch.zeros(B, N, dtype=torch.bool)
             recv[:, g.offs[1]:g.offs[2]] = True
-            _evaluate(g, st, cfg, I, recv, recv.long() * n0, t, 0, training, seed)
+            add_n = torch.zeros(B, N, dtype=torch.long)
+            add_n[:, g.offs[1]:g.offs[2]] = g.fan_in1  # every input feature, zero or not
+            _evaluate(g, st, cfg, I, recv, add_n, t, 0, training, seed)
             nnz = (x != 0).sum(1)
-            synops += nnz * g.sizes[1]
+            synops += ((x != 0).long() * g.fanout[:n0]).sum(1)
             processed += nnz
             steps += 1
             k = 1
@@ -260,10 +269,10 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False):
     return torch.stack(outs), stats
 
 
-def dense_layered(weights, frames, cfg, *, seed=0, training=False):
+def dense_layered(weights, frames, cfg, *, seed=0, training=False, adjacency=None):
     """The usual synchronous SNN (SPEC 6 "layered"): one forward step per layer. Same
     return contract as `dense_simulate`; cfg.policy is not consulted."""
-    g = _setup(weights, frames, cfg)
+    g = _setup(weights, frames, cfg, adjacency)
     T, B = g.frames.shape[:2]
     L, offs, sizes = g.L, g.offs, g.sizes
     stats = _new_stats(T, B, g.N - sizes[0], g.dtype)
@@ -273,7 +282,7 @@ def dense_layered(weights, frames, cfg, *, seed=0, training=False):
         V = [v * g.decay[offs[l + 1]:offs[l + 2]] for l, v in enumerate(V)]
         x = _input_frame(g, cfg, t, training, seed)
         prev = x
-        synops = (x != 0).sum(1) * sizes[1]
+        synops = ((x != 0).long() * g.fanout[:offs[1]]).sum(1)
         processed = (x != 0).sum(1)
         spikes = []
         for l in range(1, L + 1):
@@ -283,7 +292,7 @@ def dense_layered(weights, frames, cfg, *, seed=0, training=False):
                 drop = uniform(seed, STREAM_NETWORK_DROPOUT, t, l - 1, idx) < cfg.network_dropout
                 prev = torch.where(drop, 0.0, prev)
             if l >= 2:
-                synops = synops + (prev != 0).sum(1) * sizes[l]
+                synops = synops + ((prev != 0).long() * g.fanout[offs[l - 1]:offs[l]]).sum(1)
                 processed = processed + (prev != 0).sum(1)
             V1 = V[l - 1] + prev @ weights[l - 1].t()
             s = spike(V1 - g.theta[lay], cfg.surrogate_steepness)

@@ -1,0 +1,357 @@
+"""Convolutional networks (SPEC 1): layers -> synaptic maps, and the per-step delivery
+of networks whose fan-out cannot be tabulated.
+
+A network given as ``nn.Sequential`` of bias-free ``nn.Conv2d`` (3x3, stride 1,
+padding 1), ``nn.AvgPool2d(2)``, ``nn.Flatten`` and bias-free ``nn.Linear`` has one
+neuron layer per weight layer. Pooling and flattening are not neurons: they are
+folded into the synaptic map of the weight layer that follows them, so a map is
+
+    [2x2 average pooling] -> 3x3 convolution          (kind "conv")
+    [2x2 average pooling] -> [flatten] -> linear       (kind "fc")
+
+from a source layer of shape ``(C, H, W)`` (or ``(n,)``) to a target layer. Flat
+indices inside an image layer are channel-major, ``c * H * W + y * W + x``, the order
+of ``nn.Flatten`` and of frames ``[T, B, C, H, W]`` flattened.
+
+`ImageSynapses` delivers one forward step of such a network: the [B, K] selection is
+split per source layer (one sort, one host sync per step), each layer's entries go
+through its kernel twin (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`), and the
+received counts come from the same targets. The parameters travel as one flat vector
+(the engine's "weight table" of these networks), so one autograd node per step
+carries every layer's gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.conv_deliver import conv_deliver_backward_torch, conv_deliver_torch
+from .kernels.rows_deliver import rows_deliver_backward_torch, rows_deliver_torch
+
+
+@dataclass(frozen=True)
+class SynapticMap:
+    """Connectivity from one neuron layer (or the input) to the next.
+
+    Attributes:
+        kind: "conv" (3x3, stride 1, padding 1) or "fc".
+        in_shape: shape of the source layer, ``(C, H, W)`` or ``(n,)``.
+        out_shape: shape of the target layer.
+        pool: a 2x2 average pooling is folded in front (a source at (c, y, x) reaches
+            the map as the pooled input (c, y // 2, x // 2) with value / 4).
+    """
+
+    kind: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    pool: bool = False
+
+    @property
+    def n_in(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def n_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def map_shape(self) -> tuple[int, ...]:
+        """Shape the weight layer reads (after pooling)."""
+        if not self.pool:
+            return self.in_shape
+        c, h, w = self.in_shape
+        return (c, h // 2, w // 2)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (self.out_shape[0], self.in_shape[0], 3, 3)
+        return (self.n_out, math.prod(self.map_shape))
+
+    def dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Currents of the whole source layer at once: ``[B, n_in] -> [B, n_out]``
+        (layered execution, prioritized input, the dense oracle)."""
+        if self.pool:
+            x = F.avg_pool2d(x.reshape(-1, *self.in_shape), 2).flatten(1)
+        if self.kind == "conv":
+            return F.conv2d(x.reshape(-1, *self.map_shape), weight, padding=1).flatten(1)
+        return x @ weight.t()
+
+    def fan_out(self) -> torch.Tensor:
+        """int64 ``[n_in]``: targets each source reaches (borders and pooled odd sizes
+        reach fewer)."""
+        if self.kind == "fc":
+            if not self.pool:
+                return torch.full((self.n_in,), self.n_out, dtype=torch.int64)
+            return self._pooled_ok().flatten() * self.n_out
+        c, h, w = self.in_shape
+        hp, wp = self.map_shape[1:]
+        ys, xs = torch.arange(h), torch.arange(w)
+        if self.pool:
+            ys, xs = ys // 2, xs // 2
+        ny = _taps_inside(ys, hp)
+        nx = _taps_inside(xs, wp)
+        per = (ny[:, None] * nx[None, :]) * self.out_shape[0]
+        return per.expand(c, h, w).flatten()
+
+    def fan_in(self) -> torch.Tensor:
+        """int64 ``[n_out]``: sources that reach each target (its sync threshold in the
+        barrier presets). Pooled: the 4 sources of a pooled input count separately."""
+        per_input = 4 if self.pool else 1
+        if self.kind == "fc":
+            return torch.full((self.n_out,), math.prod(self.map_shape) * per_input, dtype=torch.int64)
+        c_out, h, w = self.out_shape
+        ny = _taps_inside(torch.arange(h), h)
+        nx = _taps_inside(torch.arange(w), w)
+        per = ny[:, None] * nx[None, :] * self.in_shape[0] * per_input
+        return per.expand(c_out, h, w).flatten()
+
+    def _pooled_ok(self) -> torch.Tensor:
+        c, h, w = self.in_shape
+        ok = (torch.arange(h)[:, None] < (h // 2) * 2) & (torch.arange(w)[None, :] < (w // 2) * 2)
+        return ok.expand(c, h, w).to(torch.int64)
+
+
+def _taps_inside(pos: torch.Tensor, size: int) -> torch.Tensor:
+    """Of the rows pos - 1, pos, pos + 1: how many lie in [0, size) (0 if pos is out)."""
+    n = (pos - 1 >= 0).long() + 1 + (pos + 1 < size).long()
+    return torch.where(pos < size, n, 0)
+
+
+def parse_layers(net: nn.Module, input_shape: tuple[int, ...] | None
+                 ) -> tuple[list[SynapticMap], list[nn.Module]]:
+    """Validate `net` and describe it as synaptic maps (one per weight layer).
+
+    Returns (maps, weight layers). Raises on anything but the supported layers, naming
+    the offending layer and what was expected.
+    """
+    layers = list(net) if isinstance(net, nn.Sequential) else [net]
+    if not layers:
+        raise ValueError("the network is an empty nn.Sequential")
+    if input_shape is not None:
+        input_shape = tuple(int(s) for s in input_shape)
+        if len(input_shape) not in (1, 3) or min(input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) or (n,), got {input_shape}")
+    shape, pool, flat = input_shape, False, False
+    maps: list[SynapticMap] = []
+    weighted: list[nn.Module] = []
+    for i, m in enumerate(layers):
+        where = f"layer {i} ({type(m).__name__})"
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            raise ValueError(f"{where} has a bias; SNN layers here are bias-free: "
+                             f"pass bias=False")
+        if isinstance(m, nn.Conv2d):
+            _check_conv(m, where)
+            if shape is None:
+                raise ValueError(f"{where}: the input's (C, H, W) is unknown; pass "
+                                 f"input_shape=(C, H, W) (or set net.input_shape)")
+            if len(shape) != 3 or flat:
+                raise ValueError(f"{where} needs an image-shaped (C, H, W) input, got a flat "
+                                 f"layer of {math.prod(shape)} features")
+            c, h, w = shape
+            if c != m.in_channels:
+                raise ValueError(f"{where} takes {m.in_channels} channels but gets {c}")
+            hp, wp = (h // 2, w // 2) if pool else (h, w)
+            if hp < 1 or wp < 1:
+                raise ValueError(f"{where}: pooling a {h}x{w} map leaves nothing")
+            out = (m.out_channels, hp, wp)
+            maps.append(SynapticMap("conv", shape, out, pool))
+        elif isinstance(m, nn.Linear):
+            if shape is None:
+                shape = (m.in_features,)
+            if len(shape) == 3 and not flat:
+                raise ValueError(f"{where} follows an image-shaped layer {shape}: insert "
+                                 f"nn.Flatten() before it")
+            n_feat = math.prod(SynapticMap("fc", shape, (1,), pool).map_shape)
+            if n_feat != m.in_features:
+                raise ValueError(f"{where} takes {m.in_features} features but the previous "
+                                 f"layer gives {n_feat}")
+            out = (m.out_features,)
+            maps.append(SynapticMap("fc", shape, out, pool))
+        elif isinstance(m, nn.AvgPool2d):
+            _check_pool(m, where)
+            if shape is None or len(shape) != 3 or flat:
+                raise ValueError(f"{where} needs an image-shaped (C, H, W) input before it"
+                                 + (" (pass input_shape=(C, H, W))" if shape is None else ""))
+            if pool:
+                raise ValueError(f"{where}: two poolings in a row are not supported (2x2 only)")
+            if shape[1] < 2 or shape[2] < 2:
+                raise ValueError(f"{where}: cannot pool a {shape[1]}x{shape[2]} map")
+            pool = True
+            continue
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise ValueError(f"{where} must be nn.Flatten() (start_dim=1, end_dim=-1)")
+            flat = True
+            continue
+        else:
+            raise TypeError(f"{where} is not supported: this backend takes an nn.Sequential of "
+                            f"bias-free nn.Conv2d (3x3, stride 1, padding 1), nn.AvgPool2d(2), "
+                            f"nn.Flatten and bias-free nn.Linear; neurons are implicit after "
+                            f"every weight layer")
+        weighted.append(m)
+        shape, pool, flat = out, False, False
+    if pool or flat:
+        raise ValueError("the network must end with a weight layer (nn.Linear or nn.Conv2d), "
+                         "not with pooling or flattening")
+    return maps, weighted
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _check_conv(m: nn.Conv2d, where: str) -> None:
+    bad = []
+    if _pair(m.kernel_size) != (3, 3):
+        bad.append(f"kernel_size={m.kernel_size}")
+    if _pair(m.stride) != (1, 1):
+        bad.append(f"stride={m.stride}")
+    if isinstance(m.padding, str) or _pair(m.padding) != (1, 1):
+        bad.append(f"padding={m.padding!r}")
+    if _pair(m.dilation) != (1, 1):
+        bad.append(f"dilation={m.dilation}")
+    if m.groups != 1:
+        bad.append(f"groups={m.groups}")
+    if m.padding_mode != "zeros":
+        bad.append(f"padding_mode={m.padding_mode!r}")
+    if bad:
+        raise ValueError(f"{where}: only 3x3 convolutions with stride 1, padding 1 (zeros), "
+                         f"dilation 1, groups 1 are supported; got {', '.join(bad)}")
+
+
+def _check_pool(m: nn.AvgPool2d, where: str) -> None:
+    stride = m.kernel_size if m.stride is None else m.stride
+    if _pair(m.kernel_size) != (2, 2) or _pair(stride) != (2, 2) or _pair(m.padding) != (0, 0) \
+            or m.ceil_mode or m.divisor_override is not None:
+        raise ValueError(f"{where}: only nn.AvgPool2d(2) (2x2, stride 2, no padding, floor) is "
+                         f"supported; got kernel_size={m.kernel_size}, stride={m.stride}, "
+                         f"padding={m.padding}, ceil_mode={m.ceil_mode}")
+
+
+def needs_image_path(maps: list[SynapticMap]) -> bool:
+    """True when a map is a conv or pooled: its fan-out cannot be a [N + 1, F] table.
+    Plain linear stacks (with or without a leading nn.Flatten) keep the FC path."""
+    return any(m.kind == "conv" or m.pool for m in maps)
+
+
+# --------------------------------------------------------------------- per-step delivery
+class ImageSynapses:
+    """Delivery of a network with conv maps in the flat index space of `Network`.
+
+    Args:
+        maps: one `SynapticMap` per weight layer.
+        offsets: flat index of the first entry of each layer (inputs first).
+        width: N + 1 (state width, dump column last).
+    """
+
+    def __init__(self, maps: list[SynapticMap], offsets: tuple[int, ...], width: int):
+        self.maps, self.offsets, self.width = list(maps), tuple(offsets), width
+        sizes = [math.prod(m.weight_shape) for m in self.maps]
+        self.param_offsets = [sum(sizes[:l]) for l in range(len(sizes) + 1)]
+
+    # --- parameters --------------------------------------------------------------
+    def flat_params(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """One flat vector of every weight (differentiable): the engine's weight table."""
+        for l, (m, w) in enumerate(zip(self.maps, weights)):
+            if tuple(w.shape) != m.weight_shape:
+                raise ValueError(f"weight {l} has shape {tuple(w.shape)}, expected {m.weight_shape}")
+        return torch.cat([w.reshape(-1) for w in weights])
+
+    def weight(self, flat: torch.Tensor, l: int) -> torch.Tensor:
+        a, b = self.param_offsets[l], self.param_offsets[l + 1]
+        return flat[a:b].view(self.maps[l].weight_shape)
+
+    # --- tables --------------------------------------------------------------------
+    @cached_property
+    def fan_out(self) -> torch.Tensor:
+        """int64 ``[N + 1]`` real targets per flat index (0 for outputs and the dump)."""
+        tail = self.width - self.offsets[len(self.maps)]
+        return torch.cat([m.fan_out() for m in self.maps] + [torch.zeros(tail, dtype=torch.int64)])
+
+    @cached_property
+    def fan_in(self) -> torch.Tensor:
+        """int64 ``[n_neurons]`` sources reaching each neuron (hidden, then output)."""
+        return torch.cat([m.fan_in() for m in self.maps])
+
+    # --- one forward step ---------------------------------------------------------
+    def entries(self, sel: torch.Tensor, source_slot: torch.Tensor):
+        """Split a [B, K] selection per source layer: yields (l, positions [E] into the
+        flattened [B * K] selection). One sort and one host sync per step."""
+        slot = source_slot[sel].view(-1)
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=len(self.maps) + 2).tolist()
+        start = 0
+        for l, n in enumerate(counts):
+            if n and l < len(self.maps):
+                yield l, order[start:start + n]
+            start += n
+
+    def deliver(self, vals: torch.Tensor, sel: torch.Tensor, flat: torch.Tensor,
+                source_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
+        differentiable in `vals` and `flat` (one autograd node)."""
+        if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
+            return _ImageDeliver.apply(vals, sel, flat, self, source_slot)
+        return self._forward(vals, sel, flat, source_slot)
+
+    def _forward(self, vals, sel, flat, source_slot):
+        b, k = sel.shape
+        current = vals.new_zeros(b, self.width)
+        counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
+        for l, pos in self.entries(sel, source_slot):
+            m = self.maps[l]
+            fn = conv_deliver_torch if m.kind == "conv" else rows_deliver_torch
+            fn(vals.reshape(-1)[pos], pos // k, sel.reshape(-1)[pos] - self.offsets[l],
+               self.weight(flat, l), m.in_shape, m.pool, self.offsets[l + 1], current, counts)
+        return current, counts
+
+    def _backward(self, grad_current, vals, sel, flat, source_slot):
+        b, k = sel.shape
+        grad_vals = torch.zeros_like(vals).view(-1)
+        grads = [None] * len(self.maps)
+        for l, pos in self.entries(sel, source_slot):
+            m = self.maps[l]
+            fn = conv_deliver_backward_torch if m.kind == "conv" else rows_deliver_backward_torch
+            gv, gw = fn(grad_current, vals.reshape(-1)[pos], pos // k,
+                        sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l), m.in_shape,
+                        m.pool, self.offsets[l + 1])
+            grad_vals[pos] = gv
+            grads[l] = gw
+        grad_flat = torch.cat([torch.zeros(math.prod(m.weight_shape), dtype=flat.dtype,
+                                           device=flat.device) if g is None else g.reshape(-1)
+                               for m, g in zip(self.maps, grads)])
+        return grad_vals.view(b, k), grad_flat
+
+    def input_current(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """``[B, N + 1]`` currents of a whole input frame delivered at once (prioritized
+        input): the dense first map, placed at layer 1."""
+        cur = self.maps[0].dense(x, self.weight(flat, 0))
+        lo = self.offsets[1]
+        return F.pad(cur, (lo, self.width - lo - cur.shape[1]))
+
+    def dense_current(self, l: int, spikes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.maps[l].dense(spikes, weight)
+
+
+class _ImageDeliver(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vals, sel, flat, syn, source_slot):
+        # [B, K] values and indices only: the windows are recomputed in the backward.
+        ctx.save_for_backward(vals, sel, flat, source_slot)
+        ctx.syn = syn
+        current, counts = syn._forward(vals, sel, flat, source_slot)
+        ctx.mark_non_differentiable(counts)
+        return current, counts
+
+    @staticmethod
+    def backward(ctx, grad_current, _grad_counts):
+        vals, sel, flat, source_slot = ctx.saved_tensors
+        grad_vals, grad_flat = ctx.syn._backward(grad_current, vals, sel, flat, source_slot)
+        return grad_vals, None, grad_flat, None, None
