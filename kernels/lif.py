@@ -7,7 +7,15 @@ and n_in >= sync_threshold. The forward keeps V1 (one float per neuron) and thre
 bool masks; s is recomputed from V1 in the backward (a compare is cheaper than a
 stored float).
 
-The Triton kernels come with the kernels issue; these are the twins.
+Triton (`lif_triton`, `lif_backward_triton`): one elementwise pass each over
+[B, W] tiles (grid: column blocks x samples; theta is read per column). The forward
+does the same three IEEE operations as the twin, so its outputs are bitwise equal
+(spikes exact; tested). The backward matches the twin to fp rounding: the compiler
+may contract a multiply-add into an FMA; fp32 division uses `div_rn` (IEEE) rather
+than Triton's default approximate division. The surrogate constants alpha / 2 and
+pi / 2 * alpha are passed as a 2-element tensor of the data dtype (a Python float
+argument would be truncated to fp32 and break float64). Supported dtypes: float32,
+float64 (v, current, theta and the gradients alike).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ._triton import check_dtype, check_shape, check_tensors, jit, tl, triton
 
 
 def lif_torch(v: torch.Tensor, current: torch.Tensor, refractory: torch.Tensor,
@@ -52,3 +62,122 @@ def lif_backward_torch(grad_v_new: torch.Tensor, grad_spikes: torch.Tensor | Non
     g_pre = torch.where(received & ~refractory, g_pre, 0.0)
     grad_v = torch.where(received, g_pre, grad_v_new)
     return grad_v, g_pre
+
+
+# --- Triton ---------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.float64)
+_BLOCK = 1024
+
+
+@jit
+def _lif_kernel(v_ptr, cur_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
+                v_new_ptr, spikes_ptr, v_pre_ptr, width, BLOCK: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < width
+    at = tl.program_id(1).to(tl.int64) * width + cols
+    v = tl.load(v_ptr + at, mask=inside, other=0.0)
+    cur = tl.load(cur_ptr + at, mask=inside, other=0.0)
+    refr = tl.load(refr_ptr + at, mask=inside, other=0) != 0
+    recv = tl.load(recv_ptr + at, mask=inside, other=0) != 0
+    gate = tl.load(gate_ptr + at, mask=inside, other=0) != 0
+    theta = tl.load(theta_ptr + cols, mask=inside, other=0.0)
+    v_pre = tl.where(refr, 0.0, v + cur)
+    s = (gate & (v_pre >= theta)).to(v.dtype)
+    tl.store(v_new_ptr + at, tl.where(recv, v_pre - v_pre * s, v), mask=inside)
+    tl.store(spikes_ptr + at, s, mask=inside)
+    tl.store(v_pre_ptr + at, v_pre, mask=inside)
+
+
+@jit
+def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
+                         const_ptr, grad_v_ptr, grad_cur_ptr, width, BLOCK: tl.constexpr,
+                         HAS_GRAD_SPIKES: tl.constexpr, DETACH_RESET: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < width
+    at = tl.program_id(1).to(tl.int64) * width + cols
+    gvn = tl.load(gvn_ptr + at, mask=inside, other=0.0)
+    v_pre = tl.load(v_pre_ptr + at, mask=inside, other=0.0)
+    refr = tl.load(refr_ptr + at, mask=inside, other=0) != 0
+    recv = tl.load(recv_ptr + at, mask=inside, other=0) != 0
+    gate = tl.load(gate_ptr + at, mask=inside, other=0) != 0
+    theta = tl.load(theta_ptr + cols, mask=inside, other=0.0)
+    half_alpha = tl.load(const_ptr)
+    scale = tl.load(const_ptr + 1)
+    s = (gate & (v_pre >= theta)).to(v_pre.dtype)
+    y = scale * (v_pre - theta)
+    den = 1 + y * y
+    if v_pre.dtype == tl.float32:
+        sur = tl.math.div_rn(tl.zeros_like(den) + half_alpha, den)
+    else:
+        sur = half_alpha / den
+    dsdv = tl.where(gate, sur, 0.0)
+    g_pre = gvn * (1 - s)
+    if not DETACH_RESET:
+        g_pre = g_pre - gvn * v_pre * dsdv
+    if HAS_GRAD_SPIKES:
+        g_pre = g_pre + tl.load(gs_ptr + at, mask=inside, other=0.0) * dsdv
+    g_pre = tl.where(recv & ~refr, g_pre, 0.0)
+    tl.store(grad_cur_ptr + at, g_pre, mask=inside)
+    tl.store(grad_v_ptr + at, tl.where(recv, g_pre, gvn), mask=inside)
+
+
+def _check(op: str, kernel, floats: dict, masks: dict, theta: torch.Tensor):
+    check_tensors(op, kernel, **floats, **masks, theta=theta)
+    name0, t0 = next(iter(floats.items()))
+    check_shape(op, name0, t0, (None, None))
+    check_dtype(op, name0, t0, _FLOATS)
+    for name, t in floats.items():
+        check_shape(op, name, t, tuple(t0.shape))
+        check_dtype(op, name, t, (t0.dtype,))
+    for name, t in masks.items():
+        check_shape(op, name, t, tuple(t0.shape))
+        check_dtype(op, name, t, (torch.bool,))
+    check_shape(op, "theta", theta, (t0.shape[1],))
+    check_dtype(op, "theta", theta, (t0.dtype,))
+    return ([t.contiguous() for t in floats.values()],
+            [t.contiguous().view(torch.uint8) for t in masks.values()], theta.contiguous())
+
+
+def _grid(b: int, width: int):
+    return (triton.cdiv(width, _BLOCK), b)
+
+
+def lif_triton(v: torch.Tensor, current: torch.Tensor, refractory: torch.Tensor,
+               received: torch.Tensor, gate: torch.Tensor, theta: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Args: v, current ``[B, W]``; refractory, received, gate bool ``[B, W]``;
+    theta ``[W]`` (+inf where a column must never fire).
+
+    Returns: (v_new, spikes, v_pre) all ``[B, W]``; ``v_pre`` is V1, the pre-spike
+    potential (the MS priority of a neuron that fired).
+    """
+    (v, current), masks, theta = _check("lif_triton", _lif_kernel, dict(v=v, current=current),
+                                        dict(refractory=refractory, received=received, gate=gate), theta)
+    v_new, spikes, v_pre = (torch.empty_like(v) for _ in range(3))
+    b, width = v.shape
+    if v.numel():
+        _lif_kernel[_grid(b, width)](v, current, *masks, theta, v_new, spikes, v_pre, width,
+                                                 BLOCK=_BLOCK)
+    return v_new, spikes, v_pre
+
+
+def lif_backward_triton(grad_v_new: torch.Tensor, grad_spikes: torch.Tensor | None,
+                        v_pre: torch.Tensor, refractory: torch.Tensor, received: torch.Tensor,
+                        gate: torch.Tensor, theta: torch.Tensor, alpha: float, detach_reset: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `lif_torch` w.r.t. v and current (the same on receivers)."""
+    floats = dict(grad_v_new=grad_v_new, v_pre=v_pre)
+    if grad_spikes is not None:
+        floats["grad_spikes"] = grad_spikes
+    fl, masks, theta = _check("lif_backward_triton", _lif_backward_kernel, floats,
+                              dict(refractory=refractory, received=received, gate=gate), theta)
+    grad_v_new, v_pre = fl[0], fl[1]
+    gs = fl[2] if grad_spikes is not None else grad_v_new  # never read without grad_spikes
+    const = torch.tensor([alpha / 2, math.pi / 2 * alpha], dtype=v_pre.dtype, device=v_pre.device)
+    grad_v, grad_cur = torch.empty_like(v_pre), torch.empty_like(v_pre)
+    b, width = v_pre.shape
+    if v_pre.numel():
+        _lif_backward_kernel[_grid(b, width)](
+            grad_v_new, gs, v_pre, *masks, theta, const, grad_v, grad_cur, width, BLOCK=_BLOCK,
+            HAS_GRAD_SPIKES=grad_spikes is not None, DETACH_RESET=bool(detach_reset))
+    return grad_v, grad_cur

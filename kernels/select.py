@@ -6,13 +6,27 @@ the float32 key mapped to an order-preserving int32 in the high half, the revers
 column index in the low half. One topk over [B, N + 1] per step: O(N) per sample,
 never a sort of the whole network.
 
-The Triton kernel comes with the kernels issue; `select_torch` is the twin it will
-be checked against.
+`select_triton` (one program per sample, no sort) finds the threshold T = the k-th
+largest mapped key among the pending entries by a radix search over its 32 bits
+(`DIGIT_BITS` bits per round: each round counts, for all 2**DIGIT_BITS candidate
+digits at once, how many entries are >= the candidate, and keeps the largest digit
+whose count is still >= k), then one pass counts the entries above T and one pass
+writes the entries above T plus the lowest-index entries equal to T (ties to the
+lower index) in ascending index order, padding with the dump. A row whose whole
+width fits one block (`ONE_BLOCK`) is loaded once and searched in registers one bit
+per round; wider rows re-read the row 32 / 4 + 3 times (L2-resident: 5 bytes per
+entry). A row with at most k pending entries skips the search. Work per sample is
+O(W) whatever k is; k rounds of an argmax would be O(k W) and lose from k ~ 10.
+Unlike `select_torch` the output order is defined (ascending index); callers must
+not rely on either. Tested under the interpreter against the twin (tests/
+test_kernels_triton.py); GPU timings: benchmarks/kernels.py.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._triton import check_dtype, check_shape, check_tensors, jit, tl, triton
 
 _INT64_MIN = torch.iinfo(torch.int64).min
 
@@ -41,3 +55,117 @@ def select_torch(pending: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Ten
     packed = packed.masked_fill(~pending, _INT64_MIN)
     top, idx = packed.topk(min(k, width), dim=1, sorted=False)
     return torch.where(top != _INT64_MIN, idx, width - 1)
+
+
+# --- Triton ---------------------------------------------------------------------------
+# Rows up to this width are searched in registers by one program (16 int64 per thread
+# at 8 warps); wider rows stream through blocks of _STREAM_BLOCK.
+_ONE_BLOCK_MAX = 4096
+_STREAM_BLOCK = 1024
+
+
+@jit
+def _mapped_keys(p_row, k_row, offs, width):
+    """uint32-ordered keys held in int64 [0, 2**32) for pending entries, -1 elsewhere
+    (the same order as `sortable_key`: negative floats flip their low 31 bits)."""
+    inside = offs < width
+    pend = tl.load(p_row + offs, mask=inside, other=0) != 0
+    bits = tl.load(k_row + offs, mask=inside, other=0.0).to(tl.int32, bitcast=True)
+    s = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(pend, s.to(tl.int64) + 2147483648, -1)
+
+
+@jit
+def _select_kernel(pending_ptr, keys_ptr, out_ptr, width, k, kk, stride_p, stride_k, stride_o,
+                   BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    p_row = pending_ptr + row * stride_p
+    k_row = keys_ptr + row * stride_k
+    o_row = out_ptr + row * stride_o
+    cols = tl.arange(0, BLOCK)
+    digits = tl.arange(0, 1 << DIGIT_BITS).to(tl.int64)
+
+    # Threshold T: the largest value with count(u >= T) >= k (0 = every pending entry
+    # when at most k are pending). Invariant: count(u >= prefix) >= k.
+    if ONE_BLOCK:
+        u = _mapped_keys(p_row, k_row, cols, width)
+        n_pending = tl.sum((u >= 0).to(tl.int32))
+    else:
+        n_pending = 0
+        for start in range(0, width, BLOCK):
+            n_pending += tl.sum((_mapped_keys(p_row, k_row, start + cols, width) >= 0).to(tl.int32))
+    prefix = tl.zeros((), tl.int64)
+    if n_pending > k:
+        for r in range(32 // DIGIT_BITS):
+            shift = 32 - DIGIT_BITS * (r + 1)
+            cand = prefix | (digits << shift)
+            if ONE_BLOCK:
+                counts = tl.sum((u[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+            else:
+                counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
+                for start in range(0, width, BLOCK):
+                    uu = _mapped_keys(p_row, k_row, start + cols, width)
+                    counts += tl.sum((uu[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+            prefix = prefix | (tl.max(tl.where(counts >= k, digits, 0), axis=0) << shift)
+
+    # Entries above T all go in; of those equal to T, the m lowest-index ones.
+    if ONE_BLOCK:
+        n_above = tl.sum((u > prefix).to(tl.int32))
+    else:
+        n_above = 0
+        for start in range(0, width, BLOCK):
+            n_above += tl.sum((_mapped_keys(p_row, k_row, start + cols, width) > prefix).to(tl.int32))
+    m = k - n_above
+    n_sel = 0
+    n_tied = 0
+    for start in range(0, width, BLOCK):
+        if ONE_BLOCK:
+            uu = u
+        else:
+            uu = _mapped_keys(p_row, k_row, start + cols, width)
+        tied = (uu == prefix).to(tl.int32)
+        take = (uu > prefix) | ((tied != 0) & (n_tied + tl.cumsum(tied, axis=0) <= m))
+        pos = n_sel + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(o_row + pos, (start + cols).to(tl.int64), mask=take)
+        n_sel += tl.sum(take.to(tl.int32))
+        n_tied += tl.sum(tied)
+    for start in range(0, kk, BLOCK):
+        slot = start + cols
+        tl.store(o_row + slot, tl.full([BLOCK], 0, tl.int64) + (width - 1),
+                 mask=(slot >= n_sel) & (slot < kk))
+
+
+def select_triton(pending: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of up to `k` pending entries per row, highest key first in rank.
+
+    Args:
+        pending: bool ``[B, W]``; the last column is the dump and is never pending.
+        keys: float32 ``[B, W]`` priorities (no NaN; ``inf`` allowed).
+        k: forward group size K >= 1.
+
+    Returns:
+        int64 ``[B, min(k, W)]`` flat indices; slots beyond the number of pending
+        entries hold the dump index ``W - 1``. Order within a row is unspecified.
+    """
+    op = "select_triton"
+    check_tensors(op, _select_kernel, pending=pending, keys=keys)
+    check_shape(op, "keys", keys, (None, None))
+    check_shape(op, "pending", pending, tuple(keys.shape))
+    check_dtype(op, "pending", pending, (torch.bool,))
+    if not keys.is_floating_point():
+        raise TypeError(f"{op}: keys must be floating point, got {keys.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be an int >= 1, got {k!r}")
+    b, width = keys.shape
+    kk = min(k, width)
+    out = torch.empty(b, kk, dtype=torch.int64, device=keys.device)
+    if b == 0 or width == 0:
+        return out
+    keys = keys.to(torch.float32).contiguous()  # the twin ranks float32 keys too
+    pending = pending.contiguous().view(torch.uint8)
+    one = width <= _ONE_BLOCK_MAX
+    block = triton.next_power_of_2(width) if one else _STREAM_BLOCK
+    _select_kernel[(b,)](
+        pending, keys, out, width, k, kk, pending.stride(0), keys.stride(0), out.stride(0),
+        BLOCK=block, ONE_BLOCK=one, DIGIT_BITS=1 if one else 4, num_warps=8 if block >= 2048 else 4)
+    return out

@@ -1,0 +1,77 @@
+"""What every Triton launcher in `kernels/` shares: the optional import, the device
+rule, argument checks.
+
+- Importing never needs a GPU, nor Triton itself: without Triton the kernels are
+  plain (never launched) functions and the launchers raise with the reason.
+- Launchers run compiled kernels on CUDA tensors. Triton decides compiled vs
+  interpreted once, when it is imported: with ``TRITON_INTERPRET=1`` in the
+  environment at that moment, ``@triton.jit`` (ours and the one behind `tl.sum`,
+  `tl.cumsum`, ...) builds interpreted functions, and the launchers then also accept
+  CPU tensors (the tests). Setting the variable later has no effect on Triton, so a
+  launcher that sees it set with compiled kernels says so instead of failing inside
+  the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+except ImportError:  # the torch backend works without Triton
+    triton = tl = JITFunction = None
+
+HAS_TRITON = triton is not None
+
+
+def jit(fn):
+    """``triton.jit`` when Triton is installed, else the function itself (never run)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` was built by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return HAS_TRITON and not isinstance(kernel, JITFunction)
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_tensors(op: str, kernel, **tensors: torch.Tensor) -> torch.device:
+    """Raise unless Triton can run `kernel` (`op`) on these tensors; returns their device."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op}: Triton is not installed; use the torch backend")
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{op}: all tensors must be on one device, {name} is on {dev} "
+                             f"but {first_name} is on {first}")
+    if first.type != "cuda" and not is_interpreted(kernel):
+        if _env_interpret():
+            raise RuntimeError(f"{op}: {first_name} is on {first} and TRITON_INTERPRET=1 is set, but "
+                               "Triton was imported before it was set, so the kernels are compiled "
+                               "(CUDA only); set TRITON_INTERPRET=1 before the first import of "
+                               "triton / asynctrain")
+        raise RuntimeError(f"{op}: Triton kernels need CUDA tensors, {first_name} is on {first} "
+                           "(use the torch backend, or run with TRITON_INTERPRET=1 set before "
+                           "Triton is imported to interpret them on CPU)")
+    return first
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
+    """`shape` entries are ints or None (any size)."""
+    ok = t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
