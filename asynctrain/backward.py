@@ -50,10 +50,11 @@ def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor
 
 
 def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Tensor,
-                  wt: torch.Tensor, adj: tuple, grad_out: torch.Tensor, grad_wt: torch.Tensor
-                  ) -> tuple:
+                  wt: torch.Tensor, adj: tuple, grad_out: torch.Tensor, grad_wt: torch.Tensor,
+                  grad_frames: torch.Tensor | None = None) -> tuple:
     """Adjoints (gV, gO, gacc) at the segment's start from those at its end; adds the
-    segment's weight-table gradient into `grad_wt` in place."""
+    segment's weight-table gradient into `grad_wt` (and, when given, the frames'
+    gradient into `grad_frames [T, B, n_inputs]`) in place."""
     records = _recompute(engine, ops, st0, frames, wt)
     g_v, g_o, g_acc = adj
     net, cfg = engine.net, engine.cfg
@@ -73,11 +74,16 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
                 g_o = torch.zeros_like(g_o)
             g_acc = torch.zeros_like(g_acc)
         elif kind == "input":
-            if rec is None:  # frame queued into the outboxes: a constant, no weights
+            if rec is None:  # frame queued into the outboxes: O += x
+                if grad_frames is not None:
+                    grad_frames[t] += g_o[:, :net.n_inputs]
                 continue
             g_v, g_current = _evaluation_backward(engine, rec, g_v, g_o, g_acc, out, width)
             lo, n1 = net.offsets[1], net.layer_sizes[1]
-            grad_wt[:net.n_inputs, :n1] += rec.vals.t() @ g_current[:, lo:lo + n1]
+            g_layer1 = g_current[:, lo:lo + n1]
+            grad_wt[:net.n_inputs, :n1] += rec.vals.t() @ g_layer1
+            if grad_frames is not None:
+                grad_frames[t] += g_layer1 @ wt[:net.n_inputs, :n1].t()
         else:
             sel, sel_deliv, info = rec
             g_v, g_current = _evaluation_backward(engine, info, g_v, g_o, g_acc, out, width)
@@ -118,10 +124,13 @@ class EventFunction(torch.autograd.Function):
         st_end = ckpts[max(ckpts)]
         adj = (torch.zeros_like(st_end.v), torch.zeros_like(st_end.o), torch.zeros_like(st_end.acc))
         grad_wt = torch.zeros_like(wt)
+        # analog inputs (e.g. an encoder in front) get a gradient like under plain autograd
+        grad_frames = torch.zeros_like(frames) if ctx.needs_input_grad[1] else None
         starts = sorted(ckpts)
         ends = starts[1:] + [len(ops)]
         with torch.no_grad():
             for i0, i1 in reversed(list(zip(starts, ends))):
-                adj = sweep_segment(engine, ops[i0:i1], ckpts[i0], frames, wt, adj, grad_out, grad_wt)
+                adj = sweep_segment(engine, ops[i0:i1], ckpts[i0], frames, wt, adj, grad_out, grad_wt,
+                                    grad_frames)
         ctx.ops = ctx.ckpts = None  # free the record once used
-        return None, None, grad_wt
+        return None, grad_frames, grad_wt

@@ -21,13 +21,13 @@ READOUTS = ("counts", "potential")
 PerNeuron = float | int | torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SimConfig:
     """How an asynchronous SNN executes (SPEC 2-8). Immutable; use `replace`.
 
     Attributes:
         forward_group_size: K, the most pending outboxes delivered per forward step
-            (paper default 8). Alias: `K`.
+            (paper default 8). Alias: `K` (``SimConfig(K=8)``, ``cfg.K``, ``replace(K=...)``).
         policy: "RS" (random), "MS" (momentum: highest pre-spike potential first) or
             "layered" (one forward step per layer; the usual synchronous SNN).
         prioritize_input: deliver all input currents at once as the first forward step
@@ -91,6 +91,21 @@ class SimConfig:
     def __post_init__(self) -> None:
         _validate(self)
 
+    def __eq__(self, other: object) -> bool:
+        # per-neuron knobs may be tensors: compare them by value
+        if not isinstance(other, SimConfig):
+            return NotImplemented
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = object.__hash__
+
     @property
     def K(self) -> int:  # noqa: N802 - the paper's name
         return self.forward_group_size
@@ -148,6 +163,21 @@ class SimConfig:
         if "K" in base:
             base["forward_group_size"] = base.pop("K")
         return cls(**base)
+
+
+_dataclass_init = SimConfig.__init__
+
+
+def _init_with_k_alias(self, *args: Any, K: int | None = None, **kwargs: Any) -> None:  # noqa: N803
+    # `SimConfig(K=8)`: the paper's name for forward_group_size
+    if K is not None:
+        if "forward_group_size" in kwargs and kwargs["forward_group_size"] != K:
+            raise ValueError(f"K={K} and forward_group_size={kwargs['forward_group_size']} disagree")
+        kwargs["forward_group_size"] = K
+    _dataclass_init(self, *args, **kwargs)
+
+
+SimConfig.__init__ = _init_with_k_alias  # type: ignore[method-assign]
 
 
 def _check_prob(name: str, p: float) -> None:

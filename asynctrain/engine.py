@@ -222,7 +222,7 @@ class Engine:
                 st, info = self.op_step(st, sel, sel_deliv, wt, t, k)
                 ps.pending = ps.pending.scatter(1, sel, False)
                 ps.synops += (self.tables.fan_out[sel_deliv] * (info.vals != 0)).sum(1)
-                ps.processed += (sel_deliv != net.dump).sum(1)
+                ps.processed += ((sel_deliv != net.dump) & (info.vals != 0)).sum(1)
                 ps.steps += ~done
                 self._after_eval(st, info, ps, stats)
                 k += 1

@@ -43,12 +43,13 @@ class AsyncSNN(nn.Module):
 
     Attributes:
         stats: dict of the last call (all detached): ``forward_steps [T, B]``,
-            ``synops [T, B]``, ``spikes_processed [T, B]`` (outbox entries delivered),
+            ``synops [T, B]``, ``spikes_processed [T, B]`` (nonzero outbox entries
+            delivered: spikes, not barrier messages),
             ``first_output_step [T, B]`` (1-based forward step of the pass's first
             output spike, -1 if none), ``capped [T, B]`` and ``capped_passes`` (passes
             stopped by ``max_steps``), ``hidden_spikes [B]``, ``final_v [B, n_neurons]``
             (membranes after the last pass), ``seed`` (the call's seed),
-            ``spikes_to_first_output [T, B]`` (outbox entries delivered up to and
+            ``spikes_to_first_output [T, B]`` (spikes delivered up to and
             including the step of the first output spike; -1 if none) and, with
             ``record_currents=True``, ``currents_to_spike [max fan-in + 1]``: how many
             spikes were emitted after integrating n currents in the pass (SPEC 9).

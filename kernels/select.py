@@ -13,7 +13,7 @@ digits at once, how many entries are >= the candidate, and keeps the largest dig
 whose count is still >= k), then one pass counts the entries above T and one pass
 writes the entries above T plus the lowest-index entries equal to T (ties to the
 lower index) in ascending index order, padding with the dump. A row whose whole
-width fits one block (`ONE_BLOCK`) is loaded once and searched in registers one bit
+width fits one block of 2048 (`ONE_BLOCK`) is loaded once and searched in registers one bit
 per round; wider rows re-read the row 32 / 4 + 3 times (L2-resident: 5 bytes per
 entry). A row with at most k pending entries skips the search. Work per sample is
 O(W) whatever k is; k rounds of an argmax would be O(k W) and lose from k ~ 10.
@@ -163,9 +163,6 @@ def select_triton(pending: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Te
         return out
     keys = keys.to(torch.float32).contiguous()  # the twin ranks float32 keys too
     pending = pending.contiguous().view(torch.uint8)
-    one = width <= _ONE_BLOCK_MAX
-    block = triton.next_power_of_2(width) if one else _STREAM_BLOCK
-    _select_kernel[(b,)](
-        pending, keys, out, width, k, kk, pending.stride(0), keys.stride(0), out.stride(0),
-        BLOCK=block, ONE_BLOCK=one, DIGIT_BITS=1 if one else 4, num_warps=8 if block >= 2048 else 4)
+    _select_kernel[(b,)](pending, keys, out, width, k, kk, pending.stride(0), keys.stride(0),
+                         out.stride(0), **_config(width))
     return out

@@ -255,7 +255,7 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=No
             add_n = (D.double() @ g.adj).round().long()
             _evaluate(g, st, cfg, I, add_n > 0, add_n, t, k, training, seed)
             synops += ((D & (vals != 0)).long() * g.fanout).sum(1)
-            processed += D.sum(1)
+            processed += (D & (vals != 0)).sum(1)
             steps += active.long()
             k += 1
         stats["capped"][t] = (steps >= cfg.max_steps) & pending & ~out_stop
