@@ -32,8 +32,9 @@ _INT64_MIN = torch.iinfo(torch.int64).min
 
 
 def sortable_key(keys: torch.Tensor) -> torch.Tensor:
-    """float32 keys -> int64 with the same order (negative floats flip their bits)."""
-    bits = keys.to(torch.float32).view(torch.int32).to(torch.int64)
+    """float32 keys -> int64 with the same order (negative floats flip their bits;
+    -0.0 is first made +0.0, the two compare equal and must tie-break by index)."""
+    bits = (keys.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
