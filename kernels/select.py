@@ -60,18 +60,31 @@ def select_torch(pending: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Ten
 
 # --- Triton ---------------------------------------------------------------------------
 # Rows up to this width are searched in registers by one program (16 int64 per thread
-# at 8 warps); wider rows stream through blocks of _STREAM_BLOCK.
-_ONE_BLOCK_MAX = 4096
+# at 4 warps); wider rows stream through blocks of _STREAM_BLOCK.
+_ONE_BLOCK_MAX = 2048
 _STREAM_BLOCK = 1024
+
+
+def _config(width: int) -> dict:
+    """Launch constants for a row width (also what tests/test_triton_compile.py builds).
+    ptxas (CUDA 13) spills 8 bytes erratically for some (BLOCK, warps) pairs; these are
+    the spill-free ones on sm_90 and sm_80 (registers sm_90/sm_80): one block of 2048
+    at 4 warps 128/168, streaming at 8 warps 56/76; 8 warps at 2048 and 4 warps when
+    streaming spilled, one block of 4096 needed 254 registers on sm_80."""
+    if width <= _ONE_BLOCK_MAX:
+        return dict(BLOCK=triton.next_power_of_2(width), ONE_BLOCK=True, DIGIT_BITS=1, num_warps=4)
+    return dict(BLOCK=_STREAM_BLOCK, ONE_BLOCK=False, DIGIT_BITS=4, num_warps=8)
 
 
 @jit
 def _mapped_keys(p_row, k_row, offs, width):
     """uint32-ordered keys held in int64 [0, 2**32) for pending entries, -1 elsewhere
-    (the same order as `sortable_key`: negative floats flip their low 31 bits)."""
+    (the same order as `sortable_key`: -0.0 becomes +0.0, then negative floats flip
+    their low 31 bits). -0.0 is mapped on the bits: an `x + 0.0` could be folded away."""
     inside = offs < width
     pend = tl.load(p_row + offs, mask=inside, other=0) != 0
     bits = tl.load(k_row + offs, mask=inside, other=0.0).to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)
     s = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return tl.where(pend, s.to(tl.int64) + 2147483648, -1)
 

@@ -201,13 +201,14 @@ def test_select_ties_straddling_blocks_go_to_lower_index(monkeypatch, one_block)
     keys = torch.zeros(2, w)
     keys[0, [5, 30]] = 2.0  # two above the tie, then 38 tied pending entries
     keys[1] = -0.0
-    keys[1, 17] = 0.0       # +0.0 ranks above -0.0 (the twin's bit order)
+    keys[1, 17] = 0.0       # +0.0 and -0.0 tie (the twin maps -0.0 to +0.0)
     pending = torch.ones(2, w, dtype=torch.bool)
     pending[:, -1] = False
     pending[0, 3] = False
     for k in (1, 2, 3, 9, 20, 39, 40, 41):
         _check_select(pending, keys, k)
     assert _rows(select_triton(pending, keys, 9))[0] == [0, 1, 2, 4, 5, 6, 7, 8, 30]
+    assert _rows(select_triton(pending, keys, 1))[1] == [0]
 
 
 def test_select_extreme_keys_and_empty_rows():

@@ -1,0 +1,147 @@
+"""Compile-only check of every Triton kernel, no GPU needed: each builds to a cubin
+for sm_90 (H100/H200) and sm_80 (A100) with the ptxas bundled in the Triton wheel,
+and the cubin uses no local memory (no register spills, no stack frame).
+
+Triton reports ``n_spills`` only after loading the binary on a device; here the
+cubin's resource table is read with the bundled ``cuobjdump --dump-resource-usage``
+(spilled registers live in local memory, so LOCAL:0 and STACK:0 mean no spills).
+
+Signatures are those the launchers produce: float tensors fp32 (every variant) and
+fp64 (one variant per kernel), bool masks as u8, indices i64, sizes i32; constexprs
+as the launchers pick them for typical shapes. The first run compiles (~1 s per
+kernel); later runs hit Triton's on-disk cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from asynctrain.kernels import deliver, lif, rng_triton, select  # noqa: E402
+from asynctrain.kernels._triton import is_interpreted  # noqa: E402
+
+TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
+
+
+def _deliver_sig(fp: str) -> dict:
+    return {"vals_ptr": f"*{fp}", "sel_ptr": "*i64", "table_ptr": f"*{fp}", "targets_ptr": "*i64",
+            "out_ptr": f"*{fp}", "k": "i32", "f": "i32", "width": "i32"}
+
+
+def _deliver_bwd_sig(fp: str) -> dict:
+    return {"grad_ptr": f"*{fp}", "vals_ptr": f"*{fp}", "sel_ptr": "*i64", "table_ptr": f"*{fp}",
+            "targets_ptr": "*i64", "part_ptr": f"*{fp}", "gtable_ptr": f"*{fp}", "k": "i32", "f": "i32",
+            "width": "i32", "n_fb": "i32"}
+
+
+def _table_sig(fp: str) -> dict:
+    return {"grad_ptr": f"*{fp}", "vals_ptr": f"*{fp}", "targets_ptr": "*i64", "rows_ptr": "*i64",
+            "order_ptr": "*i64", "seg_end_ptr": "*i64", "gtable_ptr": f"*{fp}", "k": "i32", "f": "i32",
+            "width": "i32", "n_rows": "i32"}
+
+
+def _lif_sig(fp: str) -> dict:
+    return {"v_ptr": f"*{fp}", "cur_ptr": f"*{fp}", "refr_ptr": "*u8", "recv_ptr": "*u8", "gate_ptr": "*u8",
+            "theta_ptr": f"*{fp}", "v_new_ptr": f"*{fp}", "spikes_ptr": f"*{fp}", "v_pre_ptr": f"*{fp}",
+            "width": "i32"}
+
+
+def _lif_bwd_sig(fp: str) -> dict:
+    return {"gvn_ptr": f"*{fp}", "gs_ptr": f"*{fp}", "v_pre_ptr": f"*{fp}", "refr_ptr": "*u8",
+            "recv_ptr": "*u8", "gate_ptr": "*u8", "theta_ptr": f"*{fp}", "const_ptr": f"*{fp}",
+            "grad_v_ptr": f"*{fp}", "grad_cur_ptr": f"*{fp}", "width": "i32"}
+
+
+_SELECT_SIG = {"pending_ptr": "*u8", "keys_ptr": "*fp32", "out_ptr": "*i64", "width": "i32", "k": "i32",
+               "kk": "i32", "stride_p": "i32", "stride_k": "i32", "stride_o": "i32"}
+_RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32"}
+
+# id -> (kernel, signature, constexprs, num_warps). "all" variants compile for both
+# targets; the fp64 and flag variants for sm_90 only (the code paths are the same).
+def _select_case(width: int):
+    consts = select._config(width)
+    return select._select_kernel, _SELECT_SIG, consts, consts.pop("num_warps")
+
+
+CASES = {
+    "select_w300": _select_case(300),
+    "select_w1500": _select_case(1500),
+    "select_one_block_max": _select_case(select._ONE_BLOCK_MAX),
+    "select_stream": _select_case(70001),
+    "deliver_f256": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=8, BLOCK_F=256), 4),
+    "deliver_k32": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=32, BLOCK_F=64), 4),
+    "deliver_bwd_atomic": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp32"),
+                           dict(BLOCK_K=8, BLOCK_F=256, ATOMIC_TABLE=True), 4),
+    "deliver_bwd_parts": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp32"),
+                          dict(BLOCK_K=32, BLOCK_F=64, ATOMIC_TABLE=False), 4),
+    "deliver_table_det": (deliver._deliver_table_grad_kernel, _table_sig("fp32"), dict(BLOCK_F=256), 4),
+    "lif": (lif._lif_kernel, _lif_sig("fp32"), dict(BLOCK=lif._BLOCK), 4),
+    "lif_bwd": (lif._lif_backward_kernel, _lif_bwd_sig("fp32"),
+                dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=True, DETACH_RESET=False), 4),
+    "uniform_at": (rng_triton._uniform_at_kernel, _RNG_SIG, dict(BLOCK=rng_triton._BLOCK), 4),
+}
+SM90_ONLY = {
+    "deliver_fp64": (deliver._deliver_kernel, _deliver_sig("fp64"), dict(BLOCK_K=8, BLOCK_F=256), 4),
+    "deliver_bwd_fp64": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp64"),
+                         dict(BLOCK_K=8, BLOCK_F=256, ATOMIC_TABLE=True), 4),
+    "deliver_table_fp64": (deliver._deliver_table_grad_kernel, _table_sig("fp64"), dict(BLOCK_F=256), 4),
+    "lif_fp64": (lif._lif_kernel, _lif_sig("fp64"), dict(BLOCK=lif._BLOCK), 4),
+    "lif_bwd_fp64_detached": (lif._lif_backward_kernel, _lif_bwd_sig("fp64"),
+                              dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=False, DETACH_RESET=True), 4),
+    "uniform_at_h0_i32": (rng_triton._uniform_at_kernel, dict(_RNG_SIG, h0="i32"),
+                          dict(BLOCK=rng_triton._BLOCK), 4),
+}
+PARAMS = [(c, a) for c in CASES for a in TARGETS] + [(c, "sm90") for c in SM90_ONLY]
+
+
+def _tool(name: str) -> str | None:
+    from triton.backends.nvidia import compiler as nv
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
+    return path if os.access(path, os.X_OK) else shutil.which(name)
+
+
+_compiled: dict = {}
+
+
+def _compile(case: str, arch: str):
+    if is_interpreted(select._select_kernel):
+        pytest.skip("the kernels are interpreted in this process (TRITON_INTERPRET=1 at import); "
+                    "compiling needs them as JITFunctions")
+    if _tool("ptxas") is None:
+        pytest.skip("no ptxas: neither Triton's bundled triton/backends/nvidia/bin/ptxas nor one on "
+                    "PATH, so no cubin can be built on this machine")
+    key = (case, arch)
+    if key not in _compiled:
+        kernel, sig, consts, warps = {**CASES, **SM90_ONLY}[case]
+        sig = dict(sig, **{name: "constexpr" for name in consts})
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        _compiled[key] = triton.compile(src, target=TARGETS[arch], options=dict(num_warps=warps))
+    return _compiled[key]
+
+
+@pytest.mark.parametrize("case,arch", PARAMS)
+def test_kernel_compiles_to_cubin_without_spills(case, arch, tmp_path):
+    ck = _compile(case, arch)
+    assert ck.asm.get("cubin"), f"{case} ({arch}): no cubin"
+    assert ck.metadata.arch == arch
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("compiled, but no cuobjdump to read the cubin's register/local-memory usage")
+    path = tmp_path / f"{case}.cubin"
+    path.write_bytes(ck.asm["cubin"])
+    out = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    assert usage, f"unexpected cuobjdump output:\n{out}"
+    reg, stack, _shared, local = map(int, usage.groups())
+    assert local == 0 and stack == 0, f"{case} ({arch}): {reg} registers, spills to local memory:\n{out}"
+    assert reg <= 255
