@@ -25,5 +25,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cost.py
 
+# On a CUDA machine: CUDA tests, kernel microbenchmarks, cost.py on CUDA (~8 min);
+# JSON into $OUT if set, else ./gpu-results/ (benchmarks/gpu_check.sh).
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
+
 clean:
 	rm -rf $(VENV) demo-out gpu-results *.egg-info

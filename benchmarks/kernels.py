@@ -1,0 +1,244 @@
+"""Microbenchmarks: each per-step kernel against its torch twin (STYLE 5).
+
+Grid: forward group size K in {1, 8, 64, 512} x fan-out F in {64, 1024, 4096} for
+deliver (forward, backward with atomics, backward deterministic); K for select (F
+plays no part); one point per width for LIF (forward, backward) and the counter-hash
+uniforms (neither sees K nor F). Batch B (default 32) and width W = N + 1 (default
+8193) are flags.
+
+On CUDA: `triton.testing.do_bench` quantiles (median, p20, p80, ms), the effective
+bandwidth (the bytes a kernel must move at least, over the median time) against the
+device's DRAM peak, and the peak memory of one call above what its inputs hold. Each
+Triton point is also checked against the twin (`check`: selections equal, else the
+max |diff|), so a GPU run doubles as a correctness smoke test at sizes the
+interpreter cannot reach. On CPU only the twins run (the kernels need CUDA):
+repeated wall-clock medians, one thread pool as torch sets it.
+
+One JSON line per point (stdout, and appended to --out), each with torch/triton
+versions, device name, git commit and date.
+
+    python benchmarks/kernels.py                       # CUDA if available, else CPU twins
+    python benchmarks/kernels.py --device cpu --quick  # small grid, a few seconds
+    python benchmarks/kernels.py --device cuda --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from asynctrain.kernels.deliver import (deliver_backward_torch, deliver_backward_triton,  # noqa: E402
+                                        deliver_torch, deliver_triton)
+from asynctrain.kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton  # noqa: E402
+from asynctrain.kernels.rng_triton import uniform_at_torch, uniform_at_triton  # noqa: E402
+from asynctrain.kernels.select import select_torch, select_triton  # noqa: E402
+
+KS = (1, 8, 64, 512)
+FANOUTS = (64, 1024, 4096)
+
+
+def meta(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return dict(bench="kernels", torch=torch.__version__, triton=triton_version, device=name,
+                git_commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def dram_peak_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    try:
+        from triton.testing import get_dram_gbps
+        return float(get_dram_gbps(device.index or 0))
+    except Exception:  # driver utils unavailable: report bandwidth without a peak
+        return None
+
+
+# --- inputs -------------------------------------------------------------------------------
+def select_inputs(b, w, dev, g):
+    pending = torch.rand(b, w, device=dev, generator=g) < 0.3
+    pending[:, -1] = False
+    return pending, torch.rand(b, w, device=dev, generator=g)
+
+
+def deliver_inputs(b, k, w, f, dev, g):
+    table = torch.randn(w, f, device=dev, generator=g)
+    targets = torch.randint(0, w - 1, (w, f), device=dev, generator=g)
+    sel = torch.randint(0, w - 1, (b, k), device=dev, generator=g)
+    vals = torch.randn(b, k, device=dev, generator=g)
+    vals[torch.rand(b, k, device=dev, generator=g) < 0.25] = 0.0
+    grad = torch.randn(b, w, device=dev, generator=g)
+    return vals, sel, table, targets, grad
+
+
+def lif_inputs(b, w, dev, g):
+    v, cur, gvn, gs = (torch.randn(b, w, device=dev, generator=g) for _ in range(4))
+    refr, recv, gate = (torch.rand(b, w, device=dev, generator=g) < p for p in (0.2, 0.7, 0.6))
+    theta = torch.full((w,), 0.3, device=dev)
+    return v, cur, refr, recv, gate, theta, gvn, gs
+
+
+# --- points ------------------------------------------------------------------------------
+def points(a, dev):
+    """Yield (kernel, params, bytes, {impl: fn}, check) per point; fns take no args."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    b, w = a.batch, a.width
+    ks, fans = ((1, 8, 64), (64, 1024)) if a.quick else (KS, FANOUTS)
+    pending, keys = select_inputs(b, w, dev, g)
+    for k in ks:
+        kk = min(k, w)
+        fns = {"torch": lambda k=k: select_torch(pending, keys, k),
+               "triton": lambda k=k: select_triton(pending, keys, k)}
+        yield "select", dict(B=b, W=w, K=k), b * w * 5 + b * kk * 8, fns, _check_select
+    for k in ks:
+        for f in fans:
+            params = dict(B=b, W=w, K=k, F=f)
+            if dev.type == "cpu" and max(b * k * f, w * f) > a.max_cpu_elems:
+                yield "deliver", dict(params, skipped=f"B*K*F or W*F > --max-cpu-elems {a.max_cpu_elems}"), \
+                    0, {}, None
+                continue
+            vals, sel, table, targets, grad = deliver_inputs(b, k, w, f, dev, g)
+            gathered = b * k * f * (4 + 8)  # a weight and a target per fan-out entry
+            yield "deliver", params, b * k * 12 + gathered + b * k * f * 4 + b * w * 4, {
+                "torch": lambda: deliver_torch(vals, sel, table, targets),
+                "triton": lambda: deliver_triton(vals, sel, table, targets)}, _check_close
+            yield "deliver_backward", params, b * k * 12 + gathered + b * k * f * 8 + b * w * 4, {
+                "torch": lambda: deliver_backward_torch(grad, vals, sel, table, targets),
+                "triton": lambda: deliver_backward_triton(grad, vals, sel, table, targets),
+                "triton_deterministic": lambda: deliver_backward_triton(grad, vals, sel, table, targets,
+                                                                        deterministic=True)}, _check_close
+            del vals, sel, table, targets, grad
+    v, cur, refr, recv, gate, theta, gvn, gs = lif_inputs(b, w, dev, g)
+    yield "lif", dict(B=b, W=w), b * w * (4 * 2 + 3 + 4 * 3), {
+        "torch": lambda: lif_torch(v, cur, refr, recv, gate, theta),
+        "triton": lambda: lif_triton(v, cur, refr, recv, gate, theta)}, _check_close
+    v_pre = lif_torch(v, cur, refr, recv, gate, theta)[2]
+    yield "lif_backward", dict(B=b, W=w), b * w * (4 * 3 + 3 + 4 * 2), {
+        "torch": lambda: lif_backward_torch(gvn, gs, v_pre, refr, recv, gate, theta, 2.0, False),
+        "triton": lambda: lif_backward_triton(gvn, gs, v_pre, refr, recv, gate, theta, 2.0, False)}, _check_close
+    rows = torch.arange(b, device=dev)[:, None]
+    cols = torch.arange(w, device=dev)[None, :]
+    yield "uniform_at", dict(B=b, W=w), b * w * 4, {
+        "torch": lambda: uniform_at_torch(1, 2, 3, 4, rows, cols),
+        "triton": lambda: uniform_at_triton(1, 2, 3, 4, rows, cols)}, _check_close
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _check_select(got, want):
+    same = [sorted(r) for r in got.tolist()] == [sorted(r) for r in want.tolist()]
+    return "equal" if same else "DIFFERENT"
+
+
+def _check_close(got, want):
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(_as_tuple(got), _as_tuple(want)))
+
+
+# --- timing ------------------------------------------------------------------------------
+def time_cuda(fn) -> tuple[dict, int]:
+    from triton.testing import do_bench
+    fn()  # compile / warm caches
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return dict(median_ms=med, p20_ms=p20, p80_ms=p80), peak
+
+
+def time_cpu(fn, repeat: int) -> dict:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+    return dict(median_ms=statistics.median(ts), p20_ms=q[1], p80_ms=q[7])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--width", type=int, default=8193, help="W = N + 1 (neurons and inputs, plus the dump)")
+    ap.add_argument("--quick", action="store_true", help="K in {1, 8, 64}, F in {64, 1024}")
+    ap.add_argument("--repeat", type=int, default=5, help="CPU: timed calls per point")
+    ap.add_argument("--max-cpu-elems", type=int, default=2**24,
+                    help="CPU: skip deliver points with B*K*F (the twin gathers [B, K, F]) or the "
+                         "[W, F] tables above this")
+    ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    a = ap.parse_args()
+    if a.batch < 1 or a.width < 2 or a.repeat < 1:
+        ap.error(f"need --batch >= 1, --width >= 2, --repeat >= 1; got {a.batch}, {a.width}, {a.repeat}")
+    if a.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    info = meta(dev)
+    peak_gbps = dram_peak_gbps(dev)
+    out = open(a.out, "a") if a.out else None
+    failures = 0
+    for kernel, params, nbytes, fns, check in points(a, dev):
+        impls = fns if dev.type == "cuda" else {k: v for k, v in fns.items() if k == "torch"}
+        if not impls:
+            impls = {"torch": None}
+        want = fns["torch"]() if (dev.type == "cuda" and "torch" in fns) else None
+        for impl, fn in impls.items():
+            row = dict(info, kernel=kernel, impl=impl, **params)
+            if fn is not None:
+                try:
+                    if dev.type == "cuda":
+                        timing, peak = time_cuda(fn)
+                        row.update(timing, peak_mem_bytes=peak)
+                        if impl != "torch":
+                            row["check"] = check(fn(), want)
+                    else:
+                        row.update(time_cpu(fn, a.repeat), peak_mem_bytes=None)
+                    gbps = nbytes / (row["median_ms"] * 1e-3) / 1e9
+                    row.update(min_bytes=nbytes, gbps=round(gbps, 2), peak_gbps=peak_gbps,
+                               frac_of_peak=round(gbps / peak_gbps, 4) if peak_gbps else None)
+                except Exception as e:  # one failing point must not hide the others
+                    failures += 1
+                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+            line = json.dumps(row)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+        del want
+    if out:
+        out.close()
+    if failures:
+        sys.exit(f"{failures} point(s) failed (see the 'error' fields)")
+
+
+if __name__ == "__main__":
+    main()
