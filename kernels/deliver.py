@@ -13,7 +13,10 @@ and skips slots whose value is 0 (empty, dropped, dump: they add nothing).
 - Forward: float atomics into the receivers. Several sources of one sample share
   receivers, so the order of the additions, hence the last bits of a current, can
   change from run to run (not its value beyond fp rounding: tests bound the error
-  by 2x that of the twin against fp64).
+  by 2x that of the twin against fp64). A potential that lands within rounding of
+  theta can therefore fire in one run and not in another (or not in the twin); a
+  deterministic forward would need the receivers' side (a fan-in / CSR-by-target
+  gather) and is not built.
 - Backward, grad_vals: each F-block writes its partial dot product to [B, K, nF]
   and torch sums the partials in a fixed order: deterministic, no atomics.
 - Backward, grad_weight_table: a row selected by several samples gets several

@@ -33,6 +33,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -65,9 +66,7 @@ def _run_child(session) -> dict:
     me = os.path.abspath(__file__)
     names = [item.name for item in session.items
              if os.path.abspath(str(item.path)) == me and getattr(item.obj, "_in_interpreter", False)]
-    xml = os.path.join(session.config._tmp_path_factory.mktemp("interp"), "junit.xml") \
-        if hasattr(session.config, "_tmp_path_factory") else os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"asynctrain-interp-{os.getpid()}.xml")
+    xml = os.path.join(tempfile.mkdtemp(prefix="asynctrain-interp-"), "junit.xml")
     env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
            *[f"{me}::{n}" for n in names]]
