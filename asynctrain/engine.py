@@ -89,6 +89,7 @@ class Engine:
         self.source_f = self.tables.is_source.to(dtype)
         self.hidden_f = self.tables.is_hidden.to(dtype)
         self.columns = self.tables.columns.expand(batch, w)
+        self.columns_mixed = rng.mix_index(self.tables.columns)  # drawn over at every step
         self.width = w
         layer1 = torch.zeros(w, dtype=torch.bool)
         layer1[net.offsets[1]:net.offsets[1] + net.layer_sizes[1]] = True
@@ -166,12 +167,12 @@ class Engine:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         if cfg.policy == "RS":
-            keys = rng.uniform(self.seed, rng.STREAM_RS_KEY, t, k, self.columns)
+            keys = rng.uniform(self.seed, rng.STREAM_RS_KEY, t, k, self.columns, mixed=self.columns_mixed)
         else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
             keys = pre_spike.to(torch.float32)
             if self.noise > 0:
                 keys = keys + self.noise * rng.uniform(self.seed, rng.STREAM_MOMENTUM_NOISE, t, k,
-                                                       self.columns)
+                                                       self.columns, mixed=self.columns_mixed)
             keys = keys.masked_fill(self.tables.is_input, math.inf)
         sel = select_torch(pending, keys, self.k)
         sel_deliv = sel

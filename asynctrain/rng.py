@@ -60,7 +60,8 @@ def counter_hash(seed: int, stream: int, timestep: int, step: int) -> int:
     return h
 
 
-def uniform(seed: int, stream: int, timestep: int, step: int, index: torch.Tensor) -> torch.Tensor:
+def uniform(seed: int, stream: int, timestep: int, step: int, index: torch.Tensor, *,
+            mixed: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform [0, 1) numbers, one per entry of ``index``.
 
     Args:
@@ -71,6 +72,8 @@ def uniform(seed: int, stream: int, timestep: int, step: int, index: torch.Tenso
         index: int64 ``[B, M]`` neuron (or feature) indices; row ``b`` is sample ``b``.
             The value for ``(b, j)`` does not depend on the tensor's width, so a draw
             over all neurons and a draw at selected indices agree.
+        mixed: ``mix_index(index)`` (anything broadcasting to it), precomputed by a
+            caller that draws over the same indices at every step.
 
     Returns:
         float32 ``[B, M]`` on ``index.device``.
@@ -78,35 +81,23 @@ def uniform(seed: int, stream: int, timestep: int, step: int, index: torch.Tenso
     if index.dim() != 2:
         raise ValueError(f"index must be [B, M], got shape {tuple(index.shape)}")
     rows = torch.arange(index.shape[0], device=index.device, dtype=torch.int64)
-    return uniform_at(seed, stream, timestep, step, rows[:, None], index)
+    return uniform_at(seed, stream, timestep, step, rows[:, None], index, mixed=mixed)
 
 
 def uniform_at(seed: int, stream: int, timestep: int, step: int, rows: torch.Tensor,
-               index: torch.Tensor) -> torch.Tensor:
+               index: torch.Tensor, *, mixed: torch.Tensor | None = None) -> torch.Tensor:
     """The same numbers as `uniform` at explicit (sample, index) pairs: `rows` and
     `index` are int64 tensors that broadcast together (e.g. the two halves of a
     ``nonzero(as_tuple=True)``). Drawing only where needed (the few neurons that
     fired in a step) costs a fraction of a draw over the whole network."""
     h0 = counter_hash(seed, stream, timestep, step)
     hb = _fmix32(((rows * _GOLDEN) & _MASK32) ^ h0)
-    return _finish(hb ^ _index_mix(index))
+    return _finish(hb ^ (mix_index(index) if mixed is None else mixed))
 
 
-def _index_mix(index: torch.Tensor) -> torch.Tensor:
-    # fmix32 of the index; the full-width draw's arange is mixed once and cached
-    # (the engine draws over the same columns at every forward step).
-    if index.dim() == 2 and index.stride(0) == 0 and index.shape[1] > 64:
-        key = (index.device, index.shape[1], index.data_ptr())
-        mixed = _INDEX_CACHE.get(key)
-        if mixed is None:
-            if len(_INDEX_CACHE) > 64:
-                _INDEX_CACHE.clear()
-            mixed = _INDEX_CACHE[key] = _fmix32(index[:1].to(torch.int64) & _MASK32)
-        return mixed
+def mix_index(index: torch.Tensor) -> torch.Tensor:
+    """fmix32 of each index: the per-index half of the hash (int64)."""
     return _fmix32(index.to(torch.int64) & _MASK32)
-
-
-_INDEX_CACHE: dict = {}
 
 
 def _finish(h: torch.Tensor) -> torch.Tensor:
