@@ -23,8 +23,6 @@ from __future__ import annotations
 import torch
 
 from .engine import Engine, State
-from .kernels.deliver import deliver_backward_torch
-from .kernels.lif import lif_backward_torch
 
 
 def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor
@@ -87,8 +85,8 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
         else:
             sel, sel_deliv, info = rec
             g_v, g_current = _evaluation_backward(engine, info, g_v, g_o, g_acc, out, width)
-            g_vals, g_table = deliver_backward_torch(g_current, info.vals, sel_deliv, wt,
-                                                     engine.tables.targets)
+            g_vals, g_table = engine.ops.deliver_backward(g_current, info.vals, sel_deliv, wt,
+                                                          engine.tables.targets)
             grad_wt += g_table
             g_o = g_o.scatter(1, sel, 0.0).scatter_add_(1, sel_deliv, g_vals)
     return g_v, g_o, g_acc
@@ -98,8 +96,8 @@ def _evaluation_backward(engine: Engine, info, g_v, g_o, g_acc, out: slice, widt
     # spikes feed the outboxes of sources and the accumulator of outputs
     g_s = g_o * engine.source_f
     g_s[:, out] += g_acc
-    return lif_backward_torch(g_v, g_s, info.v_pre, info.refr, info.received, info.gate,
-                              engine.theta, engine.alpha, engine.cfg.detach_reset)
+    return engine.ops.lif_backward(g_v, g_s, info.v_pre, info.refr, info.received, info.gate,
+                                   engine.theta, engine.alpha, engine.cfg.detach_reset)
 
 
 class EventFunction(torch.autograd.Function):

@@ -28,11 +28,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .kernels.select import select_torch
 
 from . import rng
 from .config import SimConfig, per_neuron
 from .network import Network
+from .backends import TORCH, Ops
 from .ops import deliver, lif
 
 
@@ -66,8 +66,9 @@ class Engine:
 
     def __init__(self, net: Network, cfg: SimConfig, *, batch: int, device: torch.device,
                  dtype: torch.dtype, training: bool, seed: int,
-                 checkpoint_every: int | None = None, histogram: bool = False):
+                 checkpoint_every: int | None = None, histogram: bool = False, ops: Ops = TORCH):
         self.net, self.cfg, self.training, self.seed = net, cfg, training, seed
+        self.ops = ops
         # bins 0 .. max fan-in of the currents-to-spike histogram (0 = not recorded)
         self.histogram_bins = (max(net.layer_sizes[:-1]) + 1) if histogram else 0
         self.batch, self.device, self.dtype = batch, device, dtype
@@ -132,7 +133,7 @@ class Engine:
                 t: int, k: int) -> tuple[State, StepInfo]:
         vals = st.o.gather(1, sel_deliv)
         o = st.o.scatter(1, sel, 0.0)
-        current = deliver(vals, sel_deliv, wt, self.tables.targets)
+        current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
         n_add = self.tables.received_counts(sel_deliv)
         return self._evaluate(st, o, current, n_add, n_add > 0, t, k, vals)
 
@@ -142,7 +143,7 @@ class Engine:
         n_in = st.n_in + n_add
         gate = received & (n_in >= self.sync)
         v, spikes, v_pre = lif(st.v, current, st.refr, received, gate, self.theta, self.alpha,
-                               self.cfg.detach_reset)
+                               self.cfg.detach_reset, self.ops)
         o = o + spikes * self.source_f
         acc = st.acc + spikes[:, self.net.output_slice]
         refr = st.refr
@@ -151,7 +152,7 @@ class Engine:
             if self.p_ref > 0:
                 # draw only at the neurons that fired: a handful, not [B, N]
                 at = fired.nonzero(as_tuple=True)
-                u = rng.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k, *at)
+                u = self.ops.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k, *at)
                 fired = fired.index_put(at, u >= self.p_ref)
             refr = refr | fired
         return State(v, o, acc, refr, n_in), StepInfo(vals, spikes, v_pre, received, st.n_in, gate,
@@ -174,7 +175,7 @@ class Engine:
                 keys = keys + self.noise * rng.uniform(self.seed, rng.STREAM_MOMENTUM_NOISE, t, k,
                                                        self.columns, mixed=self.columns_mixed)
             keys = keys.masked_fill(self.tables.is_input, math.inf)
-        sel = select_torch(pending, keys, self.k)
+        sel = self.ops.select(pending, keys, self.k)
         sel_deliv = sel
         if self.p_net > 0:
             drop = rng.uniform(self.seed, rng.STREAM_NETWORK_DROPOUT, t, k, sel) < self.p_net

@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from . import rng
+from .backends import BACKENDS, resolve
 from .config import SimConfig, per_neuron
 from .backward import EventFunction
 from .engine import Engine
 from .layered import layered_forward
 from .network import Network, linear_weights
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 class AsyncSNN(nn.Module):
@@ -35,7 +34,12 @@ class AsyncSNN(nn.Module):
         net: ``nn.Sequential`` of bias-free ``nn.Linear`` layers (or one ``nn.Linear``).
             Every layer is followed by LIF neurons; the last layer's are the outputs.
         cfg: execution config (`SimConfig`); default ``SimConfig()``.
-        backend: "torch" (any device), "triton" (CUDA kernels; not built yet) or "auto".
+        backend: "torch" (any device), "triton" (the kernels of `kernels/`: CUDA tensors, or
+            CPU tensors when Triton was imported with TRITON_INTERPRET=1) or "auto"
+            (triton for CUDA tensors when Triton is installed, else torch). The layered
+            path always runs dense torch ops.
+        deterministic: with the triton backend, sum weight-table gradients without
+            float atomics (bitwise reproducible, slower).
         checkpoint_every: forward ops between state checkpoints for the backward.
             None (default): adaptive, about sqrt(ops) checkpoints of about sqrt(ops)
             ops each. 0: no checkpointing, plain autograd through every forward step
@@ -58,20 +62,19 @@ class AsyncSNN(nn.Module):
     """
 
     def __init__(self, net: nn.Module, cfg: SimConfig | None = None, *, backend: str = "auto",
-                 checkpoint_every: int | None = None, record_currents: bool = False):
+                 checkpoint_every: int | None = None, record_currents: bool = False,
+                 deterministic: bool = False):
         super().__init__()
         self.net = net
         self.graph = Network.from_module(net)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton":
-            raise NotImplementedError("backend='triton': the Triton kernels are not built yet; "
-                                      "use backend='torch' (works on CPU and CUDA)")
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
                                              or not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 0):
             raise ValueError(f"checkpoint_every must be None or an int >= 0, got {checkpoint_every!r}")
         self.backend = backend
+        self.deterministic = bool(deterministic)
         self.checkpoint_every = checkpoint_every
         self.record_currents = bool(record_currents)
         self.cfg = cfg if cfg is not None else SimConfig()
@@ -132,7 +135,8 @@ class AsyncSNN(nn.Module):
                 decay=torch.exp(-cfg.dt / per_neuron(cfg.tau, graph.n_neurons, "tau", torch.float64))
                 .to(frames.device, frames.dtype))
         else:
-            engine = Engine(graph, cfg, batch=B, device=frames.device, dtype=frames.dtype,
+            ops = resolve(self.backend, frames.device, deterministic=self.deterministic)
+            engine = Engine(graph, cfg, batch=B, device=frames.device, dtype=frames.dtype, ops=ops,
                             training=self.training, seed=seed, checkpoint_every=self.checkpoint_every,
                             histogram=self.record_currents)
             wt = graph.weight_table(weights)

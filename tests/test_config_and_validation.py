@@ -269,8 +269,9 @@ def test_network_rejects(net, exc, match):
 
 def test_backend_choices():
     net = make_net(SIZES)
-    with pytest.raises(NotImplementedError, match="backend='triton'.*not built yet.*use backend='torch'"):
-        AsyncSNN(net, backend="triton")
+    frames = torch.ones(2, 1, SIZES[0])
+    with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors, got cpu"):
+        AsyncSNN(net, backend="triton")(frames)  # compiled kernels (no TRITON_INTERPRET) on CPU
     with pytest.raises(ValueError, match=r"backend must be one of .*got 'cuda'"):
         AsyncSNN(net, backend="cuda")
     for bad in (-1, 1.5, True):
