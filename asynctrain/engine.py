@@ -199,7 +199,7 @@ class Engine:
             st = self.op_start(st)
             if not cfg.carry_pending:
                 pending = torch.zeros_like(pending)
-            ps = _Pass(B, self.width, self.dtype, self.device, pending)
+            ps = _Pass(B, self.width, self.dtype, self.device, pending, eager_first=cfg.stop == "output")
             x = frames[t]
             _offer(ckpt, ops, st)
             ops.append(("input", t))
@@ -211,9 +211,8 @@ class Engine:
                 k = 1
                 nz = (x != 0).sum(1)
                 ps.steps += 1
-                ps.synops += nz * net.layer_sizes[1]
-                ps.processed += nz
-                self._after_eval(st, info, ps, stats)
+                ps.input_synops, ps.input_processed = nz * net.layer_sizes[1], nz
+                self._after_eval(st, info, ps)
             while True:
                 done = ps.done(cfg)
                 if bool(done.all()):
@@ -223,12 +222,12 @@ class Engine:
                 ops.append(("step", t, k, _compact(sel), None if sel_deliv is sel else _compact(sel_deliv)))
                 st, info = self.op_step(st, sel, sel_deliv, wt, t, k)
                 ps.pending = ps.pending.scatter(1, sel, False)
-                ps.synops += (self.tables.fan_out[sel_deliv] * (info.vals != 0)).sum(1)
-                ps.processed += ((sel_deliv != net.dump) & (info.vals != 0)).sum(1)
+                ps.delivered.append(sel_deliv)
+                ps.values.append(info.vals)
                 ps.steps += ~done
-                self._after_eval(st, info, ps, stats)
+                self._after_eval(st, info, ps)
                 k += 1
-            ps.store(stats, t)
+            ps.store(stats, t, cfg, self.tables.fan_out, self.hidden_f)
             pending = ps.pending
             _offer(ckpt, ops, st)
             ops.append(("end", t))
@@ -236,24 +235,26 @@ class Engine:
         stats["final_v"] = st.v[:, net.neuron_slice].detach()
         return torch.stack(outs), stats, ops, (ckpt.saved if ckpt else None)
 
-    def _after_eval(self, st: State, info: StepInfo, ps: "_Pass", stats: dict) -> None:
+    def _after_eval(self, st: State, info: StepInfo, ps: "_Pass") -> None:
         """Non-differentiable bookkeeping after a neuron evaluation: pending flags,
-        pre-spike potentials, spike stats, first output step."""
+        pre-spike potentials, spikes, first output step."""
         fired = info.spikes > 0
         is_src = self.tables.is_source
         ps.pending = ps.pending | (fired & is_src)
         if self.cfg.barrier_messages:
             reached = (info.n_before < self.sync) & (st.n_in >= self.sync)
             ps.pending = ps.pending | (reached & ~fired & is_src)
-        ps.pre_spike = torch.where(fired, info.v_pre.detach(), ps.pre_spike)
-        stats["hidden_spikes"] += (info.spikes * self.hidden_f).sum(1).to(torch.int64)
-        first = (ps.first_out < 0) & fired[:, self.net.output_slice].any(1)
-        ps.first_out = torch.where(first, ps.steps, ps.first_out)
-        ps.to_first = torch.where(first, ps.processed, ps.to_first)
+        if self.cfg.policy == "MS":  # the momentum key; RS never reads it
+            ps.pre_spike = torch.where(fired, info.v_pre, ps.pre_spike)
+        ps.spike_sum = ps.spike_sum + info.spikes
+        out_fired = fired[:, self.net.output_slice].any(1)
+        if ps.eager_first:  # the output stop needs the first output step now
+            ps.first_out = torch.where((ps.first_out < 0) & out_fired, ps.steps, ps.first_out)
+        ps.out_fired.append(out_fired)
         if self.histogram_bins:
             # currents integrated before each spike (SPEC 9), hidden and output neurons
             counts = st.n_in[fired].clamp(max=self.histogram_bins - 1).long()
-            stats["currents_to_spike"] += torch.bincount(counts, minlength=self.histogram_bins)
+            ps.currents += torch.bincount(counts, minlength=self.histogram_bins)
 
 def _compact(sel: torch.Tensor) -> torch.Tensor:
     # int32 halves the per-step record; flat indices stay far below 2**31.
@@ -272,34 +273,65 @@ def new_stats(T: int, B: int, device, histogram_bins: int = 0) -> dict:
 
 
 class _Pass:
-    """Per-pass, per-sample bookkeeping of the forward (never replayed)."""
+    """Per-pass, per-sample bookkeeping of the forward (never replayed). Per step it
+    only appends; stats that need no per-step decision are reduced once per pass."""
 
-    def __init__(self, B: int, W: int, dtype, device, pending: torch.Tensor):
-        zeros = lambda: torch.zeros(B, dtype=torch.int64, device=device)  # noqa: E731
+    def __init__(self, B: int, W: int, dtype, device, pending: torch.Tensor, eager_first: bool):
         self.pending = pending
         self.pre_spike = torch.zeros(B, W, dtype=dtype, device=device)
-        self.steps, self.synops, self.processed = zeros(), zeros(), zeros()
-        self.first_out, self.to_first = zeros() - 1, zeros() - 1
-        self.capped = torch.zeros(B, dtype=torch.bool, device=device)
+        self.spike_sum = torch.zeros(B, W, dtype=dtype, device=device)
+        self.steps = torch.zeros(B, dtype=torch.int64, device=device)
+        self.first_out = self.steps - 1
+        self.eager_first = eager_first
+        self.input_synops = self.input_processed = None  # prioritized input step
+        self.delivered: list[torch.Tensor] = []  # per event step [B, K]
+        self.values: list[torch.Tensor] = []     # per event step [B, K]
+        self.out_fired: list[torch.Tensor] = []  # per evaluation [B]
+        self.currents = 0
 
     def done(self, cfg: SimConfig) -> torch.Tensor:
-        """bool [B]: the sample's pass is over (SPEC 4.2); records max_steps caps."""
-        n_pending = self.pending.sum(1)
-        at_cap = self.steps >= cfg.max_steps
+        """bool [B]: the sample's pass is over (SPEC 4.2)."""
+        done = ~self.pending.any(1) | (self.steps >= cfg.max_steps)
         if cfg.stop == "output":
-            out_stop = (self.first_out >= 0) & (self.steps >= self.first_out + cfg.steps_after_output)
-            self.capped = at_cap & (n_pending > 0) & ~out_stop
-            return (n_pending == 0) | out_stop | at_cap
-        self.capped = at_cap & (n_pending > 0)
-        return (n_pending == 0) | at_cap
+            done = done | ((self.first_out >= 0) & (self.steps >= self.first_out + cfg.steps_after_output))
+        return done
 
-    def store(self, stats: dict, t: int) -> None:
+    def store(self, stats: dict, t: int, cfg: SimConfig, fan_out: torch.Tensor,
+              hidden_f: torch.Tensor) -> None:
+        B = self.steps.shape[0]
+        zero = torch.zeros_like(self.steps)
+        synops = zero if self.input_synops is None else self.input_synops
+        per_step = [zero if self.input_processed is None else self.input_processed]
+        if self.values:
+            vals, sel = torch.stack(self.values), torch.stack(self.delivered)   # [S, B, K]
+            spikes = vals != 0  # empty and dropped slots hold 0; barrier messages are 0 too
+            synops = synops + (fan_out[sel] * spikes).sum((0, 2))
+            per_step.append(spikes.sum(2))
+        # spikes delivered up to and including each evaluation: [evaluations, B]
+        cum = torch.cat([p.reshape(-1, B) for p in per_step]).cumsum(0)
+        if self.input_processed is None:
+            cum = cum[1:]
+        if self.out_fired:
+            fired = torch.stack(self.out_fired)
+            any_out = fired.any(0)
+            first_eval = fired.to(torch.int8).argmax(0)  # first evaluation with an output spike
+        else:  # nothing was evaluated in this pass
+            any_out, first_eval = torch.zeros_like(self.steps, dtype=torch.bool), zero
+        at_cap = self.steps >= cfg.max_steps
+        capped = at_cap & self.pending.any(1)
+        if cfg.stop == "output":
+            capped &= ~((self.first_out >= 0) & (self.steps >= self.first_out + cfg.steps_after_output))
         stats["forward_steps"][t] = self.steps
-        stats["synops"][t] = self.synops
-        stats["spikes_processed"][t] = self.processed
-        stats["first_output_step"][t] = self.first_out
-        stats["spikes_to_first_output"][t] = self.to_first
-        stats["capped"][t] = self.capped
+        stats["synops"][t] = synops
+        stats["spikes_processed"][t] = cum[-1] if len(cum) else zero
+        # evaluation i is forward step i + 1 of a sample still running then
+        stats["first_output_step"][t] = torch.where(any_out, first_eval + 1, -1)
+        stats["spikes_to_first_output"][t] = torch.where(
+            any_out, cum.gather(0, first_eval[None]).squeeze(0) if len(cum) else zero, -1)
+        stats["capped"][t] = capped
+        stats["hidden_spikes"] += (self.spike_sum * hidden_f).sum(1).to(torch.int64)
+        if isinstance(self.currents, torch.Tensor):
+            stats["currents_to_spike"] += self.currents
 
 
 class Checkpoints:
