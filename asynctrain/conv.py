@@ -143,11 +143,12 @@ def parse_layers(net: nn.Module, input_shape: tuple[int, ...] | None
     weighted: list[nn.Module] = []
     for i, m in enumerate(layers):
         where = f"layer {i} ({type(m).__name__})"
+        if isinstance(m, nn.Conv2d):
+            _check_conv(m, where)
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
             raise ValueError(f"{where} has a bias; SNN layers here are bias-free: "
                              f"pass bias=False")
         if isinstance(m, nn.Conv2d):
-            _check_conv(m, where)
             if shape is None:
                 raise ValueError(f"{where}: the input's (C, H, W) is unknown; pass "
                                  f"input_shape=(C, H, W) (or set net.input_shape)")
@@ -222,8 +223,8 @@ def _check_conv(m: nn.Conv2d, where: str) -> None:
     if m.padding_mode != "zeros":
         bad.append(f"padding_mode={m.padding_mode!r}")
     if bad:
-        raise ValueError(f"{where}: only 3x3 convolutions with stride 1, padding 1 (zeros), "
-                         f"dilation 1, groups 1 are supported; got {', '.join(bad)}")
+        raise TypeError(f"{where} is not supported: only 3x3 convolutions with stride 1, "
+                        f"padding 1 (zeros), dilation 1, groups 1; got {', '.join(bad)}")
 
 
 def _check_pool(m: nn.AvgPool2d, where: str) -> None:
@@ -312,7 +313,10 @@ class ImageSynapses:
                self.weight(flat, l), m.in_shape, m.pool, self.offsets[l + 1], current, counts)
         return current, counts
 
-    def _backward(self, grad_current, vals, sel, flat, source_slot):
+    def deliver_backward(self, grad_current: torch.Tensor, vals: torch.Tensor, sel: torch.Tensor,
+                         flat: torch.Tensor, source_slot: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of `deliver`'s current w.r.t. vals ``[B, K]`` and the flat weights."""
         b, k = sel.shape
         grad_vals = torch.zeros_like(vals).view(-1)
         grads = [None] * len(self.maps)
@@ -336,8 +340,15 @@ class ImageSynapses:
         lo = self.offsets[1]
         return F.pad(cur, (lo, self.width - lo - cur.shape[1]))
 
-    def dense_current(self, l: int, spikes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.maps[l].dense(spikes, weight)
+    def input_backward(self, x: torch.Tensor, grad_current: torch.Tensor, flat: torch.Tensor
+                       ) -> torch.Tensor:
+        """Flat weight gradient of `input_current` (only the first map's part is nonzero)."""
+        lo, n1 = self.offsets[1], self.maps[0].n_out
+        with torch.enable_grad():
+            w0 = self.weight(flat, 0).detach().requires_grad_()
+            cur = self.maps[0].dense(x, w0)
+            (g,) = torch.autograd.grad(cur, w0, grad_current[:, lo:lo + n1])
+        return torch.cat([g.reshape(-1), flat.new_zeros(flat.numel() - g.numel())])
 
 
 class _ImageDeliver(torch.autograd.Function):
@@ -353,5 +364,5 @@ class _ImageDeliver(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_current, _grad_counts):
         vals, sel, flat, source_slot = ctx.saved_tensors
-        grad_vals, grad_flat = ctx.syn._backward(grad_current, vals, sel, flat, source_slot)
+        grad_vals, grad_flat = ctx.syn.deliver_backward(grad_current, vals, sel, flat, source_slot)
         return grad_vals, None, grad_flat, None, None

@@ -19,6 +19,14 @@ the caller's [B, W] buffers in place (a Triton kernel does the same with atomics
 keeps nothing; the backward recomputes the windows (E x C_out x 9 index arithmetic is
 cheaper than keeping a float and an int64 per target per step).
 
+Cost: the window geometry is computed once per entry ([E, 9]); only the gather of
+``W[:, c]``, one multiply, one index add and the flat index ([E, C_out, 9]) touch every
+target. Targets outside the map keep a valid in-map index with a zero coefficient
+instead of a dump redirect, and the received counts are added per spatial position
+([B, H' x W']) and broadcast over the output channels (every channel of a position
+hears the same sources): 0.4 s -> 0.13 s per forward step of VGG-7 at K = 512,
+batch 8, 2 CPU threads, against masking every [E, C_out, 9] element.
+
 The Triton kernel is a later issue; these are the twins it will be checked against.
 """
 
@@ -27,11 +35,12 @@ from __future__ import annotations
 import torch
 
 
-def _window(src: torch.Tensor, in_shape: tuple[int, int, int], pool: bool, c_out: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Targets of entries: (channel c [E], local target [E, C_out, 3, 3] int64 (-1 outside
-    the map), valid bool [E, 1, 3, 3], value scale)."""
-    c_in, h, w = in_shape
+def _window(src: torch.Tensor, in_shape: tuple[int, int, int], pool: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
+    """Window of each entry: (channel c [E], spatial target [E, 9] int64 (0 where
+    invalid), valid bool [E, 9], value scale, H' x W' of the conv's map). Tap order
+    ky * 3 + kx, as in ``W.view(C_out, C_in, 9)``."""
+    _, h, w = in_shape
     c, rem = src // (h * w), src % (h * w)
     y, x = rem // w, rem % w
     if pool:
@@ -42,11 +51,22 @@ def _window(src: torch.Tensor, in_shape: tuple[int, int, int], pool: bool, c_out
     ox = x[:, None] + taps - 1
     ok_y = (oy >= 0) & (oy < h) & inside[:, None]
     ok_x = (ox >= 0) & (ox < w)
-    valid = (ok_y[:, :, None] & ok_x[:, None, :])[:, None]     # [E, 1, 3, 3]
-    pos = (oy[:, :, None] * w + ox[:, None, :])[:, None]       # [E, 1, 3, 3]
-    chan = torch.arange(c_out, device=src.device).view(1, c_out, 1, 1) * (h * w)
-    target = torch.where(valid, pos + chan, -1)
-    return c, target, valid, (0.25 if pool else 1.0)
+    valid = (ok_y[:, :, None] & ok_x[:, None, :]).view(-1, 9)
+    pos = torch.where(valid, (oy[:, :, None] * w + ox[:, None, :]).view(-1, 9), 0)
+    return c, pos, valid, (0.25 if pool else 1.0), h * w
+
+
+def _targets(sample, pos, c_out, hw, out_offset, width):
+    """Flat index into a [B, W] buffer viewed 1-D: [E, C_out, 9]."""
+    base = (sample * width + out_offset)[:, None] + pos                          # [E, 9]
+    chan = torch.arange(c_out, device=pos.device) * hw
+    return base[:, None, :] + chan[None, :, None]
+
+
+def _rows(weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``W[:, c]`` per entry: [E, C_out, 9]."""
+    c_out, c_in = weight.shape[:2]
+    return weight.reshape(c_out, c_in, 9).transpose(0, 1)[c]
 
 
 def conv_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor,
@@ -62,18 +82,19 @@ def conv_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tens
         in_shape: ``(C_in, H, W)`` of the source layer (before pooling).
         pool: a 2x2 average pooling sits between the source layer and the conv.
         out_offset: flat index of the target layer's first neuron.
-        current: ``[B, W]`` float, += the currents (last column: the dump).
+        current: ``[B, W]`` float, += the currents.
         counts: ``[B, W]`` int32, += number of entries that reached each column.
     """
     c_out = weight.shape[0]
-    c, target, valid, scale = _window(src, in_shape, pool, c_out)
-    width = current.shape[1]
-    flat = torch.where(valid, target + out_offset, width - 1) + (sample * width).view(-1, 1, 1, 1)
-    rows = weight.transpose(0, 1)[c]                           # [E, C_out, 3, 3]: W[:, c]
-    contrib = torch.where(valid, rows * (vals * scale).view(-1, 1, 1, 1), 0.0)
-    current.view(-1).index_add_(0, flat.view(-1), contrib.view(-1))
-    ones = valid.expand_as(flat).to(counts.dtype)
-    counts.view(-1).index_add_(0, flat.view(-1), ones.reshape(-1))
+    c, pos, valid, scale, hw = _window(src, in_shape, pool)
+    b, width = current.shape
+    coef = valid * (vals * scale)[:, None]                                       # [E, 9]
+    contrib = _rows(weight, c) * coef[:, None, :]
+    current.view(-1).index_add_(0, _targets(sample, pos, c_out, hw, out_offset, width).view(-1),
+                                contrib.view(-1))
+    spatial = torch.zeros(b * hw, dtype=counts.dtype, device=counts.device)
+    spatial.index_add_(0, (sample[:, None] * hw + pos).view(-1), valid.view(-1).to(counts.dtype))
+    counts[:, out_offset:out_offset + c_out * hw].view(b, c_out, hw).add_(spatial.view(b, 1, hw))
 
 
 def conv_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
@@ -88,13 +109,12 @@ def conv_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
         grad_vals ``[E]``; grad_weight ``[C_out, C_in, 3, 3]`` (entries of one input
         channel accumulate, across samples too).
     """
-    c_out = weight.shape[0]
-    c, target, valid, scale = _window(src, in_shape, pool, c_out)
+    c_out, c_in = weight.shape[:2]
+    c, pos, valid, scale, hw = _window(src, in_shape, pool)
     width = grad_current.shape[1]
-    flat = torch.where(valid, target + out_offset, width - 1) + (sample * width).view(-1, 1, 1, 1)
-    g = torch.where(valid, grad_current.reshape(-1)[flat], 0.0)   # [E, C_out, 3, 3]
-    rows = weight.transpose(0, 1)[c]
-    grad_vals = (g * rows).sum((1, 2, 3)) * scale
-    grad_t = weight.new_zeros(weight.shape[1], c_out, 3, 3)
-    grad_t.index_add_(0, c, g * (vals * scale).view(-1, 1, 1, 1))
-    return grad_vals, grad_t.transpose(0, 1)
+    g = grad_current.reshape(-1)[_targets(sample, pos, c_out, hw, out_offset, width)]  # [E, C_out, 9]
+    grad_vals = ((g * _rows(weight, c)).sum(1) * valid).sum(1) * scale
+    coef = valid * (vals * scale)[:, None]
+    grad_t = weight.new_zeros(c_in, c_out, 9)
+    grad_t.index_add_(0, c, g * coef[:, None, :])
+    return grad_vals, grad_t.transpose(0, 1).reshape(weight.shape)

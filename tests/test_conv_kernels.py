@@ -206,9 +206,9 @@ def test_image_synapses_step_matches_dense_layers():
 
 
 @pytest.mark.parametrize("layers,shape,exc,match", [
-    ([nn.Conv2d(2, 3, 5, padding=2, bias=False)], (2, 4, 4), ValueError, "kernel_size"),
-    ([nn.Conv2d(2, 3, 3, padding=1, stride=2, bias=False)], (2, 4, 4), ValueError, "stride"),
-    ([nn.Conv2d(2, 3, 3, padding=0, bias=False)], (2, 4, 4), ValueError, "padding"),
+    ([nn.Conv2d(2, 3, 5, padding=2, bias=False)], (2, 4, 4), TypeError, "kernel_size"),
+    ([nn.Conv2d(2, 3, 3, padding=1, stride=2, bias=False)], (2, 4, 4), TypeError, "stride"),
+    ([nn.Conv2d(2, 3, 3, padding=0, bias=False)], (2, 4, 4), TypeError, "padding"),
     ([nn.Conv2d(2, 3, 3, padding=1)], (2, 4, 4), ValueError, "bias"),
     ([nn.Conv2d(2, 3, 3, padding=1, bias=False)], None, ValueError, "input_shape"),
     ([nn.Conv2d(2, 3, 3, padding=1, bias=False)], (3, 4, 4), ValueError, "channels"),
