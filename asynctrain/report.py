@@ -1,0 +1,240 @@
+"""Tables and figures of the paper's results section from `evaluate` results.
+
+    rows = table_rows({"Layered": [res_seed0, res_seed1], "Unlayered RS": [...], ...})
+    print(markdown_table(rows, title="digits"))
+    write_report("demo-out", {"Layered": [...], ...})   # table.md, results.json, PNGs
+
+Input: ``{training label: one or several (one per seed) {execution name:
+ExecutionResult}}`` (what `evaluate` returns, per trained model). Rows are training x
+inference, as in the paper's tables 2 and 3; columns are accuracy, density, SOs,
+energy (tables 2 and 3) and the decision latency in forward steps and in spikes
+processed (section 4.5). With several seeds a cell reads ``mean ± std`` (sample
+standard deviation over seeds).
+
+Figures (matplotlib, PNG): latency distribution per model (paper fig. 6), accuracy vs
+forward steps allowed after the first output spike (fig. 5), currents-to-spike
+histograms (fig. 4, top).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .evaluate import ExecutionResult
+
+__all__ = ["table_rows", "markdown_table", "plot_latency", "plot_accuracy_vs_steps",
+           "plot_currents_to_spike", "write_report", "COLUMNS"]
+
+Results = Mapping[str, "Mapping[str, ExecutionResult] | Sequence[Mapping[str, ExecutionResult]]"]
+
+# (key of a row, header, format of the mean)
+COLUMNS = (("accuracy", "Acc.", "{:.3f}"), ("density", "Density", "{:.3f}"),
+           ("synops", "SOs", "{:,.0f}"), ("energy", "Energy", "{:,.4g}"),
+           ("latency_steps", "Latency (fwd steps)", "{:.1f}"),
+           ("latency_spikes", "Latency (spikes)", "{:,.0f}"))
+
+
+def _per_seed(results: Results) -> dict[str, list[Mapping[str, ExecutionResult]]]:
+    out = {}
+    for train, res in results.items():
+        out[train] = [res] if isinstance(res, Mapping) else list(res)
+        if not out[train]:
+            raise ValueError(f"no results for {train!r}")
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def table_rows(results: Results) -> list[dict[str, Any]]:
+    """One row per (training, execution), in the given order; every metric of
+    `COLUMNS` as ``(mean, std)`` over seeds, plus ``seeds`` and ``energy_unit``."""
+    rows = []
+    for train, seeds in _per_seed(results).items():
+        for name in seeds[0]:
+            per = [s[name] for s in seeds if name in s]
+            row: dict[str, Any] = dict(train=train, infer=per[0].label, execution=name,
+                                       seeds=len(per), energy_unit=per[0].energy_unit)
+            for key, _, _ in COLUMNS:
+                row[key] = _mean_std([getattr(r, key) for r in per])
+            row["capped_passes"] = sum(r.capped_passes for r in per)
+            rows.append(row)
+    return rows
+
+
+def _cell(value: tuple[float, float], fmt: str, seeds: int) -> str:
+    mean, std = value
+    if math.isnan(mean):
+        return "n/a"
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if seeds > 1 else "")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> str:
+    """The paper's tables 2 and 3 side by side for one data set (Markdown)."""
+    unit = rows[0]["energy_unit"] if rows else ""
+    heads = ["Training", "Inference"] + [h if k != "energy" else f"{h} [{unit}]"
+                                         for k, h, _ in COLUMNS]
+    lines = []
+    if title:
+        seeds = {r["seeds"] for r in rows}
+        note = f" (mean ± std over {seeds.pop()} seeds)" if len(seeds) == 1 and max(
+            r["seeds"] for r in rows) > 1 else ""
+        lines += [f"**{title}**{note}", ""]
+    lines.append("| " + " | ".join(heads) + " |")
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * len(COLUMNS)) + "|")
+    for r in rows:
+        cells = [r["train"], r["infer"]] + [_cell(r[k], fmt, r["seeds"]) for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _row_label(train: str, res: ExecutionResult) -> str:
+    return f"{train} / {res.label}"
+
+
+def plot_latency(results: Results, path: str | os.PathLike) -> Path:
+    """Distribution over samples of the latency until the decision, in spikes
+    processed (left; the paper's figure 6) and in forward steps (right); one curve
+    per (training, execution), samples of all seeds pooled."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    curves = {}
+    for train, seeds in _per_seed(results).items():
+        for name in seeds[0]:
+            label = _row_label(train, seeds[0][name])
+            curves[label] = {key: np.concatenate([np.asarray(s[name].per_sample[key], float)
+                                                  for s in seeds if name in s])
+                             for key in ("latency_spikes", "latency_steps")}
+    for ax, key in zip(axes, ("latency_spikes", "latency_steps")):
+        allv = np.concatenate([c[key] for c in curves.values()])
+        bins = np.linspace(allv.min(), allv.max() + 1, 31)  # shared bins: comparable bars
+        for label, c in curves.items():
+            ax.hist(c[key], bins=bins, histtype="step", linewidth=1.5, label=label,
+                    weights=np.full(len(c[key]), 1.0 / len(c[key])))
+        ax.set_ylabel("fraction of samples")
+    axes[0].set_xlabel("spikes processed until the decision (per sample)")
+    axes[1].set_xlabel("forward steps until the decision (per sample)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Inference latency")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_steps(results: Results, path: str | os.PathLike) -> Path:
+    """Accuracy as a function of the forward steps F allowed after a pass's first
+    output spike (the paper's figure 5); "drain" = run until nothing is pending.
+    Asynchronous executions only; mean ± std over seeds as a band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    keys: list[str] = []
+    for train, seeds in _per_seed(results).items():
+        for name in seeds[0]:
+            curve = seeds[0][name].accuracy_vs_steps_after_output
+            if not curve:
+                continue
+            keys = list(curve)
+            acc = np.array([[s[name].accuracy_vs_steps_after_output[k] for k in keys]
+                            for s in seeds if name in s])
+            x = np.arange(len(keys))
+            mean = acc.mean(0)
+            ax.plot(x, mean, marker="o", label=_row_label(train, seeds[0][name]))
+            if len(acc) > 1:
+                std = acc.std(0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    if keys:
+        ax.set_xticks(np.arange(len(keys)))
+        ax.set_xticklabels([k if k != "drain" else "drain" for k in keys])
+    else:
+        ax.text(0.5, 0.5, "no asynchronous execution evaluated", ha="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("forward steps allowed after the first output spike (F)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_currents_to_spike(results: Results, path: str | os.PathLike) -> Path:
+    """Fraction of spikes emitted after integrating n currents in the pass (the
+    paper's figure 4, top); one panel per (training, execution), seeds summed."""
+    plt = _pyplot()
+    panels = [(train, name, seeds) for train, seeds in _per_seed(results).items()
+              for name in seeds[0]]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, (train, name, seeds) in zip(axes.flat, panels):
+        hists = [np.asarray(s[name].currents_to_spike, dtype=float) for s in seeds if name in s]
+        n = max(len(h) for h in hists)
+        h = sum(np.pad(x, (0, n - len(x))) for x in hists)
+        total = h.sum()
+        if total > 0:
+            ax.bar(np.arange(n), h / total, width=1.0)
+            mean = float((np.arange(n) * h).sum() / total)
+            ax.axvline(mean, color="k", linestyle="--", linewidth=1)
+            ax.text(0.97, 0.9, f"mean {mean:.1f}", transform=ax.transAxes, ha="right", fontsize=8)
+        ax.set_title(_row_label(train, seeds[0][name]), fontsize=9)
+        ax.set_xlabel("currents integrated before the spike")
+        ax.set_ylabel("fraction of spikes")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------- files
+def write_report(out_dir: str | os.PathLike, results: Results, title: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``table.md``, ``results.json`` (every number, per-sample ones included,
+    plus `extra`) and the three figures under `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(results)
+    paths = {"table": out / "table.md", "results": out / "results.json"}
+    paths["table"].write_text(markdown_table(rows, title))
+    payload = dict(title=title, rows=rows, extra=dict(extra or {}),
+                   results={train: [{k: r.to_dict() for k, r in s.items()} for s in seeds]
+                            for train, seeds in _per_seed(results).items()})
+    paths["results"].write_text(json.dumps(payload, indent=1, default=_json_default))
+    paths["latency"] = plot_latency(results, out / "latency.png")
+    paths["accuracy_vs_steps"] = plot_accuracy_vs_steps(results, out / "accuracy_vs_steps.png")
+    paths["currents_to_spike"] = plot_currents_to_spike(results, out / "currents_to_spike.png")
+    return paths
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,290 @@
+"""Training loop shared by the recipes and the demo (SPEC 8).
+
+    history = fit(snn, train_loader, epochs=50, lr=5e-4, weight_decay=1e-5,
+                  log_path="run/train.jsonl", checkpoint_path="run/model.pt", seed=0)
+
+The execution being trained (layered, or unlayered RS / MS with its K) and the
+training-only regularisers of SPEC 8 (input spike dropout, network spike dropout,
+refractory dropout, momentum noise) are fields of ``snn.cfg``; `fit` runs the module in
+training mode, so they apply, and adds the last regulariser, weight decay, through
+Adam (``torch.optim.Adam(weight_decay=...)`` adds ``weight_decay * w`` to the
+gradient, i.e. an L2 term in the loss as in the paper).
+
+Reproducibility: every epoch starts by seeding torch's RNG from ``(seed, epoch)``
+(so a shuffling DataLoader draws the same order whether or not the run was resumed)
+and every forward call gets its own seed from ``(seed, epoch, batch)``. Hence
+"train 2 epochs" and "train 1 epoch, stop, resume for 1 more" give identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import rng
+from .config import describe
+from .module import AsyncSNN
+
+__all__ = ["fit", "logits_of", "LOSSES", "TrainingDiverged", "save_checkpoint", "load_checkpoint",
+           "call_seed"]
+
+CHECKPOINT_VERSION = 1
+_STREAM_FIT = 101  # counter-hash stream of fit's seeds (the engine uses 1-5)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the message says where and what to try."""
+
+
+def logits_of(out: torch.Tensor, readout: str) -> torch.Tensor:
+    """Output of `AsyncSNN` ``[T, B, n_out]`` -> logits ``[B, n_out]`` (SPEC 8).
+
+    "counts": output spike counts summed over the timesteps (rates up to a factor T).
+    "potential": the output potentials after the last pass (CIFAR-10: T = 1).
+    """
+    return out.sum(0) if readout == "counts" else out[-1]
+
+
+def _loss_counts(out: torch.Tensor, labels: torch.Tensor, readout: str) -> torch.Tensor:
+    return F.cross_entropy(logits_of(out, readout), labels)
+
+
+def _loss_rate(out: torch.Tensor, labels: torch.Tensor, readout: str) -> torch.Tensor:
+    return F.cross_entropy(logits_of(out, readout) / (out.shape[0] if readout == "counts" else 1),
+                           labels)
+
+
+def _loss_per_pass(out: torch.Tensor, labels: torch.Tensor, readout: str) -> torch.Tensor:
+    T, B, C = out.shape
+    return F.cross_entropy(out.reshape(T * B, C), labels.repeat(T))
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]] = {
+    "counts": _loss_counts, "rate": _loss_rate, "per_pass": _loss_per_pass}
+"""Cross-entropy variants (`fit(loss=...)`); the prediction is always the argmax of
+`logits_of`. "counts": softmax of the output counts summed over the timesteps
+(SPEC 8, the default). "rate": of the mean count per pass (counts / T: a softmax
+temperature of T; gentler when T is large). "per_pass": the mean over passes of the
+cross-entropy of each pass's counts (snntorch's ``ce_rate_loss``, used by the paper's
+code examples): every pass is pushed to rank the right class first."""
+
+
+def call_seed(seed: int, epoch: int, batch: int) -> int:
+    """Seed of one forward call: a hash of (seed, epoch, batch), in [0, 2**32)."""
+    return rng.counter_hash(int(seed), _STREAM_FIT, int(epoch), int(batch))
+
+
+def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
+        weight_decay: float = 0.0, *, seed: int = 0, log_path: str | os.PathLike | None = None,
+        checkpoint_path: str | os.PathLike | None = None, resume: bool = True,
+        progress: bool = True, desc: str | None = None, max_batches: int | None = None,
+        device: str | torch.device | None = None,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        loss: str | Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] = "counts",
+        ) -> list[dict[str, Any]]:
+    """Train `snn` with Adam and cross-entropy on its logits (`logits_of`).
+
+    Args:
+        snn: the module; its ``cfg`` fixes the execution trained through and the
+            regularisers (the paper trains with ``stop="spiking_done"``).
+        train_loader: yields ``(frames [T, B, F] float, labels [B] int64)``
+            (a DataLoader with ``collate_fn=asynctrain.data.collate_time_major``).
+        epochs: total epochs; with a resumed checkpoint, only the missing ones run.
+        lr, weight_decay: Adam's learning rate and L2 coefficient.
+        seed: root of all randomness of the run (shuffling, dropouts, RS keys, noise).
+        log_path: JSON-lines log; one ``{"event": "epoch", ...}`` line per epoch
+            (mean loss, training accuracy, forward steps per pass, synops and hidden
+            spikes per sample, capped passes, seconds), plus "start", "resume" and
+            "abort" lines. Appended to, so a resumed run continues its log.
+        checkpoint_path: written atomically (temporary file + rename) after every
+            epoch: weights, Adam state, epoch, history, seed. With `resume` and an
+            existing file, training continues from it.
+        max_batches: stop each epoch after this many batches (smoke runs).
+        device: move frames and labels there (default: where the weights are).
+        on_epoch_end: called with each epoch's record (e.g. to evaluate).
+        loss: a name of `LOSSES` ("counts", "rate", "per_pass") or a callable
+            ``(out [T, B, C], labels [B], readout) -> scalar``.
+
+    Returns: the history, one record per completed epoch (the resumed ones included).
+
+    Raises: TrainingDiverged when a loss is NaN or infinite; nothing of that epoch
+    is saved, so the last checkpoint holds the last finite state.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
+            and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    params = [p for p in snn.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("snn has no trainable parameters")
+    device = torch.device(device) if device is not None else params[0].device
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
+        loss = LOSSES[loss]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    history: list[dict[str, Any]] = []
+    log = _JsonLines(log_path)
+    start = 0
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+        ck = load_checkpoint(checkpoint_path, snn, opt)
+        start, history = ck["epoch"], list(ck.get("history", []))
+        mine = dict(seed=seed, lr=lr, weight_decay=weight_decay, cfg=describe(snn.cfg))
+        theirs = {k: ck.get(k) for k in mine}
+        if theirs != mine:
+            diff = ", ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} here"
+                             for k in mine if theirs[k] != mine[k])
+            raise ValueError(f"{checkpoint_path} was trained with other settings ({diff}); "
+                             f"use the same settings, another checkpoint path or resume=False")
+        log.write(event="resume", epoch=start, checkpoint=str(checkpoint_path))
+    else:
+        log.write(event="start", epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
+                  layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg))
+    if start >= epochs:
+        return history
+
+    try:
+        n_batches = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        n_batches = None
+    if n_batches is not None and max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    bar = _progress(progress, desc or f"train {snn.cfg.policy}",
+                    None if n_batches is None else (epochs - start) * n_batches)
+    snn.train()
+    try:
+        for epoch in range(start, epochs):
+            record = _one_epoch(snn, opt, train_loader, epoch, seed, device, max_batches,
+                                bar, log, loss)
+            history.append(record)
+            log.write(event="epoch", **record)
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, snn, opt, epoch=epoch + 1, history=history,
+                                seed=seed, lr=lr, weight_decay=weight_decay)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    finally:
+        if bar is not None:
+            bar.close()
+    return history
+
+
+def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoch: int,
+               seed: int, device: torch.device, max_batches: int | None, bar: Any,
+               log: "_JsonLines", loss_fn: Callable) -> dict[str, Any]:
+    # Seeding here (not once per run) makes the shuffle of epoch e independent of
+    # whether epochs 0..e-1 ran in this process or in one that was resumed.
+    torch.manual_seed(call_seed(seed, epoch, 2**31 - 1))
+    t0 = time.perf_counter()
+    sums = dict(loss=0.0, correct=0, samples=0, steps=0.0, passes=0, synops=0.0,
+                hidden=0.0, capped=0, batches=0)
+    last_loss = None
+    for b, (frames, labels) in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        frames, labels = frames.to(device), labels.to(device)
+        out = snn(frames, seed=call_seed(seed, epoch, b))
+        logits = logits_of(out, snn.cfg.readout)
+        loss = loss_fn(out, labels, snn.cfg.readout)
+        if not torch.isfinite(loss):
+            msg = (f"loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
+                   f"(last finite batch loss: {last_loss}); training aborted. Nothing of this "
+                   f"epoch was saved. Try a smaller lr (now {opt.param_groups[0]['lr']:g}), "
+                   f"more weight decay, or check the input frames for huge counts.")
+            log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=msg)
+            raise TrainingDiverged(msg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last_loss = loss.item()
+        st = snn.stats
+        B = labels.numel()
+        sums["loss"] += last_loss * B
+        sums["correct"] += int((logits.argmax(1) == labels).sum())
+        sums["samples"] += B
+        sums["steps"] += float(st["forward_steps"].sum())
+        sums["passes"] += st["forward_steps"].numel()
+        sums["synops"] += float(st["synops"].sum())
+        sums["hidden"] += float(st["hidden_spikes"].sum())
+        sums["capped"] += int(st["capped_passes"])
+        sums["batches"] += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.3f}",
+                            acc=f"{sums['correct'] / sums['samples']:.3f}", refresh=False)
+    n = max(sums["samples"], 1)
+    return dict(epoch=epoch + 1, loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
+                forward_steps_per_pass=sums["steps"] / max(sums["passes"], 1),
+                synops_per_sample=sums["synops"] / n, hidden_spikes_per_sample=sums["hidden"] / n,
+                capped_passes=sums["capped"], batches=sums["batches"], samples=sums["samples"],
+                seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str | os.PathLike, snn: AsyncSNN, opt: torch.optim.Optimizer | None,
+                    **extra: Any) -> None:
+    """Write weights (+ optimizer state and `extra`) atomically: a crash mid-write
+    leaves the previous checkpoint intact (temporary file in the same folder, then
+    ``os.replace``, which is atomic on POSIX and Windows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(version=CHECKPOINT_VERSION, net=snn.net.state_dict(),
+                 layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg),
+                 optimizer=None if opt is None else opt.state_dict(), **extra)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, snn: AsyncSNN,
+                    opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load a checkpoint of `save_checkpoint` into `snn` (and `opt`); returns it."""
+    ck = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not an asynctrain checkpoint (version {CHECKPOINT_VERSION})")
+    if list(ck["layers"]) != list(snn.graph.layer_sizes):
+        raise ValueError(f"{path} holds layers {ck['layers']}, the model has "
+                         f"{list(snn.graph.layer_sizes)}")
+    snn.net.load_state_dict(ck["net"])
+    if opt is not None and ck.get("optimizer") is not None:
+        opt.load_state_dict(ck["optimizer"])
+    return ck
+
+
+# ---------------------------------------------------------------------- helpers
+class _JsonLines:
+    """Appends one JSON object per line; a no-op without a path."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        if self.path is None:
+            return
+        record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), **record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def _progress(enabled: bool, desc: str, total: int | None) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
