@@ -35,7 +35,7 @@ Results = Mapping[str, "Mapping[str, ExecutionResult] | Sequence[Mapping[str, Ex
 
 # (key of a row, header, format of the mean)
 COLUMNS = (("accuracy", "Acc.", "{:.3f}"), ("density", "Density", "{:.3f}"),
-           ("synops", "SOs", "{:,.0f}"), ("energy", "Energy", "{:,.4g}"),
+           ("synops", "SOs", "{:,.0f}"), ("energy", "Energy", "auto"),
            ("latency_steps", "Latency (fwd steps)", "{:.1f}"),
            ("latency_spikes", "Latency (spikes)", "{:,.0f}"))
 
@@ -74,6 +74,8 @@ def _cell(value: tuple[float, float], fmt: str, seeds: int) -> str:
     mean, std = value
     if math.isnan(mean):
         return "n/a"
+    if fmt == "auto":  # energy: any unit, so any magnitude
+        fmt = "{:,.0f}" if abs(mean) >= 1000 else "{:.4g}"
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if seeds > 1 else "")
 
 
