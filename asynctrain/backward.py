@@ -20,9 +20,38 @@ recomputed segment: no graph is built and no per-op gradient buffers accumulate
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
-from .engine import Engine, State
+from .engine import Engine, State, StepInfo
+from .kernels.lif import lif_backward_torch
+
+
+@dataclass
+class CompactInfo:
+    """A step's backward record at its receivers only (convolutional networks, where a
+    step reaches ~K x 576..2304 of 229,386 columns per sample at small K): 14 bytes per
+    receiver instead of the 7 + 8 bytes per column of the full `StepInfo` masks,
+    pre-spike potentials, spikes and counts. The backward gathers its adjoints there."""
+
+    vals: torch.Tensor     # [B, K] delivered values
+    idx: torch.Tensor      # int64 [R] receivers, flat in [B * W]
+    v_pre: torch.Tensor    # [R]
+    refr: torch.Tensor     # bool [R]
+    gate: torch.Tensor     # bool [R]
+
+
+def _record(engine: Engine, info: StepInfo) -> StepInfo | CompactInfo:
+    """Compact a conv step's record when its receivers are under a quarter of the
+    columns (at K = 512 on VGG-7 most steps reach more, and the full masks are smaller)."""
+    if engine.syn is None:
+        return info
+    idx = info.received.reshape(-1).nonzero().squeeze(1)
+    if 4 * idx.numel() > info.received.numel():
+        return replace(info, spikes=None, n_before=None)  # the sweep reads neither
+    return CompactInfo(info.vals, idx, info.v_pre.reshape(-1)[idx], info.refr.reshape(-1)[idx],
+                       info.gate.reshape(-1)[idx])
 
 
 def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor
@@ -41,7 +70,7 @@ def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor
             sel = op[3].long()
             sel_deliv = sel if op[4] is None else op[4].long()
             st, info = engine.op_step(st, sel, sel_deliv, wt, t, op[2])
-            records.append((sel, sel_deliv, info))
+            records.append((sel, sel_deliv, _record(engine, info)))
         else:
             records.append(None)
     return records
@@ -77,6 +106,12 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
                     grad_frames[t] += g_o[:, :net.n_inputs]
                 continue
             g_v, g_current = _evaluation_backward(engine, rec, g_v, g_o, g_acc, out, width)
+            if engine.syn is not None:
+                g_w, g_x = engine.syn.input_backward(rec.vals, g_current, wt, grad_frames is not None)
+                grad_wt += g_w
+                if grad_frames is not None:
+                    grad_frames[t] += g_x
+                continue
             lo, n1 = net.offsets[1], net.layer_sizes[1]
             g_layer1 = g_current[:, lo:lo + n1]
             grad_wt[:net.n_inputs, :n1] += rec.vals.t() @ g_layer1
@@ -85,8 +120,12 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
         else:
             sel, sel_deliv, info = rec
             g_v, g_current = _evaluation_backward(engine, info, g_v, g_o, g_acc, out, width)
-            g_vals, g_table = engine.ops.deliver_backward(g_current, info.vals, sel_deliv, wt,
-                                                          engine.tables.targets)
+            if engine.syn is not None:
+                g_vals, g_table = engine.syn.deliver_backward(g_current, info.vals, sel_deliv, wt,
+                                                              engine.tables.source_slot)
+            else:
+                g_vals, g_table = engine.ops.deliver_backward(g_current, info.vals, sel_deliv, wt,
+                                                              engine.tables.targets)
             grad_wt += g_table
             g_o = g_o.scatter(1, sel, 0.0).scatter_add_(1, sel_deliv, g_vals)
     return g_v, g_o, g_acc
@@ -96,6 +135,15 @@ def _evaluation_backward(engine: Engine, info, g_v, g_o, g_acc, out: slice, widt
     # spikes feed the outboxes of sources and the accumulator of outputs
     g_s = g_o * engine.source_f
     g_s[:, out] += g_acc
+    if isinstance(info, CompactInfo):  # receivers only; everyone else keeps g_v, gets no current
+        idx = info.idx
+        theta = engine.theta[idx % width]
+        gv_r, gi_r = lif_backward_torch(g_v.reshape(-1)[idx], g_s.reshape(-1)[idx], info.v_pre,
+                                        info.refr, torch.ones_like(info.refr), info.gate, theta,
+                                        engine.alpha, engine.cfg.detach_reset)
+        g_v = g_v.reshape(-1).index_put((idx,), gv_r).view_as(g_v)
+        g_current = torch.zeros_like(g_s).reshape(-1).index_put_((idx,), gi_r).view_as(g_s)
+        return g_v, g_current
     return engine.ops.lif_backward(g_v, g_s, info.v_pre, info.refr, info.received, info.gate,
                                    engine.theta, engine.alpha, engine.cfg.detach_reset)
 

@@ -270,6 +270,11 @@ class ImageSynapses:
         return flat[a:b].view(self.maps[l].weight_shape)
 
     # --- tables --------------------------------------------------------------------
+    @property
+    def max_fan_out(self) -> int:
+        """Most targets one delivery can reach (C_out x 9 for a conv, M for a linear map)."""
+        return max(m.out_shape[0] * 9 if m.kind == "conv" else m.n_out for m in self.maps)
+
     @cached_property
     def fan_out(self) -> torch.Tensor:
         """int64 ``[N + 1]`` real targets per flat index (0 for outputs and the dump)."""
@@ -340,15 +345,18 @@ class ImageSynapses:
         lo = self.offsets[1]
         return F.pad(cur, (lo, self.width - lo - cur.shape[1]))
 
-    def input_backward(self, x: torch.Tensor, grad_current: torch.Tensor, flat: torch.Tensor
-                       ) -> torch.Tensor:
-        """Flat weight gradient of `input_current` (only the first map's part is nonzero)."""
+    def input_backward(self, x: torch.Tensor, grad_current: torch.Tensor, flat: torch.Tensor,
+                       want_x: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of `input_current`: (flat weights (only the first map's part is
+        nonzero), frame ``[B, n_inputs]`` if `want_x`)."""
         lo, n1 = self.offsets[1], self.maps[0].n_out
         with torch.enable_grad():
             w0 = self.weight(flat, 0).detach().requires_grad_()
-            cur = self.maps[0].dense(x, w0)
-            (g,) = torch.autograd.grad(cur, w0, grad_current[:, lo:lo + n1])
-        return torch.cat([g.reshape(-1), flat.new_zeros(flat.numel() - g.numel())])
+            xs = x.detach().requires_grad_(want_x)
+            cur = self.maps[0].dense(xs, w0)
+            grads = torch.autograd.grad(cur, [w0, xs] if want_x else [w0], grad_current[:, lo:lo + n1])
+        g_w = torch.cat([grads[0].reshape(-1), flat.new_zeros(flat.numel() - grads[0].numel())])
+        return g_w, (grads[1] if want_x else None)
 
 
 class _ImageDeliver(torch.autograd.Function):

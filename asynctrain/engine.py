@@ -95,6 +95,18 @@ class Engine:
         layer1 = torch.zeros(w, dtype=torch.bool)
         layer1[net.offsets[1]:net.offsets[1] + net.layer_sizes[1]] = True
         self.layer1 = layer1.to(device).expand(batch, w)
+        # Convolutional networks: targets computed per step (conv.ImageSynapses); the
+        # prioritized input step counts each layer-1 neuron's own fan-in.
+        self.syn = net.synapses if net.image else None
+        if self.syn is not None:
+            fan_in1 = torch.zeros(w, dtype=torch.int32)
+            fan_in1[layer1] = self.syn.fan_in[:net.layer_sizes[1]].to(torch.int32)
+            self.input_n_add = fan_in1.to(device).expand(batch, w)
+        # Bytes of a step's backward record (compact: ~K x fan-out receivers per sample,
+        # 14 B each, backward.CompactInfo) over those of a checkpoint (13 B per column):
+        # the adaptive checkpoints keep fewer states when records are that much smaller.
+        self.record_ratio = 1.0 if self.syn is None else \
+            min(1.0, 14 * min(cfg.forward_group_size, w) * self.syn.max_fan_out / (13 * w))
         self.k = min(cfg.forward_group_size, w)
         self.alpha = float(cfg.surrogate_steepness)
         # Training-only randomness.
@@ -124,6 +136,9 @@ class Engine:
         if not self.cfg.prioritize_input:
             o = st.o + torch.nn.functional.pad(x, (0, self.width - net.n_inputs))
             return replace(st, o=o), None
+        if self.syn is not None:
+            return self._evaluate(st, st.o, self.syn.input_current(x, wt), self.input_n_add,
+                                  self.layer1, t, 0, x)
         lo, n1 = net.offsets[1], net.layer_sizes[1]
         current = torch.nn.functional.pad(x @ wt[:net.n_inputs, :n1], (lo, self.width - lo - n1))
         n_add = self.layer1.to(torch.int32) * net.n_inputs
@@ -133,8 +148,11 @@ class Engine:
                 t: int, k: int) -> tuple[State, StepInfo]:
         vals = st.o.gather(1, sel_deliv)
         o = st.o.scatter(1, sel, 0.0)
-        current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
-        n_add = self.tables.received_counts(sel_deliv)
+        if self.syn is not None:  # torch twins on every backend (no Triton conv kernel yet)
+            current, n_add = self.syn.deliver(vals, sel_deliv, wt, self.tables.source_slot)
+        else:
+            current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
+            n_add = self.tables.received_counts(sel_deliv)
         return self._evaluate(st, o, current, n_add, n_add > 0, t, k, vals)
 
     def _evaluate(self, st: State, o: torch.Tensor, current: torch.Tensor, n_add: torch.Tensor,
@@ -187,7 +205,7 @@ class Engine:
         """Execute all passes. Returns (out [T, B, n_out], stats, ops, checkpoints)."""
         cfg, net = self.cfg, self.net
         T, B = frames.shape[0], self.batch
-        ckpt = Checkpoints(self.checkpoint_every) if keep_checkpoints else None
+        ckpt = Checkpoints(self.checkpoint_every, self.record_ratio) if keep_checkpoints else None
         stats = new_stats(T, B, self.device, self.histogram_bins)
         st = self.initial_state()
         pending = torch.zeros(B, self.width, dtype=torch.bool, device=self.device)
@@ -211,7 +229,9 @@ class Engine:
                 k = 1
                 nz = (x != 0).sum(1)
                 ps.steps += 1
-                ps.input_synops, ps.input_processed = nz * net.layer_sizes[1], nz
+                ps.input_synops = nz * net.layer_sizes[1] if self.syn is None else \
+                    ((x != 0) * self.tables.fan_out[:net.n_inputs]).sum(1)
+                ps.input_processed = nz
                 self._after_eval(st, info, ps)
             while True:
                 done = ps.done(cfg)
@@ -337,18 +357,24 @@ class _Pass:
 class Checkpoints:
     """States kept before every C-th op. ``every=None``: adaptive -- C doubles (and
     every other checkpoint is dropped) whenever more than C are kept, so at the end
-    C ~ sqrt(ops) and about sqrt(ops) checkpoints remain."""
+    C ~ sqrt(ops) and about sqrt(ops) checkpoints remain.
 
-    def __init__(self, every: int | None):
+    `ratio` r < 1 (a step's backward record is r times the size of a state, as for
+    conv networks at small K): C doubles whenever more than r C are kept, so
+    C ~ sqrt(ops / r), about sqrt(ops r) states are kept and the memory of the
+    backward, ~2 sqrt(ops r) states, stays flat as K shrinks (ops ~ 1/K, r ~ K)."""
+
+    def __init__(self, every: int | None, ratio: float = 1.0):
         self.adaptive = every is None
         self.c = 1 if every is None else every
+        self.ratio = ratio
         self.saved: dict[int, State] = {}
 
     def offer(self, i: int, st: State) -> None:
         if i % self.c:
             return
         self.saved[i] = st
-        if self.adaptive and len(self.saved) > self.c:
+        if self.adaptive and len(self.saved) > self.c * self.ratio:
             self.c *= 2
             self.saved = {j: s for j, s in self.saved.items() if j % self.c == 0}
 

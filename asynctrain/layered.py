@@ -32,6 +32,9 @@ def layered_forward(net: Network, cfg, weights: list[torch.Tensor], frames: torc
     p_net = cfg.network_dropout if training else 0.0
     bins = max(sizes[:-1]) + 1 if histogram else 0
     stats = new_stats(T, B, dev, bins)
+    if net.image:
+        fan_out = net.tables(dev).fan_out
+        fan_in = net.fan_in_per_neuron().to(dev).split(list(sizes[1:]))
     v = [frames.new_zeros(B, n) for n in sizes[1:]]
     outs = []
     for t in range(T):
@@ -47,13 +50,20 @@ def layered_forward(net: Network, cfg, weights: list[torch.Tensor], frames: torc
                 else:
                     stats["hidden_spikes"] += (spikes != 0).sum(1)
             nz = (spikes != 0).sum(1)
-            stats["synops"][t] += nz * sizes[l + 1]
+            if net.image:  # conv maps: border sources reach fewer targets
+                stats["synops"][t] += ((spikes != 0) * fan_out[offs[l]:offs[l] + sizes[l]]).sum(1)
+                current = net.maps[l].dense(spikes, weights[l])
+            else:
+                stats["synops"][t] += nz * sizes[l + 1]
+                current = spikes @ weights[l].t()
             stats["spikes_processed"][t] += nz
-            current = spikes @ weights[l].t()
             m = true.expand(B, sizes[l + 1])
             v[l], spikes, _ = lif(v[l], current, ~m, m, m, thetas[l], float(cfg.surrogate_steepness),
                                   cfg.detach_reset)
-            if bins:  # every neuron integrates its whole fan-in before its threshold
+            if bins and net.image:  # whole fan-in, which differs at borders
+                stats["currents_to_spike"] += torch.bincount(
+                    fan_in[l].expand(B, -1)[spikes != 0].clamp(max=bins - 1), minlength=bins)
+            elif bins:  # every neuron integrates its whole fan-in before its threshold
                 stats["currents_to_spike"][sizes[l]] += (spikes != 0).sum()
         stats["forward_steps"][t] = L
         fired_out = (spikes != 0).any(1)

@@ -31,8 +31,11 @@ class AsyncSNN(nn.Module):
     """Asynchronous SNN around `net`.
 
     Args:
-        net: ``nn.Sequential`` of bias-free ``nn.Linear`` layers (or one ``nn.Linear``).
-            Every layer is followed by LIF neurons; the last layer's are the outputs.
+        net: ``nn.Sequential`` of bias-free ``nn.Linear`` layers (or one ``nn.Linear``),
+            or of bias-free ``nn.Conv2d`` (3x3, stride 1, padding 1), ``nn.AvgPool2d(2)``,
+            ``nn.Flatten`` and ``nn.Linear``. Every weight layer is followed by LIF
+            neurons; the last layer's are the outputs. Pooling is folded into the next
+            layer's synaptic map (SPEC 1), so it adds no neurons.
         cfg: execution config (`SimConfig`); default ``SimConfig()``.
         backend: "torch" (any device), "triton" (the kernels of `kernels/`: CUDA tensors, or
             CPU tensors when Triton was imported with TRITON_INTERPRET=1) or "auto"
@@ -44,6 +47,11 @@ class AsyncSNN(nn.Module):
             None (default): adaptive, about sqrt(ops) checkpoints of about sqrt(ops)
             ops each. 0: no checkpointing, plain autograd through every forward step
             (memory grows with the number of steps). C >= 1: fixed spacing.
+        input_shape: ``(C, H, W)`` of an input frame, needed for convolutions (default:
+            ``net.input_shape`` if the module carries one, as `asynctrain.models.vgg7`
+            does). Frames may then be ``[T, B, C, H, W]`` or flat ``[T, B, C*H*W]``.
+            Convolutional networks deliver through the torch twins of
+            `kernels/conv_deliver.py` on every backend (no Triton conv kernel yet).
 
     Attributes:
         stats: dict of the last call (all detached): ``forward_steps [T, B]``,
@@ -63,10 +71,10 @@ class AsyncSNN(nn.Module):
 
     def __init__(self, net: nn.Module, cfg: SimConfig | None = None, *, backend: str = "auto",
                  checkpoint_every: int | None = None, record_currents: bool = False,
-                 deterministic: bool = False):
+                 deterministic: bool = False, input_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.net = net
-        self.graph = Network.from_module(net)
+        self.graph = Network.from_module(net, input_shape)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
@@ -158,6 +166,12 @@ class AsyncSNN(nn.Module):
         n_in = self.graph.n_inputs
         if not isinstance(frames, torch.Tensor):
             raise TypeError(f"frames must be a torch.Tensor [T, B, {n_in}], got {type(frames).__name__}")
+        shape = self.graph.input_shape
+        if shape is not None and len(shape) > 1 and frames.dim() == 2 + len(shape):
+            if tuple(frames.shape[2:]) != shape:
+                raise ValueError(f"frames must be [T, B, {', '.join(map(str, shape))}] (or flat "
+                                 f"[T, B, {n_in}]), got shape {tuple(frames.shape)}")
+            frames = frames.flatten(2)
         if frames.dim() != 3 or frames.shape[2] != n_in:
             raise ValueError(f"frames must be [T, B, {n_in}] (time, batch, input features), "
                              f"got shape {tuple(frames.shape)}")

@@ -14,15 +14,23 @@ Fan-out map (fully connected): source ``j`` of layer ``l`` reaches every neuron 
 layer ``l + 1`` with weight ``W_l[:, j - offset_l]``. The engine gathers those rows
 from a table ``[N + 1, F_max]`` (``W_l`` transposed, rows padded to the widest fan-out),
 built once per call, so a step costs K x F_max, never N x N.
+
+Convolutional networks (``maps`` non-empty, `asynctrain.conv`): a conv source's
+fan-out is computed from its position instead of tabulated; the engine's "weight
+table" is then the flat vector of all weights and deliveries go through
+`conv.ImageSynapses`. Image layers are flattened channel-major.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import nn
+
+from .conv import ImageSynapses, SynapticMap, needs_image_path, parse_layers
 
 
 @dataclass(frozen=True)
@@ -31,15 +39,47 @@ class Network:
 
     Attributes:
         layer_sizes: ``[n_inputs, n_1, ..., n_L]``; layer 0 is the input features.
+        maps: one `conv.SynapticMap` per weight layer for convolutional networks;
+            empty for stacks of linear layers (the tabulated path).
+        input_shape: shape of one input frame, ``(C, H, W)`` or ``(n_inputs,)``.
     """
 
     layer_sizes: tuple[int, ...]
+    maps: tuple[SynapticMap, ...] = ()
+    input_shape: tuple[int, ...] | None = None
 
     @staticmethod
-    def from_module(net: nn.Module) -> "Network":
-        """Validate `net` (an ``nn.Sequential`` of bias-free ``nn.Linear``, or one
-        ``nn.Linear``) and describe it. Anything else raises, naming the layer."""
-        return Network(tuple(_linear_sizes(net)))
+    def from_module(net: nn.Module, input_shape: tuple[int, ...] | None = None) -> "Network":
+        """Validate `net` and describe it. Anything else raises, naming the layer.
+
+        `net`: an ``nn.Sequential`` of bias-free ``nn.Linear`` (or one ``nn.Linear``), or
+        of bias-free ``nn.Conv2d`` (3x3, stride 1, padding 1), ``nn.AvgPool2d(2)``,
+        ``nn.Flatten`` and ``nn.Linear``. `input_shape` ``(C, H, W)`` is needed for
+        convolutions (default: ``net.input_shape`` if set, as `asynctrain.models` do).
+        """
+        if input_shape is None:
+            input_shape = getattr(net, "input_shape", None)
+        layers = list(net) if isinstance(net, nn.Sequential) else [net]
+        if all(isinstance(m, nn.Linear) for m in layers):
+            sizes = tuple(_linear_sizes(net))
+            shape = tuple(input_shape) if input_shape is not None else None
+            if shape is not None and math.prod(shape) != sizes[0]:
+                raise ValueError(f"input_shape {shape} has {math.prod(shape)} features but layer 0 "
+                                 f"takes {sizes[0]}")
+            return Network(sizes, (), shape)
+        maps, _ = parse_layers(net, input_shape)
+        sizes = (maps[0].n_in, *(m.n_out for m in maps))
+        return Network(sizes, tuple(maps) if needs_image_path(maps) else (), maps[0].in_shape)
+
+    @property
+    def image(self) -> bool:
+        """True for networks on the computed (convolutional) delivery path."""
+        return bool(self.maps)
+
+    @cached_property
+    def synapses(self) -> ImageSynapses:
+        """Per-step delivery of a convolutional network (`image` only)."""
+        return ImageSynapses(list(self.maps), self.offsets, self.width + 1)
 
     # --- sizes -------------------------------------------------------------------
     @property
@@ -100,7 +140,10 @@ class Network:
         return max(self.layer_sizes[1:])
 
     def fan_in_per_neuron(self) -> torch.Tensor:
-        """int64 ``[n_neurons]``: size of the previous layer for each neuron."""
+        """int64 ``[n_neurons]``: sources that reach each neuron (the size of the previous
+        layer; for convolutions, the in-bounds window x channels, x 4 when pooled)."""
+        if self.image:
+            return self.synapses.fan_in.clone()
         return torch.cat([torch.full((n,), self.layer_sizes[l], dtype=torch.int64)
                           for l, n in enumerate(self.layer_sizes[1:])])
 
@@ -114,7 +157,10 @@ class Network:
 
     def weight_table(self, weights: list[torch.Tensor]) -> torch.Tensor:
         """``[N + 1, F_max]``: row j = outgoing weights of flat source j (zeros for
-        output neurons, the dump and padding). Differentiable in `weights`."""
+        output neurons, the dump and padding). Differentiable in `weights`.
+        Convolutional networks: the flat vector of all weights instead."""
+        if self.image:
+            return self.synapses.flat_params(weights)
         self.check_weights(weights)
         f = self.max_fan_out
         rows = [nn.functional.pad(w.t(), (0, f - w.shape[0])) for w in weights]
@@ -170,14 +216,16 @@ class IndexTables:
     @staticmethod
     def build(net: Network, device: torch.device) -> "IndexTables":
         n1 = net.width + 1
-        f = net.max_fan_out
+        f = 0 if net.image else net.max_fan_out  # conv targets are computed, not tabulated
         targets = torch.full((n1, f), net.dump, dtype=torch.int64)
         fan_out = torch.zeros(n1, dtype=torch.int64)
-        for l in range(net.n_layers):
+        for l in range(0 if net.image else net.n_layers):
             lo, n = net.offsets[l], net.layer_sizes[l]
             nxt, m = net.offsets[l + 1], net.layer_sizes[l + 1]
             targets[lo:lo + n, :m] = torch.arange(nxt, nxt + m)
             fan_out[lo:lo + n] = m
+        if net.image:
+            fan_out = net.synapses.fan_out
         cols = torch.arange(n1)
         is_source = cols < net.n_sources
         is_input = cols < net.n_inputs
@@ -212,6 +260,6 @@ def _linear_sizes(net: nn.Module) -> list[int]:
 
 
 def linear_weights(net: nn.Module) -> list[torch.Tensor]:
-    """The weight parameters of `net`'s linear layers, in order."""
+    """The weight parameters of `net`'s weight layers (linear and conv), in order."""
     layers = list(net) if isinstance(net, nn.Sequential) else [net]
-    return [m.weight for m in layers]
+    return [m.weight for m in layers if isinstance(m, (nn.Linear, nn.Conv2d))]
