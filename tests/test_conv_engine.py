@@ -283,3 +283,22 @@ def test_currents_to_spike_histogram_conv_barrier_equals_layered():
     fan_ins = set(Network.from_module(net).fan_in_per_neuron().tolist())
     assert set(hists[1].nonzero().flatten().tolist()) <= fan_ins
     assert len(hists[1].nonzero()) > 2
+
+
+def test_flatten_then_linear_stays_on_the_table_path():
+    """nn.Flatten + nn.Linear on image frames is a plain MLP: same results as the
+    Linear stack on flat frames, without the conv machinery."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(18, 7, bias=False), nn.Linear(7, 4, bias=False))
+    with torch.no_grad():
+        for m in lin:
+            m.weight.mul_(3.0).add_(0.2)
+    img = nn.Sequential(nn.Flatten(), *lin)
+    g = Network.from_module(img, (2, 3, 3))
+    assert not g.image and g.layer_sizes == (18, 7, 4) and g.input_shape == (2, 3, 3)
+    frames = image_frames(2, 3, (2, 3, 3), seed=2)
+    for policy in ("MS", "layered"):
+        cfg = SimConfig(**BASE, policy=policy, forward_group_size=3)
+        a = AsyncSNN(img, cfg, input_shape=(2, 3, 3))(frames, seed=1)
+        b = AsyncSNN(lin, cfg)(frames.flatten(2), seed=1)
+        assert torch.equal(a, b)
