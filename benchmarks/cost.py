@@ -171,7 +171,17 @@ def ratios(rows: list[dict]) -> list[tuple[str, float | None]]:
 
 
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", choices=("mlp", "vgg7"), default="mlp")
+    chosen, rest = pre.parse_known_args()
+    if chosen.model == "vgg7":  # VGG-7 / CIFAR-10: its own points and options (cost_vgg7.py)
+        import cost_vgg7
+        sys.argv = [cost_vgg7.__file__, *rest]
+        cost_vgg7.main()
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("mlp", "vgg7"), default="mlp",
+                    help="mlp: the models below; vgg7: benchmarks/cost_vgg7.py (see its --help)")
     ap.add_argument("--quick", action="store_true", help="K in {64, 8} only")
     ap.add_argument("--repeat", type=int, default=5, help="timed iterations per point (median)")
     ap.add_argument("--device", default="cpu")

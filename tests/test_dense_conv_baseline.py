@@ -1,0 +1,36 @@
+"""The VGG-7 benchmark's dense conv baseline computes what the engine computes, so
+the cost ratio of benchmarks/cost_vgg7.py compares implementations of one model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import asynctrain as at
+from test_conv_engine import conv_net, image_frames
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dense_conv_baseline import DenseConvSNN  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,policy,K,train,prio,readout", [
+    ("pool", "MS", 3, True, False, "counts"), ("odd", "RS", 5, True, True, "potential"),
+    ("deep", "MS", 64, False, True, "potential"), ("pool", "RS", 2, False, False, "counts")])
+def test_dense_conv_baseline_matches_engine(kind, policy, K, train, prio, readout):
+    net = conv_net(kind, seed=3, dtype=torch.float64)
+    cfg = at.SimConfig(forward_group_size=K, policy=policy, theta=0.3, tau=50.0, refractory_dropout=0.5,
+                       momentum_noise=0.1, prioritize_input=prio, readout=readout)
+    frames = image_frames(2, 3, net.input_shape, analog=prio, dtype=torch.float64)
+    grads, outs = [], []
+    for mod in (at.AsyncSNN(net, cfg), DenseConvSNN(net, cfg)):
+        mod.train(train)
+        out = mod(frames, seed=11)
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sum().backward()
+        grads.append([m.weight.grad.clone() for m in net if hasattr(m, "weight")])
+        outs.append((out.detach(), mod.stats["forward_steps"]))
+        net.zero_grad()
+    assert torch.equal(outs[0][1], outs[1][1])
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-10, rtol=1e-8)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
