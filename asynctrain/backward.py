@@ -26,6 +26,7 @@ import torch
 
 from .engine import Engine, State, StepInfo
 from .kernels.lif import lif_backward_torch
+from .retain import ChunkStore, FlatStore
 
 
 @dataclass
@@ -42,23 +43,27 @@ class CompactInfo:
     gate: torch.Tensor     # bool [R]
 
 
-def _record(engine: Engine, info: StepInfo) -> StepInfo | CompactInfo:
+def _record(engine: Engine, info: StepInfo, small: ChunkStore, flat: FlatStore
+            ) -> StepInfo | CompactInfo:
     """Compact a conv step's record when its receivers are under half of the columns
     (14 B per receiver against 11 B per column for the full record; at K = 512 on
-    VGG-7 most steps reach more)."""
+    VGG-7 most steps reach more). Kept copies go to the segment's stores (retain.py)."""
     if engine.syn is None:
         return info
+    vals = small.keep(info.vals)
     idx = info.received.reshape(-1).nonzero().squeeze(1)
     if 2 * idx.numel() > info.received.numel():
-        return replace(info, spikes=None, n_before=None)  # the sweep reads neither
-    return CompactInfo(info.vals, idx, info.v_pre.reshape(-1)[idx], info.refr.reshape(-1)[idx],
-                       info.gate.reshape(-1)[idx])
+        return replace(info, vals=vals, spikes=None, n_before=None)  # the sweep reads neither
+    return CompactInfo(vals, flat.keep(idx), flat.keep(info.v_pre.reshape(-1)[idx]),
+                       flat.keep(info.refr.reshape(-1)[idx]), flat.keep(info.gate.reshape(-1)[idx]))
 
 
 def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor
                ) -> list:
-    """Re-run a segment's ops without grad; keep what each evaluation's backward needs."""
+    """Re-run a segment's ops without grad; keep what each evaluation's backward needs.
+    Conv networks keep no [B, K] index copies (the sweep re-reads them from `ops`)."""
     records = []
+    small, flat = ChunkStore(), FlatStore()
     for op in ops:
         kind, t = op[0], op[1]
         if kind == "start":
@@ -71,7 +76,10 @@ def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor
             sel = op[3].long()
             sel_deliv = sel if op[4] is None else op[4].long()
             st, info = engine.op_step(st, sel, sel_deliv, wt, t, op[2])
-            records.append((sel, sel_deliv, _record(engine, info)))
+            if engine.syn is None:
+                records.append((sel, sel_deliv, info))
+            else:
+                records.append((None, None, _record(engine, info, small, flat)))
         else:
             records.append(None)
     return records
@@ -120,6 +128,9 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
                 grad_frames[t] += g_layer1 @ wt[:net.n_inputs, :n1].t()
         else:
             sel, sel_deliv, info = rec
+            if sel is None:  # conv networks: not kept through the segment
+                sel = op[3].long()
+                sel_deliv = sel if op[4] is None else op[4].long()
             g_v, g_current = _evaluation_backward(engine, info, g_v, g_o, g_acc, out, width)
             if engine.syn is not None:  # adds its weight gradient into grad_wt itself
                 g_vals, _ = engine.syn.deliver_backward(g_current, info.vals, sel_deliv, wt,

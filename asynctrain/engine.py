@@ -32,6 +32,7 @@ import torch
 from . import rng
 from .config import SimConfig, per_neuron
 from .network import Network
+from .retain import ChunkStore, identity
 from .backends import TORCH, Ops
 from .ops import deliver, lif
 
@@ -206,6 +207,8 @@ class Engine:
         cfg, net = self.cfg, self.net
         T, B = frames.shape[0], self.batch
         ckpt = Checkpoints(self.checkpoint_every, self.record_ratio) if keep_checkpoints else None
+        # conv networks: wide steps; kept per-step tensors go to chunks (retain.py)
+        keep = ChunkStore().keep if self.syn is not None else identity
         stats = new_stats(T, B, self.device, self.histogram_bins)
         st = self.initial_state()
         pending = torch.zeros(B, self.width, dtype=torch.bool, device=self.device)
@@ -218,6 +221,7 @@ class Engine:
             if not cfg.carry_pending:
                 pending = torch.zeros_like(pending)
             ps = _Pass(B, self.width, self.dtype, self.device, pending, eager_first=cfg.stop == "output")
+            ps.keep = keep
             x = frames[t]
             _offer(ckpt, ops, st)
             ops.append(("input", t))
@@ -239,11 +243,12 @@ class Engine:
                     break
                 sel, sel_deliv = self.select(ps.pending & ~done[:, None], ps.pre_spike, t, k)
                 _offer(ckpt, ops, st)
-                ops.append(("step", t, k, _compact(sel), None if sel_deliv is sel else _compact(sel_deliv)))
+                ops.append(("step", t, k, keep(_compact(sel)),
+                            None if sel_deliv is sel else keep(_compact(sel_deliv))))
                 st, info = self.op_step(st, sel, sel_deliv, wt, t, k)
                 ps.pending = ps.pending.scatter(1, sel, False)
-                ps.delivered.append(sel_deliv)
-                ps.values.append(info.vals)
+                ps.delivered.append(keep(sel_deliv))
+                ps.values.append(keep(info.vals))
                 ps.steps += ~done
                 self._after_eval(st, info, ps)
                 k += 1
@@ -270,7 +275,7 @@ class Engine:
         out_fired = fired[:, self.net.output_slice].any(1)
         if ps.eager_first:  # the output stop needs the first output step now
             ps.first_out = torch.where((ps.first_out < 0) & out_fired, ps.steps, ps.first_out)
-        ps.out_fired.append(out_fired)
+        ps.out_fired.append(ps.keep(out_fired))
         if self.histogram_bins:
             # currents integrated before each spike (SPEC 9), hidden and output neurons
             counts = st.n_in[fired].clamp(max=self.histogram_bins - 1).long()
@@ -308,6 +313,7 @@ class _Pass:
         self.values: list[torch.Tensor] = []     # per event step [B, K]
         self.out_fired: list[torch.Tensor] = []  # per evaluation [B]
         self.currents = 0
+        self.keep = identity  # what the per-step lists store (retain.py)
 
     def done(self, cfg: SimConfig) -> torch.Tensor:
         """bool [B]: the sample's pass is over (SPEC 4.2)."""

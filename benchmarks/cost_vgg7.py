@@ -11,8 +11,9 @@ initialisation is reported with each point.
 Each point runs in two processes, as in cost.py: one timed with the default
 allocator, one for memory (peak = growth of the process's maximum resident set during
 the iteration, with glibc returning freed blocks at once, which slows it down; on
-CUDA, ``max_memory_allocated``). ``--single`` measures both in the memory process
-(for the long points: at K = 8 a VGG-7 pass takes ~17,000 forward steps). One
+CUDA, ``max_memory_allocated``). ``--single`` measures both in one process with the
+default allocator (for the long points: at K = 8 a VGG-7 pass takes ~17,000 forward
+steps); its peak also counts what glibc keeps but does not reuse, an upper bound. One
 iteration per point: the first, so the engine's per-network tables are built inside
 it (a few ms against seconds per iteration).
 
@@ -128,7 +129,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     ap.add_argument("--single", action="store_true",
-                    help="one process per point (time measured under the memory allocator settings)")
+                    help="one process per point, default allocator (peak RSS is an upper bound)")
     ap.add_argument("--point", help=argparse.SUPPRESS)  # impl:K, run in-process
     a = ap.parse_args()
     if a.batch < 1 or a.width <= 0:
@@ -148,7 +149,7 @@ def main() -> None:
     rows = []
     for impl, k in points:
         row = dict(info, single_process=a.single)
-        for what, env in (("memory", env_mem),) if a.single else (("time", os.environ), ("memory", env_mem)):
+        for what, env in (("time", os.environ),) if a.single else (("time", os.environ), ("memory", env_mem)):
             r = subprocess.run([sys.executable, __file__, "--point", f"{impl}:{k}", "--batch", str(a.batch),
                                 "--width", str(a.width), "--device", a.device, "--seed", str(a.seed)],
                                capture_output=True, text=True, env=env)

@@ -306,7 +306,8 @@ def main(argv=None) -> None:
         sys.exit(f"error: {len(train)} training images are fewer than one batch of "
                  f"{args.batch_size} x {world} processes")
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model = DistributedDataParallel(snn) if world > 1 else snn
+    model = snn if world == 1 else DistributedDataParallel(
+        snn, device_ids=[device.index] if device.type == "cuda" else None)
     state = dict(epoch=0, batch=0, step=0, log=[], args={k: str(v) for k, v in vars(args).items()},
                  config=at.config.describe(snn.cfg), world_size=world)
     if args.resume:

@@ -302,3 +302,16 @@ def test_flatten_then_linear_stays_on_the_table_path():
         a = AsyncSNN(img, cfg, input_shape=(2, 3, 3))(frames, seed=1)
         b = AsyncSNN(lin, cfg)(frames.flatten(2), seed=1)
         assert torch.equal(a, b)
+
+
+def test_retain_stores_keep_copies():
+    from asynctrain.retain import ChunkStore, FlatStore
+    small, flat = ChunkStore(per_chunk=3), FlatStore(min_chunk=5)
+    xs = [torch.full((2, 2), float(i)) for i in range(7)]
+    kept = [small.keep(x) for x in xs]
+    for x in xs:
+        x.zero_()  # the originals may be reused: the copies must not change
+    assert all(torch.equal(k, torch.full((2, 2), float(i))) for i, k in enumerate(kept))
+    parts = [torch.arange(n) + 10 * n for n in (2, 4, 1, 9)]
+    kept = [flat.keep(p) for p in parts]
+    assert all(torch.equal(k, p) for k, p in zip(kept, parts))
