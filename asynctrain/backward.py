@@ -32,12 +32,12 @@ from .retain import ChunkStore, FlatStore
 @dataclass
 class CompactInfo:
     """A step's backward record at its receivers only (convolutional networks, where a
-    step reaches ~K x 576..2304 of 229,386 columns per sample at small K): 14 bytes per
+    step reaches ~K x 576..2304 of 229,386 columns per sample at small K): 10 bytes per
     receiver instead of the 7 + 8 bytes per column of the full `StepInfo` masks,
     pre-spike potentials, spikes and counts. The backward gathers its adjoints there."""
 
     vals: torch.Tensor     # [B, K] delivered values
-    idx: torch.Tensor      # int64 [R] receivers, flat in [B * W]
+    idx: torch.Tensor      # int32 [R] receivers, flat in [B * W] (int64 past 2**31)
     v_pre: torch.Tensor    # [R]
     refr: torch.Tensor     # bool [R]
     gate: torch.Tensor     # bool [R]
@@ -46,7 +46,7 @@ class CompactInfo:
 def _record(engine: Engine, info: StepInfo, small: ChunkStore, flat: FlatStore
             ) -> StepInfo | CompactInfo:
     """Compact a conv step's record when its receivers are under half of the columns
-    (14 B per receiver against 11 B per column for the full record; at K = 512 on
+    (10 B per receiver against 11 B per column for the full record; at K = 512 on
     VGG-7 most steps reach more). Kept copies go to the segment's stores (retain.py)."""
     if engine.syn is None:
         return info
@@ -54,7 +54,8 @@ def _record(engine: Engine, info: StepInfo, small: ChunkStore, flat: FlatStore
     idx = info.received.reshape(-1).nonzero().squeeze(1)
     if 2 * idx.numel() > info.received.numel():
         return replace(info, vals=vals, spikes=None, n_before=None)  # the sweep reads neither
-    return CompactInfo(vals, flat.keep(idx), flat.keep(info.v_pre.reshape(-1)[idx]),
+    small_idx = idx.to(torch.int32) if info.received.numel() < 2**31 else idx
+    return CompactInfo(vals, flat.keep(small_idx), flat.keep(info.v_pre.reshape(-1)[idx]),
                        flat.keep(info.refr.reshape(-1)[idx]), flat.keep(info.gate.reshape(-1)[idx]))
 
 
@@ -148,7 +149,7 @@ def _evaluation_backward(engine: Engine, info, g_v, g_o, g_acc, out: slice, widt
     g_s = g_o * engine.source_f
     g_s[:, out] += g_acc
     if isinstance(info, CompactInfo):  # receivers only; everyone else keeps g_v, gets no current
-        idx = info.idx
+        idx = info.idx.long()
         theta = engine.theta[idx % width]
         gv_r, gi_r = lif_backward_torch(g_v.reshape(-1)[idx], g_s.reshape(-1)[idx], info.v_pre,
                                         info.refr, torch.ones_like(info.refr), info.gate, theta,
