@@ -135,7 +135,7 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
             g_v, g_current = _evaluation_backward(engine, info, g_v, g_o, g_acc, out, width)
             if engine.syn is not None:  # adds its weight gradient into grad_wt itself
                 g_vals, _ = engine.syn.deliver_backward(g_current, info.vals, sel_deliv, wt,
-                                                        engine.tables.source_slot, grad_wt)
+                                                        engine.tables.source_slot, grad_wt, engine.ops)
             else:
                 g_vals, g_table = engine.ops.deliver_backward(g_current, info.vals, sel_deliv, wt,
                                                               engine.tables.targets)

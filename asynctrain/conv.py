@@ -302,9 +302,10 @@ class ImageSynapses:
             start += n
 
     def deliver(self, vals: torch.Tensor, sel: torch.Tensor, flat: torch.Tensor,
-                source_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                source_slot: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
-        differentiable in `vals` and `flat` (one autograd node)."""
+        differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
+        `backends.Ops` (the torch twins run on every backend until a conv kernel exists)."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
             return _ImageDeliver.apply(vals, sel, flat, self, source_slot)
         return self._forward(vals, sel, flat, source_slot)
@@ -322,7 +323,7 @@ class ImageSynapses:
 
     def deliver_backward(self, grad_current: torch.Tensor, vals: torch.Tensor, sel: torch.Tensor,
                          flat: torch.Tensor, source_slot: torch.Tensor,
-                         grad_flat: torch.Tensor | None = None
+                         grad_flat: torch.Tensor | None = None, ops=None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of `deliver`'s current w.r.t. vals ``[B, K]`` and the flat weights.
         With `grad_flat` given, the weight gradient is added into it in place (only the

@@ -150,7 +150,7 @@ class Engine:
         vals = st.o.gather(1, sel_deliv)
         o = st.o.scatter(1, sel, 0.0)
         if self.syn is not None:  # torch twins on every backend (no Triton conv kernel yet)
-            current, n_add = self.syn.deliver(vals, sel_deliv, wt, self.tables.source_slot)
+            current, n_add = self.syn.deliver(vals, sel_deliv, wt, self.tables.source_slot, self.ops)
         else:
             current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
             n_add = self.tables.received_counts(sel_deliv)
