@@ -27,12 +27,36 @@ instead of a dump redirect, and the received counts are added per spatial positi
 hears the same sources): 0.4 s -> 0.13 s per forward step of VGG-7 at K = 512,
 batch 8, 2 CPU threads, against masking every [E, C_out, 9] element.
 
-The Triton kernel is a later issue; these are the twins it will be checked against.
+Triton (`conv_deliver_triton`, `conv_deliver_backward_triton`, same signatures as the
+twins): programs tile (entry block, output-channel block) and unroll the 9 taps, so
+the window geometry is computed once per entry and each tap is one
+[BLOCK_E, BLOCK_O] gather of ``W[o, c, ky, kx]`` and one scatter.
+- Forward: float atomics into ``current`` (skipped for zero values, which add
+  nothing) and int32 atomics of 1 into ``counts`` (zero values too: a barrier message
+  is a received current). Several entries of one sample share targets, so the order
+  of the float additions, hence the last bits of a current, can change from run to
+  run (counts are exact); tests bound the error by 2x that of the twin against fp64.
+  As in `kernels/deliver.py`, a potential within rounding of theta can therefore fire
+  in one run and not in another.
+- Backward, grad_vals: each channel block writes its partial dot product to
+  ``[E, nO]`` and torch sums the partials in a fixed order: deterministic.
+- Backward, grad_weight: entries of one input channel share the ``W[:, c]`` slice.
+  Default (``deterministic=False``): float atomics, order nondeterministic.
+  ``deterministic=True``: the nonzero-valued entries are sorted by channel (stable)
+  and one program per (channel, channel-out block) sums its segment in entry order
+  and stores without atomics; bitwise reproducible, serialises the entries of a
+  channel (a segment is about E / C_in long).
+Supported: float32 and float64 (vals, weight, current and grad_current alike),
+indices int32 or int64, counts int32, contiguous ``current`` / ``counts`` (written in
+place). ``src`` must lie in ``[0, C_in * H * W)`` and ``sample`` in ``[0, B)``; they
+are not checked (that would cost a host sync per call).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._triton import check_dtype, check_shape, check_tensors, jit, tl, triton
 
 
 def _window(src: torch.Tensor, in_shape: tuple[int, int, int], pool: bool
@@ -118,3 +142,240 @@ def conv_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
     grad_t = weight.new_zeros(c_in, c_out, 9)
     grad_t.index_add_(0, c, g * coef[:, None, :])
     return grad_vals, grad_t.transpose(0, 1).reshape(weight.shape)
+
+
+# --- Triton ---------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.float64)
+_INDEX = (torch.int32, torch.int64)
+_TILE = 1024   # BLOCK_E x BLOCK_O per tap (4 warps: 8 elements per thread, 9 taps unrolled)
+_MAX_BLOCK_O = 128
+
+
+@jit
+def _source(src, h, w, POOL: tl.constexpr):
+    """(channel, row, column, rows, columns) of the map the conv reads (after pooling)."""
+    hw = h * w
+    c = src // hw
+    rem = src - c * hw
+    y = rem // w
+    x = rem - y * w
+    if POOL:
+        y = y // 2
+        x = x // 2
+        h = h // 2
+        w = w // 2
+    return c, y, x, h, w
+
+
+@jit
+def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, c_out, c_in, h, w,
+                         width, out_offset, POOL: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_O: tl.constexpr):
+    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    oc = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    live_e = es < e
+    live_o = (oc < c_out)[None, :]
+    v = tl.load(vals_ptr + es, mask=live_e, other=0.0)
+    if POOL:
+        v = v * 0.25
+    s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
+    c, y, x, hp, wp = _source(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, POOL)
+    inside = live_e & (y < hp) & (x < wp)        # pooled odd sizes drop the last row/col
+    base = s * width + out_offset
+    chan = (oc.to(tl.int64) * (hp * wp))[None, :]
+    w_row = (oc.to(tl.int64) * (c_in * 9))[None, :]
+    nonzero = (v != 0)[:, None]
+    ones = tl.full([BLOCK_E, BLOCK_O], 1, tl.int32)
+    for t in tl.static_range(9):                 # tap t = ky * 3 + kx reaches (y + 1 - ky, x + 1 - kx)
+        oy = y + (1 - t // 3)
+        ox = x + (1 - t % 3)
+        ok = inside & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
+        tgt = (base + tl.where(ok, oy * wp + ox, 0))[:, None] + chan
+        m = ok[:, None] & live_o
+        wt = tl.load(w_ptr + w_row + (c * 9 + t)[:, None], mask=m & nonzero, other=0.0)
+        tl.atomic_add(cur_ptr + tgt, wt * v[:, None], mask=m & nonzero, sem="relaxed")
+        tl.atomic_add(cnt_ptr + tgt, ones, mask=m, sem="relaxed")
+
+
+@jit
+def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e,
+                                  c_out, c_in, h, w, width, out_offset, n_ob, POOL: tl.constexpr,
+                                  BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
+                                  ATOMIC_WEIGHT: tl.constexpr):
+    pid_o = tl.program_id(1)
+    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    oc = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    live_e = es < e
+    live_o = (oc < c_out)[None, :]
+    v = tl.load(vals_ptr + es, mask=live_e, other=0.0)
+    if POOL:
+        v = v * 0.25
+    s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
+    c, y, x, hp, wp = _source(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, POOL)
+    inside = live_e & (y < hp) & (x < wp)
+    base = s * width + out_offset
+    chan = (oc.to(tl.int64) * (hp * wp))[None, :]
+    w_row = (oc.to(tl.int64) * (c_in * 9))[None, :]
+    nonzero = (v != 0)[:, None]
+    acc = tl.zeros([BLOCK_E], dtype=part_ptr.dtype.element_ty)
+    for t in tl.static_range(9):
+        oy = y + (1 - t // 3)
+        ox = x + (1 - t % 3)
+        ok = inside & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
+        tgt = (base + tl.where(ok, oy * wp + ox, 0))[:, None] + chan
+        m = ok[:, None] & live_o
+        at = w_row + (c * 9 + t)[:, None]
+        g = tl.load(grad_ptr + tgt, mask=m, other=0.0)
+        # zero-valued entries still get d/dvals (barrier messages and silent neurons do)
+        acc += tl.sum(g * tl.load(w_ptr + at, mask=m, other=0.0), axis=1)
+        if ATOMIC_WEIGHT:
+            tl.atomic_add(gw_ptr + at, g * v[:, None], mask=m & nonzero, sem="relaxed")
+    if POOL:
+        acc = acc * 0.25
+    tl.store(part_ptr + es * n_ob + pid_o, acc, mask=live_e)
+
+
+@jit
+def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, order_ptr, seg_end_ptr,
+                             gw_ptr, c_out, c_in, h, w, width, out_offset, POOL: tl.constexpr,
+                             BLOCK_O: tl.constexpr):
+    """Deterministic grad_weight: program i owns the segment of channel-sorted entries
+    that starts at i (if one does) and sums it in order into ``W[o-block, c, :]``."""
+    i = tl.program_id(0)
+    oc = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row = tl.load(rows_ptr + i)
+    prev = tl.load(rows_ptr + i - 1, mask=i > 0, other=-1)
+    if (row != prev) & (row < c_in):
+        end = tl.load(seg_end_ptr + i)
+        taps = tl.arange(0, 16)
+        live_t = taps < 9
+        live_o = (oc < c_out)[:, None]
+        acc = tl.zeros([BLOCK_O, 16], dtype=gw_ptr.dtype.element_ty)
+        for j in range(i, end):
+            ent = tl.load(order_ptr + j)
+            v = tl.load(vals_ptr + ent)
+            if POOL:
+                v = v * 0.25
+            s = tl.load(sample_ptr + ent).to(tl.int64)
+            _c, y, x, hp, wp = _source(tl.load(src_ptr + ent).to(tl.int64), h, w, POOL)
+            oy = y + 1 - taps // 3
+            ox = x + 1 - taps % 3
+            ok = live_t & (y < hp) & (x < wp) & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
+            tgt = s * width + out_offset + oc.to(tl.int64)[:, None] * (hp * wp) \
+                + tl.where(ok, oy * wp + ox, 0)[None, :]
+            acc += tl.load(grad_ptr + tgt, mask=live_o & ok[None, :], other=0.0) * v
+        at = oc.to(tl.int64)[:, None] * (c_in * 9) + row * 9 + taps[None, :]
+        tl.store(gw_ptr + at, acc, mask=live_o & live_t[None, :])
+
+
+def _blocks(e: int, c_out: int) -> tuple[int, int]:
+    block_o = min(triton.next_power_of_2(c_out), _MAX_BLOCK_O)
+    block_e = min(triton.next_power_of_2(max(e, 1)), max(1, _TILE // block_o))
+    return block_e, block_o
+
+
+def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, width=None, **buffers):
+    """Validate the arguments shared by both launchers; returns (vals, sample, src,
+    weight) contiguous and (H, W)."""
+    check_tensors(op, kernel, vals=vals, sample=sample, src=src, weight=weight, **buffers)
+    check_dtype(op, "vals", vals, _FLOATS)
+    check_shape(op, "vals", vals, (None,))
+    e = vals.shape[0]
+    check_shape(op, "sample", sample, (e,))
+    check_shape(op, "src", src, (e,))
+    check_dtype(op, "sample", sample, _INDEX)
+    check_dtype(op, "src", src, _INDEX)
+    check_dtype(op, "weight", weight, (vals.dtype,))
+    check_shape(op, "weight", weight, (None, None, 3, 3))
+    c_out, c_in = weight.shape[:2]
+    if len(in_shape) != 3 or in_shape[0] != c_in or min(in_shape) < 1:
+        raise ValueError(f"{op}: in_shape must be (C_in={c_in}, H, W) with H, W >= 1, got {tuple(in_shape)}")
+    _, h, w = in_shape
+    hp, wp = (h // 2, w // 2) if pool else (h, w)
+    if width is not None and not 0 <= out_offset <= width - c_out * hp * wp:
+        raise ValueError(f"{op}: out_offset {out_offset} + C_out x H' x W' = {c_out * hp * wp} targets "
+                         f"do not fit in a buffer of width {width}")
+    return (vals.contiguous(), sample.contiguous(), src.contiguous(), weight.contiguous()), (int(h), int(w))
+
+
+def conv_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor,
+                        weight: torch.Tensor, in_shape: tuple[int, int, int], pool: bool,
+                        out_offset: int, current: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add the currents and received counts of E delivered entries (in place).
+
+    Args:
+        vals: ``[E]`` delivered outbox values (a zero value still counts as received).
+        sample: int64 ``[E]`` batch row of each entry.
+        src: int64 ``[E]`` source index inside its layer, ``c * H * W + y * W + x``.
+        weight: ``[C_out, C_in, 3, 3]`` conv weight.
+        in_shape: ``(C_in, H, W)`` of the source layer (before pooling).
+        pool: a 2x2 average pooling sits between the source layer and the conv.
+        out_offset: flat index of the target layer's first neuron.
+        current: ``[B, W]`` float, += the currents.
+        counts: ``[B, W]`` int32, += number of entries that reached each column.
+    """
+    op = "conv_deliver_triton"
+    check_shape(op, "current", current, (None, None))
+    b, width = current.shape
+    (vals, sample, src, weight), (h, w) = _check(op, _conv_deliver_kernel, vals, sample, src, weight,
+                                                 in_shape, pool, out_offset, width, current=current,
+                                                 counts=counts)
+    check_dtype(op, "current", current, (vals.dtype,))
+    check_shape(op, "counts", counts, (b, width))
+    check_dtype(op, "counts", counts, (torch.int32,))
+    for name, t in (("current", current), ("counts", counts)):
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} is written in place and must be contiguous, got strides "
+                             f"{t.stride()}")
+    e, c_out = vals.shape[0], weight.shape[0]
+    if e == 0 or c_out == 0:
+        return
+    block_e, block_o = _blocks(e, c_out)
+    grid = (triton.cdiv(e, block_e), triton.cdiv(c_out, block_o))
+    _conv_deliver_kernel[grid](vals, sample, src, weight, current, counts, e, c_out, weight.shape[1], h, w,
+                               width, out_offset, POOL=bool(pool), BLOCK_E=block_e, BLOCK_O=block_o)
+
+
+def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
+                                 sample: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
+                                 in_shape: tuple[int, int, int], pool: bool, out_offset: int, *,
+                                 deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `conv_deliver_torch`'s current w.r.t. the values and the weight.
+
+    Args: grad_current ``[B, W]``; the rest as in `conv_deliver_torch`.
+        deterministic: sum each input channel's weight gradient in a fixed order
+            (bitwise reproducible) instead of with float atomics (see module doc).
+
+    Returns:
+        grad_vals ``[E]``; grad_weight ``[C_out, C_in, 3, 3]`` (entries of one input
+        channel accumulate, across samples too).
+    """
+    op = "conv_deliver_backward_triton"
+    check_shape(op, "grad_current", grad_current, (None, None))
+    width = grad_current.shape[1]
+    (vals, sample, src, weight), (h, w) = _check(op, _conv_deliver_backward_kernel, vals, sample, src,
+                                                 weight, in_shape, pool, out_offset, width,
+                                                 grad_current=grad_current)
+    check_dtype(op, "grad_current", grad_current, (vals.dtype,))
+    grad_current = grad_current.contiguous()
+    e, (c_out, c_in) = vals.shape[0], weight.shape[:2]
+    grad_w = torch.zeros(c_out, c_in, 9, dtype=weight.dtype, device=weight.device)
+    if e == 0 or c_out == 0:
+        return torch.zeros_like(vals), grad_w.view(weight.shape)
+    block_e, block_o = _blocks(e, c_out)
+    n_ob = triton.cdiv(c_out, block_o)
+    part = torch.empty(e, n_ob, dtype=vals.dtype, device=vals.device)
+    _conv_deliver_backward_kernel[(triton.cdiv(e, block_e), n_ob)](
+        grad_current, vals, sample, src, weight, part, grad_w, e, c_out, c_in, h, w, width, out_offset, n_ob,
+        POOL=bool(pool), BLOCK_E=block_e, BLOCK_O=block_o, ATOMIC_WEIGHT=not deterministic)
+    grad_vals = part.sum(1) if n_ob > 1 else part.view(e)
+    if deterministic:
+        # zero-valued entries add nothing: give them a channel past the last so they
+        # form one segment that no program sums
+        rows = torch.where(vals != 0, src.to(torch.int64) // (h * w), c_in)
+        rows, order = torch.sort(rows, stable=True)
+        seg_end = torch.searchsorted(rows, rows, right=True)
+        _conv_weight_grad_kernel[(e, n_ob)](
+            grad_current, vals, sample, src, rows, order, seg_end, grad_w, c_out, c_in, h, w, width,
+            out_offset, POOL=bool(pool), BLOCK_O=block_o)
+    return grad_vals, grad_w.view(weight.shape)
