@@ -8,6 +8,8 @@ setup(
     packages=["asynctrain", "asynctrain.kernels", "asynctrain.models"],
     package_dir={"asynctrain": "asynctrain", "asynctrain.kernels": "kernels",
                  "asynctrain.models": "models"},
+    # the fused CPU steps are built from source on first use (kernels/cpu_step.py)
+    package_data={"asynctrain.kernels": ["cpu_step.c", "cpu_step_impl.h"]},
     install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={
         "data": ["tonic>=1.4", "torchvision", "scikit-learn", "h5py"],

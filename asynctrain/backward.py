@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .engine import Engine, State, StepInfo
+from .kernels.cpu_step import FusedRecord
 from .kernels.lif import lif_backward_torch
 from .retain import ChunkStore, FlatStore
 
@@ -65,8 +66,17 @@ def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor
     Conv networks keep no [B, K] index copies (the sweep re-reads them from `ops`)."""
     records = []
     small, flat = ChunkStore(), FlatStore()
+    fused, owned = engine.fused, False
     for op in ops:
         kind, t = op[0], op[1]
+        if kind == "step" and fused is not None:  # in place on a state of its own
+            if not owned:
+                st, owned = st.clone(), True
+                fused.bind_state(st)
+            sel_deliv = op[3] if op[4] is None else op[4]
+            records.append((op[3], sel_deliv, fused.replay_step(t, op[2], op[3], sel_deliv)))
+            continue
+        owned = False
         if kind == "start":
             st = engine.op_start(st)
             records.append(None)
@@ -94,6 +104,7 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
     gradient into `grad_frames [T, B, n_inputs]`) in place."""
     records = _recompute(engine, ops, st0, frames, wt)
     g_v, g_o, g_acc = adj
+    fused = engine.fused
     net, cfg = engine.net, engine.cfg
     out = net.output_slice
     width = engine.width
@@ -129,6 +140,11 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
                 grad_frames[t] += g_layer1 @ wt[:net.n_inputs, :n1].t()
         else:
             sel, sel_deliv, info = rec
+            if isinstance(info, FusedRecord):  # in place on adjoints of its own
+                if not (g_v.is_contiguous() and g_o.is_contiguous()):
+                    g_v, g_o = g_v.contiguous(), g_o.contiguous()
+                fused.backward_step(info, sel, sel_deliv, g_v, g_o, g_acc.contiguous(), grad_wt)
+                continue
             if sel is None:  # conv networks: not kept through the segment
                 sel = op[3].long()
                 sel_deliv = sel if op[4] is None else op[4].long()
@@ -187,6 +203,8 @@ class EventFunction(torch.autograd.Function):
         grad_frames = torch.zeros_like(frames) if ctx.needs_input_grad[1] else None
         starts = sorted(ckpts)
         ends = starts[1:] + [len(ops)]
+        if engine.fused is not None:
+            engine.fused.bind_weights(wt)
         with torch.no_grad():
             for i0, i1 in reversed(list(zip(starts, ends))):
                 adj = sweep_segment(engine, ops[i0:i1], ckpts[i0], frames, wt, adj, grad_out, grad_wt,

@@ -48,6 +48,11 @@ class State:
     refr: torch.Tensor     # bool [B, W]
     n_in: torch.Tensor     # int32 [B, W] currents received in this pass
 
+    def clone(self) -> "State":
+        """A copy the fused CPU steps may update in place (they never touch a checkpoint)."""
+        return State(self.v.clone(), self.o.clone(), self.acc.clone(), self.refr.clone(),
+                     self.n_in.clone())
+
 
 @dataclass
 class StepInfo:
@@ -115,6 +120,11 @@ class Engine:
         self.p_ref = cfg.refractory_dropout if t else 0.0
         self.p_net = cfg.network_dropout if t else 0.0
         self.noise = cfg.momentum_noise if t else 0.0
+        # The cpu backend's fused steps (kernels/cpu_step.py): fully connected networks
+        # without the currents histogram; they update states in place.
+        self.fused = ops.fused(self) if (ops.fused is not None and self.syn is None and not histogram
+                                         and device.type == "cpu"
+                                         and dtype in (torch.float32, torch.float64)) else None
 
     # --- ops (used by the forward and by the replay) --------------------------------
     def initial_state(self) -> State:
@@ -206,7 +216,13 @@ class Engine:
         """Execute all passes. Returns (out [T, B, n_out], stats, ops, checkpoints)."""
         cfg, net = self.cfg, self.net
         T, B = frames.shape[0], self.batch
-        ckpt = Checkpoints(self.checkpoint_every, self.record_ratio) if keep_checkpoints else None
+        fused = self.fused
+        if fused is not None and torch.is_grad_enabled() and (wt.requires_grad or frames.requires_grad):
+            fused = None  # plain autograd through every step: the torch ops
+        if fused is not None:
+            fused.bind_weights(wt)
+        ckpt = Checkpoints(self.checkpoint_every, self.record_ratio, copy=fused is not None) \
+            if keep_checkpoints else None
         # conv networks: wide steps; kept per-step tensors go to chunks (retain.py)
         keep = ChunkStore().keep if self.syn is not None else identity
         stats = new_stats(T, B, self.device, self.histogram_bins)
@@ -237,7 +253,9 @@ class Engine:
                     ((x != 0) * self.tables.fan_out[:net.n_inputs]).sum(1)
                 ps.input_processed = nz
                 self._after_eval(st, info, ps)
-            while True:
+            if fused is not None:
+                st = self._fused_pass(fused, st, ps, ckpt, ops, t, k)
+            while fused is None:
                 done = ps.done(cfg)
                 if bool(done.all()):
                     break
@@ -259,6 +277,27 @@ class Engine:
             outs.append(self.op_end(st))
         stats["final_v"] = st.v[:, net.neuron_slice].detach()
         return torch.stack(outs), stats, ops, (ckpt.saved if ckpt else None)
+
+    def _fused_pass(self, fused, st: State, ps: "_Pass", ckpt: "Checkpoints | None", ops: list,
+                    t: int, k: int) -> State:
+        """The event steps of one pass through the fused CPU steps (same ops, records
+        and bookkeeping as the loop in `run`); returns the state after them."""
+        st = st.clone()
+        ps.pending = ps.pending.clone()
+        done = ps.done(self.cfg).contiguous()
+        fused.bind_state(st)
+        fused.bind_pass(ps, done)
+        dropout = self.p_net > 0
+        all_done = bool(done.all())
+        while not all_done:
+            _offer(ckpt, ops, st)
+            sel, sel_deliv, vals, out_fired, all_done = fused.forward_step(t, k)
+            ops.append(("step", t, k, sel, sel_deliv if dropout else None))
+            ps.delivered.append(sel_deliv)
+            ps.values.append(vals)
+            ps.out_fired.append(out_fired)
+            k += 1
+        return st
 
     def _after_eval(self, st: State, info: StepInfo, ps: "_Pass") -> None:
         """Non-differentiable bookkeeping after a neuron evaluation: pending flags,
@@ -329,7 +368,7 @@ class _Pass:
         synops = zero if self.input_synops is None else self.input_synops
         per_step = [zero if self.input_processed is None else self.input_processed]
         if self.values:
-            vals, sel = torch.stack(self.values), torch.stack(self.delivered)   # [S, B, K]
+            vals, sel = torch.stack(self.values), torch.stack(self.delivered).long()   # [S, B, K]
             spikes = vals != 0  # empty and dropped slots hold 0; barrier messages are 0 too
             synops = synops + (fan_out[sel] * spikes).sum((0, 2))
             per_step.append(spikes.sum(2))
@@ -370,16 +409,17 @@ class Checkpoints:
     C ~ sqrt(ops / r), about sqrt(ops r) states are kept and the memory of the
     backward, ~2 sqrt(ops r) states, stays flat as K shrinks (ops ~ 1/K, r ~ K)."""
 
-    def __init__(self, every: int | None, ratio: float = 1.0):
+    def __init__(self, every: int | None, ratio: float = 1.0, copy: bool = False):
         self.adaptive = every is None
         self.c = 1 if every is None else every
         self.ratio = ratio
+        self.copy = copy  # states are updated in place (fused CPU steps): keep copies
         self.saved: dict[int, State] = {}
 
     def offer(self, i: int, st: State) -> None:
         if i % self.c:
             return
-        self.saved[i] = st
+        self.saved[i] = st.clone() if self.copy else st
         if self.adaptive and len(self.saved) > self.c * self.ratio:
             self.c *= 2
             self.saved = {j: s for j, s in self.saved.items() if j % self.c == 0}

@@ -74,9 +74,9 @@ def _grads(out: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def run_engine(net, cfg: SimConfig, frames, *, seed: int = 3, training: bool = False,
-               checkpoint_every: int | None = None, grads: bool = True):
+               checkpoint_every: int | None = None, grads: bool = True, backend: str = "auto"):
     """One call of `AsyncSNN`. Returns (out detached, stats, weight grads)."""
-    snn = AsyncSNN(net, cfg, checkpoint_every=checkpoint_every)
+    snn = AsyncSNN(net, cfg, checkpoint_every=checkpoint_every, backend=backend)
     snn.train(training)
     out = snn(frames, seed=seed)
     gs = _grads(out, weights_of(net)) if grads else None

@@ -78,11 +78,14 @@ def _check_exercised(cfg: SimConfig, stats: dict) -> None:
         assert stats["forward_steps"].max() > L
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("name,overrides,training,ck", CASES, ids=[c[0] for c in CASES])
-def test_engine_matches_oracle(name, overrides, training, ck):
+def test_engine_matches_oracle(name, overrides, training, ck, backend):
+    """Both CPU backends: `torch` (per-op twins) and `cpu` (fused steps; with
+    checkpoint_every=0 it runs the torch ops under autograd)."""
     cfg = SimConfig(**{**BASE, **overrides})
     net, frames = make_net(SIZES), make_frames(4, 3, SIZES[0])
-    eng = run_engine(net, cfg, frames, seed=3, training=training, checkpoint_every=ck)
+    eng = run_engine(net, cfg, frames, seed=3, training=training, checkpoint_every=ck, backend=backend)
     ora = run_oracle(net, cfg, frames, seed=3, training=training)
     assert_match(eng, ora, cfg.readout)
     _check_exercised(cfg, ora[1])
@@ -159,14 +162,16 @@ def _random_case(i: int):
     return net, frames, SimConfig(**cfg), training, r.choice([0, 1, 3, None]), r.randint(0, 999)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("i", range(24))
-def test_random_configs(i):
+def test_random_configs(i, backend):
     """Seeded random combinations of every knob: the first 24 draws of a sweep that
     ran ~5000 draws without a disagreement while this file was written."""
     net, frames, cfg, training, ck, seed = _random_case(i)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # capped passes are part of the sweep
-        eng = run_engine(net, cfg, frames, seed=seed, training=training, checkpoint_every=ck)
+        eng = run_engine(net, cfg, frames, seed=seed, training=training, checkpoint_every=ck,
+                         backend=backend)
     ora = run_oracle(net, cfg, frames, seed=seed, training=training)
     assert_match(eng, ora, cfg.readout)
 

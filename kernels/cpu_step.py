@@ -1,0 +1,243 @@
+"""Fused forward steps on the CPU (fully connected networks): the `cpu` backend.
+
+On a CPU, a forward step of a small network costs less in arithmetic than in the
+~100 tensor ops the torch path issues for it (select, gather, scatter, LIF,
+bookkeeping; ~70 more per step in the backward's recompute and sweep), each a few
+microseconds at B = 32, N = 755. `cpu_step.c` does each of the three per-step
+phases in one call over the whole batch:
+
+- `forward_step`: per sample, the top-K pending outboxes by packed key (quickselect,
+  then the K sorted; SPEC 6 ties to the lower index), network dropout, the gather of
+  the K fan-out rows into the receivers, LIF evaluation, refractoriness (with its
+  dropout), outboxes, output accumulator, pending flags, barrier messages, pre-spike
+  potentials, step counts, first output step; then every sample's stop condition.
+- `replay_step`: the same delivery and evaluation for a recorded selection (the
+  backward's recompute), writing the record the sweep needs.
+- `backward_step`: the reverse of one step (surrogate, adjoints of receivers and
+  outboxes, weight-table rows of the K sources).
+
+The twin is the torch path itself (`Engine.select`, `Engine.op_step`,
+`Engine._after_eval`, `backward._evaluation_backward` with `deliver_backward_torch`):
+same counter hash, same float operations in the same order, compiled without FMA
+contraction, so selections and spikes are identical and potentials bitwise equal
+when the K slots are added in the same order (here: highest key first; the torch
+path's `topk(sorted=False)` order is unspecified, so tests compare sorted
+selections and potentials to fp tolerance). Gradients match to fp rounding (sums
+in another order). Tests: tests/test_cpu_backend.py.
+
+State tensors are updated in place, so the engine clones a state it keeps as a
+checkpoint (`Checkpoints(copy=True)`). The library is built from the C source on
+first use with the system C compiler (``$CC``, else ``cc``) into
+``$ASYNCTRAIN_CACHE`` (default ``~/.cache/asynctrain``), keyed by a hash of the
+source, and loaded with ctypes: no torch headers, a build takes about a second.
+Single-threaded; float32 and float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_SOURCES = ("cpu_step.c", "cpu_step_impl.h")
+_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-fPIC", "-shared")
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_p, _i64, _u32, _i32, _dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int32, ctypes.c_double
+
+
+class Ctx(ctypes.Structure):
+    """Mirror of `Ctx` in cpu_step.c (field order and types must match)."""
+
+    _fields_ = [("B", _i64), ("W", _i64), ("K", _i64), ("F", _i64), ("n_slots", _i64),
+                ("out_lo", _i64), ("out_hi", _i64),
+                ("targets", _p), ("source_slot", _p), ("receive_slot", _p), ("slot_lo", _p), ("slot_hi", _p),
+                ("is_source", _p),
+                ("is_input", _p), ("sync", _p), ("theta", _p), ("wt", _p),
+                ("policy_ms", _i32), ("refractory", _i32), ("barrier", _i32), ("stop_output", _i32),
+                ("eager_first", _i32), ("detach_reset", _i32),
+                ("noise", _dbl), ("p_ref", _dbl), ("p_net", _dbl), ("alpha", _dbl),
+                ("max_steps", _i64), ("steps_after_output", _i64), ("seed", _u32),
+                ("v", _p), ("o", _p), ("acc", _p), ("refr", _p), ("n_in", _p),
+                ("pending", _p), ("pre_spike", _p), ("spike_sum", _p), ("steps", _p),
+                ("first_out", _p), ("done", _p)]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ASYNCTRAIN_CACHE", Path.home() / ".cache" / "asynctrain"))
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ctypes.CDLL:
+    """Build (once per source version) and load the library. Raises RuntimeError with
+    the compiler's message when it cannot be built."""
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((_HERE / name).read_bytes())
+    digest.update(" ".join(_FLAGS).encode())
+    lib = _cache_dir() / f"cpu_step-{digest.hexdigest()[:16]}.so"
+    if not lib.exists():
+        cc = os.environ.get("CC", "cc")
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *_FLAGS, str(_HERE / "cpu_step.c"), "-o", tmp],
+                               capture_output=True, text=True)
+        except OSError as e:
+            os.unlink(tmp)
+            raise RuntimeError(f"backend='cpu' needs a C compiler: running {cc!r} failed ({e}); "
+                               f"set CC or use backend='torch'") from None
+        if r.returncode:
+            os.unlink(tmp)
+            raise RuntimeError(f"backend='cpu': building {_HERE / 'cpu_step.c'} with {cc!r} failed:\n"
+                               f"{r.stderr[-2000:]}")
+        os.replace(tmp, lib)  # atomic: concurrent builders each write their own temp file
+    dll = ctypes.CDLL(str(lib))
+    for sfx in _SUFFIX.values():
+        getattr(dll, f"at_forward_step_{sfx}").restype = ctypes.c_int
+        getattr(dll, f"at_forward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 6
+        getattr(dll, f"at_replay_step_{sfx}").restype = None
+        getattr(dll, f"at_replay_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 8
+        getattr(dll, f"at_backward_step_{sfx}").restype = None
+        getattr(dll, f"at_backward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx)] + [_p] * 12
+    return dll
+
+
+def available() -> bool:
+    """True when the library builds and loads here."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _ptr(x: torch.Tensor) -> int:
+    return x.data_ptr()
+
+
+class CpuSteps:
+    """The fused steps of one engine call. Holds the tables, config and the pointers
+    of the state it works on; `bind_state` / `bind_pass` point it at other tensors
+    (all contiguous, on the CPU, in the call's dtype; they are kept referenced here
+    while bound)."""
+
+    def __init__(self, engine) -> None:
+        if engine.dtype not in _SUFFIX:
+            raise TypeError(f"backend='cpu' supports float32 and float64, got {engine.dtype}")
+        dll = load()
+        sfx = _SUFFIX[engine.dtype]
+        self._fwd = getattr(dll, f"at_forward_step_{sfx}")
+        self._replay = getattr(dll, f"at_replay_step_{sfx}")
+        self._bwd = getattr(dll, f"at_backward_step_{sfx}")
+        net, cfg, tab = engine.net, engine.cfg, engine.tables
+        self.B, self.W, self.K, self.dtype = engine.batch, engine.width, engine.k, engine.dtype
+        self.F = tab.targets.shape[1]
+        u8 = lambda x: x.to(torch.uint8).contiguous()  # noqa: E731
+        # slot l (the sources of layer l) reaches layer l + 1; outputs and the dump nobody
+        n_slots = int(tab.source_slot[-1]) + 1
+        lo = torch.zeros(n_slots, dtype=torch.int64)
+        hi = torch.zeros(n_slots, dtype=torch.int64)
+        for l in range(net.n_layers):
+            lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
+        self._keep = dict(targets=tab.targets.contiguous(), source_slot=tab.source_slot.contiguous(),
+                          receive_slot=tab.receive_slot.contiguous(), slot_lo=lo, slot_hi=hi, is_source=u8(tab.is_source),
+                          is_input=u8(tab.is_input), sync=engine.sync.contiguous(),
+                          theta=engine.theta.contiguous())
+        out = net.output_slice
+        c = self.ctx = Ctx()
+        c.B, c.W, c.K, c.F = self.B, self.W, self.K, self.F
+        c.n_slots = n_slots
+        c.out_lo, c.out_hi = out.start, out.stop
+        for name, t in self._keep.items():
+            setattr(c, name, _ptr(t))
+        c.policy_ms = int(cfg.policy == "MS")
+        c.refractory, c.barrier = int(cfg.refractory), int(cfg.barrier_messages)
+        c.stop_output = c.eager_first = int(cfg.stop == "output")
+        c.detach_reset = int(cfg.detach_reset)
+        c.noise, c.p_ref, c.p_net, c.alpha = engine.noise, engine.p_ref, engine.p_net, engine.alpha
+        c.max_steps, c.steps_after_output = cfg.max_steps, cfg.steps_after_output
+        c.seed = engine.seed
+        self.ref = ctypes.byref(c)
+        self._cur = torch.empty(self.W, dtype=self.dtype)
+        self._cand = torch.empty(self.W, dtype=torch.int64)
+        self._bound: dict = {}
+
+    def bind_weights(self, wt: torch.Tensor) -> None:
+        if wt.shape != (self.W, self.F) or wt.dtype != self.dtype or not wt.is_contiguous():
+            raise ValueError(f"weight table must be contiguous {self.dtype} [{self.W}, {self.F}], "
+                             f"got {wt.dtype} {tuple(wt.shape)}")
+        self._bound["wt"] = wt
+        self.ctx.wt = _ptr(wt)
+
+    def bind_state(self, st) -> None:
+        """Point at `st` (an `engine.State` whose tensors this object may modify)."""
+        for name in ("v", "o", "acc", "refr", "n_in"):
+            t = getattr(st, name)
+            assert t.is_contiguous(), name
+            self._bound[name] = t
+            setattr(self.ctx, name, _ptr(t))
+
+    def bind_pass(self, ps, done: torch.Tensor) -> None:
+        """Point at a pass's bookkeeping (`engine._Pass`) and its bool [B] done flags."""
+        for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
+                        ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
+            assert t.is_contiguous(), name
+            self._bound[name] = t
+            setattr(self.ctx, name, _ptr(t))
+
+    def forward_step(self, t: int, k: int):
+        """One forward step of the bound state and pass. Returns (sel, sel_deliv int32
+        [B, K], vals [B, K], out_fired bool [B], all_done)."""
+        sel = torch.empty(self.B, self.K, dtype=torch.int32)
+        sd = torch.empty(self.B, self.K, dtype=torch.int32)
+        vals = torch.empty(self.B, self.K, dtype=self.dtype)
+        fired = torch.empty(self.B, dtype=torch.bool)
+        all_done = self._fwd(self.ref, t, k, _ptr(sel), _ptr(sd), _ptr(vals), _ptr(fired), _ptr(self._cur),
+                             _ptr(self._cand))
+        return sel, sd, vals, fired, bool(all_done)
+
+    def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
+        """Replay a recorded step on the bound state. Returns the sweep's record
+        (vals [B, K], v_pre [B, W], refr_before, received, gate bool [B, W]; v_pre and
+        refr_before are defined at the receivers only: the sweep reads nothing else)."""
+        sel, sel_deliv = _int32(sel), _int32(sel_deliv)
+        vals = torch.empty(self.B, self.K, dtype=self.dtype)
+        v_pre = torch.empty(self.B, self.W, dtype=self.dtype)
+        masks = torch.empty(3, self.B, self.W, dtype=torch.bool)
+        self._replay(self.ref, t, k, _ptr(sel), _ptr(sel_deliv), _ptr(vals), _ptr(v_pre), _ptr(masks[0]),
+                     _ptr(masks[1]), _ptr(masks[2]), _ptr(self._cur))
+        return FusedRecord(vals, v_pre, masks)
+
+    def backward_step(self, rec: "FusedRecord", sel: torch.Tensor, sel_deliv: torch.Tensor,
+                      g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
+                      grad_wt: torch.Tensor) -> None:
+        """The step's reverse: updates g_v, g_o and adds into grad_wt, in place."""
+        for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
+            if not t.is_contiguous() or t.dtype != self.dtype:
+                raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
+        sel, sel_deliv = _int32(sel), _int32(sel_deliv)
+        m = rec.masks
+        self._bwd(self.ref, _ptr(sel), _ptr(sel_deliv), _ptr(rec.vals), _ptr(rec.v_pre), _ptr(m[0]),
+                  _ptr(m[1]), _ptr(m[2]), _ptr(g_v), _ptr(g_o), _ptr(g_acc), _ptr(grad_wt), _ptr(self._cur))
+
+
+class FusedRecord:
+    """What the backward of one replayed step needs (masks: refr before, received, gate)."""
+
+    __slots__ = ("vals", "v_pre", "masks")
+
+    def __init__(self, vals: torch.Tensor, v_pre: torch.Tensor, masks: torch.Tensor):
+        self.vals, self.v_pre, self.masks = vals, v_pre, masks
+
+
+def _int32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int32 and x.is_contiguous() else x.to(torch.int32).contiguous()
