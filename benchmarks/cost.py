@@ -5,8 +5,10 @@ Models (input Bernoulli spikes, xavier init, the paper's hyper-parameters, SPEC 
   shd700-like  the same with 700 inputs (time per step vs network width)
   nmnist-like  2312 -> 64-64-64 -> 10, batch 64, T=10, p=0.02 (N-MNIST settings)
 Implementations: `layered` (AsyncSNN policy="layered"), `engine` (AsyncSNN, RS/MS at
-several K) and `dense` (benchmarks/dense_baseline.py: the paper's per-step algorithm,
-batched: a dense matmul over the whole network and a full argsort per step).
+several K, default backend: on a CPU the fused C steps of backend="cpu"),
+`engine-torch` (the same with backend="torch", per-op tensor ops, at K=8) and
+`dense` (benchmarks/dense_baseline.py: the paper's per-step algorithm, batched: a
+dense matmul over the whole network and a full argsort per step).
 
 Each point runs in two fresh subprocesses, one thread. Time: the median of --repeat
 iterations after one warm-up. Memory (a second process, so peak memory is its own):
@@ -73,7 +75,8 @@ def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: s
     net = net.to(device)
     cfg = at.SimConfig(forward_group_size=k, policy="layered" if impl == "layered" else policy,
                        **spec["cfg"])
-    mod = DenseSNN(net, cfg) if impl == "dense" else at.AsyncSNN(net, cfg)
+    backend = "torch" if impl == "engine-torch" else "auto"
+    mod = DenseSNN(net, cfg) if impl == "dense" else at.AsyncSNN(net, cfg, backend=backend)
     mod.train()
     opt = torch.optim.Adam(net.parameters(), lr=spec["lr"], weight_decay=spec["wd"])
     frames = (torch.rand(spec["T"], spec["batch"], sizes[0]) < spec["p"]).float().to(device)
@@ -106,7 +109,10 @@ def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: s
     steps = mod.stats["forward_steps"]
     batch_steps = int(steps.max(1).values.sum())  # the batch advances until its slowest sample
     med = statistics.median(times)
-    return dict(model=model, impl=impl, policy="layered" if impl == "layered" else policy, K=k,
+    if impl.startswith("engine"):
+        backend = at.backends.resolve(backend, frames.device).name
+    return dict(model=model, impl=impl, backend=backend if impl != "dense" else "-",
+                policy="layered" if impl == "layered" else policy, K=k,
                 time_s=med, time_p20_s=sorted(times)[max(0, len(times) // 5)],
                 time_p80_s=sorted(times)[min(len(times) - 1, (4 * len(times)) // 5)],
                 steps_per_pass=float(steps.float().mean()),
@@ -121,8 +127,9 @@ def points(quick: bool) -> list[tuple[str, str, str, int]]:
         pts.append((model, "layered", "-", 1))
         for pol in ("RS", "MS"):
             pts += [(model, "engine", pol, k) for k in ks]
+        pts.append((model, "engine-torch", "MS", 8))
         pts.append((model, "dense", "MS", 8))
-    pts += [("shd", "dense", "RS", 8), ("shd", "dense", "MS", 64),
+    pts += [("shd", "engine-torch", "RS", 8), ("shd", "dense", "RS", 8), ("shd", "dense", "MS", 64),
             ("shd700", "engine", "MS", 8), ("shd700", "dense", "MS", 8)]
     return pts
 
@@ -157,7 +164,11 @@ def ratios(rows: list[dict]) -> list[tuple[str, float | None]]:
             get("shd", "engine", pol, 64), "mem_growth_mb")
         add(f"shd {pol} K=8 engine / layered time", get("shd", "engine", pol, 8),
             get("shd", "layered", "layered", 1), "time_s")
+        add(f"shd {pol} K=8: backend torch / default time", get("shd", "engine-torch", pol, 8),
+            get("shd", "engine", pol, 8), "time_s")
     add("nmnist MS K=8: dense / engine time", get("nmnist", "dense", "MS", 8),
+        get("nmnist", "engine", "MS", 8), "time_s")
+    add("nmnist MS K=8: backend torch / default time", get("nmnist", "engine-torch", "MS", 8),
         get("nmnist", "engine", "MS", 8), "time_s")
     add("nmnist MS K=8 / K=64 engine memory", get("nmnist", "engine", "MS", 8),
         get("nmnist", "engine", "MS", 64), "mem_growth_mb")
@@ -214,10 +225,10 @@ def main() -> None:
         if a.out:
             with open(a.out, "a") as f:
                 f.write(line + "\n")
-    print(f"\n{'model':8} {'impl':8} {'policy':8} {'K':>4} {'time s':>8} {'mem MB':>8} "
+    print(f"\n{'model':8} {'impl':12} {'backend':7} {'policy':8} {'K':>4} {'time s':>8} {'mem MB':>8} "
           f"{'steps/pass':>10} {'ms/step':>8}")
     for r in rows:
-        print(f"{r['model']:8} {r['impl']:8} {r['policy']:8} {r['K']:>4} {r['time_s']:8.3f} "
+        print(f"{r['model']:8} {r['impl']:12} {r['backend']:7} {r['policy']:8} {r['K']:>4} {r['time_s']:8.3f} "
               f"{r['mem_growth_mb']:8.1f} {r['steps_per_pass']:10.2f} {r['time_per_step_ms']:8.2f}")
     print()
     for name, v in ratios(rows):
