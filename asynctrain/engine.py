@@ -288,15 +288,19 @@ class Engine:
         fused.bind_state(st)
         fused.bind_pass(ps, done)
         dropout = self.p_net > 0
-        all_done = bool(done.all())
-        while not all_done:
+        # Steps run in batches up to the next op index a checkpoint may be taken at
+        # (or a bounded buffer: ~1 MB of selections), one C call per batch.
+        cap = max(1, 2**18 // (self.batch * self.k))
+        while not bool(done.all()):
             _offer(ckpt, ops, st)
-            sel, sel_deliv, vals, out_fired, all_done = fused.forward_step(t, k)
-            ops.append(("step", t, k, sel, sel_deliv if dropout else None))
-            ps.delivered.append(sel_deliv)
-            ps.values.append(vals)
-            ps.out_fired.append(out_fired)
-            k += 1
+            n_max = cap if ckpt is None else min(cap, ckpt.c - len(ops) % ckpt.c)
+            sel, sel_deliv, vals, out_fired = fused.forward_steps(t, k, n_max)
+            for i in range(sel.shape[0]):  # no checkpoint is due inside a batch
+                ops.append(("step", t, k, sel[i], sel_deliv[i] if dropout else None))
+                ps.delivered.append(sel_deliv[i])
+                ps.values.append(vals[i])
+                ps.out_fired.append(out_fired[i])
+                k += 1
         return st
 
     def _after_eval(self, st: State, info: StepInfo, ps: "_Pass") -> None:

@@ -104,6 +104,8 @@ def load() -> ctypes.CDLL:
     for sfx in _SUFFIX.values():
         getattr(dll, f"at_forward_step_{sfx}").restype = ctypes.c_int
         getattr(dll, f"at_forward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 6
+        getattr(dll, f"at_forward_steps_{sfx}").restype = ctypes.c_int64
+        getattr(dll, f"at_forward_steps_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64, _i64] + [_p] * 6
         getattr(dll, f"at_replay_step_{sfx}").restype = None
         getattr(dll, f"at_replay_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 8
         getattr(dll, f"at_backward_step_{sfx}").restype = None
@@ -136,6 +138,7 @@ class CpuSteps:
         dll = load()
         sfx = _SUFFIX[engine.dtype]
         self._fwd = getattr(dll, f"at_forward_step_{sfx}")
+        self._fwd_n = getattr(dll, f"at_forward_steps_{sfx}")
         self._replay = getattr(dll, f"at_replay_step_{sfx}")
         self._bwd = getattr(dll, f"at_backward_step_{sfx}")
         net, cfg, tab = engine.net, engine.cfg, engine.tables
@@ -204,6 +207,20 @@ class CpuSteps:
         all_done = self._fwd(self.ref, t, k, _ptr(sel), _ptr(sd), _ptr(vals), _ptr(fired), _ptr(self._cur),
                              _ptr(self._cand))
         return sel, sd, vals, fired, bool(all_done)
+
+    def forward_steps(self, t: int, k0: int, n_max: int):
+        """Up to `n_max` forward steps (k0, k0 + 1, ...), stopping after the step that
+        leaves every sample done (the caller checks that one is not done first).
+        Returns (sel, sel_deliv int32 [n, B, K], vals [n, B, K], out_fired bool [n, B])."""
+        sel = torch.empty(n_max, self.B, self.K, dtype=torch.int32)
+        sd = torch.empty(n_max, self.B, self.K, dtype=torch.int32)
+        vals = torch.empty(n_max, self.B, self.K, dtype=self.dtype)
+        fired = torch.empty(n_max, self.B, dtype=torch.bool)
+        n = self._fwd_n(self.ref, t, k0, n_max, _ptr(sel), _ptr(sd), _ptr(vals), _ptr(fired), _ptr(self._cur),
+                        _ptr(self._cand))
+        if 2 * n <= n_max:  # do not keep the unused tail alive through the views
+            return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone()
+        return sel[:n], sd[:n], vals[:n], fired[:n]
 
     def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
         """Replay a recorded step on the bound state. Returns the sweep's record

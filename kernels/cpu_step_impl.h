@@ -142,6 +142,20 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
     return all_done;
 }
 
+/* Up to n_max forward steps (k = k0, k0 + 1, ...), stopping after the step that
+ * leaves every sample done. Step i writes sel + i B K, ..., out_fired + i B.
+ * Returns the number of steps taken (>= 1; the caller checks `done` first). */
+int64_t FN(at_forward_steps)(const Ctx *c, int64_t t, int64_t k0, int64_t n_max, int32_t *sel,
+                             int32_t *sel_deliv, SCALAR *vals, uint8_t *out_fired, SCALAR *cur,
+                             int64_t *cand) {
+    const int64_t BK = c->B * c->K;
+    for (int64_t i = 0; i < n_max; i++)
+        if (FN(at_forward_step)(c, t, k0 + i, sel + i * BK, sel_deliv + i * BK, vals + i * BK,
+                                out_fired + i * c->B, cur, cand))
+            return i + 1;
+    return n_max;
+}
+
 /* Replay a recorded step (the backward's recompute): deliver the recorded selection,
  * evaluate, and write what the backward sweep needs: vals [B, K], v_pre [B, W] and the
  * masks refr (before the step), received, gate [B, W]. */
