@@ -120,10 +120,9 @@ class Engine:
         self.p_ref = cfg.refractory_dropout if t else 0.0
         self.p_net = cfg.network_dropout if t else 0.0
         self.noise = cfg.momentum_noise if t else 0.0
-        # The cpu backend's fused steps (kernels/cpu_step.py): fully connected networks
-        # without the currents histogram; they update states in place.
+        # A backend's fused steps (`Ops.fused`, e.g. kernels/cpu_step.py): fully connected
+        # networks without the currents histogram; they update states in place.
         self.fused = ops.fused(self) if (ops.fused is not None and self.syn is None and not histogram
-                                         and device.type == "cpu"
                                          and dtype in (torch.float32, torch.float64)) else None
 
     # --- ops (used by the forward and by the replay) --------------------------------

@@ -52,10 +52,9 @@ enum { STREAM_RS_KEY = 1, STREAM_MOMENTUM_NOISE = 2, STREAM_NETWORK_DROPOUT = 3,
 
 /* --- what stays fixed during a call ----------------------------------------------- */
 typedef struct {
-    int64_t B, W, K, F;           /* batch, state width (N + 1), slots per step, fan-out */
+    int64_t B, W, K, F;           /* batch, state width (N + 1), slots per step, row length */
     int64_t n_slots;              /* L + 2: per-layer delivery counters */
     int64_t out_lo, out_hi;       /* output columns */
-    const int64_t *targets;       /* [W, F] */
     const int64_t *source_slot;   /* [W] */
     const int64_t *receive_slot;  /* [W] */
     const int64_t *slot_lo, *slot_hi;  /* [n_slots]: the columns that slot l's sources reach */

@@ -26,11 +26,14 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
     cur[W - 1] = 0;
     for (int64_t l = 0; l < c->n_slots; l++)
         if (cnt[l]) memset(cur + c->slot_lo[l], 0, sizeof(SCALAR) * (c->slot_hi[l] - c->slot_lo[l]));
-    for (int64_t j = 0; j < K; j++) {  /* the torch twin's scatter_add order: slot, then entry */
-        const int64_t s = sd[j];
+    /* The torch twin's scatter_add order (slot, then entry). A source of layer l reaches
+     * the contiguous columns of layer l + 1 with row entries 0 .. n - 1 (the rest of the
+     * row is padding sent to the dump, which adds nothing anywhere else). */
+    for (int64_t j = 0; j < K; j++) {
+        const int64_t s = sd[j], l = c->source_slot[s], lo = c->slot_lo[l], n = c->slot_hi[l] - lo;
         const SCALAR x = vals[j], *w = wt + s * F;
-        const int64_t *tg = c->targets + s * F;
-        for (int64_t f = 0; f < F; f++) cur[tg[f]] += w[f] * x;
+        SCALAR *dst = cur + lo;
+        for (int64_t f = 0; f < n; f++) dst[f] += w[f] * x;
     }
     const float p_ref = (float)c->p_ref;
     uint8_t *pending = bk ? c->pending + b * W : NULL;
@@ -213,16 +216,12 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
         }
         const SCALAR *x = vals + b * K;
         SCALAR gvals[K];
-        for (int64_t j = 0; j < K; j++) {
-            const int64_t src = sd[j];
-            const SCALAR *w = wt + src * F;
-            const int64_t *tg = c->targets + src * F;
+        for (int64_t j = 0; j < K; j++) {  /* padding entries: zero weight, zero adjoint */
+            const int64_t src = sd[j], l = c->source_slot[src], lo = c->slot_lo[l], n = c->slot_hi[l] - lo;
+            const SCALAR *w = wt + src * F, *g = gcur + lo, xj = x[j];
             SCALAR *gw = grad_wt + src * F, a = 0;
-            for (int64_t f = 0; f < F; f++) {
-                const SCALAR g = gcur[tg[f]];
-                a += g * w[f];
-                gw[f] += g * x[j];
-            }
+            for (int64_t f = 0; f < n; f++) a += g[f] * w[f];
+            for (int64_t f = 0; f < n; f++) gw[f] += g[f] * xj;
             gvals[j] = a;
         }
         for (int64_t j = 0; j < K; j++) go[s[j]] = 0;
