@@ -15,14 +15,16 @@ of ``nn.Flatten`` and of frames ``[T, B, C, H, W]`` flattened.
 
 `ImageSynapses` delivers one forward step of such a network: the [B, K] selection is
 split per source layer (one sort, one host sync per step), each layer's entries go
-through its kernel twin (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`), and the
-received counts come from the same targets. The parameters travel as one flat vector
+through its kernel (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`: the Triton
+kernel when the call's backend is "triton", else the torch twin), and the received
+counts come from the same targets. The parameters travel as one flat vector
 (the engine's "weight table" of these networks), so one autograd node per step
 carries every layer's gradient.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.conv_deliver import conv_deliver_backward_torch, conv_deliver_torch
-from .kernels.rows_deliver import rows_deliver_backward_torch, rows_deliver_torch
+from .kernels.conv_deliver import (conv_deliver_backward_torch, conv_deliver_backward_triton,
+                                   conv_deliver_torch, conv_deliver_triton)
+from .kernels.rows_deliver import (rows_deliver_backward_torch, rows_deliver_backward_triton,
+                                   rows_deliver_torch, rows_deliver_triton)
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,33 @@ def needs_image_path(maps: list[SynapticMap]) -> bool:
 
 
 # --------------------------------------------------------------------- per-step delivery
+# map kind -> (deliver, deliver_backward); "fc" covers pooled and flattened linear maps
+_TORCH_KERNELS = {"conv": (conv_deliver_torch, conv_deliver_backward_torch),
+                  "fc": (rows_deliver_torch, rows_deliver_backward_torch)}
+
+
+@functools.lru_cache(maxsize=2)
+def _triton_kernels(deterministic: bool) -> dict:
+    return {"conv": (conv_deliver_triton,
+                     functools.partial(conv_deliver_backward_triton, deterministic=deterministic)),
+            "fc": (rows_deliver_triton,
+                   functools.partial(rows_deliver_backward_triton, deterministic=deterministic))}
+
+
+def _kernels(ops) -> dict:
+    """The conv/rows kernels of the call's backend (`backends.Ops`; None: torch).
+
+    The triton ops' `deterministic` choice is read from an ``Ops.deterministic`` field
+    when the ops carry one, else from the keyword bound into their deliver_backward
+    (`backends.triton_ops` binds it there)."""
+    if ops is None or ops.name != "triton":
+        return _TORCH_KERNELS
+    det = getattr(ops, "deterministic", None)
+    if det is None:
+        det = getattr(ops.deliver_backward, "keywords", {}).get("deterministic", False)
+    return _triton_kernels(bool(det))
+
+
 class ImageSynapses:
     """Delivery of a network with conv maps in the flat index space of `Network`.
 
@@ -305,18 +336,20 @@ class ImageSynapses:
                 source_slot: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
         differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
-        `backends.Ops` (the torch twins run on every backend until a conv kernel exists)."""
+        `backends.Ops`; "triton" runs the Triton kernels, anything else (None too) the
+        torch twins."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
-            return _ImageDeliver.apply(vals, sel, flat, self, source_slot)
-        return self._forward(vals, sel, flat, source_slot)
+            return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops)
+        return self._forward(vals, sel, flat, source_slot, ops)
 
-    def _forward(self, vals, sel, flat, source_slot):
+    def _forward(self, vals, sel, flat, source_slot, ops=None):
         b, k = sel.shape
         current = vals.new_zeros(b, self.width)
         counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
+        kernels = _kernels(ops)
         for l, pos in self.entries(sel, source_slot):
             m = self.maps[l]
-            fn = conv_deliver_torch if m.kind == "conv" else rows_deliver_torch
+            fn = kernels[m.kind][0]
             fn(vals.reshape(-1)[pos], pos // k, sel.reshape(-1)[pos] - self.offsets[l],
                self.weight(flat, l), m.in_shape, m.pool, self.offsets[l + 1], current, counts)
         return current, counts
@@ -329,13 +362,14 @@ class ImageSynapses:
         With `grad_flat` given, the weight gradient is added into it in place (only the
         layers the step delivered from: a VGG-7 step at small K touches one or two of
         seven, and a fresh 1.2 M-float vector per step cost as much as the step) and
-        returned."""
+        returned. `ops` as in `deliver`."""
         b, k = sel.shape
         grad_vals = torch.zeros_like(vals).view(-1)
+        kernels = _kernels(ops)
         if grad_flat is not None:
             for l, pos in self.entries(sel, source_slot):
                 m = self.maps[l]
-                fn = conv_deliver_backward_torch if m.kind == "conv" else rows_deliver_backward_torch
+                fn = kernels[m.kind][1]
                 gv, gw = fn(grad_current, vals.reshape(-1)[pos], pos // k,
                             sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l), m.in_shape,
                             m.pool, self.offsets[l + 1])
@@ -345,7 +379,7 @@ class ImageSynapses:
         grads = [None] * len(self.maps)
         for l, pos in self.entries(sel, source_slot):
             m = self.maps[l]
-            fn = conv_deliver_backward_torch if m.kind == "conv" else rows_deliver_backward_torch
+            fn = kernels[m.kind][1]
             gv, gw = fn(grad_current, vals.reshape(-1)[pos], pos // k,
                         sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l), m.in_shape,
                         m.pool, self.offsets[l + 1])
@@ -379,16 +413,17 @@ class ImageSynapses:
 
 class _ImageDeliver(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vals, sel, flat, syn, source_slot):
+    def forward(ctx, vals, sel, flat, syn, source_slot, ops):
         # [B, K] values and indices only: the windows are recomputed in the backward.
         ctx.save_for_backward(vals, sel, flat, source_slot)
-        ctx.syn = syn
-        current, counts = syn._forward(vals, sel, flat, source_slot)
+        ctx.syn, ctx.ops = syn, ops
+        current, counts = syn._forward(vals, sel, flat, source_slot, ops)
         ctx.mark_non_differentiable(counts)
         return current, counts
 
     @staticmethod
     def backward(ctx, grad_current, _grad_counts):
         vals, sel, flat, source_slot = ctx.saved_tensors
-        grad_vals, grad_flat = ctx.syn.deliver_backward(grad_current, vals, sel, flat, source_slot)
-        return grad_vals, None, grad_flat, None, None
+        grad_vals, grad_flat = ctx.syn.deliver_backward(grad_current, vals, sel, flat, source_slot,
+                                                        ops=ctx.ops)
+        return grad_vals, None, grad_flat, None, None, None

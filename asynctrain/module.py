@@ -50,8 +50,8 @@ class AsyncSNN(nn.Module):
         input_shape: ``(C, H, W)`` of an input frame, needed for convolutions (default:
             ``net.input_shape`` if the module carries one, as `asynctrain.models.vgg7`
             does). Frames may then be ``[T, B, C, H, W]`` or flat ``[T, B, C*H*W]``.
-            Convolutional networks deliver through the torch twins of
-            `kernels/conv_deliver.py` on every backend (no Triton conv kernel yet).
+            Convolutional networks deliver through `kernels/conv_deliver.py` and
+            `kernels/rows_deliver.py` (Triton kernels on the triton backend).
 
     Attributes:
         stats: dict of the last call (all detached): ``forward_steps [T, B]``,

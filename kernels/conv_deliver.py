@@ -28,8 +28,8 @@ hears the same sources): 0.4 s -> 0.13 s per forward step of VGG-7 at K = 512,
 batch 8, 2 CPU threads, against masking every [E, C_out, 9] element.
 
 Triton (`conv_deliver_triton`, `conv_deliver_backward_triton`, same signatures as the
-twins): programs tile (entry block, output-channel block) and unroll the 9 taps, so
-the window geometry is computed once per entry and each tap is one
+twins): programs tile (entry block, output-channel block) and loop over the 9 taps,
+so the window geometry is computed once per entry and each tap is one
 [BLOCK_E, BLOCK_O] gather of ``W[o, c, ky, kx]`` and one scatter.
 - Forward: float atomics into ``current`` (skipped for zero values, which add
   nothing) and int32 atomics of 1 into ``counts`` (zero values too: a barrier message
@@ -147,7 +147,10 @@ def conv_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
 # --- Triton ---------------------------------------------------------------------------
 _FLOATS = (torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
-_TILE = 1024   # BLOCK_E x BLOCK_O per tap (4 warps: 8 elements per thread, 9 taps unrolled)
+# BLOCK_E x BLOCK_O per tap (4 warps: 4 elements per thread). sm_90 cubins of the forward:
+# 1024-element tiles (8 x 128) took 162 registers (255 + a stack frame with the taps
+# unrolled), 512 take 50; the taps run as a loop for the same reason.
+_TILE = 512
 _MAX_BLOCK_O = 128
 
 
@@ -186,7 +189,7 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
     w_row = (oc.to(tl.int64) * (c_in * 9))[None, :]
     nonzero = (v != 0)[:, None]
     ones = tl.full([BLOCK_E, BLOCK_O], 1, tl.int32)
-    for t in tl.static_range(9):                 # tap t = ky * 3 + kx reaches (y + 1 - ky, x + 1 - kx)
+    for t in range(9):                           # tap t = ky * 3 + kx reaches (y + 1 - ky, x + 1 - kx)
         oy = y + (1 - t // 3)
         ox = x + (1 - t % 3)
         ok = inside & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
@@ -218,7 +221,7 @@ def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
     w_row = (oc.to(tl.int64) * (c_in * 9))[None, :]
     nonzero = (v != 0)[:, None]
     acc = tl.zeros([BLOCK_E], dtype=part_ptr.dtype.element_ty)
-    for t in tl.static_range(9):
+    for t in range(9):
         oy = y + (1 - t // 3)
         ox = x + (1 - t % 3)
         ok = inside & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
