@@ -1,0 +1,557 @@
+"""Fused forward steps on the GPU (fully connected networks): the `fused` steps of
+the `triton` backend, the Triton twin of `cpu_step.CpuSteps`.
+
+Same interface as `CpuSteps` (`bind_weights`, `bind_state`, `bind_pass`,
+`forward_step`, `forward_steps`, `replay_step`, `backward_step`; records are
+`cpu_step.FusedRecord`) and the same semantics as the C functions of
+`cpu_step.c`: the same counter hash, packed keys (SPEC 6: ties to the lower index),
+slot order (highest key first) and float operations in the same order (launched
+with ``enable_fp_fusion=False``: no FMA contraction, as the C is built with
+``-ffp-contract=off``; fp32 division by ``div_rn``). Selections, spikes and
+potentials are therefore those of the C steps, bit for bit in the interpreter.
+
+Design: one program per sample (grid ``(B,)``), state in global memory.
+- `_forward_kernel` is persistent: it runs up to `n_max` forward steps of its own
+  sample in one launch (select, network dropout, deliver, LIF, refractoriness,
+  bookkeeping, stop condition), writing step i's rows of the [n_max, B, K]
+  selection buffers; a sample that is done writes dump rows. The host reads one
+  number per launch (the most steps any sample took), so a pass of S steps costs
+  about S / n_max launches instead of ~10 kernels per step.
+- Selection never sorts the row: the mapped keys of the pending entries go to a
+  scratch row, a radix search over their 32 bits finds the K-th largest (as
+  kernels/select.py), one pass takes the entries above it plus the lowest-index
+  ties, and only those K are sorted (`tl.sort`, K rounded up to a power of two).
+- No atomics in the forward: a sample's currents reach only its own row, and the
+  program owning the row adds the K fan-out rows one after the other (vectorised
+  over the receiving columns, current kept in registers per column block), so the
+  sums are in the C order and reproducible.
+- The backward's weight-table gradient is shared by all samples: `atomic_add`,
+  so the order of the additions across samples (hence the last bits of grad_wt)
+  can change from run to run, as in kernels/deliver.py; within a sample the
+  dot products are block reductions (another order than the C's sequential sums:
+  gradients match to fp tolerance, not bitwise).
+
+Phases of a step exchange data through global memory between threads of one
+program (a selection written, then read as scalars; outboxes zeroed in the K
+layout, then read in the row layout), separated by `tl.debug_barrier()`. The
+interpreter runs a program sequentially, so it checks the arithmetic and the
+control flow, not the barriers, the atomics' races or register pressure (the
+compile-only test checks that sm_90 / sm_80 builds do not spill). Limits: K up to
+`_K_MAX` (the sort holds next_pow2(K) keys in registers); float32 and float64.
+Tests: tests/test_steps_triton.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from asynctrain import rng
+
+from ._triton import check_tensors, jit, tl, triton
+from .cpu_step import FusedRecord, _int32
+from .rng_triton import _fmix32, _uniform_at_from_hash
+
+_SUFFIX = (torch.float32, torch.float64)
+_K_MAX = 4096
+_SENTINEL = -(2**63 - 1)  # below every packed key: unused candidate slots
+
+
+def _config(width: int) -> dict:
+    """Row block and warps. Rows are streamed in blocks (state of a whole network
+    does not fit registers); 512 x 4 warps keeps the radix count ([512, 16]) at 64
+    values per thread."""
+    return dict(BLOCK=min(512, max(32, triton.next_power_of_2(width))), num_warps=4)
+
+
+# --- device helpers -----------------------------------------------------------------------
+@jit
+def _step_hash(h_t, k):
+    """`rng.counter_hash` from its value after (seed, stream, timestep) mixed on the
+    host: the last round, with the forward step `k`."""
+    return _fmix32(h_t.to(tl.uint32) ^ (k.to(tl.uint32) * 0x9E3779B9))
+
+
+@jit
+def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, noise,
+              POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    """Mapped keys (uint32 order held in int64, -1 where not pending) of one row into
+    `keys_row`; returns the number of pending entries. The key is the C's
+    `packed_key` high half: -0.0 as +0.0, negative floats with their low bits flipped."""
+    n_pending = tl.zeros((), tl.int32)
+    for start in range(0, W, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < W
+        pend = tl.load(pend_row + cols, mask=inside, other=0) != 0
+        if POLICY_MS:
+            key = tl.load(pre_row + cols, mask=inside, other=0.0).to(tl.float32)
+            if HAS_NOISE:
+                key = key + noise * _uniform_at_from_hash(h_key, b, cols)
+            inp = tl.load(is_input_ptr + cols, mask=inside, other=0) != 0
+            key = tl.where(inp, float("inf"), key)
+        else:
+            key = _uniform_at_from_hash(h_key, b, cols)
+        bits = key.to(tl.int32, bitcast=True)
+        bits = tl.where(bits == -2147483648, 0, bits)
+        s = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        u = tl.where(pend, s.to(tl.int64) + 2147483648, -1)
+        tl.store(keys_row + cols, u, mask=inside)
+        n_pending += tl.sum(pend.to(tl.int32))
+    return n_pending
+
+
+@jit
+def _select_row(W, K, keys_row, cand_row, n_pending, BLOCK: tl.constexpr, KB: tl.constexpr,
+                DIGIT_BITS: tl.constexpr):
+    """int32 [KB]: the top-K columns by packed key, highest first, the dump after the
+    last pending entry (at_forward_step's selection). Threshold T by radix search
+    (count(u >= T) >= K), then the entries above T and the lowest-index ones equal
+    to T go to `cand_row` as packed keys, and those K are sorted."""
+    cols0 = tl.arange(0, BLOCK)
+    digits = tl.arange(0, 1 << DIGIT_BITS).to(tl.int64)
+    prefix = tl.zeros((), tl.int64)
+    if n_pending > K:
+        for r in tl.static_range(32 // DIGIT_BITS):
+            shift = 32 - DIGIT_BITS * (r + 1)
+            cand = prefix | (digits << shift)
+            counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
+            for start in range(0, W, BLOCK):
+                cols = start + cols0
+                u = tl.load(keys_row + cols, mask=cols < W, other=-1)
+                counts += tl.sum((u[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+            prefix = prefix | (tl.max(tl.where(counts >= K, digits, 0), axis=0) << shift)
+    n_above = tl.zeros((), tl.int32)
+    for start in range(0, W, BLOCK):
+        cols = start + cols0
+        u = tl.load(keys_row + cols, mask=cols < W, other=-1)
+        n_above += tl.sum((u > prefix).to(tl.int32))
+    m = K - n_above
+    n_sel = tl.zeros((), tl.int32)
+    n_tied = tl.zeros((), tl.int32)
+    for start in range(0, W, BLOCK):
+        cols = start + cols0
+        u = tl.load(keys_row + cols, mask=cols < W, other=-1)
+        tied = (u == prefix).to(tl.int32)
+        take = (u > prefix) | ((tied != 0) & (n_tied + tl.cumsum(tied, axis=0) <= m))
+        pos = n_sel + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        packed = ((u - 2147483648) << 32) | (W - 1 - cols).to(tl.int64)
+        tl.store(cand_row + pos, packed, mask=take)
+        n_sel += tl.sum(take.to(tl.int32))
+        n_tied += tl.sum(tied)
+    jj = tl.arange(0, KB)
+    tl.store(cand_row + jj, tl.full([KB], -9223372036854775807, tl.int64), mask=jj >= n_sel)
+    tl.debug_barrier()
+    packed = tl.sort(tl.load(cand_row + jj), descending=True)
+    low = packed - ((packed >> 32) << 32)  # the reversed column (no 32-bit mask literal)
+    return tl.where(packed == -9223372036854775807, W - 1, (W - 1 - low).to(tl.int32)).to(tl.int32)
+
+
+@jit
+def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr, slot_hi_ptr,
+              is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_row, o_row, acc_row, refr_row, n_in_row,
+              pend_row, pre_row, ssum_row, vpre_row, refrb_row, recv_row, gate_row,
+              sd_row, vals_row, cnt, h_ref, p_ref,
+              REFRACTORY: tl.constexpr, HAS_PREF: tl.constexpr, BARRIER: tl.constexpr,
+              POLICY_MS: tl.constexpr, BK: tl.constexpr, RECORD: tl.constexpr, BLOCK: tl.constexpr,
+              NS: tl.constexpr):
+    """Deliver the K slots (`sd_row`, `vals_row`, already in global memory) and
+    evaluate the receivers (the C's `evaluate`): per receiving layer and column
+    block, the current is summed in registers over the slots of that layer in slot
+    order, then LIF, refractoriness, outboxes, acc, and (BK) pending flags, barrier
+    messages, pre-spike potentials, spike sums; (RECORD) the sweep's record.
+    Returns 1 if an output neuron fired."""
+    ns = tl.arange(0, NS)
+    out_any = tl.zeros((), tl.int32)
+    for l in range(n_slots):
+        nadd = tl.sum(tl.where(ns == l, cnt, 0))
+        if nadd > 0:
+            lo = tl.load(slot_lo_ptr + l)
+            hi = tl.load(slot_hi_ptr + l)
+            for start in range(lo, hi, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                inside = cols < hi
+                cur = tl.zeros([BLOCK], wt_ptr.dtype.element_ty)
+                for j in range(K):
+                    s = tl.load(sd_row + j).to(tl.int64)
+                    if tl.load(source_slot_ptr + s) == l:
+                        x = tl.load(vals_row + j)
+                        w = tl.load(wt_ptr + s * F + (cols - lo), mask=inside, other=0.0)
+                        cur = cur + w * x
+                nb = tl.load(n_in_row + cols, mask=inside, other=0)
+                ni = nb + nadd
+                tl.store(n_in_row + cols, ni, mask=inside)
+                sync = tl.load(sync_ptr + cols, mask=inside, other=1)
+                g = ni >= sync
+                rf = tl.load(refr_row + cols, mask=inside, other=0) != 0
+                v = tl.load(v_row + cols, mask=inside, other=0.0)
+                vp = tl.where(rf, 0.0, v + cur)
+                th = tl.load(theta_ptr + cols, mask=inside, other=0.0)
+                fired = g & (vp >= th)
+                sf = fired.to(vp.dtype)
+                tl.store(v_row + cols, vp - vp * sf, mask=inside)
+                src = tl.load(is_source_ptr + cols, mask=inside, other=0) != 0
+                o = tl.load(o_row + cols, mask=inside, other=0.0)
+                tl.store(o_row + cols, o + sf * src.to(vp.dtype), mask=inside)
+                out = inside & (cols >= out_lo) & (cols < out_hi)
+                a = tl.load(acc_row + (cols - out_lo), mask=out, other=0.0)
+                tl.store(acc_row + (cols - out_lo), a + sf, mask=out)
+                if REFRACTORY:
+                    stays = fired
+                    if HAS_PREF:
+                        stays = stays & (_uniform_at_from_hash(h_ref, b, cols) >= p_ref)
+                    tl.store(refr_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=inside & stays)
+                if RECORD:
+                    tl.store(vpre_row + cols, vp, mask=inside)
+                    tl.store(refrb_row + cols, rf.to(tl.uint8), mask=inside)
+                    tl.store(recv_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=inside)
+                    tl.store(gate_row + cols, g.to(tl.uint8), mask=inside)
+                if BK:
+                    newp = fired
+                    if BARRIER:
+                        newp = newp | ((nb < sync) & (ni >= sync))
+                    tl.store(pend_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=inside & src & newp)
+                    if POLICY_MS:
+                        tl.store(pre_row + cols, vp, mask=inside & fired)
+                    ss = tl.load(ssum_row + cols, mask=inside, other=0.0)
+                    tl.store(ssum_row + cols, ss + sf, mask=inside)
+                    out_any = tl.maximum(out_any, tl.max((fired & out).to(tl.int32)))
+    return out_any
+
+
+@jit
+def _slot_counts(sd, kmask, source_slot_ptr, NS: tl.constexpr):
+    """int32 [NS]: delivered slots per source layer (the dump's included)."""
+    slot = tl.load(source_slot_ptr + sd.to(tl.int64), mask=kmask, other=-1)
+    ns = tl.arange(0, NS)
+    return tl.sum((slot[:, None] == ns[None, :]).to(tl.int32), axis=0)
+
+
+# --- kernels ------------------------------------------------------------------------------
+@jit
+def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is_input_ptr, sync_ptr,
+                    theta_ptr, wt_ptr,
+                    v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr,
+                    pend_ptr, pre_ptr, ssum_ptr, steps_ptr, first_ptr, done_ptr,
+                    sel_ptr, sd_ptr, vals_ptr, fired_ptr, taken_ptr, keys_ptr, cand_ptr,
+                    B, W, K, F, n_slots, out_lo, out_hi, k0, n_max, h_key_t, h_drop_t, h_ref_t,
+                    noise, p_ref, p_net, max_steps, steps_after_output,
+                    POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PNET: tl.constexpr,
+                    REFRACTORY: tl.constexpr, HAS_PREF: tl.constexpr, BARRIER: tl.constexpr,
+                    STOP_OUTPUT: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
+                    NS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    n_out = out_hi - out_lo
+    v_row, o_row, refr_row, n_in_row = v_ptr + b * W, o_ptr + b * W, refr_ptr + b * W, n_in_ptr + b * W
+    acc_row = acc_ptr + b * n_out
+    pend_row, pre_row, ssum_row = pend_ptr + b * W, pre_ptr + b * W, ssum_ptr + b * W
+    keys_row, cand_row = keys_ptr + b * W, cand_ptr + b * KB
+    jj = tl.arange(0, KB)
+    kmask = jj < K
+    dump = W - 1
+    done = tl.load(done_ptr + b).to(tl.int32)
+    steps = tl.load(steps_ptr + b)
+    first = tl.load(first_ptr + b)
+    taken = tl.zeros((), tl.int32)
+    for i in range(n_max):
+        at = (i * B + b) * K
+        if done != 0:
+            tl.store(sel_ptr + at + jj, tl.full([KB], 0, tl.int32) + dump, mask=kmask)
+            tl.store(sd_ptr + at + jj, tl.full([KB], 0, tl.int32) + dump, mask=kmask)
+            o_dump = tl.load(o_row + dump)
+            tl.store(vals_ptr + at + jj, tl.zeros([KB], o_dump.dtype) + o_dump, mask=kmask)
+            tl.store(fired_ptr + i * B + b, 0)
+        else:
+            k = k0 + i
+            h_key = _step_hash(h_key_t, k)
+            n_pending = _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, noise,
+                                  POLICY_MS, HAS_NOISE, BLOCK)
+            tl.debug_barrier()
+            sel = _select_row(W, K, keys_row, cand_row, n_pending, BLOCK, KB, DIGIT_BITS)
+            sd = sel
+            if HAS_PNET:
+                drop = _uniform_at_from_hash(_step_hash(h_drop_t, k), b, sel) < p_net
+                sd = tl.where(drop, dump, sel).to(tl.int32)
+            vals = tl.load(o_row + sd, mask=kmask, other=0.0)
+            tl.store(sel_ptr + at + jj, sel, mask=kmask)
+            tl.store(sd_ptr + at + jj, sd, mask=kmask)
+            tl.store(vals_ptr + at + jj, vals, mask=kmask)
+            cnt = _slot_counts(sd, kmask, source_slot_ptr, NS)
+            tl.debug_barrier()
+            tl.store(pend_row + sel, tl.zeros([KB], tl.uint8), mask=kmask)
+            tl.store(o_row + sel, tl.zeros([KB], vals.dtype), mask=kmask)
+            tl.debug_barrier()
+            out_any = _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
+                                slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_row, o_row,
+                                acc_row, refr_row, n_in_row, pend_row, pre_row, ssum_row,
+                                v_row, refr_row, refr_row, refr_row,  # no record
+                                sd_ptr + at, vals_ptr + at, cnt, _step_hash(h_ref_t, k), p_ref,
+                                REFRACTORY, HAS_PREF, BARRIER, POLICY_MS, True, False, BLOCK, NS)
+            steps += 1
+            taken += 1
+            if STOP_OUTPUT:
+                if (first < 0) & (out_any != 0):
+                    first = steps
+            tl.store(fired_ptr + i * B + b, out_any)
+            tl.debug_barrier()
+            any_pending = tl.zeros((), tl.int32)
+            for start in range(0, W, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                p = tl.load(pend_row + cols, mask=cols < W, other=0).to(tl.int32)
+                any_pending = tl.maximum(any_pending, tl.max(p))
+            d = (any_pending == 0) | (steps >= max_steps)
+            if STOP_OUTPUT:
+                d = d | ((first >= 0) & (steps >= first + steps_after_output))
+            done = d.to(tl.int32)
+    tl.store(steps_ptr + b, steps)
+    tl.store(first_ptr + b, first)
+    tl.store(done_ptr + b, done)
+    tl.store(taken_ptr + b, taken)
+
+
+@jit
+def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr,
+                   v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr, sel_ptr, sd_ptr, vals_ptr,
+                   vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
+                   W, K, F, n_slots, out_lo, out_hi, h_ref, p_ref,
+                   REFRACTORY: tl.constexpr, HAS_PREF: tl.constexpr, BLOCK: tl.constexpr,
+                   KB: tl.constexpr, NS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    jj = tl.arange(0, KB)
+    kmask = jj < K
+    row = b * W
+    sel = tl.load(sel_ptr + b * K + jj, mask=kmask, other=0)
+    sd = tl.load(sd_ptr + b * K + jj, mask=kmask, other=0)
+    vals = tl.load(o_ptr + row + sd, mask=kmask, other=0.0)
+    tl.store(vals_ptr + b * K + jj, vals, mask=kmask)
+    cnt = _slot_counts(sd, kmask, source_slot_ptr, NS)
+    for start in range(0, W, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(recv_ptr + row + cols, tl.zeros([BLOCK], tl.uint8), mask=cols < W)
+        tl.store(gate_ptr + row + cols, tl.zeros([BLOCK], tl.uint8), mask=cols < W)
+    tl.debug_barrier()
+    tl.store(o_ptr + row + sel, tl.zeros([KB], vals.dtype), mask=kmask)
+    tl.debug_barrier()
+    _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr, slot_hi_ptr,
+              is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_ptr + row, o_ptr + row,
+              acc_ptr + b * (out_hi - out_lo), refr_ptr + row, n_in_ptr + row,
+              refr_ptr, vpre_ptr, vpre_ptr,  # no bookkeeping
+              vpre_ptr + row, refrb_ptr + row, recv_ptr + row, gate_ptr + row,
+              sd_ptr + b * K, vals_ptr + b * K, cnt, h_ref.to(tl.uint32), p_ref,
+              REFRACTORY, HAS_PREF, False, False, False, True, BLOCK, NS)
+
+
+@jit
+def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, theta_ptr, wt_ptr,
+                     const_ptr, sel_ptr, sd_ptr, vals_ptr, vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
+                     gv_ptr, go_ptr, gacc_ptr, gwt_ptr,
+                     W, K, F, n_slots, out_lo, out_hi,
+                     DETACH_RESET: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
+                     NS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    jj = tl.arange(0, KB)
+    kmask = jj < K
+    row = b * W
+    n_out = out_hi - out_lo
+    sel = tl.load(sel_ptr + b * K + jj, mask=kmask, other=0)
+    sd = tl.load(sd_ptr + b * K + jj, mask=kmask, other=0)
+    cnt = _slot_counts(sd, kmask, source_slot_ptr, NS)
+    ns = tl.arange(0, NS)
+    half_alpha = tl.load(const_ptr)
+    scale = tl.load(const_ptr + 1)
+    gvals = tl.zeros([KB], half_alpha.dtype)
+    for l in range(n_slots):
+        if tl.sum(tl.where(ns == l, cnt, 0)) > 0:
+            lo = tl.load(slot_lo_ptr + l)
+            hi = tl.load(slot_hi_ptr + l)
+            for start in range(lo, hi, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                rc = (tl.load(recv_ptr + row + cols, mask=cols < hi, other=0) != 0) & (cols < hi)
+                src = tl.load(is_source_ptr + cols, mask=rc, other=0) != 0
+                gs = tl.load(go_ptr + row + cols, mask=rc, other=0.0) * src.to(half_alpha.dtype)
+                out = rc & (cols >= out_lo) & (cols < out_hi)
+                gs = tl.where(out, gs + tl.load(gacc_ptr + b * n_out + (cols - out_lo), mask=out, other=0.0),
+                              gs)
+                vp = tl.load(vpre_ptr + row + cols, mask=rc, other=0.0)
+                th = tl.load(theta_ptr + cols, mask=rc, other=0.0)
+                gt = tl.load(gate_ptr + row + cols, mask=rc, other=0) != 0
+                s = (gt & (vp >= th)).to(vp.dtype)
+                y = scale * (vp - th)
+                den = 1 + y * y
+                if vp.dtype == tl.float32:
+                    inv = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), den)
+                else:
+                    inv = 1 / den
+                dsdv = tl.where(gt, inv * half_alpha, 0.0)
+                gvn = tl.load(gv_ptr + row + cols, mask=rc, other=0.0)
+                gp = gvn * (1 - s)
+                if not DETACH_RESET:
+                    gp = gp - gvn * vp * dsdv
+                gp = gp + gs * dsdv
+                rf = tl.load(refrb_ptr + row + cols, mask=rc, other=0) != 0
+                gp = tl.where(rf | ~rc, 0.0, gp)
+                tl.store(gv_ptr + row + cols, gp, mask=rc)
+                for j in range(K):
+                    s_j = tl.load(sd_ptr + b * K + j).to(tl.int64)
+                    if tl.load(source_slot_ptr + s_j) == l:
+                        w = tl.load(wt_ptr + s_j * F + (cols - lo), mask=cols < hi, other=0.0)
+                        gvals += tl.where(jj == j, tl.sum(gp * w), 0.0)
+                        x = tl.load(vals_ptr + b * K + j)
+                        tl.atomic_add(gwt_ptr + s_j * F + (cols - lo), gp * x, mask=cols < hi)
+    tl.debug_barrier()
+    tl.store(go_ptr + row + sel, tl.zeros([KB], gvals.dtype), mask=kmask)
+    tl.debug_barrier()
+    g = tl.load(go_ptr + row + sd, mask=kmask, other=0.0)
+    tl.store(go_ptr + row + sd, g + gvals, mask=kmask)
+
+
+# --- host ---------------------------------------------------------------------------------
+def _partial_hash(seed: int, stream: int, t: int) -> int:
+    """`rng.counter_hash` before its last round (the forward step, mixed in-kernel)."""
+    h = rng._fmix32_int(seed ^ rng._GOLDEN)
+    for c in (stream, t):
+        h = rng._fmix32_int(h ^ ((c * rng._GOLDEN) & rng._MASK32))
+    return h
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.uint8) if x.dtype == torch.bool else x
+
+
+class TritonSteps:
+    """The fused steps of one engine call on the engine's device (CUDA, or CPU
+    tensors under TRITON_INTERPRET=1). State tensors are bound as in `CpuSteps` and
+    updated in place; scratch rows ([B, W] keys, [B, next_pow2(K)] candidates) are
+    this object's."""
+
+    def __init__(self, engine) -> None:
+        if engine.dtype not in _SUFFIX:
+            raise TypeError(f"backend='triton' fused steps support float32 and float64, got {engine.dtype}")
+        if engine.k > _K_MAX:
+            raise ValueError(f"backend='triton' fused steps support K <= {_K_MAX}, got {engine.k}")
+        net, cfg, tab = engine.net, engine.cfg, engine.tables
+        dev = self.device = engine.device
+        self.B, self.W, self.K, self.dtype = engine.batch, engine.width, engine.k, engine.dtype
+        self.F = tab.targets.shape[1]
+        n_slots = int(tab.source_slot[-1]) + 1
+        lo = torch.zeros(n_slots, dtype=torch.int64)
+        hi = torch.zeros(n_slots, dtype=torch.int64)
+        for l in range(net.n_layers):  # slot l (sources of layer l) reaches layer l + 1
+            lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
+        u8 = lambda x: x.to(device=dev, dtype=torch.uint8).contiguous()  # noqa: E731
+        self._tables = dict(source_slot=tab.source_slot.to(dev).contiguous(), slot_lo=lo.to(dev),
+                            slot_hi=hi.to(dev), is_source=u8(tab.is_source), is_input=u8(tab.is_input),
+                            sync=engine.sync.to(dev).contiguous(), theta=engine.theta.to(dev).contiguous())
+        self.n_slots = n_slots
+        out = net.output_slice
+        self.out_lo, self.out_hi = out.start, out.stop
+        self.policy_ms = cfg.policy == "MS"
+        self.refractory, self.barrier = bool(cfg.refractory), bool(cfg.barrier_messages)
+        self.stop_output = cfg.stop == "output"
+        self.detach_reset = bool(cfg.detach_reset)
+        self.noise, self.p_ref, self.p_net = engine.noise, engine.p_ref, engine.p_net
+        self.max_steps, self.steps_after_output = cfg.max_steps, cfg.steps_after_output
+        self.seed = engine.seed
+        self.KB = max(2, triton.next_power_of_2(self.K))
+        self.NS = max(2, triton.next_power_of_2(n_slots))
+        self.cfg = _config(self.W)
+        self._const = torch.tensor([engine.alpha / 2, math.pi / 2 * engine.alpha], dtype=self.dtype,
+                                   device=dev)
+        self._keys = torch.empty(self.B, self.W, dtype=torch.int64, device=dev)
+        self._cand = torch.empty(self.B, self.KB, dtype=torch.int64, device=dev)
+        self._bound: dict = {}
+
+    def _launch_opts(self) -> dict:
+        return dict(self.cfg, enable_fp_fusion=False)
+
+    def bind_weights(self, wt: torch.Tensor) -> None:
+        if wt.shape != (self.W, self.F) or wt.dtype != self.dtype or not wt.is_contiguous():
+            raise ValueError(f"weight table must be contiguous {self.dtype} [{self.W}, {self.F}], "
+                             f"got {wt.dtype} {tuple(wt.shape)}")
+        check_tensors("TritonSteps", _forward_kernel, wt=wt, theta=self._tables["theta"])
+        self._bound["wt"] = wt
+
+    def bind_state(self, st) -> None:
+        """Point at `st` (an `engine.State` whose tensors this object may modify)."""
+        for name in ("v", "o", "acc", "refr", "n_in"):
+            t = getattr(st, name)
+            assert t.is_contiguous(), name
+            self._bound[name] = _u8(t)
+
+    def bind_pass(self, ps, done: torch.Tensor) -> None:
+        """Point at a pass's bookkeeping (`engine._Pass`) and its bool [B] done flags."""
+        for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
+                        ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
+            assert t.is_contiguous(), name
+            self._bound[name] = _u8(t)
+
+    def forward_step(self, t: int, k: int):
+        """One forward step of the bound state and pass. Returns (sel, sel_deliv int32
+        [B, K], vals [B, K], out_fired bool [B], all_done)."""
+        sel, sd, vals, fired = self.forward_steps(t, k, 1)
+        return sel[0], sd[0], vals[0], fired[0], bool(self._bound["done"].all())
+
+    def forward_steps(self, t: int, k0: int, n_max: int):
+        """Up to `n_max` forward steps (k0, k0 + 1, ...) in one launch, stopping after
+        the step that leaves every sample done (the caller checks that one is not
+        done first). Returns (sel, sel_deliv int32 [n, B, K], vals [n, B, K],
+        out_fired bool [n, B])."""
+        B, K, dev, s = self.B, self.K, self.device, self._bound
+        sel = torch.empty(n_max, B, K, dtype=torch.int32, device=dev)
+        sd = torch.empty(n_max, B, K, dtype=torch.int32, device=dev)
+        vals = torch.empty(n_max, B, K, dtype=self.dtype, device=dev)
+        fired = torch.empty(n_max, B, dtype=torch.bool, device=dev)
+        taken = torch.zeros(B, dtype=torch.int32, device=dev)
+        tb = self._tables
+        h = [_partial_hash(self.seed, stream, t) for stream in
+             (rng.STREAM_MOMENTUM_NOISE if self.policy_ms else rng.STREAM_RS_KEY,
+              rng.STREAM_NETWORK_DROPOUT, rng.STREAM_REFRACTORY_DROPOUT)]
+        _forward_kernel[(B,)](
+            tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["is_input"], tb["sync"],
+            tb["theta"], s["wt"], s["v"], s["o"], s["acc"], s["refr"], s["n_in"],
+            s["pending"], s["pre_spike"], s["spike_sum"], s["steps"], s["first_out"], s["done"],
+            sel, sd, vals, fired.view(torch.uint8), taken, self._keys, self._cand,
+            B, self.W, K, self.F, self.n_slots, self.out_lo, self.out_hi, k0, n_max, *h,
+            float(self.noise), float(self.p_ref), float(self.p_net), self.max_steps, self.steps_after_output,
+            POLICY_MS=self.policy_ms, HAS_NOISE=self.noise > 0, HAS_PNET=self.p_net > 0,
+            REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
+            STOP_OUTPUT=self.stop_output, KB=self.KB, NS=self.NS, DIGIT_BITS=4, **self._launch_opts())
+        n = max(1, int(taken.max()))
+        if 2 * n <= n_max:  # do not keep the unused tail alive through the views
+            return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone()
+        return sel[:n], sd[:n], vals[:n], fired[:n]
+
+    def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
+        """Replay a recorded step on the bound state. Returns the sweep's record
+        (vals [B, K], v_pre [B, W], refr_before, received, gate bool [B, W]; v_pre and
+        refr_before are defined at the receivers only)."""
+        B, W, K, dev, s, tb = self.B, self.W, self.K, self.device, self._bound, self._tables
+        sel, sel_deliv = _int32(sel), _int32(sel_deliv)
+        vals = torch.empty(B, K, dtype=self.dtype, device=dev)
+        v_pre = torch.empty(B, W, dtype=self.dtype, device=dev)
+        masks = torch.empty(3, B, W, dtype=torch.bool, device=dev)
+        m = masks.view(torch.uint8)
+        _replay_kernel[(B,)](
+            tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["sync"], tb["theta"], s["wt"],
+            s["v"], s["o"], s["acc"], s["refr"], s["n_in"], sel, sel_deliv, vals, v_pre, m[0], m[1], m[2],
+            W, K, self.F, self.n_slots, self.out_lo, self.out_hi,
+            rng.counter_hash(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k), float(self.p_ref),
+            REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, KB=self.KB, NS=self.NS,
+            **self._launch_opts())
+        return FusedRecord(vals, v_pre, masks)
+
+    def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
+                      g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
+                      grad_wt: torch.Tensor) -> None:
+        """The step's reverse: updates g_v, g_o and adds into grad_wt (float atomics
+        across samples), in place."""
+        for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
+            if not t.is_contiguous() or t.dtype != self.dtype:
+                raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
+        sel, sel_deliv = _int32(sel), _int32(sel_deliv)
+        tb, m = self._tables, rec.masks.view(torch.uint8)
+        _backward_kernel[(self.B,)](
+            tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["theta"], self._bound["wt"],
+            self._const, sel, sel_deliv, rec.vals, rec.v_pre, m[0], m[1], m[2], g_v, g_o, g_acc, grad_wt,
+            self.W, self.K, self.F, self.n_slots, self.out_lo, self.out_hi,
+            DETACH_RESET=self.detach_reset, KB=self.KB, NS=self.NS, **self._launch_opts())
