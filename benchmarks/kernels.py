@@ -4,7 +4,10 @@ Grid: forward group size K in {1, 8, 64, 512} x fan-out F in {64, 1024, 4096} fo
 deliver (forward, backward with atomics, backward deterministic); K for select (F
 plays no part); one point per width for LIF (forward, backward) and the counter-hash
 uniforms (neither sees K nor F). Batch B (default 32) and width W = N + 1 (default
-8193) are flags.
+8193) are flags. Conv networks: conv deliver (forward, backward with atomics, backward
+deterministic) at K for two VGG-7-like maps (128x32x32 -> 128 channels; 128x32x32
+pooled -> 256 channels at 16x16) and rows deliver for a pooled 256x8x8 -> 1024 linear
+map; their entries are B x K sources of the one map, and W is the map's own width.
 
 On CUDA: `triton.testing.do_bench` quantiles (median, p20, p80, ms), the effective
 bandwidth (the bytes a kernel must move at least, over the median time) against the
@@ -39,14 +42,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from asynctrain.kernels.conv_deliver import (conv_deliver_backward_torch,  # noqa: E402
+                                             conv_deliver_backward_triton, conv_deliver_torch,
+                                             conv_deliver_triton)
 from asynctrain.kernels.deliver import (deliver_backward_torch, deliver_backward_triton,  # noqa: E402
                                         deliver_torch, deliver_triton)
 from asynctrain.kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton  # noqa: E402
+from asynctrain.kernels.rows_deliver import (rows_deliver_backward_torch,  # noqa: E402
+                                             rows_deliver_backward_triton, rows_deliver_torch,
+                                             rows_deliver_triton)
 from asynctrain.kernels.rng_triton import uniform_at_torch, uniform_at_triton  # noqa: E402
 from asynctrain.kernels.select import select_torch, select_triton  # noqa: E402
 
 KS = (1, 8, 64, 512)
 FANOUTS = (64, 1024, 4096)
+# (C_in, H, W, C_out, pool): VGG-7-like conv maps; (C, H, W, M, pool): its first linear map
+CONV_MAPS = ((128, 32, 32, 128, False), (128, 32, 32, 256, True))
+ROWS_MAPS = ((256, 8, 8, 1024, True),)
 
 
 def meta(device: torch.device) -> dict:
@@ -92,6 +104,25 @@ def deliver_inputs(b, k, w, f, dev, g):
     return vals, sel, table, targets, grad
 
 
+def image_inputs(b, k, n_src, n_out, dev, g):
+    """B x K entries of one source layer (about a quarter zero-valued), a fresh-buffer
+    forward caller, and a [B, width] gradient; targets start at n_src."""
+    e = b * k
+    sample = torch.arange(b, device=dev).repeat_interleave(k)
+    src = torch.randint(0, n_src, (e,), device=dev, generator=g)
+    vals = torch.randn(e, device=dev, generator=g)
+    vals[torch.rand(e, device=dev, generator=g) < 0.25] = 0.0
+    width = n_src + n_out + 1
+    grad = torch.randn(b, width, device=dev, generator=g)
+
+    def forward(fn, weight, in_shape, pool):
+        current = torch.zeros(b, width, device=dev)
+        counts = torch.zeros(b, width, dtype=torch.int32, device=dev)
+        fn(vals, sample, src, weight, in_shape, pool, n_src, current, counts)
+        return current, counts
+    return vals, sample, src, grad, width, forward
+
+
 def lif_inputs(b, w, dev, g):
     v, cur, gvn, gs = (torch.randn(b, w, device=dev, generator=g) for _ in range(4))
     refr, recv, gate = (torch.rand(b, w, device=dev, generator=g) < p for p in (0.2, 0.7, 0.6))
@@ -129,6 +160,7 @@ def points(a, dev):
                 "triton_deterministic": lambda: deliver_backward_triton(grad, vals, sel, table, targets,
                                                                         deterministic=True)}, _check_close
             del vals, sel, table, targets, grad
+    yield from image_points(a, dev, g, ks)
     v, cur, refr, recv, gate, theta, gvn, gs = lif_inputs(b, w, dev, g)
     yield "lif", dict(B=b, W=w), b * w * (4 * 2 + 3 + 4 * 3), {
         "torch": lambda: lif_torch(v, cur, refr, recv, gate, theta),
@@ -142,6 +174,46 @@ def points(a, dev):
     yield "uniform_at", dict(B=b, W=w), b * w * 4, {
         "torch": lambda: uniform_at_torch(1, 2, 3, 4, rows, cols),
         "triton": lambda: uniform_at_triton(1, 2, 3, 4, rows, cols)}, _check_close
+
+
+def image_points(a, dev, g, ks):
+    """Conv and rows deliver points (see the module doc). Bytes: per reached target a
+    weight read and a current and a count read-modify-write (forward), a gradient and a
+    weight read and a weight-gradient read-modify-write (backward); per entry its value
+    and indices; the forward's fresh [B, W] buffers."""
+    b = a.batch
+    maps = [("conv", m) for m in CONV_MAPS] + [("rows", m) for m in ROWS_MAPS]
+    impls = {"conv": (conv_deliver_torch, conv_deliver_triton, conv_deliver_backward_torch,
+                      conv_deliver_backward_triton),
+             "rows": (rows_deliver_torch, rows_deliver_triton, rows_deliver_backward_torch,
+                      rows_deliver_backward_triton)}
+    for kind, (c, h, w, n, pool) in maps:
+        hp, wp = (h // 2, w // 2) if pool else (h, w)
+        if kind == "conv":
+            weight = torch.randn(n, c, 3, 3, device=dev, generator=g) * 0.05
+            n_out, per_entry = n * hp * wp, n * 9
+        else:
+            weight = torch.randn(n, c * hp * wp, device=dev, generator=g) * 0.05
+            n_out, per_entry = n, n
+        fwd_t, fwd_x, bwd_t, bwd_x = impls[kind]
+        for k in ks:
+            params = dict(B=b, K=k, C_in=c, H=h, W_map=w, out=n, pool=pool)
+            if dev.type == "cpu" and b * k * per_entry > a.max_cpu_elems:
+                yield f"{kind}_deliver", dict(params, skipped=f"B*K*targets > --max-cpu-elems {a.max_cpu_elems}"), \
+                    0, {}, None
+                continue
+            vals, sample, src, grad, width, forward = image_inputs(b, k, c * h * w, n_out, dev, g)
+            args = (vals, sample, src, weight, (c, h, w), pool)
+            targets, entries = b * k * per_entry, b * k * (4 + 8 + 8)
+            yield f"{kind}_deliver", dict(params, W=width), entries + targets * 20 + b * width * 8, {
+                "torch": lambda f=fwd_t, args=args: forward(f, *args[3:]),
+                "triton": lambda f=fwd_x, args=args: forward(f, *args[3:])}, _check_close
+            yield f"{kind}_deliver_backward", dict(params, W=width), entries + targets * 16, {
+                "torch": lambda f=bwd_t, args=args: f(grad, *args, width - n_out - 1),
+                "triton": lambda f=bwd_x, args=args: f(grad, *args, width - n_out - 1),
+                "triton_deterministic": lambda f=bwd_x, args=args: f(grad, *args, width - n_out - 1,
+                                                                     deterministic=True)}, _check_close
+            del vals, sample, src, grad
 
 
 def _as_tuple(x):
