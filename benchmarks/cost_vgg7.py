@@ -1,5 +1,5 @@
 """Cost of one VGG-7 / CIFAR-10 training iteration (forward + backward + Adam) at
-several K, against the dense per-step baseline (`dense_conv_baseline.py`).
+several K, against the dense per-step baseline (`dense_baseline.py`).
 
 Model and settings: `asynctrain.models.vgg7` (229,386 neurons), the recipe's
 configuration (recipes/cifar_vgg7.py: IF neurons, theta 0.2, steepness 2, refractory
@@ -55,7 +55,7 @@ def run_point(impl: str, k: int, batch: int, width: float, device: str, seed: in
     import asynctrain as at
     from asynctrain.models import vgg7
     sys.path.insert(0, str(HERE))
-    from dense_conv_baseline import DenseConvSNN
+    from dense_baseline import DenseSNN
 
     warnings.simplefilter("ignore", RuntimeWarning)  # capped passes are reported below
     torch.manual_seed(seed)
@@ -67,7 +67,7 @@ def run_point(impl: str, k: int, batch: int, width: float, device: str, seed: in
                        max_steps=math.ceil(2 * (graph.n_neurons + graph.n_inputs) / k) + 10,
                        refractory=True, refractory_dropout=0.7, tau=math.inf, theta=theta, dt=1.0,
                        surrogate_steepness=2.0, readout="potential")
-    mod = DenseConvSNN(net, cfg) if impl == "dense" else at.AsyncSNN(net, cfg)
+    mod = DenseSNN(net, cfg) if impl == "dense" else at.AsyncSNN(net, cfg)
     mod.train()
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
     g = torch.Generator().manual_seed(seed)
