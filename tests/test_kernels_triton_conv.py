@@ -8,7 +8,8 @@ test here is wrapped by `_in_interpreter`: in an interpreted process it just run
 otherwise the first one starts one child ``pytest`` on this file's selected tests
 with ``TRITON_INTERPRET=1`` and each test reports its own outcome from the child's
 JUnit XML. ``TRITON_INTERPRET=1 pytest tests/test_kernels_triton_conv.py`` runs them
-in-process.
+in-process. ``test_cuda_*`` run the compiled kernels on a GPU at VGG-7-like sizes and
+skip with the reason when there is none (`make gpu-check` runs them with ``-k cuda``).
 
 Comparison rules:
 - received counts and whole-model spike counts and stats: exact;
@@ -400,11 +401,16 @@ MODEL_CASES = {
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_conv_model_triton_equals_torch(case):
+    _compare_model(case, torch.device("cpu"))
+
+
+def _compare_model(case, dev):
     import asynctrain as at
     policy, k, knobs, det, ckpt = MODEL_CASES[case]
     cfg = at.SimConfig(K=k, policy=policy, theta=0.3, tau=20.0, **knobs)
     net, frames = _model()
-    lw = torch.linspace(-1, 1, 3)
+    net, frames = net.to(dev), frames.to(dev)
+    lw = torch.linspace(-1, 1, 3, device=dev)
     runs = []
     for backend in ("torch", "triton"):
         snn = at.AsyncSNN(net, cfg, backend=backend, deterministic=det, checkpoint_every=ckpt,
@@ -423,7 +429,63 @@ def test_conv_model_triton_equals_torch(case):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), f"layer {l} weight gradient"
 
 
-# Every test runs under the interpreter (here or in the child process).
+# --- CUDA (compiled kernels; `make gpu-check`) ---------------------------------------------
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if INTERPRETED:
+        pytest.skip("the kernels are interpreted in this process (TRITON_INTERPRET=1 at import)")
+    return torch.device("cuda")
+
+
+def _on(dev, fn):
+    """`fn` with its tensor arguments moved to `dev` and its results brought back."""
+    def run(*args, **kwargs):
+        out = fn(*[a.to(dev) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+        return None if out is None else tuple(t.cpu() for t in out)
+    return run
+
+
+def _on_inplace(dev, fn):
+    def run(vals, sample, src, weight, in_shape, pool, offset, current, counts):
+        cur, cnt = current.to(dev), counts.to(dev)
+        fn(vals.to(dev), sample.to(dev), src.to(dev), weight.to(dev), in_shape, pool, offset, cur, cnt)
+        current.copy_(cur.cpu())
+        counts.copy_(cnt.cpu())
+    return run
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kind,in_shape,out,pool", [("conv", (128, 32, 32), 128, False),
+                                                     ("conv", (128, 32, 32), 256, True),
+                                                     ("conv", (3, 31, 33), 5, True),
+                                                     ("rows", (256, 8, 8), 1024, True)])
+def test_cuda_conv_and_rows_deliver(kind, in_shape, out, pool, dtype):
+    # VGG-7-like maps, ~1500 entries (B = 3 here: overlapping windows in two samples)
+    dev = _cuda_or_skip()
+    vals, sample, src = _entries(in_shape, 1500, seed=out, dtype=dtype)
+    c, h, w = in_shape
+    hp, wp = (h // 2, w // 2) if pool else (h, w)
+    g = torch.Generator().manual_seed(out)
+    if kind == "conv":
+        weight = torch.randn(out, c, 3, 3, generator=g, dtype=F64).to(dtype)
+        width, fns = OFFSET + out * hp * wp + 2, (conv_deliver_triton, conv_deliver_torch,
+                                                  conv_deliver_backward_triton, conv_deliver_backward_torch)
+    else:
+        weight = torch.randn(out, c * hp * wp, generator=g, dtype=F64).to(dtype)
+        width, fns = OFFSET + out + 2, (rows_deliver_triton, rows_deliver_torch,
+                                        rows_deliver_backward_triton, rows_deliver_backward_torch)
+    case = (vals, sample, src, weight, in_shape, pool, width)
+    _check_forward(_on_inplace(dev, fns[0]), fns[1], *case, seed=1)
+    _check_backward(_on(dev, fns[2]), fns[3], *case, seed=2)
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_cuda_conv_model_triton_equals_torch(case):
+    _compare_model(case, _cuda_or_skip())
+
+
+# Every other test runs under the interpreter (here or in the child process).
 for _name, _fn in list(globals().items()):
-    if _name.startswith("test_") and callable(_fn):
+    if _name.startswith("test_") and callable(_fn) and not _name.startswith("test_cuda"):
         globals()[_name] = _in_interpreter(_fn)
