@@ -158,7 +158,7 @@ class Engine:
                 t: int, k: int) -> tuple[State, StepInfo]:
         vals = st.o.gather(1, sel_deliv)
         o = st.o.scatter(1, sel, 0.0)
-        if self.syn is not None:  # torch twins on every backend (no Triton conv kernel yet)
+        if self.syn is not None:  # the conv/rows kernels of self.ops (ImageSynapses picks Triton or the twins)
             current, n_add = self.syn.deliver(vals, sel_deliv, wt, self.tables.source_slot, self.ops)
         else:
             current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
