@@ -182,8 +182,10 @@ class AsyncSNN(nn.Module):
                             f"use frames.float()")
         if frames.device != w.device:
             raise ValueError(f"frames are on {frames.device} but the weights on {w.device}")
-        bad = ~torch.isfinite(frames)
-        if bad.any():
+        # one reduction when all is well (NaN/inf propagate into the sum); a finite sum
+        # that overflows only sends us to the exact check
+        bad = None if bool(torch.isfinite(frames.sum())) else ~torch.isfinite(frames)
+        if bad is not None and bad.any():
             where = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(f"frames contain {int(bad.sum())} NaN/inf value(s), first at "
                              f"[t, b, feature] = {list(where)}")
@@ -206,8 +208,13 @@ class AsyncSNN(nn.Module):
 
 
 def _input_dropout(frames: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Drop input entries (all spikes of one feature in one frame) with probability p."""
-    T, B, F = frames.shape
-    cols = torch.arange(F, device=frames.device).expand(B, F)
-    keep = torch.stack([rng.uniform(seed, rng.STREAM_INPUT_DROPOUT, t, 0, cols) >= p for t in range(T)])
-    return frames * keep
+    """Drop input entries (all spikes of one feature in one frame) with probability p.
+    The numbers are drawn at the nonzero entries only (`rng.uniform_at`: the same
+    numbers as a draw over every feature), so sparse frames cost their spikes, not
+    their width."""
+    out = frames.clone()
+    for t in range(frames.shape[0]):
+        rows, cols = frames[t].nonzero(as_tuple=True)
+        drop = rng.uniform_at(seed, rng.STREAM_INPUT_DROPOUT, t, 0, rows, cols) < p
+        out[t, rows[drop], cols[drop]] = 0.0
+    return out

@@ -78,6 +78,13 @@ typedef struct {
     uint8_t *done;                /* [B] */
 } Ctx;
 
+/* Eight bool bytes at once (pending rows are mostly zero: skip them a word at a time). */
+static inline uint64_t word8(const uint8_t *p) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return w;
+}
+
 /* --- top-k by packed key ------------------------------------------------------------ */
 static inline int64_t packed_key(float key, int64_t col, int64_t width) {
     float k0 = key + 0.0f;  /* -0.0 -> +0.0 */

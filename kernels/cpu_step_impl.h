@@ -106,6 +106,7 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
         const SCALAR *pre = (const SCALAR *)c->pre_spike + b * W;
         int64_t m = 0;
         for (int64_t col = 0; col < W; col++) {
+            if (!(col & 7) && col + 8 <= W && !word8(pend + col)) { col += 7; continue; }
             if (!pend[col]) continue;
             float key;
             if (!c->policy_ms) key = uniform_at(h_key, b, col);
@@ -134,7 +135,9 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
         if (!c->done[b]) {
             const uint8_t *pend = c->pending + b * W;
             int any = 0;
-            for (int64_t col = 0; col < W && !any; col++) any = pend[col];
+            int64_t col = 0;
+            for (; col + 8 <= W && !any; col += 8) any = word8(pend + col) != 0;
+            for (; col < W && !any; col++) any = pend[col];
             int d = !any || c->steps[b] >= c->max_steps;
             if (c->stop_output && c->first_out[b] >= 0 && c->steps[b] >= c->first_out[b] + c->steps_after_output)
                 d = 1;
