@@ -6,8 +6,11 @@ TRITON_INTERPRET=1) and `cpu` (the torch ops plus the fused C steps of
 `kernels/cpu_step.py` for fully connected networks on CPU tensors; built on first
 use with the system C compiler). The per-op entries share their signatures, so the
 engine, its autograd Functions and the backward sweep never branch on the backend;
-`fused` (cpu only) replaces whole forward steps, replays and backward steps of the
-checkpointed path. `auto`: triton on CUDA, cpu on CPU when it builds (else torch,
+`fused` (cpu: kernels/cpu_step.py; triton: kernels/steps_triton.py, a persistent
+forward kernel running many steps per launch) replaces whole forward steps, replays
+and backward steps of the checkpointed path; `triton` with ``deterministic=True``
+keeps the per-op kernels (the fused backward sums the weight-table gradient with
+float atomics). `auto`: triton on CUDA, cpu on CPU when it builds (else torch,
 with a warning once).
 """
 
@@ -27,6 +30,7 @@ from .kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif
 from .kernels.rng_triton import uniform_at_triton
 from .kernels.select import _select_kernel, select_torch, select_triton
 from .kernels import cpu_step
+from .kernels.steps_triton import TritonSteps
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -40,7 +44,7 @@ class Ops:
     lif: Callable
     lif_backward: Callable
     uniform_at: Callable
-    fused: type | None = None  # cpu_step.CpuSteps: whole steps (fully connected, CPU)
+    fused: type | None = None  # CpuSteps / TritonSteps: whole steps (fully connected networks)
 
 
 TORCH = Ops("torch", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
@@ -51,10 +55,12 @@ CPU = Ops("cpu", select_torch, deliver_torch, deliver_backward_torch, lif_torch,
 
 @functools.lru_cache(maxsize=2)
 def triton_ops(deterministic: bool) -> Ops:
-    """Triton ops; `deterministic` sums the weight-table gradient without float atomics."""
+    """Triton ops; `deterministic` sums the weight-table gradient without float atomics
+    (per-op kernels only: the fused steps' backward uses atomics)."""
     return Ops("triton", select_triton, deliver_triton,
                functools.partial(deliver_backward_triton, deterministic=deterministic),
-               lif_triton, lif_backward_triton, uniform_at_triton)
+               lif_triton, lif_backward_triton, uniform_at_triton,
+               None if deterministic else TritonSteps)
 
 
 def resolve(backend: str, device: torch.device, *, deterministic: bool = False) -> Ops:

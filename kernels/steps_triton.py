@@ -7,8 +7,9 @@ Same interface as `CpuSteps` (`bind_weights`, `bind_state`, `bind_pass`,
 `cpu_step.c`: the same counter hash, packed keys (SPEC 6: ties to the lower index),
 slot order (highest key first) and float operations in the same order (launched
 with ``enable_fp_fusion=False``: no FMA contraction, as the C is built with
-``-ffp-contract=off``; fp32 division by ``div_rn``). Selections, spikes and
-potentials are therefore those of the C steps, bit for bit in the interpreter.
+``-ffp-contract=off``). Selections, spikes and potentials are therefore those of
+the C steps, bit for bit in the interpreter (the backward's fp32 surrogate divides
+with the GPU's ``div.full``, within 2 ulp of IEEE: gradients match to tolerance).
 
 Design: one program per sample (grid ``(B,)``), state in global memory.
 - `_forward_kernel` is persistent: it runs up to `n_max` forward steps of its own
@@ -58,11 +59,19 @@ _K_MAX = 4096
 _SENTINEL = -(2**63 - 1)  # below every packed key: unused candidate slots
 
 
-def _config(width: int) -> dict:
-    """Row block and warps. Rows are streamed in blocks (state of a whole network
-    does not fit registers); 512 x 4 warps keeps the radix count ([512, 16]) at 64
-    values per thread."""
-    return dict(BLOCK=min(512, max(32, triton.next_power_of_2(width))), num_warps=4)
+def _config(width: int, dtype: torch.dtype = torch.float32, forward: bool = True) -> dict:
+    """Row block, radix digit and warps. Rows are streamed in blocks (the state of a
+    whole network does not fit registers); the radix count compares a block with all
+    2**DIGIT_BITS digits at once, kept at <= 8192 values: 512 x 16, or 32 x 256 for
+    narrow rows (4 rounds instead of 8). Warps: the spill-free choices of ptxas
+    (CUDA 13, sm_90 / sm_80; it puts 8-48 byte stack frames erratically elsewhere):
+    forward 4 warps in fp32 (<= 168 registers), 8 in fp64; replay and backward 8."""
+    block = min(512, max(32, triton.next_power_of_2(width)))
+    warps = 4 if forward and dtype == torch.float32 else 8
+    cfg = dict(BLOCK=block, num_warps=warps)
+    if forward:
+        cfg["DIGIT_BITS"] = 8 if block <= 32 else 4
+    return cfg
 
 
 # --- device helpers -----------------------------------------------------------------------
@@ -79,7 +88,7 @@ def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, noise,
     """Mapped keys (uint32 order held in int64, -1 where not pending) of one row into
     `keys_row`; returns the number of pending entries. The key is the C's
     `packed_key` high half: -0.0 as +0.0, negative floats with their low bits flipped."""
-    n_pending = tl.zeros((), tl.int32)
+    n_pending = 0
     for start in range(0, W, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < W
@@ -121,14 +130,14 @@ def _select_row(W, K, keys_row, cand_row, n_pending, BLOCK: tl.constexpr, KB: tl
                 u = tl.load(keys_row + cols, mask=cols < W, other=-1)
                 counts += tl.sum((u[:, None] >= cand[None, :]).to(tl.int32), axis=0)
             prefix = prefix | (tl.max(tl.where(counts >= K, digits, 0), axis=0) << shift)
-    n_above = tl.zeros((), tl.int32)
+    n_above = 0
     for start in range(0, W, BLOCK):
         cols = start + cols0
         u = tl.load(keys_row + cols, mask=cols < W, other=-1)
         n_above += tl.sum((u > prefix).to(tl.int32))
     m = K - n_above
-    n_sel = tl.zeros((), tl.int32)
-    n_tied = tl.zeros((), tl.int32)
+    n_sel = 0
+    n_tied = 0
     for start in range(0, W, BLOCK):
         cols = start + cols0
         u = tl.load(keys_row + cols, mask=cols < W, other=-1)
@@ -166,8 +175,8 @@ def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
     for l in range(n_slots):
         nadd = tl.sum(tl.where(ns == l, cnt, 0))
         if nadd > 0:
-            lo = tl.load(slot_lo_ptr + l)
-            hi = tl.load(slot_hi_ptr + l)
+            lo = tl.load(slot_lo_ptr + l).to(tl.int32)  # int32 loop bounds: an int64 trip
+            hi = tl.load(slot_hi_ptr + l).to(tl.int32)  # count costs a division call (stack)
             for start in range(lo, hi, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 inside = cols < hi
@@ -294,7 +303,7 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
                     first = steps
             tl.store(fired_ptr + i * B + b, out_any)
             tl.debug_barrier()
-            any_pending = tl.zeros((), tl.int32)
+            any_pending = 0
             for start in range(0, W, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 p = tl.load(pend_row + cols, mask=cols < W, other=0).to(tl.int32)
@@ -362,8 +371,8 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
     gvals = tl.zeros([KB], half_alpha.dtype)
     for l in range(n_slots):
         if tl.sum(tl.where(ns == l, cnt, 0)) > 0:
-            lo = tl.load(slot_lo_ptr + l)
-            hi = tl.load(slot_hi_ptr + l)
+            lo = tl.load(slot_lo_ptr + l).to(tl.int32)  # int32 loop bounds: an int64 trip
+            hi = tl.load(slot_hi_ptr + l).to(tl.int32)  # count costs a division call (stack)
             for start in range(lo, hi, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 rc = (tl.load(recv_ptr + row + cols, mask=cols < hi, other=0) != 0) & (cols < hi)
@@ -378,11 +387,9 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
                 s = (gt & (vp >= th)).to(vp.dtype)
                 y = scale * (vp - th)
                 den = 1 + y * y
-                if vp.dtype == tl.float32:
-                    inv = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), den)
-                else:
-                    inv = 1 / den
-                dsdv = tl.where(gt, inv * half_alpha, 0.0)
+                # fp32 `/` is div.full on the GPU (<= 2 ulp from the C's IEEE division):
+                # div_rn's slow path is a call whose saved registers need a stack frame
+                dsdv = tl.where(gt, (1 / den) * half_alpha, 0.0)
                 gvn = tl.load(gv_ptr + row + cols, mask=rc, other=0.0)
                 gp = gvn * (1 - s)
                 if not DETACH_RESET:
@@ -454,15 +461,16 @@ class TritonSteps:
         self.seed = engine.seed
         self.KB = max(2, triton.next_power_of_2(self.K))
         self.NS = max(2, triton.next_power_of_2(n_slots))
-        self.cfg = _config(self.W)
+        self._fwd_cfg = _config(self.W, self.dtype, forward=True)
+        self._step_cfg = _config(self.W, self.dtype, forward=False)
         self._const = torch.tensor([engine.alpha / 2, math.pi / 2 * engine.alpha], dtype=self.dtype,
                                    device=dev)
         self._keys = torch.empty(self.B, self.W, dtype=torch.int64, device=dev)
         self._cand = torch.empty(self.B, self.KB, dtype=torch.int64, device=dev)
         self._bound: dict = {}
 
-    def _launch_opts(self) -> dict:
-        return dict(self.cfg, enable_fp_fusion=False)
+    def _launch_opts(self, forward: bool = False) -> dict:
+        return dict(self._fwd_cfg if forward else self._step_cfg, enable_fp_fusion=False)
 
     def bind_weights(self, wt: torch.Tensor) -> None:
         if wt.shape != (self.W, self.F) or wt.dtype != self.dtype or not wt.is_contiguous():
@@ -515,7 +523,7 @@ class TritonSteps:
             float(self.noise), float(self.p_ref), float(self.p_net), self.max_steps, self.steps_after_output,
             POLICY_MS=self.policy_ms, HAS_NOISE=self.noise > 0, HAS_PNET=self.p_net > 0,
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
-            STOP_OUTPUT=self.stop_output, KB=self.KB, NS=self.NS, DIGIT_BITS=4, **self._launch_opts())
+            STOP_OUTPUT=self.stop_output, KB=self.KB, NS=self.NS, **self._launch_opts(forward=True))
         n = max(1, int(taken.max()))
         if 2 * n <= n_max:  # do not keep the unused tail alive through the views
             return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone()
