@@ -17,6 +17,9 @@ max |diff|), so a GPU run doubles as a correctness smoke test at sizes the
 interpreter cannot reach. On CPU only the twins run (the kernels need CUDA):
 repeated wall-clock medians, one thread pool as torch sets it.
 
+`fused_steps` (CUDA only): a whole no-grad call of an shd-like MLP on the fused
+Triton steps, with the persistent forward kernel's launches per forward step.
+
 One JSON line per point (stdout, and appended to --out), each with torch/triton
 versions, device name, git commit and date.
 
@@ -254,6 +257,59 @@ def time_cpu(fn, repeat: int) -> dict:
     return dict(median_ms=statistics.median(ts), p20_ms=q[1], p80_ms=q[7])
 
 
+def fused_rows(a, dev) -> list[dict]:
+    """The persistent forward kernel (kernels/steps_triton.py) inside a whole call:
+    an shd-like MLP [350, 128, 128, 128, 20], T = 5 frames, no grad, MS at K in
+    {8, 64}. Reports the wall-clock median of the call, the forward steps it took
+    (per pass, the most any sample took), the forward launches of the fused kernel
+    and their ratio (target: >= 10 steps per launch), and whether the output counts
+    equal backend='torch'. CUDA only (the interpreter says nothing about speed)."""
+    if dev.type != "cuda":
+        return [dict(kernel="fused_steps", impl="triton", skipped="needs CUDA")]
+    from asynctrain import AsyncSNN, SimConfig
+    from asynctrain.kernels import steps_triton
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [350, 128, 128, 128, 20]
+    net = torch.nn.Sequential(*[torch.nn.Linear(n, m, bias=False) for n, m in zip(sizes[:-1], sizes[1:])])
+    with torch.no_grad():
+        for m in net:
+            m.weight.copy_(0.3 * torch.randn(m.weight.shape, generator=g) + 0.05)
+    net = net.to(dev)
+    frames = (torch.rand(5, a.batch, sizes[0], generator=g) < 0.05).float().to(dev)
+    rows = []
+    for k in (8, 64):
+        cfg = SimConfig(policy="MS", forward_group_size=k, theta=0.3, tau=100.0, dt=10.0)
+        launches = [0]
+        orig = steps_triton.TritonSteps.forward_steps
+
+        def counted(self, *args, _orig=orig):
+            launches[0] += 1
+            return _orig(self, *args)
+
+        snn = AsyncSNN(net, cfg, backend="triton").eval()
+        ref = AsyncSNN(net, cfg, backend="torch").eval()
+        with torch.no_grad():
+            want = ref(frames, seed=1)
+            steps_triton.TritonSteps.forward_steps = counted
+            try:
+                def call():
+                    out = snn(frames, seed=1)
+                    torch.cuda.synchronize()
+                    return out
+                got = call()
+                n_launch = launches[0]
+                timing = time_cpu(call, a.repeat)
+            finally:
+                steps_triton.TritonSteps.forward_steps = orig
+        steps = int(snn.stats["forward_steps"].max(1).values.sum())
+        rows.append(dict(kernel="fused_steps", impl="triton", B=a.batch, K=k, sizes=sizes, T=5, **timing,
+                         forward_steps=steps, launches=n_launch,
+                         steps_per_launch=round(steps / max(1, n_launch), 2),
+                         check=bool(torch.equal(got, want))))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -306,6 +362,16 @@ def main() -> None:
                 out.write(line + "\n")
                 out.flush()
         del want
+    try:
+        fused = fused_rows(a, dev)
+    except Exception as e:  # one failing point must not hide the others
+        failures += 1
+        fused = [dict(kernel="fused_steps", impl="triton", error=f"{type(e).__name__}: {e}"[:500])]
+    for row in fused:
+        line = json.dumps(dict(info, **row))
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
     if out:
         out.close()
     if failures:
