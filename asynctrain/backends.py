@@ -45,6 +45,7 @@ class Ops:
     lif_backward: Callable
     uniform_at: Callable
     fused: type | None = None  # CpuSteps / TritonSteps: whole steps (fully connected networks)
+    deterministic: bool = False  # weight gradients without float atomics (triton)
 
 
 TORCH = Ops("torch", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
@@ -60,7 +61,7 @@ def triton_ops(deterministic: bool) -> Ops:
     return Ops("triton", select_triton, deliver_triton,
                functools.partial(deliver_backward_triton, deterministic=deterministic),
                lif_triton, lif_backward_triton, uniform_at_triton,
-               None if deterministic else TritonSteps)
+               None if deterministic else TritonSteps, deterministic)
 
 
 def resolve(backend: str, device: torch.device, *, deterministic: bool = False) -> Ops:

@@ -261,17 +261,10 @@ def _triton_kernels(deterministic: bool) -> dict:
 
 
 def _kernels(ops) -> dict:
-    """The conv/rows kernels of the call's backend (`backends.Ops`; None: torch).
-
-    The triton ops' `deterministic` choice is read from an ``Ops.deterministic`` field
-    when the ops carry one, else from the keyword bound into their deliver_backward
-    (`backends.triton_ops` binds it there)."""
+    """The conv/rows kernels of the call's backend (`backends.Ops`; None: torch)."""
     if ops is None or ops.name != "triton":
         return _TORCH_KERNELS
-    det = getattr(ops, "deterministic", None)
-    if det is None:
-        det = getattr(ops.deliver_backward, "keywords", {}).get("deterministic", False)
-    return _triton_kernels(bool(det))
+    return _triton_kernels(ops.deterministic)
 
 
 class ImageSynapses:
