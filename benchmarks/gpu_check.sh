@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session (~8 min at most): the CUDA tests, the kernel
+# One prepared GPU session (~9.5 min at most, stage timeouts summed): the CUDA tests, the kernel
 # microbenchmarks and the end-to-end cost benchmark on CUDA. Every stage has its own
 # timeout; a failing stage is recorded and the next one still runs. Results go to
 # $OUT when set (the device runner collects it), else ./gpu-results/:
@@ -7,6 +7,8 @@
 #   pytest-cuda.xml / .log  `pytest -k cuda` (kernels vs twins on the GPU, compiled)
 #   kernels.jsonl / .log    benchmarks/kernels.py --device cuda
 #   cost.jsonl / .log       benchmarks/cost.py --device cuda --quick
+#   vgg7.jsonl / .log       benchmarks/cost_vgg7.py: VGG-7 batch 64 at K=64 (peak memory,
+#                           epoch estimate; the issue's 16 GB target)
 #   summary.json            per stage: exit code (124 = timed out), seconds, log
 # Exit status: 0 when every stage passed, 1 otherwise.
 #   make gpu-check                        # or: bash benchmarks/gpu_check.sh
@@ -47,14 +49,18 @@ run_stage env 30 "$OUT_DIR/env.txt" bash -c "
 print(\"cuda available\", torch.cuda.is_available());
 print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA device\")'"
 
-run_stage pytest-cuda 150 "$OUT_DIR/pytest-cuda.log" \
+run_stage pytest-cuda 120 "$OUT_DIR/pytest-cuda.log" \
     "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda --junitxml="$OUT_DIR/pytest-cuda.xml" tests
 
-run_stage kernels 180 "$OUT_DIR/kernels.log" \
+run_stage kernels 150 "$OUT_DIR/kernels.log" \
     "$PY" benchmarks/kernels.py --device cuda --out "$OUT_DIR/kernels.jsonl"
 
 run_stage cost 150 "$OUT_DIR/cost.log" \
     "$PY" benchmarks/cost.py --device cuda --quick --out "$OUT_DIR/cost.jsonl"
+
+run_stage vgg7 120 "$OUT_DIR/vgg7.log" \
+    "$PY" benchmarks/cost_vgg7.py --device cuda --points engine:64 --batch 64 --single \
+    --out "$OUT_DIR/vgg7.jsonl"
 
 {
     echo "{\"date\": \"$(date -u +%FT%TZ)\", \"failed\": ["

@@ -23,6 +23,8 @@ sm_90) and check that the cubins use no local memory (no spills).
 
 from __future__ import annotations
 
+import copy
+
 import functools
 import inspect
 import os
@@ -358,7 +360,44 @@ def test_compile_without_spills(case, arch, fp, tmp_path):
     assert local == 0 and stack == 0, f"{case} ({arch}, {fp}): {reg} registers, spills:\n{out}"
 
 
-# Every test but the compile-only ones runs under the interpreter (here or in the child).
+# Every test but the compile-only and CUDA ones runs under the interpreter (here or in
+# the child).
 for _name, _fn in list(globals().items()):
-    if _name.startswith("test_") and callable(_fn) and not _name.startswith("test_compile"):
+    if _name.startswith("test_") and callable(_fn) and not _name.startswith(("test_compile", "test_cuda")):
         globals()[_name] = _in_interpreter(_fn)
+
+
+# --- on a GPU (make gpu-check runs these with -k cuda) --------------------------------------
+@pytest.mark.parametrize("policy,k", [("MS", 8), ("RS", 8), ("MS", 64)])
+def test_cuda_model_fused_steps_match_cpu(policy, k):
+    """The compiled fused Triton steps (persistent forward, replay, backward with
+    atomics) on CUDA tensors against backend='cpu' on a copy: counts and stats exact,
+    potentials and weight gradients to fp32 tolerance. What the interpreter cannot
+    check: the barriers between phases, the atomics' races."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if INTERPRETED:
+        pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
+    cfg = SimConfig(**BASE, policy=policy, forward_group_size=k, momentum_noise=0.1, refractory_dropout=0.5,
+                    network_dropout=0.1)
+    sizes = [350, 128, 128, 128, 20]
+    net = make_net(sizes, scale=0.15, shift=0.02)
+    frames = make_frames(6, 16, sizes[0], p=0.05)
+    w = torch.randn(6, 16, sizes[-1], generator=torch.Generator().manual_seed(3))
+    res = []
+    for dev, backend in ((CPU, "cpu"), (torch.device("cuda"), "triton")):
+        mnet = copy.deepcopy(net).to(dev)
+        snn = AsyncSNN(mnet, cfg, backend=backend).train()
+        out = snn(frames.to(dev), seed=7)
+        (out * w.to(dev)).sum().backward()
+        res.append((out.detach().cpu(), {key: v.cpu() for key, v in snn.stats.items()
+                                         if isinstance(v, torch.Tensor)},
+                    [m.weight.grad.cpu() for m in mnet]))
+    (out_c, st_c, g_c), (out_t, st_t, g_t) = res
+    assert st_c["forward_steps"].max() > 4, "vacuous: one step per layer"
+    assert torch.equal(out_c, out_t)
+    for key in STAT_KEYS:
+        assert torch.equal(st_c[key], st_t[key]), key
+    torch.testing.assert_close(st_t["final_v"], st_c["final_v"], **TOL[F32])
+    for x, y in zip(g_c, g_t):
+        torch.testing.assert_close(y, x, **TOL[F32])
