@@ -121,9 +121,10 @@ class Engine:
         self.p_net = cfg.network_dropout if t else 0.0
         self.noise = cfg.momentum_noise if t else 0.0
         # A backend's fused steps (`Ops.fused`, e.g. kernels/cpu_step.py): fully connected
-        # networks without the currents histogram; they update states in place.
-        self.fused = ops.fused(self) if (ops.fused is not None and self.syn is None and not histogram
-                                         and dtype in (torch.float32, torch.float64)) else None
+        # networks; they update states in place.
+        self.fused = ops.fused(self) if (ops.fused is not None and self.syn is None
+                                         and dtype in (torch.float32, torch.float64)
+                                         and (not histogram or ops.fused.records_histogram)) else None
 
     # --- ops (used by the forward and by the replay) --------------------------------
     def initial_state(self) -> State:
@@ -285,7 +286,12 @@ class Engine:
         ps.pending = ps.pending.clone()
         done = ps.done(self.cfg).contiguous()
         fused.bind_state(st)
-        fused.bind_pass(ps, done)
+        if self.histogram_bins:
+            if not isinstance(ps.currents, torch.Tensor):
+                ps.currents = torch.zeros(self.histogram_bins, dtype=torch.int64, device=self.device)
+            fused.bind_pass(ps, done, ps.currents)
+        else:
+            fused.bind_pass(ps, done)
         dropout = self.p_net > 0
         # Steps run in batches up to the next op index a checkpoint may be taken at
         # (or a bounded buffer: ~1 MB of selections), one C call per batch.

@@ -197,11 +197,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="timed iterations per point (median)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    ap.add_argument("--width-pairs", type=int, default=5,
+                    help="alternating shd/shd700 engine timings for the width ratio (median)")
     ap.add_argument("--point", help=argparse.SUPPRESS)  # model:impl:policy:K, run in-process
     ap.add_argument("--what", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {a.repeat}")
+    if a.width_pairs < 0:
+        ap.error(f"--width-pairs must be >= 0, got {a.width_pairs}")
     if a.point:
         model, impl, policy, k = a.point.split(":")
         print(json.dumps(run_point(model, impl, policy, int(k), a.repeat, a.device, a.what)))
@@ -225,6 +229,25 @@ def main() -> None:
         if a.out:
             with open(a.out, "a") as f:
                 f.write(line + "\n")
+    # Time per step vs input width: the two engine points again, alternating, so that
+    # both see the same machine load; the median of the per-pair ratios is reported.
+    pair_ratios = []
+    for _ in range(a.width_pairs):
+        per = {}
+        for model in ("shd", "shd700"):
+            r = subprocess.run([sys.executable, __file__, "--point", f"{model}:engine:MS:8", "--repeat",
+                                str(a.repeat), "--device", a.device], capture_output=True, text=True,
+                               env=env_time)
+            if r.returncode:
+                sys.exit(f"width pair point {model} failed:\n{r.stderr}")
+            per[model] = json.loads(r.stdout.strip().splitlines()[-1])["time_per_step_ms"]
+        pair_ratios.append(per["shd700"] / per["shd"])
+        line = json.dumps(dict(info, width_pair=True, shd_ms_per_step=per["shd"],
+                               shd700_ms_per_step=per["shd700"], ratio=pair_ratios[-1]))
+        print(line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
     print(f"\n{'model':8} {'impl':12} {'backend':7} {'policy':8} {'K':>4} {'time s':>8} {'mem MB':>8} "
           f"{'steps/pass':>10} {'ms/step':>8}")
     for r in rows:
@@ -233,6 +256,9 @@ def main() -> None:
     print()
     for name, v in ratios(rows):
         print(f"{name:60} {'n/a' if v is None else f'{v:.2f}'}")
+    if pair_ratios:
+        print(f"{'engine time/step 700 / 350, median of ' + str(len(pair_ratios)) + ' alternating pairs':60} "
+              f"{statistics.median(pair_ratios):.2f}  ({', '.join(f'{x:.2f}' for x in pair_ratios)})")
 
 
 if __name__ == "__main__":

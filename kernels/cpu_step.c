@@ -76,6 +76,8 @@ typedef struct {
     void *pre_spike, *spike_sum;  /* [B, W] */
     int64_t *steps, *first_out;   /* [B] */
     uint8_t *done;                /* [B] */
+    int64_t hist_bins;            /* currents-to-spike histogram (0: not recorded) */
+    int64_t *hist;                /* [hist_bins], in place */
 } Ctx;
 
 /* Eight bool bytes at once (pending rows are mostly zero: skip them a word at a time). */

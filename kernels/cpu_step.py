@@ -67,7 +67,7 @@ class Ctx(ctypes.Structure):
                 ("max_steps", _i64), ("steps_after_output", _i64), ("seed", _u32),
                 ("v", _p), ("o", _p), ("acc", _p), ("refr", _p), ("n_in", _p),
                 ("pending", _p), ("pre_spike", _p), ("spike_sum", _p), ("steps", _p),
-                ("first_out", _p), ("done", _p)]
+                ("first_out", _p), ("done", _p), ("hist_bins", _i64), ("hist", _p)]
 
 
 def _cache_dir() -> Path:
@@ -132,6 +132,8 @@ class CpuSteps:
     (all contiguous, on the CPU, in the call's dtype; they are kept referenced here
     while bound)."""
 
+    records_histogram = True  # the currents-to-spike histogram (bind_pass(hist=...))
+
     def __init__(self, engine) -> None:
         if engine.dtype not in _SUFFIX:
             raise TypeError(f"backend='cpu' supports float32 and float64, got {engine.dtype}")
@@ -189,13 +191,17 @@ class CpuSteps:
             self._bound[name] = t
             setattr(self.ctx, name, _ptr(t))
 
-    def bind_pass(self, ps, done: torch.Tensor) -> None:
-        """Point at a pass's bookkeeping (`engine._Pass`) and its bool [B] done flags."""
+    def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
+        """Point at a pass's bookkeeping (`engine._Pass`), its bool [B] done flags and,
+        when recorded, its int64 currents-to-spike histogram (added to in place)."""
         for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
                         ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
             assert t.is_contiguous(), name
             self._bound[name] = t
             setattr(self.ctx, name, _ptr(t))
+        self._bound["hist"] = hist
+        self.ctx.hist_bins = 0 if hist is None else hist.numel()
+        self.ctx.hist = None if hist is None else _ptr(hist)
 
     def forward_step(self, t: int, k: int):
         """One forward step of the bound state and pass. Returns (sel, sel_deliv int32

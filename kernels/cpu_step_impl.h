@@ -74,6 +74,7 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
             if (c->policy_ms && s) pre[col] = vp;
             ssum[col] = ssum[col] + sf;
             if (s && out) out_any = 1;
+            if (s && c->hist_bins) c->hist[ni < c->hist_bins - 1 ? ni : c->hist_bins - 1]++;
         }
       }
     }

@@ -431,6 +431,8 @@ class TritonSteps:
     updated in place; scratch rows ([B, W] keys, [B, next_pow2(K)] candidates) are
     this object's."""
 
+    records_histogram = False  # record_currents=True runs the per-op kernels
+
     def __init__(self, engine) -> None:
         if engine.dtype not in _SUFFIX:
             raise TypeError(f"backend='triton' fused steps support float32 and float64, got {engine.dtype}")

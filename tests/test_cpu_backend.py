@@ -134,18 +134,30 @@ def test_forward_step_selects_like_twin(policy, k, noise):
         assert not (ps.pending & taken).any(), "selected outboxes stay pending"
 
 
-def test_fallbacks_use_torch_ops():
-    """The fused steps cover fully connected networks on the checkpointed (or
-    no-grad) path; the currents histogram and plain autograd run the torch ops on
-    the cpu backend and agree with backend='torch'."""
+@pytest.mark.parametrize("ck", [None, 0])
+@pytest.mark.parametrize("barrier", [False, True])
+def test_currents_histogram_matches_torch(ck, barrier):
+    """record_currents=True: the fused steps count each spike's received currents (SPEC 9)
+    like the torch ops; with checkpoint_every=0 (plain autograd) the cpu backend runs
+    the torch ops and agrees too."""
+    net = make_net(SIZES)
+    frames = make_frames(3, 4, SIZES[0])
+    cfg = SimConfig(**BASE, policy="MS", forward_group_size=2, barrier_messages=barrier,
+                    sync_threshold=2 if barrier else 1)
+    outs = []
+    for backend in ("torch", "cpu"):
+        snn = AsyncSNN(net, cfg, backend=backend, record_currents=True, checkpoint_every=ck)
+        outs.append((snn(frames, seed=1).detach(), snn.stats["currents_to_spike"]))
+        if backend == "cpu":
+            assert snn.stats["currents_to_spike"].sum() == snn.stats["hidden_spikes"].sum() + outs[-1][0].sum()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][1].sum() > 10 and (outs[0][1] > 0).sum() > 2, "vacuous histogram"
+
+
+def test_plain_autograd_uses_torch_ops():
     net = make_net(SIZES)
     frames = make_frames(3, 2, SIZES[0])
     cfg = SimConfig(**BASE, policy="MS", forward_group_size=2)
-    outs = []
-    for backend in ("torch", "cpu"):
-        snn = AsyncSNN(net, cfg, backend=backend, record_currents=True)
-        outs.append((snn(frames, seed=1).detach(), snn.stats["currents_to_spike"]))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     a, b = _both(net, cfg, frames, checkpoint_every=0)
     _assert_same(a, b, torch.float32)
 
