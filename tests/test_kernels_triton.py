@@ -1,16 +1,11 @@
 """Triton kernels against their torch twins (STYLE 1, 4).
 
-Where the tests run: Triton decides compiled vs interpreted when it is first
-imported (``TRITON_INTERPRET=1`` then), and by the time pytest reaches this file the
-shared conftest has imported it compiled. So every test here except
-``test_cuda_*`` and ``test_compiled_*`` is wrapped by `_in_interpreter`: in a process
-whose kernels are interpreted it just runs; otherwise the first such test starts one
-child ``pytest`` on the selected tests of this file with ``TRITON_INTERPRET=1`` set
-from the start (CPU tensors), and each test reports its own outcome from the child's
-JUnit XML (failures with the child's message). Nothing leaks into other test files,
-and ``TRITON_INTERPRET=1 pytest tests/test_kernels_triton.py`` runs them in-process.
-``test_cuda_*`` run the compiled kernels on a GPU and skip with the reason when there
-is none (`make gpu-check` runs them with ``-k cuda``).
+Where the tests run (tests/interpreter_child.py): every test here except
+``test_cuda_*`` and ``test_compiled_*`` runs with the kernels interpreted, in this
+process when Triton was imported with ``TRITON_INTERPRET=1``, else in one child
+``pytest`` that reports each test's outcome back. ``test_cuda_*`` run the compiled
+kernels on a GPU and skip with the reason when there is none (`make gpu-check` runs
+them with ``-k cuda``).
 
 Comparison rules:
 - selections, spikes, LIF forward outputs and random numbers: exact;
@@ -27,14 +22,7 @@ than the width, -0.0 / +-inf keys, dump padding, duplicate sources, int32 indice
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-import os
-import subprocess
-import sys
-import tempfile
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -44,6 +32,7 @@ triton = pytest.importorskip("triton")
 from asynctrain.kernels import deliver as deliver_mod  # noqa: E402
 from asynctrain.kernels import select as select_mod  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
+from interpreter_child import wrap_tests  # noqa: E402
 from asynctrain.kernels.deliver import (deliver_backward_torch, deliver_backward_triton,  # noqa: E402
                                         deliver_torch, deliver_triton)
 from asynctrain.kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton  # noqa: E402
@@ -52,77 +41,8 @@ from asynctrain.kernels.select import select_torch, select_triton  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
 INTERPRETED = is_interpreted(select_mod._select_kernel)
-_CHILD = "ASYNCTRAIN_TRITON_INTERPRETER_CHILD"
-_CHILD_TIMEOUT_S = 600
 
 
-# --- running the interpreter tests in a child process ---------------------------------------
-_child_outcomes: dict | None = None
-
-
-def _run_child(session) -> dict:
-    """Run this file's selected interpreter tests once in a child pytest; returns
-    {test name: (outcome, message)} from its JUnit XML."""
-    me = os.path.abspath(__file__)
-    names = [item.name for item in session.items
-             if os.path.abspath(str(item.path)) == me and getattr(item.obj, "_in_interpreter", False)]
-    xml = os.path.join(tempfile.mkdtemp(prefix="asynctrain-interp-"), "junit.xml")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-           *[f"{me}::{n}" for n in names]]
-    try:
-        proc = subprocess.run(cmd, cwd=str(session.config.rootpath), env=env, capture_output=True,
-                              text=True, timeout=_CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"__error__": f"the interpreter child ran over {_CHILD_TIMEOUT_S} s"}
-    outcomes = {}
-    if os.path.exists(xml):
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                el = case.find(tag)
-                if el is not None:
-                    outcome, message = tag, (el.text or el.get("message") or "")
-                    break
-            outcomes[case.get("name")] = (outcome, message)
-    outcomes["__log__"] = f"child exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-    return outcomes
-
-
-def _replay(request) -> None:
-    global _child_outcomes
-    if os.environ.get(_CHILD):
-        pytest.fail("the interpreter child imported Triton compiled (TRITON_INTERPRET=1 had no effect)")
-    if _child_outcomes is None:
-        _child_outcomes = _run_child(request.session)
-    if "__error__" in _child_outcomes:
-        pytest.fail(_child_outcomes["__error__"], pytrace=False)
-    outcome, message = _child_outcomes.get(request.node.name, ("missing", ""))
-    if outcome == "skipped":
-        pytest.skip(f"(in the interpreter child) {message}")
-    if outcome != "passed":
-        pytest.fail(f"{outcome} in the TRITON_INTERPRET=1 child process:\n{message}\n"
-                    f"{_child_outcomes['__log__'] if outcome == 'missing' else ''}", pytrace=False)
-
-
-def _in_interpreter(fn):
-    """Run `fn` here if the kernels are interpreted, else report its child outcome."""
-    sig = inspect.signature(fn)
-    has_request = "request" in sig.parameters
-    params = list(sig.parameters.values())
-    if not has_request:
-        params.append(inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY))
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        request = kwargs["request"] if has_request else kwargs.pop("request")
-        if INTERPRETED:
-            return fn(*args, **kwargs)
-        return _replay(request)
-
-    run.__signature__ = sig.replace(parameters=params)
-    run._in_interpreter = True
-    return run
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -466,7 +386,4 @@ def test_cuda_lif_and_rng(dtype):
                        uniform_at_torch(7, 1, 2, 3, rows, index))
 
 
-# Every other test runs under the interpreter (here or in the child process).
-for _name, _fn in list(globals().items()):
-    if _name.startswith("test_") and callable(_fn) and not _name.startswith(("test_cuda", "test_compiled")):
-        globals()[_name] = _in_interpreter(_fn)
+wrap_tests(globals(), interpreted=INTERPRETED, keep=('test_cuda', 'test_compiled'))

@@ -1,15 +1,9 @@
 """Triton conv/rows deliver kernels against their torch twins, and a conv network on
 backend="triton" against backend="torch" (STYLE 1, 4).
 
-Where the tests run: as in tests/test_kernels_triton.py, the kernels must be
-interpreted (TRITON_INTERPRET=1 before Triton's first import) to take CPU tensors,
-and pytest has imported Triton compiled by the time it reaches this file. So every
-test here is wrapped by `_in_interpreter`: in an interpreted process it just runs;
-otherwise the first one starts one child ``pytest`` on this file's selected tests
-with ``TRITON_INTERPRET=1`` and each test reports its own outcome from the child's
-JUnit XML. ``TRITON_INTERPRET=1 pytest tests/test_kernels_triton_conv.py`` runs them
-in-process. ``test_cuda_*`` run the compiled kernels on a GPU at VGG-7-like sizes and
-skip with the reason when there is none (`make gpu-check` runs them with ``-k cuda``).
+Where the tests run: as in tests/test_kernels_triton.py (tests/interpreter_child.py);
+``test_cuda_*`` run the compiled kernels on a GPU at VGG-7-like sizes and skip with
+the reason when there is none (`make gpu-check` runs them with ``-k cuda``).
 
 Comparison rules:
 - received counts and whole-model spike counts and stats: exact;
@@ -28,13 +22,6 @@ lists, int32 indices, float32 and float64, buffers that already hold currents.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import os
-import subprocess
-import sys
-import tempfile
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -44,6 +31,7 @@ triton = pytest.importorskip("triton")
 
 from asynctrain.kernels import conv_deliver as conv_mod  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
+from interpreter_child import wrap_tests  # noqa: E402
 from asynctrain.kernels.conv_deliver import (conv_deliver_backward_torch,  # noqa: E402
                                              conv_deliver_backward_triton, conv_deliver_torch,
                                              conv_deliver_triton)
@@ -53,76 +41,8 @@ from asynctrain.kernels.rows_deliver import (rows_deliver_backward_torch,  # noq
 
 F32, F64 = torch.float32, torch.float64
 INTERPRETED = is_interpreted(conv_mod._conv_deliver_kernel)
-_CHILD = "ASYNCTRAIN_TRITON_CONV_INTERPRETER_CHILD"
-_CHILD_TIMEOUT_S = 600
 
 
-# --- running the tests in an interpreter child process (tests/test_kernels_triton.py) ---
-_child_outcomes: dict | None = None
-
-
-def _run_child(session) -> dict:
-    me = os.path.abspath(__file__)
-    names = [item.name for item in session.items
-             if os.path.abspath(str(item.path)) == me and getattr(item.obj, "_in_interpreter", False)]
-    xml = os.path.join(tempfile.mkdtemp(prefix="asynctrain-interp-conv-"), "junit.xml")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-           *[f"{me}::{n}" for n in names]]
-    try:
-        proc = subprocess.run(cmd, cwd=str(session.config.rootpath), env=env, capture_output=True,
-                              text=True, timeout=_CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"__error__": f"the interpreter child ran over {_CHILD_TIMEOUT_S} s"}
-    outcomes = {}
-    if os.path.exists(xml):
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                el = case.find(tag)
-                if el is not None:
-                    outcome, message = tag, (el.text or el.get("message") or "")
-                    break
-            outcomes[case.get("name")] = (outcome, message)
-    outcomes["__log__"] = f"child exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-    return outcomes
-
-
-def _replay(request) -> None:
-    global _child_outcomes
-    if os.environ.get(_CHILD):
-        pytest.fail("the interpreter child imported Triton compiled (TRITON_INTERPRET=1 had no effect)")
-    if _child_outcomes is None:
-        _child_outcomes = _run_child(request.session)
-    if "__error__" in _child_outcomes:
-        pytest.fail(_child_outcomes["__error__"], pytrace=False)
-    outcome, message = _child_outcomes.get(request.node.name, ("missing", ""))
-    if outcome == "skipped":
-        pytest.skip(f"(in the interpreter child) {message}")
-    if outcome != "passed":
-        pytest.fail(f"{outcome} in the TRITON_INTERPRET=1 child process:\n{message}\n"
-                    f"{_child_outcomes['__log__'] if outcome == 'missing' else ''}", pytrace=False)
-
-
-def _in_interpreter(fn):
-    """Run `fn` here if the kernels are interpreted, else report its child outcome."""
-    sig = inspect.signature(fn)
-    has_request = "request" in sig.parameters
-    params = list(sig.parameters.values())
-    if not has_request:
-        params.append(inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY))
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        request = kwargs["request"] if has_request else kwargs.pop("request")
-        if INTERPRETED:
-            torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
-            return fn(*args, **kwargs)
-        return _replay(request)
-
-    run.__signature__ = sig.replace(parameters=params)
-    run._in_interpreter = True
-    return run
 
 
 def assert_fp(tri: torch.Tensor, twin: torch.Tensor, exact: torch.Tensor, what: str) -> None:
@@ -485,7 +405,4 @@ def test_cuda_conv_model_triton_equals_torch(case):
     _compare_model(case, _cuda_or_skip())
 
 
-# Every other test runs under the interpreter (here or in the child process).
-for _name, _fn in list(globals().items()):
-    if _name.startswith("test_") and callable(_fn) and not _name.startswith("test_cuda"):
-        globals()[_name] = _in_interpreter(_fn)
+wrap_tests(globals(), interpreted=INTERPRETED, keep=('test_cuda',))

@@ -1,10 +1,10 @@
 """The fused Triton steps (kernels/steps_triton.py) against their twin, the fused C
 steps (kernels/cpu_step.py), on the same engine state.
 
-Where the tests run: as in tests/test_kernels_triton.py, Triton decides compiled
-vs interpreted at its first import, so every test here except ``test_compile_*``
-runs in one child ``pytest`` started with ``TRITON_INTERPRET=1`` (CPU tensors); the
-parent reports each test's outcome from the child's JUnit XML.
+Where the tests run: as in tests/test_kernels_triton.py (tests/interpreter_child.py),
+every test here except ``test_compile_*`` and ``test_cuda_*`` runs with the kernels
+interpreted (CPU tensors). ``test_cuda_*`` compare the compiled kernels on a GPU with
+the C steps and skip with the reason when there is none.
 
 Comparison rules:
 - forward steps: selections, delivered selections, delivered values, output flags,
@@ -25,14 +25,8 @@ from __future__ import annotations
 
 import copy
 
-import functools
-import inspect
-import os
 import re
 import subprocess
-import sys
-import tempfile
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -43,6 +37,7 @@ from asynctrain import AsyncSNN, SimConfig, backends  # noqa: E402
 from asynctrain.engine import Engine, State, _Pass  # noqa: E402
 from asynctrain.kernels import steps_triton  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
+from interpreter_child import wrap_tests  # noqa: E402
 from asynctrain.kernels.cpu_step import CpuSteps  # noqa: E402
 from asynctrain.kernels.steps_triton import TritonSteps  # noqa: E402
 from asynctrain.network import Network  # noqa: E402
@@ -51,70 +46,9 @@ from conftest import BASE, STAT_KEYS, TOL, make_frames, make_net  # noqa: E402
 F32, F64 = torch.float32, torch.float64
 CPU = torch.device("cpu")
 INTERPRETED = is_interpreted(steps_triton._forward_kernel)
-_CHILD = "ASYNCTRAIN_STEPS_TRITON_CHILD"
 SIZES = [10, 8, 7, 4]
 
 
-# --- the interpreter child ------------------------------------------------------------------
-_outcomes: dict | None = None
-
-
-def _child_outcomes(session) -> dict:
-    me = os.path.abspath(__file__)
-    names = [item.name for item in session.items
-             if os.path.abspath(str(item.path)) == me and not item.name.startswith("test_compile")]
-    xml = os.path.join(tempfile.mkdtemp(prefix="asynctrain-steps-"), "junit.xml")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-           *[f"{me}::{n}" for n in names]]
-    try:
-        proc = subprocess.run(cmd, cwd=str(session.config.rootpath), env=env, capture_output=True,
-                              text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        return {"__error__": "the interpreter child ran over 900 s"}
-    out = {"__log__": f"child exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"}
-    if os.path.exists(xml):
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            outcome, msg = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                el = case.find(tag)
-                if el is not None:
-                    outcome, msg = tag, (el.text or el.get("message") or "")
-                    break
-            out[case.get("name")] = (outcome, msg)
-    return out
-
-
-def _replay(request) -> None:
-    global _outcomes
-    if os.environ.get(_CHILD):
-        pytest.fail("the interpreter child imported Triton compiled (TRITON_INTERPRET=1 had no effect)")
-    if _outcomes is None:
-        _outcomes = _child_outcomes(request.session)
-    if "__error__" in _outcomes:
-        pytest.fail(_outcomes["__error__"], pytrace=False)
-    outcome, msg = _outcomes.get(request.node.name, ("missing", ""))
-    if outcome == "skipped":
-        pytest.skip(f"(in the interpreter child) {msg}")
-    if outcome != "passed":
-        pytest.fail(f"{outcome} in the TRITON_INTERPRET=1 child:\n{msg}\n"
-                    f"{_outcomes['__log__'] if outcome == 'missing' else ''}", pytrace=False)
-
-
-def _in_interpreter(fn):
-    """Run `fn` here if the kernels are interpreted, else report its child outcome."""
-    sig = inspect.signature(fn)
-    params = [p for p in sig.parameters.values()]
-    params.append(inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY))
-
-    @functools.wraps(fn)
-    def run(*args, request, **kwargs):
-        if INTERPRETED:
-            return fn(*args, **kwargs)
-        return _replay(request)
-
-    run.__signature__ = sig.replace(parameters=params)
-    return run
 
 
 # --- engine states --------------------------------------------------------------------------
@@ -360,11 +294,7 @@ def test_compile_without_spills(case, arch, fp, tmp_path):
     assert local == 0 and stack == 0, f"{case} ({arch}, {fp}): {reg} registers, spills:\n{out}"
 
 
-# Every test but the compile-only and CUDA ones runs under the interpreter (here or in
-# the child).
-for _name, _fn in list(globals().items()):
-    if _name.startswith("test_") and callable(_fn) and not _name.startswith(("test_compile", "test_cuda")):
-        globals()[_name] = _in_interpreter(_fn)
+wrap_tests(globals(), interpreted=INTERPRETED, keep=('test_compile', 'test_cuda'), timeout_s=900)
 
 
 # --- on a GPU (make gpu-check runs these with -k cuda) --------------------------------------
