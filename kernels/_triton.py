@@ -75,3 +75,15 @@ def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
     if not ok:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_accumulators(op: str, current: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> None:
+    """The [B, W] buffers a deliver kernel adds into in place: current in `dtype`,
+    counts int32 of the same shape, both contiguous."""
+    check_dtype(op, "current", current, (dtype,))
+    check_shape(op, "counts", counts, tuple(current.shape))
+    check_dtype(op, "counts", counts, (torch.int32,))
+    for name, t in (("current", current), ("counts", counts)):
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} is written in place and must be contiguous, got strides "
+                             f"{t.stride()}")

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_dtype, check_shape, check_tensors, jit, tl, triton
+from ._triton import check_accumulators, check_dtype, check_shape, check_tensors, jit, tl, triton
 
 
 def _window(src: torch.Tensor, in_shape: tuple[int, int, int], pool: bool
@@ -323,13 +323,7 @@ def conv_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
     (vals, sample, src, weight), (h, w) = _check(op, _conv_deliver_kernel, vals, sample, src, weight,
                                                  in_shape, pool, out_offset, width, current=current,
                                                  counts=counts)
-    check_dtype(op, "current", current, (vals.dtype,))
-    check_shape(op, "counts", counts, (b, width))
-    check_dtype(op, "counts", counts, (torch.int32,))
-    for name, t in (("current", current), ("counts", counts)):
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} is written in place and must be contiguous, got strides "
-                             f"{t.stride()}")
+    check_accumulators(op, current, counts, vals.dtype)
     e, c_out = vals.shape[0], weight.shape[0]
     if e == 0 or c_out == 0:
         return

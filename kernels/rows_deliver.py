@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from ._triton import check_dtype, check_shape, check_tensors, jit, tl, triton
+from ._triton import check_accumulators, check_dtype, check_shape, check_tensors, jit, tl, triton
 
 
 def _features(src: torch.Tensor, in_shape: tuple[int, ...], pool: bool
@@ -237,13 +237,7 @@ def rows_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
     (vals, sample, src, weight), (h, w) = _check(op, _rows_deliver_kernel, vals, sample, src, weight,
                                                  in_shape, pool, out_offset, width, current=current,
                                                  counts=counts)
-    check_dtype(op, "current", current, (vals.dtype,))
-    check_shape(op, "counts", counts, (b, width))
-    check_dtype(op, "counts", counts, (torch.int32,))
-    for name, t in (("current", current), ("counts", counts)):
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} is written in place and must be contiguous, got strides "
-                             f"{t.stride()}")
+    check_accumulators(op, current, counts, vals.dtype)
     e, (m, f) = vals.shape[0], weight.shape
     if e == 0 or m == 0:
         return
