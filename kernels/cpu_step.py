@@ -28,8 +28,8 @@ in another order). Tests: tests/test_cpu_backend.py.
 State tensors are updated in place, so the engine clones a state it keeps as a
 checkpoint (`Checkpoints(copy=True)`). The library is built from the C source on
 first use with the system C compiler (``$CC``, else ``cc``) into
-``$ASYNCTRAIN_CACHE`` (default ``~/.cache/asynctrain``), keyed by a hash of the
-source, and loaded with ctypes: no torch headers, a build takes about a second.
+``$ASYNCTRAIN_CACHE`` (default ``~/.cache/asynctrain``, or a folder in the
+temporary directory when the home is not writable), keyed by a hash of the source, and loaded with ctypes: no torch headers, a build takes about a second.
 Single-threaded; float32 and float64.
 """
 
@@ -71,7 +71,18 @@ class Ctx(ctypes.Structure):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("ASYNCTRAIN_CACHE", Path.home() / ".cache" / "asynctrain"))
+    """$ASYNCTRAIN_CACHE, else ~/.cache/asynctrain, else (no writable home, e.g. a CI
+    user) a per-user folder in the system's temporary directory."""
+    if "ASYNCTRAIN_CACHE" in os.environ:
+        return Path(os.environ["ASYNCTRAIN_CACHE"])
+    home = Path.home() / ".cache" / "asynctrain"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"asynctrain-{os.getuid()}"
 
 
 @functools.lru_cache(maxsize=1)

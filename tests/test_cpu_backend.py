@@ -12,6 +12,7 @@ test_engine_vs_oracle.py (parametrized over both backends).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -218,3 +219,14 @@ def test_built_library_is_cached(tmp_path, monkeypatch):
     mtime = libs[0].stat().st_mtime_ns
     cpu_step.load.__wrapped__()  # found, not rebuilt
     assert libs[0].stat().st_mtime_ns == mtime
+
+
+def test_cache_falls_back_to_tmp_without_a_writable_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("ASYNCTRAIN_CACHE", raising=False)
+    home = tmp_path / "home"
+    home.write_text("")  # a file: ~/.cache cannot be created below it, whoever we are
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(cpu_step.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert cpu_step._cache_dir() == tmp_path / f"asynctrain-{os.getuid()}"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cpu_step._cache_dir() == tmp_path / ".cache" / "asynctrain"
