@@ -280,18 +280,16 @@ class Engine:
 
     def _fused_pass(self, fused, st: State, ps: "_Pass", ckpt: "Checkpoints | None", ops: list,
                     t: int, k: int) -> State:
-        """The event steps of one pass through the fused CPU steps (same ops, records
-        and bookkeeping as the loop in `run`); returns the state after them."""
+        """The event steps of one pass through the backend's fused steps (same ops,
+        records and bookkeeping as the loop in `run`); returns the state after them.
+        The fused steps update their state in place: they get copies of their own."""
         st = st.clone()
         ps.pending = ps.pending.clone()
         done = ps.done(self.cfg).contiguous()
+        if self.histogram_bins and not isinstance(ps.currents, torch.Tensor):
+            ps.currents = torch.zeros(self.histogram_bins, dtype=torch.int64, device=self.device)
         fused.bind_state(st)
-        if self.histogram_bins:
-            if not isinstance(ps.currents, torch.Tensor):
-                ps.currents = torch.zeros(self.histogram_bins, dtype=torch.int64, device=self.device)
-            fused.bind_pass(ps, done, ps.currents)
-        else:
-            fused.bind_pass(ps, done)
+        fused.bind_pass(ps, done, ps.currents if self.histogram_bins else None)
         dropout = self.p_net > 0
         # Steps run in batches up to the next op index a checkpoint may be taken at
         # (or a bounded buffer: ~1 MB of selections), one C call per batch.

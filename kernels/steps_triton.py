@@ -488,8 +488,12 @@ class TritonSteps:
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
 
-    def bind_pass(self, ps, done: torch.Tensor) -> None:
-        """Point at a pass's bookkeeping (`engine._Pass`) and its bool [B] done flags."""
+    def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
+        """Point at a pass's bookkeeping (`engine._Pass`) and its bool [B] done flags.
+        No currents-to-spike histogram here (`records_histogram` is False)."""
+        if hist is not None:
+            raise NotImplementedError("the fused Triton steps do not record the currents-to-spike "
+                                      "histogram; the engine runs the per-op kernels for it")
         for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
                         ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
             assert t.is_contiguous(), name
