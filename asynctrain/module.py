@@ -212,9 +212,8 @@ def _input_dropout(frames: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     The numbers are drawn at the nonzero entries only (`rng.uniform_at`: the same
     numbers as a draw over every feature), so sparse frames cost their spikes, not
     their width."""
+    t, rows, cols = frames.nonzero(as_tuple=True)
+    drop = rng.uniform_at(seed, rng.STREAM_INPUT_DROPOUT, t, 0, rows, cols) < p
     out = frames.clone()
-    for t in range(frames.shape[0]):
-        rows, cols = frames[t].nonzero(as_tuple=True)
-        drop = rng.uniform_at(seed, rng.STREAM_INPUT_DROPOUT, t, 0, rows, cols) < p
-        out[t, rows[drop], cols[drop]] = 0.0
+    out[t[drop], rows[drop], cols[drop]] = 0.0
     return out

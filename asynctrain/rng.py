@@ -84,13 +84,20 @@ def uniform(seed: int, stream: int, timestep: int, step: int, index: torch.Tenso
     return uniform_at(seed, stream, timestep, step, rows[:, None], index, mixed=mixed)
 
 
-def uniform_at(seed: int, stream: int, timestep: int, step: int, rows: torch.Tensor,
+def uniform_at(seed: int, stream: int, timestep: int | torch.Tensor, step: int, rows: torch.Tensor,
                index: torch.Tensor, *, mixed: torch.Tensor | None = None) -> torch.Tensor:
     """The same numbers as `uniform` at explicit (sample, index) pairs: `rows` and
     `index` are int64 tensors that broadcast together (e.g. the two halves of a
     ``nonzero(as_tuple=True)``). Drawing only where needed (the few neurons that
-    fired in a step) costs a fraction of a draw over the whole network."""
-    h0 = counter_hash(seed, stream, timestep, step)
+    fired in a step) costs a fraction of a draw over the whole network. `timestep` may
+    also be an int64 tensor broadcasting with them (the nonzero entries of a whole
+    [T, B, F] input at once)."""
+    if isinstance(timestep, torch.Tensor):
+        n = int(timestep.max()) + 1 if timestep.numel() else 0
+        table = torch.tensor([counter_hash(seed, stream, t, step) for t in range(n)], dtype=torch.int64)
+        h0 = table.to(timestep.device)[timestep]
+    else:
+        h0 = counter_hash(seed, stream, timestep, step)
     hb = _fmix32(((rows * _GOLDEN) & _MASK32) ^ h0)
     return _finish(hb ^ (mix_index(index) if mixed is None else mixed))
 

@@ -327,3 +327,23 @@ def test_preset_errors():
         SimConfig.preset("speck", net, neurons_per_core=4)
     with pytest.raises(TypeError, match="layer 0 \\(Conv2d\\)"):
         SimConfig.preset("loihi", nn.Conv2d(1, 1, 3))
+
+
+def test_uniform_at_with_a_timestep_tensor_equals_per_timestep_draws():
+    """rng.uniform_at over (t, b, f) triples at once (input dropout draws at the
+    nonzero entries of a whole input) gives the numbers of per-timestep draws and of a
+    draw over every feature."""
+    from asynctrain import rng
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 5, (200,), generator=g)
+    rows = torch.randint(0, 3, (200,), generator=g)
+    cols = torch.randint(0, 40, (200,), generator=g)
+    got = rng.uniform_at(9, rng.STREAM_INPUT_DROPOUT, t, 0, rows, cols)
+    want = torch.stack([rng.uniform_at(9, rng.STREAM_INPUT_DROPOUT, int(ti), 0, r[None], c[None])[0]
+                        for ti, r, c in zip(t, rows, cols)])
+    assert torch.equal(got, want)
+    full = rng.uniform(9, rng.STREAM_INPUT_DROPOUT, 2, 0, torch.arange(40).expand(3, 40))
+    at2 = t == 2
+    assert torch.equal(got[at2], full[rows[at2], cols[at2]])
+    assert rng.uniform_at(9, 1, torch.zeros(0, dtype=torch.int64), 0, torch.zeros(0, dtype=torch.int64),
+                          torch.zeros(0, dtype=torch.int64)).numel() == 0
