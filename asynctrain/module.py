@@ -37,12 +37,16 @@ class AsyncSNN(nn.Module):
             neurons; the last layer's are the outputs. Pooling is folded into the next
             layer's synaptic map (SPEC 1), so it adds no neurons.
         cfg: execution config (`SimConfig`); default ``SimConfig()``.
-        backend: "torch" (any device), "triton" (the kernels of `kernels/`: CUDA tensors, or
-            CPU tensors when Triton was imported with TRITON_INTERPRET=1) or "auto"
-            (triton for CUDA tensors when Triton is installed, else torch). The layered
+        backend: "torch" (per-op tensor ops, any device), "cpu" (CPU tensors: the
+            torch ops plus fused C steps for fully connected networks, built on first
+            use with the system C compiler; `kernels/cpu_step.py`), "triton" (the
+            kernels of `kernels/`: CUDA tensors, or CPU tensors when Triton was
+            imported with TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, cpu
+            for CPU tensors when it builds, else torch with a warning). The layered
             path always runs dense torch ops.
         deterministic: with the triton backend, sum weight-table gradients without
-            float atomics (bitwise reproducible, slower).
+            float atomics (bitwise reproducible, slower: per-op kernels instead of the
+            fused steps).
         checkpoint_every: forward ops between state checkpoints for the backward.
             None (default): adaptive, about sqrt(ops) checkpoints of about sqrt(ops)
             ops each. 0: no checkpointing, plain autograd through every forward step
