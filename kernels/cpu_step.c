@@ -56,7 +56,6 @@ typedef struct {
     int64_t n_slots;              /* L + 2: per-layer delivery counters */
     int64_t out_lo, out_hi;       /* output columns */
     const int64_t *source_slot;   /* [W] */
-    const int64_t *receive_slot;  /* [W] */
     const int64_t *slot_lo, *slot_hi;  /* [n_slots]: the columns that slot l's sources reach */
     const uint8_t *is_source;     /* [W] */
     const uint8_t *is_input;      /* [W] */

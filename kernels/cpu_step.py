@@ -58,7 +58,7 @@ class Ctx(ctypes.Structure):
 
     _fields_ = [("B", _i64), ("W", _i64), ("K", _i64), ("F", _i64), ("n_slots", _i64),
                 ("out_lo", _i64), ("out_hi", _i64),
-                ("source_slot", _p), ("receive_slot", _p), ("slot_lo", _p), ("slot_hi", _p),
+                ("source_slot", _p), ("slot_lo", _p), ("slot_hi", _p),
                 ("is_source", _p),
                 ("is_input", _p), ("sync", _p), ("theta", _p), ("wt", _p),
                 ("policy_ms", _i32), ("refractory", _i32), ("barrier", _i32), ("stop_output", _i32),
@@ -165,7 +165,7 @@ class CpuSteps:
         for l in range(net.n_layers):
             lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
         self._keep = dict(source_slot=tab.source_slot.contiguous(),
-                          receive_slot=tab.receive_slot.contiguous(), slot_lo=lo, slot_hi=hi, is_source=u8(tab.is_source),
+                          slot_lo=lo, slot_hi=hi, is_source=u8(tab.is_source),
                           is_input=u8(tab.is_input), sync=engine.sync.contiguous(),
                           theta=engine.theta.contiguous())
         out = net.output_slice

@@ -22,13 +22,12 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
     memset(cnt, 0, sizeof(int32_t) * c->n_slots);
     for (int64_t j = 0; j < K; j++) cnt[c->source_slot[sd[j]]]++;
     /* Only the layers a delivered source reaches change (fully connected: layer l + 1
-     * for a source of layer l); the dump collects the padding of the rows. */
-    cur[W - 1] = 0;
+     * for a source of layer l). */
     for (int64_t l = 0; l < c->n_slots; l++)
         if (cnt[l]) memset(cur + c->slot_lo[l], 0, sizeof(SCALAR) * (c->slot_hi[l] - c->slot_lo[l]));
     /* The torch twin's scatter_add order (slot, then entry). A source of layer l reaches
-     * the contiguous columns of layer l + 1 with row entries 0 .. n - 1 (the rest of the
-     * row is padding sent to the dump, which adds nothing anywhere else). */
+     * the contiguous columns of layer l + 1 with row entries 0 .. n - 1; the rest of the
+     * row is padding (zero weights the twin sends to the dump column, never read). */
     for (int64_t j = 0; j < K; j++) {
         const int64_t s = sd[j], l = c->source_slot[s], lo = c->slot_lo[l], n = c->slot_hi[l] - lo;
         const SCALAR x = vals[j], *w = wt + s * F;
@@ -195,7 +194,6 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
         const int32_t *s = sel + b * K, *sd = sel_deliv + b * K;
         memset(cnt, 0, sizeof(int32_t) * c->n_slots);
         for (int64_t j = 0; j < K; j++) cnt[c->source_slot[sd[j]]]++;
-        gcur[W - 1] = 0;  /* the dump: never a receiver */
         for (int64_t l = 0; l < c->n_slots; l++) {
           if (!cnt[l]) continue;
           for (int64_t col = c->slot_lo[l]; col < c->slot_hi[l]; col++) {
