@@ -95,8 +95,6 @@ class Engine:
         self.sync = full_width(sync.to(torch.int32), 1)
         self.source_f = self.tables.is_source.to(dtype)
         self.hidden_f = self.tables.is_hidden.to(dtype)
-        self.columns = self.tables.columns.expand(batch, w)
-        self.columns_mixed = rng.mix_index(self.tables.columns)  # drawn over at every step
         self.width = w
         layer1 = torch.zeros(w, dtype=torch.bool)
         layer1[net.offsets[1]:net.offsets[1] + net.layer_sizes[1]] = True
@@ -196,13 +194,18 @@ class Engine:
     def select(self, pending: torch.Tensor, pre_spike: torch.Tensor, t: int, k: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        if cfg.policy == "RS":
-            keys = rng.uniform(self.seed, rng.STREAM_RS_KEY, t, k, self.columns, mixed=self.columns_mixed)
+        # Keys matter at pending entries only: random numbers are drawn there (the same
+        # numbers as a draw over every column), not over the whole [B, N + 1] state.
+        rs = cfg.policy == "RS"
+        if rs or self.noise > 0:
+            at = pending.nonzero(as_tuple=True)
+            u = rng.uniform_at(self.seed, rng.STREAM_RS_KEY if rs else rng.STREAM_MOMENTUM_NOISE, t, k, *at)
+        if rs:
+            keys = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device).index_put_(at, u)
         else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
             keys = pre_spike.to(torch.float32)
             if self.noise > 0:
-                keys = keys + self.noise * rng.uniform(self.seed, rng.STREAM_MOMENTUM_NOISE, t, k,
-                                                       self.columns, mixed=self.columns_mixed)
+                keys = keys.index_put(at, keys[at] + self.noise * u)
             keys = keys.masked_fill(self.tables.is_input, math.inf)
         sel = self.ops.select(pending, keys, self.k)
         sel_deliv = sel
