@@ -359,28 +359,21 @@ class ImageSynapses:
         b, k = sel.shape
         grad_vals = torch.zeros_like(vals).view(-1)
         kernels = _kernels(ops)
-        if grad_flat is not None:
-            for l, pos in self.entries(sel, source_slot):
-                m = self.maps[l]
-                fn = kernels[m.kind][1]
-                gv, gw = fn(grad_current, vals.reshape(-1)[pos], pos // k,
-                            sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l), m.in_shape,
-                            m.pool, self.offsets[l + 1])
-                grad_vals[pos] = gv
-                self.weight(grad_flat, l).add_(gw)
-            return grad_vals.view(b, k), grad_flat
         grads = [None] * len(self.maps)
         for l, pos in self.entries(sel, source_slot):
             m = self.maps[l]
-            fn = kernels[m.kind][1]
-            gv, gw = fn(grad_current, vals.reshape(-1)[pos], pos // k,
-                        sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l), m.in_shape,
-                        m.pool, self.offsets[l + 1])
+            gv, gw = kernels[m.kind][1](grad_current, vals.reshape(-1)[pos], pos // k,
+                                        sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l),
+                                        m.in_shape, m.pool, self.offsets[l + 1])
             grad_vals[pos] = gv
-            grads[l] = gw
-        grad_flat = torch.cat([torch.zeros(math.prod(m.weight_shape), dtype=flat.dtype,
-                                           device=flat.device) if g is None else g.reshape(-1)
-                               for m, g in zip(self.maps, grads)])
+            if grad_flat is not None:
+                self.weight(grad_flat, l).add_(gw)
+            else:
+                grads[l] = gw
+        if grad_flat is None:
+            grad_flat = torch.cat([torch.zeros(math.prod(m.weight_shape), dtype=flat.dtype,
+                                               device=flat.device) if g is None else g.reshape(-1)
+                                   for m, g in zip(self.maps, grads)])
         return grad_vals.view(b, k), grad_flat
 
     def input_current(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,14 @@ def main() -> None:
     env_time = dict(os.environ, OMP_NUM_THREADS="1")
     env_mem = dict(env_time, MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
+
+    def emit(record: dict) -> None:  # one JSON line on stdout and, with --out, in the file
+        line = json.dumps(record)
+        print(line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+
     for model, impl, policy, k in points(a.quick):
         row = dict(info)
         for what, env in (("time", env_time), ("memory", env_mem)):
@@ -224,11 +232,7 @@ def main() -> None:
                 sys.exit(f"point {model}:{impl}:{policy}:{k} ({what}) failed:\n{r.stderr}")
             row.update(json.loads(r.stdout.strip().splitlines()[-1]))
         rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(line + "\n")
+        emit(row)
     # Time per step vs input width: the two engine points again, alternating, so that
     # both see the same machine load; the median of the per-pair ratios is reported.
     pair_ratios = []
@@ -242,12 +246,8 @@ def main() -> None:
                 sys.exit(f"width pair point {model} failed:\n{r.stderr}")
             per[model] = json.loads(r.stdout.strip().splitlines()[-1])["time_per_step_ms"]
         pair_ratios.append(per["shd700"] / per["shd"])
-        line = json.dumps(dict(info, width_pair=True, shd_ms_per_step=per["shd"],
-                               shd700_ms_per_step=per["shd700"], ratio=pair_ratios[-1]))
-        print(line, flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(line + "\n")
+        emit(dict(info, width_pair=True, shd_ms_per_step=per["shd"], shd700_ms_per_step=per["shd700"],
+                  ratio=pair_ratios[-1]))
     print(f"\n{'model':8} {'impl':12} {'backend':7} {'policy':8} {'K':>4} {'time s':>8} {'mem MB':>8} "
           f"{'steps/pass':>10} {'ms/step':>8}")
     for r in rows:
