@@ -60,40 +60,48 @@ def _record(engine: Engine, info: StepInfo, small: ChunkStore, flat: FlatStore
                        flat.keep(info.refr.reshape(-1)[idx]), flat.keep(info.gate.reshape(-1)[idx]))
 
 
-def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor
-               ) -> list:
+def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor,
+               states_every: int | None = None) -> list | dict[int, State]:
     """Re-run a segment's ops without grad; keep what each evaluation's backward needs.
-    Conv networks keep no [B, K] index copies (the sweep re-reads them from `ops`)."""
-    records = []
+    Conv networks keep no [B, K] index copies (the sweep re-reads them from `ops`).
+    With `states_every` = c: keep no records, only the state before every c-th op
+    ({op index in the segment: state}) -- the inner checkpoints of a nested segment."""
+    records, states = [], {}
+    keep = states_every is None
     small, flat = ChunkStore(), FlatStore()
     fused, owned = engine.fused, False
-    for op in ops:
+    for i, op in enumerate(ops):
+        if not keep and i % states_every == 0:
+            states[i] = st.clone() if owned else st  # the fused steps go on in place
         kind, t = op[0], op[1]
         if kind == "step" and fused is not None:  # in place on a state of its own
             if not owned:
                 st, owned = st.clone(), True
                 fused.bind_state(st)
             sel_deliv = op[3] if op[4] is None else op[4]
-            records.append((op[3], sel_deliv, fused.replay_step(t, op[2], op[3], sel_deliv)))
+            rec = fused.replay_step(t, op[2], op[3], sel_deliv)
+            if keep:
+                records.append((op[3], sel_deliv, rec))
             continue
         owned = False
+        rec = None
         if kind == "start":
             st = engine.op_start(st)
-            records.append(None)
         elif kind == "input":
-            st, info = engine.op_input(st, frames[t], wt, t)
-            records.append(info)
+            st, rec = engine.op_input(st, frames[t], wt, t)
         elif kind == "step":
             sel = op[3].long()
             sel_deliv = sel if op[4] is None else op[4].long()
             st, info = engine.op_step(st, sel, sel_deliv, wt, t, op[2])
+            if not keep:
+                continue
             if engine.syn is None:
-                records.append((sel, sel_deliv, info))
+                rec = (sel, sel_deliv, info)
             else:
-                records.append((None, None, _record(engine, info, small, flat)))
-        else:
-            records.append(None)
-    return records
+                rec = (None, None, _record(engine, info, small, flat))
+        if keep:
+            records.append(rec)
+    return records if keep else states
 
 
 def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Tensor,
@@ -101,7 +109,22 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
                   grad_frames: torch.Tensor | None = None) -> tuple:
     """Adjoints (gV, gO, gacc) at the segment's start from those at its end; adds the
     segment's weight-table gradient into `grad_wt` (and, when given, the frames'
-    gradient into `grad_frames [T, B, n_inputs]`) in place."""
+    gradient into `grad_frames [T, B, n_inputs]`) in place. A long segment of a nested
+    engine is recomputed once to keep inner states, then swept one part at a time."""
+    every = engine.sub_segment(len(ops))
+    if every is None:
+        return _sweep(engine, ops, st0, frames, wt, adj, grad_out, grad_wt, grad_frames)
+    states = _recompute(engine, ops, st0, frames, wt, states_every=every)
+    for i0 in sorted(states, reverse=True):
+        adj = _sweep(engine, ops[i0:i0 + every], states.pop(i0), frames, wt, adj, grad_out, grad_wt,
+                     grad_frames)
+    return adj
+
+
+def _sweep(engine: Engine, ops: list[tuple], st0: State, frames: torch.Tensor, wt: torch.Tensor,
+           adj: tuple, grad_out: torch.Tensor, grad_wt: torch.Tensor,
+           grad_frames: torch.Tensor | None) -> tuple:
+    """`sweep_segment` with every op's record kept at once."""
     records = _recompute(engine, ops, st0, frames, wt)
     g_v, g_o, g_acc = adj
     fused = engine.fused

@@ -111,6 +111,10 @@ class Engine:
         # column): the adaptive checkpoints keep fewer states when records are smaller.
         self.record_ratio = 1.0 if self.syn is None else \
             min(1.0, 10 * min(cfg.forward_group_size, w) * self.syn.mean_fan_out / (13 * w))
+        # Conv networks, adaptive checkpoints: the backward splits each segment again
+        # (`sub_segment`), so the memory of the backward grows as ops^(1/3), not sqrt(ops),
+        # for one more recompute of the forward (fully connected networks: two levels).
+        self.nested = self.syn is not None and checkpoint_every is None
         self.k = min(cfg.forward_group_size, w)
         self.alpha = float(cfg.surrogate_steepness)
         # Training-only randomness.
@@ -123,6 +127,16 @@ class Engine:
         self.fused = ops.fused(self) if (ops.fused is not None and self.syn is None
                                          and dtype in (torch.float32, torch.float64)
                                          and (not histogram or ops.fused.records_histogram)) else None
+
+    def sub_segment(self, n_ops: int) -> int | None:
+        """Ops between the states the backward keeps inside a segment of `n_ops` ops
+        (None: it keeps every op's record instead). Nested engines split a segment whose
+        records would outweigh 4 states: c ~ sqrt(n / r) ops per sub-segment, so about
+        2 sqrt(n r) states' worth of states and records are held at once."""
+        r = self.record_ratio
+        if not self.nested or n_ops * r <= 4:
+            return None
+        return math.ceil(math.sqrt(n_ops / r))
 
     # --- ops (used by the forward and by the replay) --------------------------------
     def initial_state(self) -> State:
@@ -224,8 +238,8 @@ class Engine:
             fused = None  # plain autograd through every step: the torch ops
         if fused is not None:
             fused.bind_weights(wt)
-        ckpt = Checkpoints(self.checkpoint_every, self.record_ratio, copy=fused is not None) \
-            if keep_checkpoints else None
+        ckpt = Checkpoints(self.checkpoint_every, self.record_ratio, copy=fused is not None,
+                           nested=self.nested) if keep_checkpoints else None
         # conv networks: wide steps; kept per-step tensors go to chunks (retain.py)
         keep = ChunkStore().keep if self.syn is not None else identity
         stats = new_stats(T, B, self.device, self.histogram_bins)
@@ -417,12 +431,19 @@ class Checkpoints:
     `ratio` r < 1 (a step's backward record is r times the size of a state, as for
     conv networks at small K): C doubles whenever more than r C are kept, so
     C ~ sqrt(ops / r), about sqrt(ops r) states are kept and the memory of the
-    backward, ~2 sqrt(ops r) states, stays flat as K shrinks (ops ~ 1/K, r ~ K)."""
+    backward, ~2 sqrt(ops r) states, stays flat as K shrinks (ops ~ 1/K, r ~ K).
 
-    def __init__(self, every: int | None, ratio: float = 1.0, copy: bool = False):
+    `nested` (the backward splits each segment again, `Engine.sub_segment`): C doubles
+    whenever more than sqrt(C r) are kept, so C ~ ops^(2/3) r^(-1/3): the kept states
+    then weigh half of what one split segment holds at once, the minimum of their sum:
+    ~3 (ops r)^(1/3) states in all."""
+
+    def __init__(self, every: int | None, ratio: float = 1.0, copy: bool = False,
+                 nested: bool = False):
         self.adaptive = every is None
         self.c = 1 if every is None else every
         self.ratio = ratio
+        self.nested = nested
         self.copy = copy  # states are updated in place (fused CPU steps): keep copies
         self.saved: dict[int, State] = {}
 
@@ -430,7 +451,8 @@ class Checkpoints:
         if i % self.c:
             return
         self.saved[i] = st.clone() if self.copy else st
-        if self.adaptive and len(self.saved) > self.c * self.ratio:
+        cap = math.sqrt(self.c * self.ratio) if self.nested else self.c * self.ratio
+        if self.adaptive and len(self.saved) > cap:
             self.c *= 2
             self.saved = {j: s for j, s in self.saved.items() if j % self.c == 0}
 

@@ -270,6 +270,49 @@ def test_adaptive_checkpoints_keep_sqrt_ops_times_ratio():
         assert (n * ratio) ** 0.5 / 2 <= kept <= 2 * (n * ratio) ** 0.5 + 1, (ratio, kept, ck.c)
 
 
+def test_nested_checkpoints_keep_cube_root_of_ops_times_ratio():
+    """Nested (conv): about (ops r)^(1/3) states kept, each segment ~ ops^(2/3) r^(-1/3)
+    ops long, which the backward splits into ~sqrt(C / r)-op parts."""
+    from asynctrain.engine import Checkpoints
+    for ratio, n in ((1.0, 4096), (1 / 32, 20000), (1 / 64, 4096 * 64)):
+        ck = Checkpoints(None, ratio, nested=True)
+        for i in range(n):
+            ck.offer(i, i)
+        kept, cube = len(ck.saved), (n * ratio) ** (1 / 3)
+        assert cube / 2 <= kept <= 2 * cube + 1, (ratio, kept, ck.c)
+        assert kept <= (ck.c * ratio) ** 0.5 + 1
+
+
+def test_nested_segments_backward_equals_plain_autograd_conv(monkeypatch):
+    """Conv nets split long segments again in the backward (one more recompute, inner
+    states instead of records): gradients equal plain autograd's, and equal exactly
+    the unsplit sweep's (the recompute is deterministic)."""
+    from asynctrain import backward
+    from asynctrain.engine import Engine
+    net = conv_net("deep", seed=8)
+    cfg = SimConfig(**BASE, policy="RS", forward_group_size=1, refractory_dropout=0.3)
+    frames = image_frames(2, 3, net.input_shape, seed=9)
+    splits = []
+    real = backward._recompute
+
+    def counting(*args, states_every=None):
+        if states_every is not None:
+            splits.append(states_every)
+        return real(*args, states_every=states_every)
+
+    monkeypatch.setattr(backward, "_recompute", counting)
+    nested = run_engine(net, cfg, frames, training=True)
+    assert splits and min(splits) >= 2  # some segments were split
+    ref = run_engine(net, cfg, frames, training=True, checkpoint_every=0)
+    assert torch.equal(nested[0], ref[0])
+    for a, b in zip(nested[2], ref[2]):
+        assert_close(a, b, "nested checkpointed gradient")
+    monkeypatch.setattr(Engine, "sub_segment", lambda self, n: None)  # two levels only
+    flat = run_engine(net, cfg, frames, training=True)
+    for a, b in zip(nested[2], flat[2]):
+        assert torch.equal(a, b)
+
+
 def test_currents_to_spike_histogram_conv_barrier_equals_layered():
     """Border neurons integrate fewer currents: the histogram has several fan-in bins."""
     net = conv_net("odd", seed=2)
