@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .engine import Engine, State, StepInfo
+from .engine import Engine, PackedState, State, StepInfo
 from .kernels.cpu_step import FusedRecord
 from .kernels.lif import lif_backward_torch
 from .retain import ChunkStore, FlatStore
@@ -61,7 +61,7 @@ def _record(engine: Engine, info: StepInfo, small: ChunkStore, flat: FlatStore
 
 
 def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor,
-               states_every: int | None = None) -> list | dict[int, State]:
+               states_every: int | None = None) -> list | dict[int, PackedState]:
     """Re-run a segment's ops without grad; keep what each evaluation's backward needs.
     Conv networks keep no [B, K] index copies (the sweep re-reads them from `ops`).
     With `states_every` = c: keep no records, only the state before every c-th op
@@ -72,7 +72,7 @@ def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor
     fused, owned = engine.fused, False
     for i, op in enumerate(ops):
         if not keep and i % states_every == 0:
-            states[i] = st.clone() if owned else st  # the fused steps go on in place
+            states[i] = st.pack()  # a copy: the fused steps go on in place
         kind, t = op[0], op[1]
         if kind == "step" and fused is not None:  # in place on a state of its own
             if not owned:
@@ -116,7 +116,7 @@ def sweep_segment(engine: Engine, ops: list[tuple], st0: State, frames: torch.Te
         return _sweep(engine, ops, st0, frames, wt, adj, grad_out, grad_wt, grad_frames)
     states = _recompute(engine, ops, st0, frames, wt, states_every=every)
     for i0 in sorted(states, reverse=True):
-        adj = _sweep(engine, ops[i0:i0 + every], states.pop(i0), frames, wt, adj, grad_out, grad_wt,
+        adj = _sweep(engine, ops[i0:i0 + every], states.pop(i0).unpack(), frames, wt, adj, grad_out, grad_wt,
                      grad_frames)
     return adj
 
@@ -220,7 +220,7 @@ class EventFunction(torch.autograd.Function):
         engine, ops, ckpts = ctx.engine, ctx.ops, ctx.ckpts
         grad_out = grad_out.contiguous()
         st_end = ckpts[max(ckpts)]
-        adj = (torch.zeros_like(st_end.v), torch.zeros_like(st_end.o), torch.zeros_like(st_end.acc))
+        adj = (torch.zeros_like(st_end.v), torch.zeros_like(st_end.v), torch.zeros_like(st_end.acc))
         grad_wt = torch.zeros_like(wt)
         # analog inputs (e.g. an encoder in front) get a gradient like under plain autograd
         grad_frames = torch.zeros_like(frames) if ctx.needs_input_grad[1] else None
@@ -230,7 +230,7 @@ class EventFunction(torch.autograd.Function):
             engine.fused.bind_weights(wt)
         with torch.no_grad():
             for i0, i1 in reversed(list(zip(starts, ends))):
-                adj = sweep_segment(engine, ops[i0:i1], ckpts[i0], frames, wt, adj, grad_out, grad_wt,
+                adj = sweep_segment(engine, ops[i0:i1], ckpts.pop(i0).unpack(), frames, wt, adj, grad_out, grad_wt,
                                     grad_frames)
         ctx.ops = ctx.ckpts = None  # free the record once used
         return None, grad_frames, grad_wt

@@ -259,15 +259,48 @@ def test_frame_gradient_through_prioritized_conv_input():
     assert_close(grads[1], grads[0], "frame gradient")
 
 
+class _Op(int):
+    """Stands for a state in the checkpoint-count tests (Checkpoints keeps st.pack())."""
+
+    def pack(self):
+        return self
+
+
 def test_adaptive_checkpoints_keep_sqrt_ops_times_ratio():
     from asynctrain.engine import Checkpoints
     for ratio, n in ((1.0, 4096), (0.25, 4096), (1 / 64, 4096 * 64)):
         ck = Checkpoints(None, ratio)
         for i in range(n):
-            ck.offer(i, i)
+            ck.offer(i, _Op(i))
         kept = len(ck.saved)
         assert kept <= ck.c * ratio + 1
         assert (n * ratio) ** 0.5 / 2 <= kept <= 2 * (n * ratio) ** 0.5 + 1, (ratio, kept, ck.c)
+
+
+@pytest.mark.parametrize("o_density", [0.0, 0.05, 0.9])
+@pytest.mark.parametrize("n_max", [3, 2**15, 2**20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_state_round_trip(o_density, n_max, dtype):
+    """Checkpoints keep a packed copy: sparse outboxes under half full, int16 counts
+    when they fit; unpacking gives the state back exactly, and later in-place updates
+    of the state do not reach the copy."""
+    from asynctrain.engine import State
+    g = torch.Generator().manual_seed(1)
+    b, w = 3, 50
+    o = torch.rand(b, w, generator=g, dtype=dtype)
+    o = o * (torch.rand(b, w, generator=g) < o_density)
+    st = State(torch.randn(b, w, generator=g, dtype=dtype), o, torch.rand(b, 4, generator=g, dtype=dtype),
+               torch.rand(b, w, generator=g) < 0.3,
+               torch.randint(0, n_max, (b, w), generator=g, dtype=torch.int32))
+    packed = st.pack()
+    assert (packed.o_at is not None) == (2 * int((o != 0).sum()) < o.numel())
+    assert packed.n_in.dtype == (torch.int16 if n_max <= 2**15 else torch.int32)
+    ref = st.clone()
+    st.v.add_(1.0), st.o.add_(1.0), st.n_in.add_(1), st.refr.logical_not_()
+    back = packed.unpack()
+    for f in ("v", "o", "acc", "refr", "n_in"):
+        a, r = getattr(back, f), getattr(ref, f)
+        assert a.dtype == r.dtype and torch.equal(a, r), f
 
 
 def test_nested_checkpoints_keep_cube_root_of_ops_times_ratio():
@@ -277,7 +310,7 @@ def test_nested_checkpoints_keep_cube_root_of_ops_times_ratio():
     for ratio, n in ((1.0, 4096), (1 / 32, 20000), (1 / 64, 4096 * 64)):
         ck = Checkpoints(None, ratio, nested=True)
         for i in range(n):
-            ck.offer(i, i)
+            ck.offer(i, _Op(i))
         kept, cube = len(ck.saved), (n * ratio) ** (1 / 3)
         assert cube / 2 <= kept <= 2 * cube + 1, (ratio, kept, ck.c)
         assert kept <= (ck.c * ratio) ** 0.5 + 1
