@@ -143,10 +143,11 @@ class Engine:
             fan_in1[layer1] = self.syn.fan_in[:net.layer_sizes[1]].to(torch.int32)
             self.input_n_add = fan_in1.to(device).expand(batch, w)
         # Bytes of a step's backward record (compact: ~K x mean fan-out receivers per
-        # sample, 10 B each, backward.CompactInfo) over those of a checkpoint (13 B per
-        # column): the adaptive checkpoints keep fewer states when records are smaller.
+        # sample, 10 B each, backward.CompactInfo) over those of a checkpoint (~8 B per
+        # column, PackedState): the adaptive checkpoints keep fewer states when records
+        # are smaller.
         self.record_ratio = 1.0 if self.syn is None else \
-            min(1.0, 10 * min(cfg.forward_group_size, w) * self.syn.mean_fan_out / (13 * w))
+            min(1.0, 10 * min(cfg.forward_group_size, w) * self.syn.mean_fan_out / (8 * w))
         # Conv networks, adaptive checkpoints: the backward splits each segment again
         # (`sub_segment`), so the memory of the backward grows as ops^(1/3), not sqrt(ops),
         # for one more recompute of the forward (fully connected networks: two levels).
