@@ -1,6 +1,8 @@
 """Unlayered backpropagation with checkpoints: the forward keeps a state every C ops
 and the [B, K] selection of every step; the backward recomputes one segment at a
-time from its checkpoint (no autograd) and sweeps it in reverse by hand.
+time from its checkpoint (no autograd) and sweeps it in reverse by hand. Conv
+networks nest this once (`Engine.sub_segment`): a long segment is first recomputed
+keeping only inner states, then swept one part at a time.
 
 The sweep is SPEC 8 written out. Per forward step, going backwards, with adjoints
 (gV, gO, gacc) of membrane, outboxes and the pass's output accumulator:
