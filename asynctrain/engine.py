@@ -39,8 +39,9 @@ from .ops import deliver, lif
 
 @dataclass
 class State:
-    """One batch's state; differentiable: v, o, acc. Updated functionally (never in
-    place), so a checkpoint is a reference, not a copy."""
+    """One batch's state; differentiable: v, o, acc. The torch ops update it
+    functionally (never in place: autograd runs through them), the fused steps in
+    place; a checkpoint is a packed copy either way (`PackedState`)."""
 
     v: torch.Tensor        # [B, W] membrane
     o: torch.Tensor        # [B, W] outbox values (pending spikes not yet delivered)

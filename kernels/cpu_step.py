@@ -25,8 +25,8 @@ path's `topk(sorted=False)` order is unspecified, so tests compare sorted
 selections and potentials to fp tolerance). Gradients match to fp rounding (sums
 in another order). Tests: tests/test_cpu_backend.py.
 
-State tensors are updated in place, so the engine clones a state it keeps as a
-checkpoint (`Checkpoints(copy=True)`). The library is built from the C source on
+State tensors are updated in place; a checkpoint is a packed copy
+(`engine.PackedState`), so the steps never touch one. The library is built from the C source on
 first use with the system C compiler (``$CC``, else ``cc``) into
 ``$ASYNCTRAIN_CACHE`` (default ``~/.cache/asynctrain``, or a folder in the
 temporary directory when the home is not writable), keyed by a hash of the source, and loaded with ctypes: no torch headers, a build takes about a second.
