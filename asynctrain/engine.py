@@ -35,6 +35,7 @@ from .network import Network
 from .retain import ChunkStore, identity
 from .backends import TORCH, Ops
 from .ops import deliver, lif
+from .kernels.select import select_pending_torch, select_torch
 
 
 @dataclass
@@ -248,18 +249,32 @@ class Engine:
         cfg = self.cfg
         # Keys matter at pending entries only: random numbers are drawn there (the same
         # numbers as a draw over every column), not over the whole [B, N + 1] state.
+        # The torch ops also select from that list (`select_pending_torch`); a
+        # backend's select kernel takes the keys over the whole state.
         rs = cfg.policy == "RS"
-        if rs or self.noise > 0:
+        listed = self.ops.select is select_torch
+        if rs or self.noise > 0 or listed:
             at = pending.nonzero(as_tuple=True)
+        if rs or self.noise > 0:
             u = rng.uniform_at(self.seed, rng.STREAM_RS_KEY if rs else rng.STREAM_MOMENTUM_NOISE, t, k, *at)
-        if rs:
-            keys = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device).index_put_(at, u)
-        else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
-            keys = pre_spike.to(torch.float32)
-            if self.noise > 0:
-                keys = keys.index_put(at, keys[at] + self.noise * u)
-            keys = keys.masked_fill(self.tables.is_input, math.inf)
-        sel = self.ops.select(pending, keys, self.k)
+        if listed:
+            if rs:
+                keys = u
+            else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
+                keys = pre_spike[at].to(torch.float32)
+                if self.noise > 0:
+                    keys = keys + self.noise * u
+                keys = keys.masked_fill(self.tables.is_input[at[1]], math.inf)
+            sel = select_pending_torch(*at, keys, self.batch, self.width, self.k)
+        else:
+            if rs:
+                keys = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device).index_put_(at, u)
+            else:
+                keys = pre_spike.to(torch.float32)
+                if self.noise > 0:
+                    keys = keys.index_put(at, keys[at] + self.noise * u)
+                keys = keys.masked_fill(self.tables.is_input, math.inf)
+            sel = self.ops.select(pending, keys, self.k)
         sel_deliv = sel
         if self.p_net > 0:
             drop = rng.uniform(self.seed, rng.STREAM_NETWORK_DROPOUT, t, k, sel) < self.p_net

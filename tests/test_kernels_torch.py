@@ -1,7 +1,8 @@
 """The per-step torch twins in `kernels/` against plain references: the contract the
 Triton kernels will be held to (STYLE 1, 4).
 
-- select_torch vs a stable sort of -key over the pending entries;
+- select_torch and select_pending_torch (from the pending list) vs a stable sort of
+  -key over the pending entries;
 - deliver_torch vs a dense one-hot computation, deliver_backward_torch vs autograd
   through that dense computation (and the per-step receive counts of the index
   tables vs a dense count);
@@ -20,7 +21,7 @@ import torch
 
 from asynctrain.kernels.deliver import deliver_backward_torch, deliver_torch
 from asynctrain.kernels.lif import arctan_surrogate, lif_backward_torch, lif_torch
-from asynctrain.kernels.select import select_torch, sortable_key
+from asynctrain.kernels.select import select_pending_torch, select_torch, sortable_key
 from asynctrain.network import Network
 from dense_oracle import spike
 
@@ -45,40 +46,52 @@ def _rows(sel: torch.Tensor) -> list[list[int]]:
     return [sorted(r) for r in sel.tolist()]  # order within a row is unspecified
 
 
-def test_select_ties_go_to_the_lower_index():
+def select_listed(pending: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """`select_pending_torch` (the engine's torch path) called like `select_torch`."""
+    at = pending.nonzero(as_tuple=True)
+    return select_pending_torch(*at, keys[at], keys.shape[0], keys.shape[1], k)
+
+
+@pytest.fixture(params=[select_torch, select_listed], ids=["dense", "listed"])
+def select(request):
+    """Both torch selections: over the whole state, and from the pending list."""
+    return request.param
+
+
+def test_select_ties_go_to_the_lower_index(select):
     keys = torch.tensor([[0.5, 0.7, 0.7, 0.7, 0.7, 0.0]])
     pending = torch.tensor([[True, True, True, True, True, False]])
-    assert _rows(select_torch(pending, keys, 2)) == [[1, 2]]
-    assert _rows(select_torch(pending, keys, 4)) == [[1, 2, 3, 4]]
+    assert _rows(select(pending, keys, 2)) == [[1, 2]]
+    assert _rows(select(pending, keys, 4)) == [[1, 2, 3, 4]]
     flat = torch.zeros(1, 9)
     pend = torch.ones(1, 9, dtype=torch.bool)
     pend[0, -1] = False
-    assert _rows(select_torch(pend, flat, 3)) == [[0, 1, 2]]
+    assert _rows(select(pend, flat, 3)) == [[0, 1, 2]]
     pend[0, 1] = False
-    assert _rows(select_torch(pend, flat, 3)) == [[0, 2, 3]]
+    assert _rows(select(pend, flat, 3)) == [[0, 2, 3]]
 
 
-def test_select_never_picks_non_pending_even_with_top_keys():
+def test_select_never_picks_non_pending_even_with_top_keys(select):
     keys = torch.tensor([[9.0, math.inf, 1.0, 8.0, 0.5, 7.0, 0.0]])
     pending = torch.tensor([[False, False, True, False, True, True, False]])
-    assert _rows(select_torch(pending, keys, 2)) == [[2, 5]]
+    assert _rows(select(pending, keys, 2)) == [[2, 5]]
 
 
-def test_select_fills_with_dump_when_few_pending():
+def test_select_fills_with_dump_when_few_pending(select):
     keys = torch.rand(3, 11)
     pending = torch.zeros(3, 11, dtype=torch.bool)
     pending[0, 4] = True
     pending[1, [2, 9]] = True
-    assert _rows(select_torch(pending, keys, 4)) == [[4, 10, 10, 10], [2, 9, 10, 10], [10] * 4]
+    assert _rows(select(pending, keys, 4)) == [[4, 10, 10, 10], [2, 9, 10, 10], [10] * 4]
 
 
-def test_select_orders_negative_and_infinite_keys():
+def test_select_orders_negative_and_infinite_keys(select):
     keys = torch.tensor([[-0.5, -math.inf, 2.0, -3.0, math.inf, 0.0, -1e-30, 1e-30, 0.0]])
     pending = torch.ones_like(keys, dtype=torch.bool)
     pending[0, -1] = False
     order = [4, 2, 7, 5, 6, 0, 3, 1]  # descending key
     for k in range(1, 9):
-        assert _rows(select_torch(pending, keys, k)) == [sorted(order[:k])], k
+        assert _rows(select(pending, keys, k)) == [sorted(order[:k])], k
     # sortable_key preserves the float order (the bits of negative floats flip)
     vals = torch.tensor([-math.inf, -3.0, -1.0, -1e-30, 0.0, 1e-30, 1.0, 3.0, math.inf])
     sk = sortable_key(vals)
@@ -86,7 +99,7 @@ def test_select_orders_negative_and_infinite_keys():
 
 
 @pytest.mark.parametrize("k", [1, 7, 37, 300])
-def test_select_matches_reference_randomized(k):
+def test_select_matches_reference_randomized(k, select):
     # W = 257 (prime-ish, odd); coarse keys produce many ties; B = 5 rows of different density.
     g = torch.Generator().manual_seed(k)
     b, w = 5, 257
@@ -94,18 +107,33 @@ def test_select_matches_reference_randomized(k):
     keys[keys == 1] = math.inf
     pending = torch.rand(b, w, generator=g) < torch.tensor([[0.0], [0.02], [0.3], [0.9], [1.0]])
     pending[:, -1] = False  # the dump is never pending
-    sel = select_torch(pending, keys, k)
+    sel = select(pending, keys, k)
     assert sel.shape == (b, min(k, w)) and sel.dtype == torch.int64
     assert _rows(sel) == select_reference(pending, keys, k)
 
 
-def test_select_k_at_least_width():
+def test_select_listed_order_is_highest_key_first():
+    """The listed selection delivers in a defined order (as the fused CPU steps do):
+    descending key, ties to the lower index first, then the dump padding."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randint(0, 4, (4, 61), generator=g).float()
+    pending = torch.rand(4, 61, generator=g) < 0.4
+    pending[:, -1] = False
+    sel = select_listed(pending, keys, 9)
+    for row, key, pend in zip(sel.tolist(), keys, pending):
+        real = [c for c in row if c != 60]
+        assert row == real + [60] * (9 - len(real))
+        assert [(-key[c].item(), c) for c in real] == sorted((-key[c].item(), c) for c in real)
+        assert len(real) == min(9, int(pend.sum()))
+
+
+def test_select_k_at_least_width(select):
     keys = torch.rand(2, 6)
     pending = torch.tensor([[True, False, True, True, False, False], [False] * 6])
-    sel = select_torch(pending, keys, 6)
+    sel = select(pending, keys, 6)
     assert sel.shape == (2, 6)
     assert _rows(sel) == [[0, 2, 3, 5, 5, 5], [5] * 6]
-    assert _rows(select_torch(pending, keys, 100)) == _rows(sel)
+    assert _rows(select(pending, keys, 100)) == _rows(sel)
 
 
 # --- deliver ----------------------------------------------------------------------------
