@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .engine import Engine, PackedState, State, StepInfo
+from .engine import Engine, PackedState, State, StepInfo, StepInfoAt
 from .kernels.cpu_step import FusedRecord
 from .kernels.lif import lif_backward_torch
 from .retain import ChunkStore, FlatStore
@@ -46,20 +46,34 @@ class CompactInfo:
     gate: torch.Tensor     # bool [R]
 
 
-def _record(engine: Engine, info: StepInfo, small: ChunkStore, flat: FlatStore
+# A conv step's record is compact when under this fraction of the [B, W] columns
+# received (10 B per receiver against 7 B per column for the full record).
+COMPACT_BELOW = 0.5
+
+
+def _record(engine: Engine, info: StepInfo | StepInfoAt, small: ChunkStore, flat: FlatStore
             ) -> StepInfo | CompactInfo:
-    """Compact a conv step's record when its receivers are under half of the columns
-    (10 B per receiver against 11 B per column for the full record; at K = 512 on
-    VGG-7 most steps reach more). Kept copies go to the segment's stores (retain.py)."""
+    """Compact a conv step's record when at most half of the columns received (10 B
+    per receiver against 7 B per column for the full record; at K = 512 on VGG-7 most
+    steps reach more). Kept copies go to the segment's stores (retain.py)."""
     if engine.syn is None:
         return info
     vals = small.keep(info.vals)
-    idx = info.received.reshape(-1).nonzero().squeeze(1)
-    if 2 * idx.numel() > info.received.numel():
+    shape = (engine.batch, engine.width)
+    if isinstance(info, StepInfoAt):  # the receivers' values already
+        idx, v_pre, refr, gate = info.idx, info.v_pre, info.refr, info.gate
+        compact = idx.numel() <= COMPACT_BELOW * shape[0] * shape[1]
+        if not compact:
+            info = info.dense(shape)
+    else:
+        idx = info.received.reshape(-1).nonzero().squeeze(1)
+        compact = idx.numel() <= COMPACT_BELOW * shape[0] * shape[1]
+    if not compact:
         return replace(info, vals=vals, spikes=None, n_before=None)  # the sweep reads neither
-    small_idx = idx.to(torch.int32) if info.received.numel() < 2**31 else idx
-    return CompactInfo(vals, flat.keep(small_idx), flat.keep(info.v_pre.reshape(-1)[idx]),
-                       flat.keep(info.refr.reshape(-1)[idx]), flat.keep(info.gate.reshape(-1)[idx]))
+    if not isinstance(info, StepInfoAt):
+        v_pre, refr, gate = (x.reshape(-1)[idx] for x in (info.v_pre, info.refr, info.gate))
+    small_idx = idx.to(torch.int32) if shape[0] * shape[1] < 2**31 else idx
+    return CompactInfo(vals, flat.keep(small_idx), flat.keep(v_pre), flat.keep(refr), flat.keep(gate))
 
 
 def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor, wt: torch.Tensor,

@@ -316,6 +316,24 @@ def test_nested_checkpoints_keep_cube_root_of_ops_times_ratio():
         assert kept <= (ck.c * ratio) ** 0.5 + 1
 
 
+@pytest.mark.parametrize("compact_below", [0.0, 2.0])
+def test_full_and_compact_records_backward_equals_plain_autograd_conv(monkeypatch, compact_below):
+    """Every conv step's backward record full ([B, W] masks; VGG-7 at large K), or
+    every one compact (receivers only): gradients equal plain autograd's."""
+    from asynctrain import backward
+    monkeypatch.setattr(backward, "COMPACT_BELOW", compact_below)
+    net = conv_net("deep", seed=8)
+    cfg = SimConfig(**BASE, policy="MS", forward_group_size=3, refractory_dropout=0.3,
+                    momentum_noise=0.05, readout="potential")
+    frames = image_frames(2, 3, net.input_shape, seed=9)
+    ref = run_engine(net, cfg, frames, training=True, checkpoint_every=0)
+    got = run_engine(net, cfg, frames, training=True)
+    assert torch.equal(got[0], ref[0])
+    assert any(g.abs().sum() > 0 for g in ref[2])
+    for a, b in zip(got[2], ref[2]):
+        assert_close(a, b, "checkpointed gradient")
+
+
 def test_nested_segments_backward_equals_plain_autograd_conv(monkeypatch):
     """Conv nets split long segments again in the backward (one more recompute, inner
     states instead of records): gradients equal plain autograd's, and equal exactly
