@@ -39,6 +39,11 @@ from .kernels.lif import lif_torch
 from .kernels.select import select_pending_torch, select_torch
 
 
+# Conv steps without autograd run at their receivers when at most this fraction of
+# the [B, W] columns received, else over the whole state (`Engine._evaluate_at`).
+SPARSE_BELOW = 0.5
+
+
 @dataclass
 class State:
     """One batch's state; differentiable: v, o, acc. The torch ops update it
@@ -273,10 +278,13 @@ class Engine:
                      t: int, k: int, vals: torch.Tensor) -> tuple[State, StepInfoAt]:
         """`_evaluate` at the receivers of a step only, in place: the same operations
         on the gathered receivers (a VGG-7 step at K=8 reaches ~4% of the columns;
-        nobody else changes), then scattered back."""
+        nobody else changes), then scattered back. Steps that reach most columns run
+        `_evaluate` over the whole state instead."""
         w = self.width
         st.o.scatter_(1, sel, 0.0)
         idx = n_add.view(-1).nonzero().squeeze(1)
+        if idx.numel() > SPARSE_BELOW * n_add.numel():  # most columns received (large K)
+            return self._evaluate(st, st.o, current, n_add, n_add > 0, t, k, vals)
         col = idx % w
         n_before = st.n_in.view(-1)[idx]
         n_in = n_before + n_add.view(-1)[idx]

@@ -316,6 +316,24 @@ def test_nested_checkpoints_keep_cube_root_of_ops_times_ratio():
         assert kept <= (ck.c * ratio) ** 0.5 + 1
 
 
+@pytest.mark.parametrize("sparse_below", [0.0, 2.0])
+@pytest.mark.parametrize("policy", ["RS", "MS"])
+def test_steps_at_receivers_or_whole_state_match_oracle(monkeypatch, sparse_below, policy):
+    """Conv steps without autograd run at their receivers (in place) or, when most
+    columns received, over the whole state: both match the dense oracle, in training
+    (with barrier messages, dropout, noise) and in evaluation."""
+    from asynctrain import engine
+    monkeypatch.setattr(engine, "SPARSE_BELOW", sparse_below)
+    net = conv_net("odd", seed=3)
+    cfg = SimConfig(**BASE, policy=policy, forward_group_size=4, refractory_dropout=0.3,
+                    momentum_noise=0.05, network_dropout=0.1, barrier_messages=True)
+    frames = image_frames(2, 2, net.input_shape, seed=5)
+    for training in (True, False):
+        eng = run_engine(net, cfg, frames, training=training)
+        assert_match(eng, run_oracle(net, cfg, frames, training=training))
+        assert int(eng[1]["hidden_spikes"].sum()) > 0
+
+
 @pytest.mark.parametrize("compact_below", [0.0, 2.0])
 def test_full_and_compact_records_backward_equals_plain_autograd_conv(monkeypatch, compact_below):
     """Every conv step's backward record full ([B, W] masks; VGG-7 at large K), or
