@@ -46,7 +46,7 @@ class CompactInfo:
     gate: torch.Tensor     # bool [R]
 
 
-# A conv step's record is compact when under this fraction of the [B, W] columns
+# A conv step's record is compact when at most this fraction of the [B, W] columns
 # received (10 B per receiver against 7 B per column for the full record).
 COMPACT_BELOW = 0.5
 
@@ -60,17 +60,13 @@ def _record(engine: Engine, info: StepInfo | StepInfoAt, small: ChunkStore, flat
         return info
     vals = small.keep(info.vals)
     shape = (engine.batch, engine.width)
-    if isinstance(info, StepInfoAt):  # the receivers' values already
-        idx, v_pre, refr, gate = info.idx, info.v_pre, info.refr, info.gate
-        compact = idx.numel() <= COMPACT_BELOW * shape[0] * shape[1]
-        if not compact:
-            info = info.dense(shape)
+    at = isinstance(info, StepInfoAt)  # the receivers' values already
+    idx = info.idx if at else info.received.reshape(-1).nonzero().squeeze(1)
+    if idx.numel() > COMPACT_BELOW * shape[0] * shape[1]:  # the sweep reads neither spikes nor n_before
+        return replace(info.dense(shape) if at else info, vals=vals, spikes=None, n_before=None)
+    if at:
+        v_pre, refr, gate = info.v_pre, info.refr, info.gate
     else:
-        idx = info.received.reshape(-1).nonzero().squeeze(1)
-        compact = idx.numel() <= COMPACT_BELOW * shape[0] * shape[1]
-    if not compact:
-        return replace(info, vals=vals, spikes=None, n_before=None)  # the sweep reads neither
-    if not isinstance(info, StepInfoAt):
         v_pre, refr, gate = (x.reshape(-1)[idx] for x in (info.v_pre, info.refr, info.gate))
     small_idx = idx.to(torch.int32) if shape[0] * shape[1] < 2**31 else idx
     return CompactInfo(vals, flat.keep(small_idx), flat.keep(v_pre), flat.keep(refr), flat.keep(gate))

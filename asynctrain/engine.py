@@ -127,8 +127,8 @@ class StepInfoAt:
 
     def dense(self, shape: tuple[int, int]) -> StepInfo:
         """The full record (the backward keeps it when most columns received)."""
-        def put(x, fill=0):
-            return torch.full(shape, fill, dtype=x.dtype, device=x.device).view(-1) \
+        def put(x):
+            return torch.zeros(shape, dtype=x.dtype, device=x.device).view(-1) \
                 .index_put_((self.idx,), x).view(shape)
         return StepInfo(self.vals, put(self.spikes), put(self.v_pre),
                         put(torch.ones_like(self.gate)), put(self.n_before), put(self.gate), put(self.refr))
