@@ -224,11 +224,9 @@ def _compact_backward(engine: Engine, info: CompactInfo, g_v, g_o, g_acc, out: s
     idx = info.idx.long()
     col = idx % width
     g_s = g_o.reshape(-1)[idx] * engine.source_f[col]
-    n_out = out.stop - out.start
-    at_out = (col >= out.start) & (col < out.stop)
+    at_out, acc_at = engine.at_outputs(idx)
     if bool(at_out.any()):  # the readout accumulator's adjoint at output receivers
-        acc_at = (idx // width) * n_out + (col - out.start)
-        g_s = g_s + torch.where(at_out, g_acc.reshape(-1)[acc_at.clamp(0, g_acc.numel() - 1)], 0.0)
+        g_s[at_out] += g_acc.reshape(-1)[acc_at[at_out]]
     gv_r, gi_r = lif_backward_torch(g_v.reshape(-1)[idx], g_s, info.v_pre, info.refr,
                                     torch.ones_like(info.refr), info.gate, engine.theta[col],
                                     engine.alpha, engine.cfg.detach_reset)

@@ -246,12 +246,10 @@ class Engine:
             if not (torch.is_grad_enabled() and (wt.requires_grad or st.v.requires_grad
                                                  or st.o.requires_grad)):
                 return self._evaluate_at(st, sel, current, n_add, t, k, vals)
-            o = st.o.scatter(1, sel, 0.0)
         else:
-            o = st.o.scatter(1, sel, 0.0)
             current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
             n_add = self.tables.received_counts(sel_deliv)
-        return self._evaluate(st, o, current, n_add, n_add > 0, t, k, vals)
+        return self._evaluate(st, st.o.scatter(1, sel, 0.0), current, n_add, n_add > 0, t, k, vals)
 
     def _evaluate(self, st: State, o: torch.Tensor, current: torch.Tensor, n_add: torch.Tensor,
                   received: torch.Tensor, t: int, k: int, vals: torch.Tensor
@@ -273,6 +271,13 @@ class Engine:
             refr = refr | fired
         return State(v, o, acc, refr, n_in), StepInfo(vals, spikes, v_pre, received, st.n_in, gate,
                                                        st.refr)
+
+    def at_outputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For flat [B * W] positions: (bool, the position is an output neuron's;
+        its flat [B * n_out] index into the output accumulator, meaningful there)."""
+        out, w = self.net.output_slice, self.width
+        col = idx % w
+        return (col >= out.start) & (col < out.stop), (idx // w) * (out.stop - out.start) + col - out.start
 
     def _evaluate_at(self, st: State, sel: torch.Tensor, current: torch.Tensor, n_add: torch.Tensor,
                      t: int, k: int, vals: torch.Tensor) -> tuple[State, StepInfoAt]:
@@ -296,10 +301,10 @@ class Engine:
         st.n_in.view(-1)[idx] = n_in
         st.o.view(-1)[idx] = st.o.view(-1)[idx] + spikes * self.source_f[col]
         fired = spikes > 0
-        lo, hi = self.net.output_slice.start, self.net.output_slice.stop
-        at_out = fired & (col >= lo) & (col < hi)
+        is_out, acc_at = self.at_outputs(idx)
+        at_out = fired & is_out
         if bool(at_out.any()):
-            acc_at = (idx[at_out] // w) * (hi - lo) + col[at_out] - lo
+            acc_at = acc_at[at_out]
             st.acc.view(-1)[acc_at] = st.acc.view(-1)[acc_at] + spikes[at_out]
         if self.cfg.refractory:
             now = idx[fired]
@@ -323,29 +328,21 @@ class Engine:
         # The torch ops also select from that list (`select_pending_torch`); a
         # backend's select kernel takes the keys over the whole state.
         rs = cfg.policy == "RS"
-        listed = self.ops.select is select_torch
-        if rs or self.noise > 0 or listed:
-            at = pending.nonzero(as_tuple=True)
+        at = pending.nonzero(as_tuple=True)
         if rs or self.noise > 0:
             u = rng.uniform_at(self.seed, rng.STREAM_RS_KEY if rs else rng.STREAM_MOMENTUM_NOISE, t, k, *at)
-        if listed:
-            if rs:
-                keys = u
-            else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
-                keys = pre_spike[at].to(torch.float32)
-                if self.noise > 0:
-                    keys = keys + self.noise * u
-                keys = keys.masked_fill(self.tables.is_input[at[1]], math.inf)
+        if rs:
+            keys = u
+        else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
+            keys = pre_spike[at].to(torch.float32)
+            if self.noise > 0:
+                keys = keys + self.noise * u
+            keys = keys.masked_fill(self.tables.is_input[at[1]], math.inf)
+        if self.ops.select is select_torch:
             sel = select_pending_torch(*at, keys, self.batch, self.width, self.k)
-        else:
-            if rs:
-                keys = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device).index_put_(at, u)
-            else:
-                keys = pre_spike.to(torch.float32)
-                if self.noise > 0:
-                    keys = keys.index_put(at, keys[at] + self.noise * u)
-                keys = keys.masked_fill(self.tables.is_input, math.inf)
-            sel = self.ops.select(pending, keys, self.k)
+        else:  # a kernel reads keys over the whole state (only pending entries count)
+            dense = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device)
+            sel = self.ops.select(pending, dense.index_put_(at, keys), self.k)
         sel_deliv = sel
         if self.p_net > 0:
             drop = rng.uniform(self.seed, rng.STREAM_NETWORK_DROPOUT, t, k, sel) < self.p_net
@@ -486,8 +483,7 @@ class Engine:
             ps.pre_spike.view(-1)[idx[fired]] = info.v_pre[fired]
         ps.spike_sum.view(-1)[idx] = ps.spike_sum.view(-1)[idx] + info.spikes
         out_fired = torch.zeros(self.batch, dtype=torch.bool, device=idx.device)
-        out = self.net.output_slice
-        out_fired[idx[fired & (col >= out.start) & (col < out.stop)] // w] = True
+        out_fired[idx[fired & self.at_outputs(idx)[0]] // w] = True
         if ps.eager_first:
             ps.first_out = torch.where((ps.first_out < 0) & out_fired, ps.steps, ps.first_out)
         ps.out_fired.append(ps.keep(out_fired))
