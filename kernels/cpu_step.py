@@ -143,6 +143,7 @@ class CpuSteps:
     (all contiguous, on the CPU, in the call's dtype; they are kept referenced here
     while bound)."""
 
+    fills_slots = False  # fill_slots: the engine runs the per-op path
     records_histogram = True  # the currents-to-spike histogram (bind_pass(hist=...))
 
     def __init__(self, engine) -> None:

@@ -438,6 +438,7 @@ class TritonSteps:
     updated in place; scratch rows ([B, W] keys, [B, next_pow2(K)] candidates) are
     this object's."""
 
+    fills_slots = False  # fill_slots: the engine runs the per-op path
     records_histogram = False  # record_currents=True runs the per-op kernels
 
     def __init__(self, engine) -> None:
