@@ -514,6 +514,8 @@ class Engine:
         The fused steps update their state in place: they get copies of their own."""
         st = st.clone()
         ps.pending = ps.pending.clone()
+        if ps.fillable is not None:
+            ps.fillable = ps.fillable.clone()
         done = ps.done(self.cfg).contiguous()
         if self.histogram_bins and not isinstance(ps.currents, torch.Tensor):
             ps.currents = torch.zeros(self.histogram_bins, dtype=torch.int64, device=self.device)

@@ -201,3 +201,16 @@ def test_fill_conv_matches_oracle(policy, ck):
     off = conv_engine(net, cfg.replace(fill_slots=False), frames, training=True, checkpoint_every=ck)
     assert torch.equal(on[0], off[0]) and torch.equal(on[1]["final_v"], off[1]["final_v"])
     assert any(not torch.equal(a, b) for a, b in zip(on[2], off[2]))
+
+
+@pytest.mark.parametrize("policy", ["MS", "RS"])
+def test_fill_fused_c_steps_select_the_torch_fillers(policy):
+    """The fused C steps (backend='cpu') pick the same fillers as the torch ops, in
+    the same slots (real entries first, fillers after, best first)."""
+    cfg = SimConfig(**SPARSE, policy=policy, forward_group_size=4, fill_slots=True, network_dropout=0.2)
+    net, frames = _net(), _frames()
+    assert backends.CPU.fused.fills_slots
+    rc, rt = _records(net, cfg, frames, backend="cpu"), _records(net, cfg, frames, backend="torch")
+    assert len(rc) == len(rt) and sum(int((r < 0).sum()) for r in rc) > 0
+    for a, b in zip(rc, rt):
+        assert torch.equal(a, b.to(a.dtype))
