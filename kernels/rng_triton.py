@@ -1,4 +1,4 @@
-"""The counter hash of `asynctrain.rng` in Triton: uniform [0, 1) numbers at
+"""The counter hash of `kernels/rng.py` (`asynctrain.rng`) in Triton: uniform [0, 1) numbers at
 (sample, index) pairs, bit-exact with `rng.uniform_at` (tested under the interpreter).
 
 The twin computes in int64 and masks to 32 bits; here every step is a uint32
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from asynctrain import rng
-
+from . import rng
 from ._triton import check_shape, check_tensors, jit, tl, triton
 
 _BLOCK = 1024

@@ -48,8 +48,7 @@ import math
 
 import torch
 
-from asynctrain import rng
-
+from . import rng
 from ._triton import check_tensors, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
 from .rng_triton import _fmix32, _uniform_at_from_hash
