@@ -50,6 +50,18 @@ def jit(fn=None, *, do_not_specialize: tuple[str, ...] = ()):
     return triton.jit(fn, do_not_specialize=names) if names else triton.jit(fn)
 
 
+def hash_arg(h: int) -> int:
+    """A uint32 hash as a kernel argument of one type. Triton types an int argument
+    i32 below 2**31 and i64 from there on, so raw hashes would compile two variants of
+    every kernel that takes one; with bit 32 set every hash is an i64 in
+    [2**32, 2**33), and the kernels keep the low 32 bits (``.to(tl.uint32)``). Hash
+    parameters are also in their kernel's `do_not_specialize` (no 1 / multiple-of-16
+    variants)."""
+    if not 0 <= h < 2**32:
+        raise ValueError(f"hash_arg: a hash is a uint32, got {h}")
+    return h | (1 << 32)
+
+
 def is_interpreted(kernel) -> bool:
     """True when `kernel` was built by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     return HAS_TRITON and not isinstance(kernel, JITFunction)

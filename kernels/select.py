@@ -118,6 +118,8 @@ def _mapped_keys(p_row, k_row, offs, width):
     return tl.where(pend, s.to(tl.int64) + 2147483648, -1)
 
 
+# Every int argument (width, k, kk, strides) is fixed for an engine's state: one
+# compile per row-width class (`_config`).
 @jit
 def _select_kernel(pending_ptr, keys_ptr, out_ptr, width, k, kk, stride_p, stride_k, stride_o,
                    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr):

@@ -49,7 +49,7 @@ import math
 import torch
 
 from . import rng
-from ._triton import check_tensors, jit, tl, triton
+from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
 from .rng_triton import _fmix32, _uniform_at_from_hash
 
@@ -236,7 +236,13 @@ def _slot_counts(sd, kmask, source_slot_ptr, NS: tl.constexpr):
 
 
 # --- kernels ------------------------------------------------------------------------------
-@jit
+# Specialised on (fixed for an engine: one compile per dtype, K and network): W, K, F,
+# n_slots, out_lo, out_hi and the constexprs. Not specialised on (they change between
+# launches or calls and add nothing to the code): the batch B, the first step k0, the
+# step budget n_max, the three per-timestep hashes (i64, `hash_arg`), max_steps and
+# steps_after_output.
+@jit(do_not_specialize=("B", "k0", "n_max", "h_key_t", "h_drop_t", "h_ref_t", "max_steps",
+                        "steps_after_output"))
 def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is_input_ptr, sync_ptr,
                     theta_ptr, wt_ptr,
                     v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr,
@@ -317,7 +323,9 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
     tl.store(taken_ptr + b, taken)
 
 
-@jit
+# Specialised on: W, K, F, n_slots, out_lo, out_hi (fixed for an engine). Not
+# specialised on: the per-step hash h_ref (i64, `hash_arg`).
+@jit(do_not_specialize=("h_ref",))
 def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr,
                    v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr, sel_ptr, sd_ptr, vals_ptr,
                    vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
@@ -349,6 +357,8 @@ def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, syn
               REFRACTORY, HAS_PREF, False, False, False, True, BLOCK, NS)
 
 
+# Every int argument (W, K, F, n_slots, out_lo, out_hi) is fixed for an engine: one
+# compile per dtype, K and network.
 @jit
 def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, theta_ptr, wt_ptr,
                      const_ptr, sel_ptr, sd_ptr, vals_ptr, vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
@@ -524,7 +534,7 @@ class TritonSteps:
             tb["theta"], s["wt"], s["v"], s["o"], s["acc"], s["refr"], s["n_in"],
             s["pending"], s["pre_spike"], s["spike_sum"], s["steps"], s["first_out"], s["done"],
             sel, sd, vals, fired.view(torch.uint8), taken, self._keys, self._cand,
-            B, self.W, K, self.F, self.n_slots, self.out_lo, self.out_hi, k0, n_max, *h,
+            B, self.W, K, self.F, self.n_slots, self.out_lo, self.out_hi, k0, n_max, *map(hash_arg, h),
             float(self.noise), float(self.p_ref), float(self.p_net), self.max_steps, self.steps_after_output,
             POLICY_MS=self.policy_ms, HAS_NOISE=self.noise > 0, HAS_PNET=self.p_net > 0,
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
@@ -548,7 +558,7 @@ class TritonSteps:
             tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["sync"], tb["theta"], s["wt"],
             s["v"], s["o"], s["acc"], s["refr"], s["n_in"], sel, sel_deliv, vals, v_pre, m[0], m[1], m[2],
             W, K, self.F, self.n_slots, self.out_lo, self.out_hi,
-            rng.counter_hash(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k), float(self.p_ref),
+            hash_arg(rng.counter_hash(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k)), float(self.p_ref),
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, KB=self.KB, NS=self.NS,
             **self._launch_opts())
         return FusedRecord(vals, v_pre, masks)
