@@ -52,6 +52,7 @@ from . import rng
 from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
 from .rng_triton import _fmix32, _uniform_at_from_hash
+from .select import _radix_threshold
 
 _SUFFIX = (torch.float32, torch.float64)
 _K_MAX = 4096
@@ -117,18 +118,8 @@ def _select_row(W, K, keys_row, cand_row, n_pending, BLOCK: tl.constexpr, KB: tl
     (count(u >= T) >= K), then the entries above T and the lowest-index ones equal
     to T go to `cand_row` as packed keys, and those K are sorted."""
     cols0 = tl.arange(0, BLOCK)
-    digits = tl.arange(0, 1 << DIGIT_BITS).to(tl.int64)
-    prefix = tl.zeros((), tl.int64)
-    if n_pending > K:
-        for r in tl.static_range(32 // DIGIT_BITS):
-            shift = 32 - DIGIT_BITS * (r + 1)
-            cand = prefix | (digits << shift)
-            counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
-            for start in range(0, W, BLOCK):
-                cols = start + cols0
-                u = tl.load(keys_row + cols, mask=cols < W, other=-1)
-                counts += tl.sum((u[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-            prefix = prefix | (tl.max(tl.where(counts >= K, digits, 0), axis=0) << shift)
+    prefix = _radix_threshold(keys_row, keys_row, tl.zeros((), tl.int64), W, K, n_pending, BLOCK, DIGIT_BITS,
+                              False, True)
     n_above = 0
     for start in range(0, W, BLOCK):
         cols = start + cols0
