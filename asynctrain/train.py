@@ -88,6 +88,9 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         device: str | torch.device | None = None,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         loss: str | Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] = "counts",
+        stop: str | None = None, steps_after_output: int | None = None,
+        init_from: str | os.PathLike | dict | None = None, val_loader: Iterable | None = None,
+        val_execution: str | None = None,
         ) -> list[dict[str, Any]]:
     """Train `snn` with Adam and cross-entropy on its logits (`logits_of`).
 
@@ -111,12 +114,31 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         on_epoch_end: called with each epoch's record (e.g. to evaluate).
         loss: a name of `LOSSES` ("counts", "rate", "per_pass") or a callable
             ``(out [T, B, C], labels [B], readout) -> scalar``.
+        stop, steps_after_output: the stop condition of the *training* passes
+            ("spiking_done", or "output" with F = `steps_after_output`); None keeps
+            ``snn.cfg``'s. Applied for the call only (``snn.cfg`` is unchanged after).
+        init_from: warm start: a checkpoint path (of `save_checkpoint`, e.g. a layered
+            run's ``model.pt``) or a ``net`` state dict; its weights are loaded before
+            the first epoch (not its optimizer state, epoch or history). Ignored when
+            training resumes from `checkpoint_path`. Fine-tuning a layered model
+            unlayered: ``fit(unlayered_snn, loader, 5, lr, init_from="layered/model.pt")``.
+        val_loader: evaluated after every epoch under `val_execution` (default: the
+            trained policy with the paper's inference stop, or "layered"); adds
+            ``val_accuracy`` and ``val_density`` to the epoch record.
 
     Returns: the history, one record per completed epoch (the resumed ones included).
 
     Raises: TrainingDiverged when a loss is NaN or infinite; nothing of that epoch
     is saved, so the last checkpoint holds the last finite state.
     """
+    if stop is not None or steps_after_output is not None:
+        # the training stop condition: run the whole call under it, then restore
+        with snn.configured(**_stop_changes(snn, stop, steps_after_output)):
+            return fit(snn, train_loader, epochs, lr, weight_decay, seed=seed, log_path=log_path,
+                       checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+                       desc=desc, max_batches=max_batches, device=device,
+                       on_epoch_end=on_epoch_end, loss=loss, init_from=init_from,
+                       val_loader=val_loader, val_execution=val_execution)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -150,6 +172,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
     else:
         log.write(event="start", epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                   layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg))
+        if init_from is not None:
+            log.write(event="init_from", source=_load_init(snn, init_from))
     if start >= epochs:
         return history
 
@@ -166,6 +190,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         for epoch in range(start, epochs):
             record = _one_epoch(snn, opt, train_loader, epoch, seed, device, max_batches,
                                 bar, log, loss)
+            if val_loader is not None:
+                record.update(_validate(snn, val_loader, val_execution, seed))
             history.append(record)
             log.write(event="epoch", **record)
             if checkpoint_path is not None:
@@ -228,6 +254,35 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
                 synops_per_sample=sums["synops"] / n, hidden_spikes_per_sample=sums["hidden"] / n,
                 capped_passes=sums["capped"], batches=sums["batches"], samples=sums["samples"],
                 seconds=time.perf_counter() - t0)
+
+
+def _stop_changes(snn: AsyncSNN, stop: str | None, steps_after_output: int | None) -> dict:
+    changes: dict[str, Any] = {}
+    if stop is not None:
+        changes["stop"] = stop
+    if steps_after_output is not None:
+        changes["steps_after_output"] = steps_after_output
+    snn.cfg.replace(**changes)  # raises on a bad value, naming it
+    return changes
+
+
+def _load_init(snn: AsyncSNN, source: str | os.PathLike | dict) -> str:
+    """Warm start: weights only, from a checkpoint path or a state dict."""
+    if isinstance(source, dict):
+        snn.net.load_state_dict(source.get("net", source))
+        return "<state dict>"
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"init_from={str(source)!r}: no such checkpoint")
+    load_checkpoint(source, snn)
+    return str(source)
+
+
+def _validate(snn: AsyncSNN, loader: Iterable, execution: str | None, seed: int) -> dict:
+    from .evaluate import evaluate  # late: evaluate imports this module
+
+    ex = execution or ("layered" if snn.cfg.policy == "layered" else snn.cfg.policy)
+    r = next(iter(evaluate(snn, loader, [ex], steps_after_output=None, seed=seed).values()))
+    return dict(val_execution=r.execution, val_accuracy=r.accuracy, val_density=r.density)
 
 
 # ------------------------------------------------------------------ checkpoints
