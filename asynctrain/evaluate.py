@@ -353,7 +353,7 @@ def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
                                              "prediction")}
     hist = None
     capped = 0
-    with snn.configured(**inference_overrides(snn.cfg, overrides)):
+    with snn.configured(**overrides):
         readout = snn.cfg.readout
         for b, (frames, labels) in enumerate(loader):
             if max_batches is not None and b >= max_batches:
@@ -387,23 +387,12 @@ def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
     return arrays
 
 
-TRAINING_ONLY = dict(input_dropout=0.0, network_dropout=0.0, refractory_dropout=0.0,
-                     momentum_noise=0.0, fill_slots=False)
-"""Settings that shape training only; inference runs without them whoever calls
-`evaluate` (the engine also skips the dropouts and noise outside training mode)."""
-
-
-def inference_overrides(cfg: Any, overrides: dict[str, Any]) -> dict[str, Any]:
-    """`overrides` plus the training-only settings switched off. Barrier messages
-    are training-only when every sync threshold is 1 (there they only fill slots so
-    that gradients reach silent neurons: the `gradient_fill` workaround); with a
-    sync threshold above 1 they are the chip's barrier semantics and stay."""
-    fields = set(cfg.__dataclass_fields__)
-    out = {k: v for k, v in TRAINING_ONLY.items() if k in fields}
-    sync = cfg.sync_threshold
-    if not (isinstance(sync, torch.Tensor) and bool((sync > 1).any())) and not (
-            not isinstance(sync, torch.Tensor) and sync > 1):
-        out["barrier_messages"] = False
+def inference_overrides(cfg: SimConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` on top of the changes `inference_config` makes to `cfg` (for
+    `AsyncSNN.configured`)."""
+    new = inference_config(cfg)
+    out = {f.name: getattr(new, f.name) for f in dataclasses.fields(cfg)
+           if getattr(new, f.name) is not getattr(cfg, f.name)}
     out.update(overrides)
     return out
 
