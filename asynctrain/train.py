@@ -93,7 +93,7 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         loss: str | Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] = "counts",
         stop: str | None = None, steps_after_output: int | None = None,
         init_from: str | os.PathLike | dict | None = None, val_loader: Iterable | None = None,
-        val_execution: str | None = None,
+        val_execution: str | None = None, recipe_args: dict[str, Any] | None = None,
         ) -> list[dict[str, Any]]:
     """Train `snn` with Adam and cross-entropy on its logits (`logits_of`).
 
@@ -125,6 +125,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             the first epoch (not its optimizer state, epoch or history). Ignored when
             training resumes from `checkpoint_path`. Fine-tuning a layered model
             unlayered: ``fit(unlayered_snn, loader, 5, lr, init_from="layered/model.pt")``.
+        recipe_args: stored in the checkpoint as ``args`` (a recipe's command line), so
+            ``--eval-only`` and ``--resume`` can rebuild the run from the file alone.
         val_loader: evaluated after every epoch under `val_execution` (default: the
             trained policy with the paper's inference stop, or "layered"); adds
             ``val_accuracy`` and ``val_density`` to the epoch record.
@@ -141,7 +143,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
                        checkpoint_path=checkpoint_path, resume=resume, progress=progress,
                        desc=desc, max_batches=max_batches, device=device,
                        on_epoch_end=on_epoch_end, loss=loss, init_from=init_from,
-                       val_loader=val_loader, val_execution=val_execution)
+                       val_loader=val_loader, val_execution=val_execution,
+                       recipe_args=recipe_args)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -192,7 +195,7 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             log.write(event="epoch", **record)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, snn, opt, epoch=epoch + 1, history=history,
-                                **settings)
+                                **settings, args=dict(recipe_args or {}))
             if on_epoch_end is not None:
                 on_epoch_end(record)
     finally:
