@@ -185,6 +185,11 @@ class Engine:
         self.nested = self.syn is not None and checkpoint_every is None
         self.k = min(cfg.forward_group_size, w)
         self.alpha = float(cfg.surrogate_steepness)
+        if cfg.fill_slots and training and cfg.policy != "layered":
+            raise NotImplementedError("fill_slots is not implemented yet")
+        # MS with queued input: the inputs' order is a per-pass permutation (SPEC 6)
+        self.random_inputs = (cfg.policy == "MS" and not cfg.prioritize_input
+                              and cfg.input_order == "random")
         # Training-only randomness.
         t = training
         self.p_ref = cfg.refractory_dropout if t else 0.0
@@ -338,9 +343,21 @@ class Engine:
             if self.noise > 0:
                 keys = keys + self.noise * u
             keys = keys.masked_fill(self.tables.is_input[at[1]], math.inf)
+        order = None
+        if self.random_inputs:  # SPEC 6: inputs above every neuron, in the pass's order
+            is_in = at[1] < self.net.n_inputs
+            order = torch.where(is_in, rng.input_order_key(self.seed, t, *at), -1)
         if self.ops.select is select_torch:
-            sel = select_pending_torch(*at, keys, self.batch, self.width, self.k)
+            sel = select_pending_torch(*at, keys, self.batch, self.width, self.k, order=order)
         else:  # a kernel reads keys over the whole state (only pending entries count)
+            if order is not None:
+                # its float keys cannot order the inputs: it sees only the K inputs at
+                # the front (all at +inf, above every neuron: it takes exactly them)
+                front = select_pending_torch(at[0][is_in], at[1][is_in], keys[is_in], self.batch,
+                                             self.width, self.k, order=order[is_in])
+                keep = ~is_in | torch.zeros_like(pending).scatter_(1, front, True)[at]
+                at, keys = (at[0][keep], at[1][keep]), keys[keep]
+                pending = torch.zeros_like(pending).index_put_(at, torch.ones_like(keys, dtype=torch.bool))
             dense = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device)
             sel = self.ops.select(pending, dense.index_put_(at, keys), self.k)
         sel_deliv = sel

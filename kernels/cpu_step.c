@@ -47,8 +47,17 @@ static inline float uniform_at(uint32_t h0, int64_t row, int64_t col) {
     return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 
+/* rng.input_order_key: the top 23 bits of the same finished hash */
+static inline int64_t order_key_at(uint32_t h0, int64_t row, int64_t col) {
+    uint32_t hb = fmix32(((uint32_t)row * GOLDEN) ^ h0);
+    uint32_t h = hb ^ fmix32((uint32_t)col);
+    h *= C1;
+    h ^= h >> 15;
+    return (int64_t)(h >> 9);
+}
+
 enum { STREAM_RS_KEY = 1, STREAM_MOMENTUM_NOISE = 2, STREAM_NETWORK_DROPOUT = 3,
-       STREAM_REFRACTORY_DROPOUT = 4 };
+       STREAM_REFRACTORY_DROPOUT = 4, STREAM_INPUT_ORDER = 6, STREAM_FILL = 7 };
 
 /* --- what stays fixed during a call ----------------------------------------------- */
 typedef struct {
@@ -63,6 +72,7 @@ typedef struct {
     const void *theta;            /* [W] */
     const void *wt;               /* [W, F] */
     int32_t policy_ms, refractory, barrier, stop_output, eager_first, detach_reset;
+    int32_t input_random;         /* MS: pending inputs in the pass's random order (SPEC 6) */
     double noise, p_ref, p_net, alpha;
     int64_t max_steps, steps_after_output;
     uint32_t seed;

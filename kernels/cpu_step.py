@@ -62,7 +62,7 @@ class Ctx(ctypes.Structure):
                 ("is_source", _p),
                 ("is_input", _p), ("sync", _p), ("theta", _p), ("wt", _p),
                 ("policy_ms", _i32), ("refractory", _i32), ("barrier", _i32), ("stop_output", _i32),
-                ("eager_first", _i32), ("detach_reset", _i32),
+                ("eager_first", _i32), ("detach_reset", _i32), ("input_random", _i32),
                 ("noise", _dbl), ("p_ref", _dbl), ("p_net", _dbl), ("alpha", _dbl),
                 ("max_steps", _i64), ("steps_after_output", _i64), ("seed", _u32),
                 ("v", _p), ("o", _p), ("acc", _p), ("refr", _p), ("n_in", _p),
@@ -179,6 +179,7 @@ class CpuSteps:
         c.refractory, c.barrier = int(cfg.refractory), int(cfg.barrier_messages)
         c.stop_output = c.eager_first = int(cfg.stop == "output")
         c.detach_reset = int(cfg.detach_reset)
+        c.input_random = int(engine.random_inputs)
         c.noise, c.p_ref, c.p_net, c.alpha = engine.noise, engine.p_ref, engine.p_net, engine.alpha
         c.max_steps, c.steps_after_output = cfg.max_steps, cfg.steps_after_output
         c.seed = engine.seed

@@ -92,6 +92,7 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
                                         (uint32_t)t, (uint32_t)k);
     const uint32_t h_drop = counter_hash(seed, STREAM_NETWORK_DROPOUT, (uint32_t)t, (uint32_t)k);
     const uint32_t h_ref = counter_hash(seed, STREAM_REFRACTORY_DROPOUT, (uint32_t)t, (uint32_t)k);
+    const uint32_t h_order = counter_hash(seed, STREAM_INPUT_ORDER, (uint32_t)t, 0);
     const float noise = (float)c->noise, p_net = (float)c->p_net;
     int32_t cnt[c->n_slots];
     for (int64_t b = 0; b < B; b++) {
@@ -110,6 +111,12 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
             if (!pend[col]) continue;
             float key;
             if (!c->policy_ms) key = uniform_at(h_key, b, col);
+            else if (c->is_input[col] && c->input_random) {
+                /* above every float key (+inf maps to 0x7F800000), by the order key */
+                cand[m++] = (int64_t)(((uint64_t)(0x7F800000 + order_key_at(h_order, b, col)) << 32)
+                                      | (uint64_t)(W - 1 - col));
+                continue;
+            }
             else if (c->is_input[col]) key = INFINITY;
             else {
                 key = (float)pre[col];

@@ -21,8 +21,10 @@ Conventions where SPEC is silent (the project's choices, followed exactly):
 - Prioritized input step (SPEC 4.1): ``I = x @ W0^T``; every layer-1 neuron receives and
   gets ``n_in += n_inputs``; synops += nnz(x) * n_1; spikes_processed += nnz(x); no
   network dropout. Otherwise inputs enter the queue: ``O += x``, ``P |= x != 0``.
-- MS key (SPEC 6): S (+ momentum_noise * U for neurons); pending inputs get +inf.
-  RS key: U. The min(K, #pending) highest keys are selected.
+- MS key (SPEC 6): S (+ momentum_noise * U for neurons); pending inputs rank above
+  every neuron: ``input_order="index"`` lower index first; ``"random"`` by decreasing
+  ``rng.input_order_key(seed, t, b, i)`` (no step k: one permutation per pass), ties
+  to the lower index. RS key: U. The min(K, #pending) highest keys are selected.
 - Network dropout applies to every selected entry (inputs included when queued):
   dropped entries are emptied and reach nobody.
 - Evaluation (SPEC 5.4), receivers only: ``V1 = (V + I) * (1 - R)``;
@@ -56,7 +58,7 @@ from types import SimpleNamespace
 
 import torch
 
-from asynctrain.rng import (STREAM_INPUT_DROPOUT, STREAM_MOMENTUM_NOISE, STREAM_NETWORK_DROPOUT,
+from asynctrain.rng import (STREAM_INPUT_DROPOUT, input_order_key, STREAM_MOMENTUM_NOISE, STREAM_NETWORK_DROPOUT,
                             STREAM_REFRACTORY_DROPOUT, STREAM_RS_KEY, uniform)
 
 
@@ -174,13 +176,19 @@ def _select(g, st, cfg, active, t, k, training):
         if training and cfg.momentum_noise > 0:
             key = key + cfg.momentum_noise * uniform(st.seed, STREAM_MOMENTUM_NOISE, t, k, st.idx).to(g.dtype)
         key[:, :g.sizes[0]] = math.inf
+    n0 = g.sizes[0]
+    random_inputs = cfg.policy == "MS" and cfg.input_order == "random"
     sel = torch.zeros_like(st.P)
     for b in range(st.P.shape[0]):
         if not active[b]:
             continue
         cand = st.P[b].nonzero().flatten()  # ascending flat index
-        order = torch.sort(-key[b, cand], stable=True).indices[:cfg.forward_group_size]
-        sel[b, cand[order]] = True
+        order = cand[torch.sort(-key[b, cand], stable=True).indices]
+        if random_inputs:  # pending inputs first, by decreasing order key (ties: lower index)
+            inp = cand[cand < n0]
+            q = input_order_key(st.seed, t, torch.full_like(inp, b), inp)
+            order = torch.cat([inp[torch.sort(-q, stable=True).indices], order[order >= n0]])
+        sel[b, order[:cfg.forward_group_size]] = True
     return sel
 
 
