@@ -39,11 +39,13 @@ QUICK_FOLDER = "quick"
 """``--quick`` writes under ``<out>/quick``: a smoke checkpoint is never resumed by a
 full run (nor the other way round)."""
 
-RESUME_ARGS = ("batch_size", "max_train", "max_test", "duration_ms", "quick", "finetune_epochs",
-               "init_from")
-"""Recipe arguments that change what a model is trained on; a run resumes a
-checkpoint only when they agree (fit itself checks the model, its SimConfig, seed,
-lr, weight decay and loss)."""
+RESUME_ARGS = ("K", "batch_size", "lr", "loss", "seed", "max_train", "max_test", "duration_ms",
+               "quick", "fill_slots", "gradient_fill", "train_stop", "train_F",
+               "finetune_epochs", "init_from")
+"""Recipe arguments a resumed run takes from its checkpoint: not given, they come from
+the file (and are printed); given with another value, they are an error naming both
+values and ``--fresh``. (``--epochs`` may grow; fit checks the model and its
+SimConfig as well.)"""
 
 MODEL_ARGS = ("K", "duration_ms")
 """Arguments fixed by a trained model: with ``--eval-only`` they come from the
@@ -206,17 +208,17 @@ def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.eval_only:
         return _eval_only(spec, args, given)
-    h = _training_hyper(replace(spec.hyper, K=args.K, epochs=args.epochs,
-                                batch_size=args.batch_size, lr=args.lr, loss=args.loss), args)
     out = Path(args.out)
     if args.fresh:
         for policy in args.train:
             shutil.rmtree(out / policy, ignore_errors=True)
     else:
-        problem = _resume_problem(out, args)
+        problem = _resume_args(out, args, given)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+    h = _training_hyper(replace(spec.hyper, K=args.K, epochs=args.epochs,
+                                batch_size=args.batch_size, lr=args.lr, loss=args.loss), args)
     loaded = _load(spec, args, (True, False))
     if loaded is None:
         return 2
@@ -246,8 +248,9 @@ def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _resume_problem(out: Path, args: argparse.Namespace) -> str | None:
-    """Why a checkpoint under `out` cannot be resumed by this run (None: fine)."""
+def _resume_args(out: Path, args: argparse.Namespace, given: set[str]) -> str | None:
+    """Take the `RESUME_ARGS` of the checkpoints under `out` that this run resumes;
+    returns why it cannot (None: fine)."""
     for policy in args.train:
         path = out / policy / "model.pt"
         if not path.is_file():
@@ -257,12 +260,25 @@ def _resume_problem(out: Path, args: argparse.Namespace) -> str | None:
         except CheckpointError as err:
             return f"{err}; --fresh starts over"
         stored = dict(ck["meta"].get("args") or {})
+        bad = cli.conflicts(args, given, stored, RESUME_ARGS)
+        if bad:
+            return (f"{path}: {'; '.join(bad)}; drop the flag to resume with the checkpoint's "
+                    f"value, or --fresh to start over (or another --out)")
+        taken = []
         for name in RESUME_ARGS:
-            if name in stored and cli._norm(stored[name]) != cli._norm(getattr(args, name, None)):  # noqa: SLF001
-                flag = "--" + name.replace("_", "-")
-                return (f"{path} was trained with {flag} {stored[name]}, this run has {flag} "
-                        f"{getattr(args, name, None)}; use the same value to resume it, or "
-                        f"--fresh to start over (or another --out)")
+            if name in stored and name not in given and not hasattr(args, "_taken_" + name):
+                value = stored[name]
+                if name == "init_from" and value is not None:
+                    value = Path(value)
+                if cli._norm(value) != cli._norm(getattr(args, name, None)):  # noqa: SLF001
+                    taken.append(f"--{name.replace('_', '-')} {value}")
+                setattr(args, name, value)
+                setattr(args, "_taken_" + name, True)
+                given = given | {name}  # a second checkpoint must agree with this one
+        if taken:
+            print(f"resuming {path} with its settings: {', '.join(taken)}")
+    for name in [k for k in vars(args) if k.startswith("_taken_")]:
+        delattr(args, name)
     return None
 
 
