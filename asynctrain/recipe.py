@@ -131,7 +131,7 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
                     help="DataLoader worker processes (0: load in the main process)")
     ap.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=cli.threads, default=None,
-                    help="torch CPU threads (default: torch's choice)")
+                    help="torch CPU threads (none: torch's choice)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     if spec.extra_args is not None:
         spec.extra_args(ap)
@@ -152,7 +152,7 @@ def _training_args(ap: argparse.ArgumentParser) -> None:
                     help="with --train-stop output: forward steps after the first output spike")
     ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                     help="layered checkpoint the unlayered models fine-tune from "
-                         "(with --finetune-epochs; default: this run's layered model)")
+                         "(with --finetune-epochs; none: this run's layered model)")
     ap.add_argument("--finetune-epochs", type=cli.at_least(0), default=0,
                     help="> 0: unlayered models start from the layered weights and train "
                          "this many epochs")

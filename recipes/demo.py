@@ -167,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 seed, tiny subset, 1 epoch, written under <out>/quick")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
-                    help="input modes (default both)")
+                    help="input modes")
     ap.add_argument("--layered-epochs", type=cli.positive(int), default=None,
-                    help="layered epochs (all modes; default: the mode's own)")
+                    help="layered epochs (all modes; none: the mode's own)")
     ap.add_argument("--rs-epochs", type=cli.positive(int), default=None,
-                    help="unlayered RS epochs (default: the mode's own)")
+                    help="unlayered RS epochs (none: the mode's own)")
     ap.add_argument("--ms-epochs", type=cli.positive(int), default=None,
-                    help="unlayered MS epochs (default: the mode's own)")
+                    help="unlayered MS epochs (none: the mode's own)")
     ap.add_argument("--threads", type=cli.threads, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--fresh", action="store_true", help="ignore checkpoints left in --out")
