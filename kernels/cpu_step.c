@@ -73,6 +73,7 @@ typedef struct {
     const void *wt;               /* [W, F] */
     int32_t policy_ms, refractory, barrier, stop_output, eager_first, detach_reset;
     int32_t input_random;         /* MS: pending inputs in the pass's random order (SPEC 6) */
+    int32_t fill;                 /* fill_slots (SPEC 8): free slots take fillers, -1 - column */
     double noise, p_ref, p_net, alpha;
     int64_t max_steps, steps_after_output;
     uint32_t seed;
@@ -87,7 +88,11 @@ typedef struct {
     uint8_t *done;                /* [B] */
     int64_t hist_bins;            /* currents-to-spike histogram (0: not recorded) */
     int64_t *hist;                /* [hist_bins], in place */
+    uint8_t *fillable;            /* [B, W] fill candidates: outbox holds gradient (fill only) */
 } Ctx;
+
+/* A recorded slot: fillers are -1 - column */
+#define DEC(i) ((i) < 0 ? -1 - (int64_t)(i) : (int64_t)(i))
 
 /* Eight bool bytes at once (pending rows are mostly zero: skip them a word at a time). */
 static inline uint64_t word8(const uint8_t *p) {

@@ -48,11 +48,11 @@ import math
 
 import torch
 
-from asynctrain import rng
-
-from ._triton import check_tensors, jit, tl, triton
+from . import rng
+from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
 from .rng_triton import _bits_at_from_hash, _fmix32, _uniform_at_from_hash
+from .select import _radix_threshold
 
 _SUFFIX = (torch.float32, torch.float64)
 _K_MAX = 4096
@@ -124,18 +124,8 @@ def _select_row(W, K, keys_row, cand_row, n_pending, BLOCK: tl.constexpr, KB: tl
     (count(u >= T) >= K), then the entries above T and the lowest-index ones equal
     to T go to `cand_row` as packed keys, and those K are sorted."""
     cols0 = tl.arange(0, BLOCK)
-    digits = tl.arange(0, 1 << DIGIT_BITS).to(tl.int64)
-    prefix = tl.zeros((), tl.int64)
-    if n_pending > K:
-        for r in tl.static_range(32 // DIGIT_BITS):
-            shift = 32 - DIGIT_BITS * (r + 1)
-            cand = prefix | (digits << shift)
-            counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
-            for start in range(0, W, BLOCK):
-                cols = start + cols0
-                u = tl.load(keys_row + cols, mask=cols < W, other=-1)
-                counts += tl.sum((u[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-            prefix = prefix | (tl.max(tl.where(counts >= K, digits, 0), axis=0) << shift)
+    prefix = _radix_threshold(keys_row, keys_row, tl.zeros((), tl.int64), W, K, n_pending, BLOCK, DIGIT_BITS,
+                              False, True)
     n_above = 0
     for start in range(0, W, BLOCK):
         cols = start + cols0
@@ -243,7 +233,13 @@ def _slot_counts(sd, kmask, source_slot_ptr, NS: tl.constexpr):
 
 
 # --- kernels ------------------------------------------------------------------------------
-@jit
+# Specialised on (fixed for an engine: one compile per dtype, K and network): W, K, F,
+# n_slots, out_lo, out_hi and the constexprs. Not specialised on (they change between
+# launches or calls and add nothing to the code): the batch B, the first step k0, the
+# step budget n_max, the four per-timestep hashes (i64, `hash_arg`), max_steps and
+# steps_after_output.
+@jit(do_not_specialize=("B", "k0", "n_max", "h_key_t", "h_drop_t", "h_ref_t", "h_order", "max_steps",
+                        "steps_after_output"))
 def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is_input_ptr, sync_ptr,
                     theta_ptr, wt_ptr,
                     v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr,
@@ -325,7 +321,9 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
     tl.store(taken_ptr + b, taken)
 
 
-@jit
+# Specialised on: W, K, F, n_slots, out_lo, out_hi (fixed for an engine). Not
+# specialised on: the per-step hash h_ref (i64, `hash_arg`).
+@jit(do_not_specialize=("h_ref",))
 def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr,
                    v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr, sel_ptr, sd_ptr, vals_ptr,
                    vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
@@ -357,6 +355,8 @@ def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, syn
               REFRACTORY, HAS_PREF, False, False, False, True, BLOCK, NS)
 
 
+# Every int argument (W, K, F, n_slots, out_lo, out_hi) is fixed for an engine: one
+# compile per dtype, K and network.
 @jit
 def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, theta_ptr, wt_ptr,
                      const_ptr, sel_ptr, sd_ptr, vals_ptr, vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
@@ -438,6 +438,7 @@ class TritonSteps:
     updated in place; scratch rows ([B, W] keys, [B, next_pow2(K)] candidates) are
     this object's."""
 
+    fills_slots = False  # fill_slots: the engine runs the per-op path
     records_histogram = False  # record_currents=True runs the per-op kernels
 
     def __init__(self, engine) -> None:
@@ -533,8 +534,9 @@ class TritonSteps:
             tb["theta"], s["wt"], s["v"], s["o"], s["acc"], s["refr"], s["n_in"],
             s["pending"], s["pre_spike"], s["spike_sum"], s["steps"], s["first_out"], s["done"],
             sel, sd, vals, fired.view(torch.uint8), taken, self._keys, self._cand,
-            B, self.W, K, self.F, self.n_slots, self.out_lo, self.out_hi, k0, n_max, *h,
-            rng.counter_hash(self.seed, rng.STREAM_INPUT_ORDER, t, 0), float(self.noise), float(self.p_ref), float(self.p_net), self.max_steps, self.steps_after_output,
+            B, self.W, K, self.F, self.n_slots, self.out_lo, self.out_hi, k0, n_max, *map(hash_arg, h),
+            hash_arg(rng.counter_hash(self.seed, rng.STREAM_INPUT_ORDER, t, 0)),
+            float(self.noise), float(self.p_ref), float(self.p_net), self.max_steps, self.steps_after_output,
             POLICY_MS=self.policy_ms, HAS_NOISE=self.noise > 0, INPUT_RANDOM=self.input_random,
             HAS_PNET=self.p_net > 0,
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
@@ -558,7 +560,7 @@ class TritonSteps:
             tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["sync"], tb["theta"], s["wt"],
             s["v"], s["o"], s["acc"], s["refr"], s["n_in"], sel, sel_deliv, vals, v_pre, m[0], m[1], m[2],
             W, K, self.F, self.n_slots, self.out_lo, self.out_hi,
-            rng.counter_hash(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k), float(self.p_ref),
+            hash_arg(rng.counter_hash(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k)), float(self.p_ref),
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, KB=self.KB, NS=self.NS,
             **self._launch_opts())
         return FusedRecord(vals, v_pre, masks)
