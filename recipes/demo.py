@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asynctrain import data
+from asynctrain import cli, data
+from asynctrain.checkpoint import read_checkpoint
 from asynctrain.config import SimConfig
 from asynctrain.experiment import TRAIN_LABELS, Hyper, run_models, subset
 from asynctrain.report import markdown_table, table_rows, write_report
@@ -155,23 +156,26 @@ def _paper_line() -> str:
 
 
 def _train_accuracy(folder: Path, policy: str) -> float:
-    ck = torch.load(folder / policy / "model.pt", map_location="cpu", weights_only=False)
-    return float(ck["history"][-1]["train_accuracy"])
+    meta = read_checkpoint(folder / policy / "model.pt")["meta"]
+    return float(meta["history"][-1]["train_accuracy"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    ap.add_argument("--seeds", type=int, default=3, help="training seeds (default 3)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny subset, 1 epoch")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    ap.add_argument("--out", default="demo-out", help="output folder (--quick: <out>/quick)")
+    ap.add_argument("--seeds", type=cli.positive(int), default=3, help="training seeds")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 seed, tiny subset, 1 epoch, written under <out>/quick")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
-                    help="input modes (default both)")
-    ap.add_argument("--layered-epochs", type=int, default=None, help="override (all modes)")
-    ap.add_argument("--rs-epochs", type=int, default=None, help="unlayered RS epochs (override)")
-    ap.add_argument("--ms-epochs", type=int, default=None, help="unlayered MS epochs (override)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--no-progress", action="store_true")
+                    help="input modes")
+    ap.add_argument("--layered-epochs", type=cli.positive(int), default=None,
+                    help="layered epochs (all modes; none: the mode's own)")
+    ap.add_argument("--rs-epochs", type=cli.positive(int), default=None,
+                    help="unlayered RS epochs (none: the mode's own)")
+    ap.add_argument("--ms-epochs", type=cli.positive(int), default=None,
+                    help="unlayered MS epochs (none: the mode's own)")
+    ap.add_argument("--threads", type=cli.threads, default=1, help="torch CPU threads")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--fresh", action="store_true", help="ignore checkpoints left in --out")
     a = ap.parse_args(argv)
     epochs = {"layered": a.layered_epochs, "RS": a.rs_epochs, "MS": a.ms_epochs}
@@ -187,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         epochs = {p: 1 for p in epochs}
         train_ds, test_ds = subset(train_ds, 128, 0), subset(test_ds, 64, 1)
         sweep = (0, 1)
-    out = Path(a.out)
+    out = Path(a.out) / "quick" if a.quick else Path(a.out)  # a smoke run never meets a full one
+    try:
+        cli.out_folder(out)
+    except ValueError as err:
+        ap.error(str(err))
     if a.fresh and out.exists():
         import shutil
 

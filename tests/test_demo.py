@@ -14,7 +14,8 @@ def test_demo_quick(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("demo", DEMO)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    assert demo.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert demo.main(["--quick", "--out", str(tmp_path.parent / tmp_path.name), "--no-progress"]) == 0
+    tmp_path = tmp_path / "quick"  # --quick writes to its own folder
     text = capsys.readouterr().out
     for row in ("| Layered | Layered |", "| Layered | Async RS |", "| Layered | Async MS |",
                 "| Unlayered RS | Async RS |", "| Unlayered MS | Async MS |"):
