@@ -123,6 +123,16 @@ class SimConfig:
 
     __hash__ = object.__hash__
 
+    def __repr__(self) -> str:
+        # per-neuron knobs can hold 200k values: summarise them, never print them
+        from .checkpoint import short  # late: checkpoint imports this module's users
+
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            parts.append(f"{f.name}={short(v) if isinstance(v, torch.Tensor) else repr(v)}")
+        return f"SimConfig({', '.join(parts)})"
+
     @property
     def K(self) -> int:  # noqa: N802 - the paper's name
         return self.forward_group_size
