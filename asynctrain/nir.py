@@ -1,0 +1,616 @@
+"""Models in and out through NIR, the Neuromorphic Intermediate Representation.
+
+    graph = to_nir(snn)                    # nir.NIRGraph
+    write("model.nir", snn)                # (or a graph) -> HDF5 file
+    snn = from_nir(read("model.nir"))      # AsyncSNN, weights and execution settings
+    snn = from_nir(snntorch_graph, SimConfig(dt=0.1, K=8))  # a graph without our metadata
+
+Needs ``pip install asynctrain[nir]`` (the `nir` package).
+
+What maps to what (everything the engine runs; anything else is refused, naming the
+node and the parameter, never approximated):
+
+| ours (`AsyncSNN`)                       | NIR                                            |
+|-----------------------------------------|------------------------------------------------|
+| bias-free ``nn.Linear``                 | ``Linear`` (or ``Affine`` with an all-zero bias) |
+| bias-free ``nn.Conv2d`` 3x3, s1, p1     | ``Conv2d`` (zero bias, dilation 1, groups 1)   |
+| ``nn.AvgPool2d(2)``                     | ``AvgPool2d`` (kernel 2, stride 2, padding 0)  |
+| ``nn.Flatten()``                        | ``Flatten``                                    |
+| LIF neurons after a weight layer        | ``LIF`` (v_leak = v_reset = 0)                 |
+| IF neurons (tau = inf)                  | ``IF`` (v_reset = 0)                           |
+
+The discretization (how the discrete model maps onto NIR's continuous LIF):
+
+Ours (SPEC 2-5), per neuron, timestep t of ``dt`` ms: ``V <- V * exp(-dt / tau)``,
+then ``V <- V + I`` for every delivered current ``I = W x spikes``, fire when
+``V >= theta``, reset to 0. NIR's LIF is ``tau dv/dt = (v_leak - v) + r I``, fire
+when ``v > v_threshold``, ``v <- v_reset``. NIR states no integration rule; the
+libraries that write NIR (snnTorch 1.0 above all) step it with forward Euler at a
+step ``dt``::
+
+    v[t+1] = (1 - dt / tau_nir) v[t] + (r dt / tau_nir) I[t]
+
+i.e. per-step decay ``beta = 1 - dt / tau_nir`` and input scale ``r dt / tau_nir``.
+snnTorch writes ``snn.Leaky(beta)`` as ``tau = dt / (1 - beta)``, ``r = tau / dt``
+(input scale 1), ``dt = 1e-4`` s, and its own importer inverts exactly that. This
+module uses the same convention both ways:
+
+- import: ``beta = 1 - dt / tau_nir`` becomes our per-neuron
+  ``tau = -dt / ln(beta)`` ms (so ``exp(-dt / tau)`` is beta again, to float64
+  rounding; beta = 0 becomes ``tau = dt / 1000``, whose decay ``exp(-1000)`` is
+  exactly 0); an input scale ``s = r dt / tau_nir`` that is not 1 is folded into the
+  weights (row i of the incoming weight matrix times ``s_i``; for a convolution,
+  ``s`` must be the same across each output channel's positions). Scales within
+  1e-6 of 1 are taken as exactly 1: snnTorch computes ``r = tau / dt`` in float32,
+  which leaves ``s = 1 +- 1e-7``, and folding that would move every weight by a
+  float32 rounding and lose the exact match. IF: input scale ``r dt``, tau = inf.
+  Reading a snnTorch graph with ``exp(-dt / tau_nir)`` as the decay instead would
+  be a different model: 1.6 % of the output counts of the cross-library test
+  network differ that way (issue 13), none with this convention (tests/test_nir.py).
+- export: ``tau_nir = dt / (1 - exp(-dt / tau))``, ``r = tau_nir / dt`` (input scale
+  1), v_leak = v_reset = 0; IF neurons (every tau of the layer infinite) as ``IF``
+  with ``r = 1 / dt``. A layer mixing IF and LIF neurons is refused (NIR has one
+  neuron type per node). NIR times are in seconds: ``dt`` is written as
+  ``cfg.dt / 1000`` into the graph's metadata (key ``"dt"``).
+- thresholds: NIR (and snnTorch) fire at ``v > v_threshold``, we at ``V >= theta``.
+  For float32 potentials ``v > x`` is exactly ``v >= nextafter(x, +inf)``, so the
+  export writes ``v_threshold = nextafter(float32(theta), -inf)`` and the import
+  takes ``theta = nextafter(float32(v_threshold), +inf)``: both directions are
+  exact in float32 (theta comes back as its float32 value).
+
+Execution settings (K, policy, stop, refractoriness, sync thresholds, dropouts,
+seed, ...) and ``dt`` travel in the graph's metadata (``"asynctrain_config"``, JSON);
+`from_nir` restores them. For a graph without them (another library's), pass ``cfg``:
+its settings are used, ``cfg.dt`` is the discretization step, and the graph's
+neurons replace ``cfg.tau`` and ``cfg.theta``. A ``cfg`` passed with one of our graphs
+overrides the stored settings (dt stays the graph's).
+
+What stays exact when importing from another library, and what cannot:
+
+- snnTorch ``snn.Leaky(reset_mechanism="zero")``, any ``reset_delay``: exact (spike
+  counts of our layered execution equal snnTorch's, tested). snnTorch's delayed
+  reset zeroes the membrane at the start of the next step instead of at the spike;
+  the next potential is ``beta * 0 + I`` either way, so only the membrane trace it
+  reports differs, never a spike.
+- reset by subtraction (snnTorch's default) and no reset: not modelled; snnTorch's
+  exporter writes the same LIF node for every reset mechanism, so `from_snntorch`
+  checks the modules and refuses naming the layer and ``reset_mechanism``, and
+  records the mechanism in each LIF node's metadata, which `from_nir` checks.
+- ``Synaptic`` / ``CubaLIF`` (a current synapse), recurrent layers, biases,
+  v_leak != 0, v_reset != 0: refused.
+- Norse and SpikingJelly integrate the same ODE by other rules (Norse: forward
+  Euler of v and of the current, with its own dt; SpikingJelly: ``v += (x - v) /
+  tau`` in units of steps, a decay ``1 - 1/tau`` with input scale ``1/tau``). Their
+  graphs import with this convention given their dt (``cfg.dt``); the per-step decay
+  and input scale are then what forward Euler gives, which is the rule those
+  libraries use for LIF, but their reset and current-synapse rules are not checked
+  here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+try:
+    import nir
+except ImportError as err:  # pragma: no cover - the extra is installed in CI
+    raise ImportError("asynctrain.nir needs the `nir` package: pip install asynctrain[nir]") from err
+
+from .config import SimConfig, per_neuron
+from .module import AsyncSNN
+from .network import linear_weights
+
+__all__ = ["to_nir", "from_nir", "write", "read", "from_snntorch", "SNNTORCH_DT_MS",
+           "UNIT_SCALE_TOL"]
+
+SNNTORCH_DT_MS = 0.1
+"""The step snnTorch 1.0's NIR export assumes (``dt = 1e-4`` s)."""
+UNIT_SCALE_TOL = 1e-6
+"""Input scales ``r dt / tau`` within this of 1 are 1 (see the module docstring)."""
+_SETTINGS_KEY = "asynctrain_config"
+_RESET_KEY = "reset_mechanism"
+# knobs that live in the neuron nodes or in "dt", not in the settings JSON
+_NODE_KNOBS = ("tau", "theta", "dt")
+
+
+# ------------------------------------------------------------------------ export
+def to_nir(snn: AsyncSNN) -> "nir.NIRGraph":
+    """`snn` (weights, neurons, execution settings) as a NIR graph.
+
+    Node names: ``input``, ``layer<i>`` for ``snn.net[i]`` (weights, pooling,
+    flattening), ``neurons<l>`` after weight layer l, ``output``. Weights are written
+    as float32 copies (the module's dtype when it is float64), neuron parameters in
+    float64. Raises ValueError for a layer that mixes IF and LIF neurons.
+    """
+    if not isinstance(snn, AsyncSNN):
+        raise TypeError(f"to_nir takes an AsyncSNN, got {type(snn).__name__}")
+    cfg, graph = snn.cfg, snn.graph
+    dt_s = float(cfg.dt) / 1000.0
+    n = graph.n_neurons
+    tau = per_neuron(cfg.tau, n, "tau", torch.float64).numpy()
+    theta = per_neuron(cfg.theta, n, "theta", torch.float64).numpy()
+    layers = list(snn.net) if isinstance(snn.net, nn.Sequential) else [snn.net]
+    in_shape = graph.input_shape if graph.input_shape is not None else (graph.n_inputs,)
+    nodes: dict[str, Any] = {"input": nir.Input(input_type={"input": np.array(in_shape)})}
+    order = ["input"]
+    shape = tuple(in_shape)
+    lo, l = 0, 0
+    for i, m in enumerate(layers):
+        name = f"layer{i}"
+        if isinstance(m, nn.Linear):
+            nodes[name] = nir.Linear(weight=_np_weight(m.weight))
+            shape = (m.out_features,)
+        elif isinstance(m, nn.Conv2d):
+            nodes[name] = nir.Conv2d(
+                input_shape=tuple(shape[1:]), weight=_np_weight(m.weight), stride=1, padding=1,
+                dilation=1, groups=1, bias=np.zeros(m.out_channels, dtype=np.float32))
+            shape = (m.out_channels, *shape[1:])
+        elif isinstance(m, nn.AvgPool2d):
+            nodes[name] = nir.AvgPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]),
+                                        padding=np.array([0, 0]))
+            shape = (shape[0], shape[1] // 2, shape[2] // 2)
+            order.append(name)
+            continue
+        elif isinstance(m, nn.Flatten):
+            nodes[name] = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0,
+                                      end_dim=-1)
+            shape = (math.prod(shape),)
+            order.append(name)
+            continue
+        else:  # Network.from_module accepted the module, so this cannot happen
+            raise TypeError(f"layer {i} ({type(m).__name__}) has no NIR mapping")
+        order.append(name)
+        size = math.prod(shape)
+        sl = slice(lo, lo + size)
+        nodes[f"neurons{l}"] = _neuron_node(tau[sl].reshape(shape), theta[sl].reshape(shape),
+                                            cfg.dt, dt_s, l)
+        order.append(f"neurons{l}")
+        lo, l = lo + size, l + 1
+    nodes["output"] = nir.Output(output_type={"output": np.array(shape)})
+    order.append("output")
+    meta = {"source": "asynctrain", "dt": dt_s, "dt_unit": "s",
+            "discretization": "forward Euler: beta = 1 - dt/tau, input scale r*dt/tau",
+            _SETTINGS_KEY: json.dumps(_settings(cfg))}
+    return nir.NIRGraph(nodes=nodes, edges=list(zip(order[:-1], order[1:])), metadata=meta)
+
+
+def _np_weight(w: torch.Tensor) -> np.ndarray:
+    w = w.detach().cpu()
+    return w.numpy().copy() if w.dtype == torch.float64 else w.to(torch.float32).numpy().copy()
+
+
+def _neuron_node(tau: np.ndarray, theta: np.ndarray, dt_ms: float, dt_s: float, l: int) -> Any:
+    decay = np.exp(-dt_ms / tau)  # float64, 1.0 where tau is inf
+    thr = _below(theta)
+    if (decay == 1.0).all():
+        return nir.IF(r=np.full(tau.shape, 1.0 / dt_s), v_threshold=thr,
+                      v_reset=np.zeros(tau.shape))
+    if (decay == 1.0).any():
+        raise ValueError(f"neuron layer {l} mixes IF (tau = inf, or so long that exp(-dt/tau) "
+                         f"rounds to 1) and LIF neurons; NIR has one neuron type per node: "
+                         f"give the layer one kind")
+    tau_nir = dt_s / (1.0 - decay)
+    return nir.LIF(tau=tau_nir, r=tau_nir / dt_s, v_leak=np.zeros(tau.shape), v_threshold=thr,
+                   v_reset=np.zeros(tau.shape))
+
+
+def _below(theta: np.ndarray) -> np.ndarray:
+    """``v > below(theta)`` is ``v >= theta`` for float32 v (theta rounded to float32)."""
+    t = theta.astype(np.float32)
+    return np.nextafter(t, np.float32(-np.inf)).astype(np.float64)
+
+
+def _above(thr: np.ndarray) -> np.ndarray:
+    """``v >= above(thr)`` is ``v > thr`` for float32 v."""
+    t = np.asarray(thr, dtype=np.float64).astype(np.float32)
+    return np.nextafter(t, np.float32(np.inf)).astype(np.float64)
+
+
+def _settings(cfg: SimConfig) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in _NODE_KNOBS:
+            continue
+        v = getattr(cfg, f.name)
+        out[f.name] = v.tolist() if isinstance(v, torch.Tensor) else v
+    out["dt_ms"] = float(cfg.dt)
+    return out
+
+
+# ------------------------------------------------------------------------ import
+def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = None, *,
+             backend: str = "auto") -> AsyncSNN:
+    """An `AsyncSNN` from a NIR graph (or a ``.nir`` file), exactly or not at all.
+
+    Args:
+        graph: a chain ``Input -> weight -> neurons [-> AvgPool2d] [-> Flatten] ->
+            weight -> neurons ... -> Output`` (a leading ``Flatten`` after the input
+            is allowed and kept as the input shape).
+        cfg: execution settings for a graph without ours, or to override ours; its
+            ``dt`` (ms) is the discretization step when the graph's metadata has no
+            ``"dt"`` (seconds).
+        backend: of the returned module.
+
+    Returns: the module; ``snn.cfg`` has per-neuron ``tau`` and ``theta`` tensors
+    ``[n_neurons]`` (hidden then output, layer order, channel-major) and the graph's dt.
+
+    Raises: ValueError naming the node and the parameter for anything the engine
+    cannot run exactly (see the module docstring), or when no dt is known.
+    """
+    if isinstance(graph, (str, os.PathLike)):
+        graph = read(graph)
+    if not isinstance(graph, nir.NIRGraph):
+        raise TypeError(f"from_nir takes a nir.NIRGraph or a .nir path, got {type(graph).__name__}")
+    meta = graph.metadata if isinstance(graph.metadata, dict) else {}
+    dt_ms, stored = _dt_and_settings(meta, cfg)
+    chain = _chain(graph)
+    in_shape = tuple(int(s) for s in _io_shape(graph.nodes[chain[0]], "input"))
+    body = chain[1:-1]
+    if body and isinstance(graph.nodes[body[0]], nir.Flatten):
+        body = body[1:]  # a flat input: frames may be image-shaped or flat
+        in_shape_eff: tuple[int, ...] = (math.prod(in_shape),)
+    else:
+        in_shape_eff = in_shape
+    modules: list[nn.Module] = []
+    taus, thetas = [], []
+    shape = in_shape_eff
+    want_neurons: tuple[str, nn.Module] | None = None
+    for name in body:
+        node = graph.nodes[name]
+        if want_neurons is not None:
+            wname, mod = want_neurons
+            tau, theta, scale = _neurons(name, node, _out_shape(mod, shape_before), dt_ms)
+            _fold_scale(mod, scale, name, wname)
+            taus.append(tau.reshape(-1))
+            thetas.append(theta.reshape(-1))
+            want_neurons = None
+            continue
+        shape_before = shape
+        mod, shape = _weight_or_shape(name, node, shape)
+        modules.append(mod)
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            want_neurons = (name, mod)
+    if want_neurons is not None:
+        raise ValueError(f"node {want_neurons[0]!r} ({type(graph.nodes[want_neurons[0]]).__name__}) "
+                         f"is not followed by a LIF or IF node before the output")
+    if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in modules):
+        raise ValueError("the graph has no weight layer (Linear, Affine or Conv2d)")
+    if not isinstance(modules[-1], (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"the graph ends with {type(modules[-1]).__name__} before the output; the "
+                         f"last node before Output must be a LIF or IF after a weight layer")
+    net = nn.Sequential(*modules)
+    tau_all = torch.from_numpy(np.concatenate(taus))
+    theta_all = torch.from_numpy(np.concatenate(thetas))
+    base = cfg if cfg is not None else SimConfig(**stored)  # an explicit cfg wins
+    run_cfg = base.replace(tau=tau_all, theta=theta_all, dt=dt_ms)
+    return AsyncSNN(net, run_cfg, backend=backend,
+                    input_shape=in_shape if len(in_shape) == 3 else None)
+
+
+def _dt_and_settings(meta: dict, cfg: SimConfig | None) -> tuple[float, dict[str, Any]]:
+    stored: dict[str, Any] = {}
+    if _SETTINGS_KEY in meta:
+        raw = meta[_SETTINGS_KEY]
+        stored = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+        stored.pop("dt_ms", None)
+        for k, v in list(stored.items()):
+            if isinstance(v, list):
+                stored[k] = torch.tensor(v)
+    if "dt" in meta:
+        dt_ms = float(np.asarray(meta["dt"])) * 1000.0
+        if not (math.isfinite(dt_ms) and dt_ms > 0):
+            raise ValueError(f"graph metadata 'dt' must be a positive number of seconds, got "
+                             f"{meta['dt']!r}")
+        if cfg is not None and not math.isclose(cfg.dt, dt_ms, rel_tol=1e-12):
+            warnings.warn(f"the graph's metadata fixes dt = {dt_ms:g} ms; cfg.dt = {cfg.dt:g} ms "
+                          f"is ignored (the neurons' decay was exported for the graph's dt)",
+                          UserWarning, stacklevel=3)
+        return dt_ms, stored
+    if cfg is None:
+        raise ValueError("the graph's metadata has no 'dt' and no cfg was given: from_nir needs "
+                         "the discretization step; pass cfg=SimConfig(dt=...) in ms (snnTorch "
+                         f"1.0 exports assume dt = {SNNTORCH_DT_MS} ms)")
+    return float(cfg.dt), stored
+
+
+def _chain(graph: "nir.NIRGraph") -> list[str]:
+    """Node names from Input to Output; refuses cycles, branches and sub-graphs."""
+    nodes = graph.nodes
+    for name, node in nodes.items():
+        if isinstance(node, nir.NIRGraph):
+            raise ValueError(f"node {name!r} is a sub-graph (a recurrent layer such as snnTorch's "
+                             f"RLeaky or RSynaptic); recurrent connections are not supported")
+    edges = [(str(a), str(b)) for a, b in graph.edges]
+    for a, b in edges:
+        for x in (a, b):
+            if x not in nodes:
+                raise ValueError(f"edge {a!r} -> {b!r} names a node {x!r} that is not in the graph")
+        if a == b:
+            raise ValueError(f"recurrent edge {a!r} -> {b!r}: self-connections are not supported")
+    edges = list(dict.fromkeys(edges))  # duplicates say nothing more
+    outs: dict[str, list[str]] = {k: [] for k in nodes}
+    ins: dict[str, list[str]] = {k: [] for k in nodes}
+    for a, b in edges:
+        outs[a].append(b)
+        ins[b].append(a)
+    inputs = [k for k, v in nodes.items() if isinstance(v, nir.Input)]
+    outputs = [k for k, v in nodes.items() if isinstance(v, nir.Output)]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"the graph must have one Input and one Output node, has inputs {inputs} "
+                         f"and outputs {outputs}")
+    chain, seen = [inputs[0]], {inputs[0]}
+    while not isinstance(nodes[chain[-1]], nir.Output):
+        cur = chain[-1]
+        if len(outs[cur]) != 1:
+            raise ValueError(f"the graph is not a chain: node {cur!r} has {len(outs[cur])} outgoing "
+                             f"edges {outs[cur]} (only one path Input -> ... -> Output is supported)")
+        nxt = outs[cur][0]
+        if nxt in seen:
+            raise ValueError(f"recurrent edge {cur!r} -> {nxt!r}: the graph has a cycle; recurrent "
+                             f"connections are not supported")
+        if len(ins[nxt]) != 1:
+            raise ValueError(f"the graph is not a chain: node {nxt!r} has {len(ins[nxt])} incoming "
+                             f"edges from {ins[nxt]}")
+        chain.append(nxt)
+        seen.add(nxt)
+    rest = sorted(set(nodes) - seen)
+    if rest:
+        raise ValueError(f"the graph is not a chain: node(s) {rest} are off the path from "
+                         f"{inputs[0]!r} to {outputs[0]!r}")
+    return chain
+
+
+def _io_shape(node: Any, key: str) -> np.ndarray:
+    t = node.input_type if key == "input" else node.output_type
+    return np.asarray(next(iter(t.values()))).reshape(-1)
+
+
+def _zero(name: str, kind: str, param: str, v: Any) -> None:
+    a = np.asarray(v, dtype=np.float64)
+    if a.size and np.any(a != 0):
+        raise ValueError(f"node {name!r} ({kind}): {param} must be 0 (the engine has no "
+                         f"{'biases' if param == 'bias' else param}), got max |{param}| = "
+                         f"{float(np.abs(a).max()):g}")
+
+
+def _ints(v: Any, n: int = 2) -> tuple[int, ...]:
+    a = np.asarray(v).reshape(-1)
+    if a.size == 1:
+        a = np.repeat(a, n)
+    return tuple(int(x) for x in a)
+
+
+def _weight_or_shape(name: str, node: Any, shape: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
+    kind = type(node).__name__
+    if isinstance(node, (nir.Linear, nir.Affine)):
+        if isinstance(node, nir.Affine):
+            _zero(name, kind, "bias", node.bias)
+        w = np.asarray(node.weight)
+        if w.ndim != 2:
+            raise ValueError(f"node {name!r} ({kind}): weight must be 2-D [out, in], got {w.shape}")
+        if len(shape) != 1 or w.shape[1] != shape[0]:
+            raise ValueError(f"node {name!r} ({kind}): weight takes {w.shape[1]} inputs but gets "
+                             f"shape {shape}" + (" (insert a Flatten node)" if len(shape) == 3 else ""))
+        m = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+        return m, (w.shape[0],)
+    if isinstance(node, nir.Conv2d):
+        w = np.asarray(node.weight)
+        if w.ndim != 4 or w.shape[2:] != (3, 3):
+            raise ValueError(f"node {name!r} (Conv2d): kernel size must be 3x3, got weight shape "
+                             f"{tuple(w.shape)}")
+        for param, want in (("stride", (1, 1)), ("dilation", (1, 1))):
+            if _ints(getattr(node, param)) != want:
+                raise ValueError(f"node {name!r} (Conv2d): {param} must be 1, got "
+                                 f"{getattr(node, param)!r}")
+        pad = node.padding
+        if not (isinstance(pad, str) and pad == "same") and (isinstance(pad, str) or _ints(pad) != (1, 1)):
+            raise ValueError(f"node {name!r} (Conv2d): padding must be 1, got {pad!r}")
+        if int(np.asarray(node.groups)) != 1:
+            raise ValueError(f"node {name!r} (Conv2d): groups must be 1, got {node.groups!r}")
+        _zero(name, kind, "bias", node.bias)
+        if len(shape) != 3 or shape[0] != w.shape[1]:
+            raise ValueError(f"node {name!r} (Conv2d): takes {w.shape[1]} channels but gets shape "
+                             f"{shape}")
+        m = nn.Conv2d(w.shape[1], w.shape[0], 3, stride=1, padding=1, bias=False)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+        return m, (w.shape[0], shape[1], shape[2])
+    if isinstance(node, nir.AvgPool2d):
+        for param, want in (("kernel_size", (2, 2)), ("stride", (2, 2)), ("padding", (0, 0))):
+            if _ints(getattr(node, param)) != want:
+                raise ValueError(f"node {name!r} (AvgPool2d): {param} must be {want[0]}, got "
+                                 f"{getattr(node, param)!r} (only 2x2 average pooling is supported)")
+        if len(shape) != 3:
+            raise ValueError(f"node {name!r} (AvgPool2d) needs an image-shaped input, gets {shape}")
+        return nn.AvgPool2d(2), (shape[0], shape[1] // 2, shape[2] // 2)
+    if isinstance(node, nir.Flatten):
+        if len(shape) == 1:
+            raise ValueError(f"node {name!r} (Flatten) follows a flat layer {shape}")
+        if int(node.start_dim) != 0 or int(node.end_dim) not in (-1, len(shape) - 1):
+            raise ValueError(f"node {name!r} (Flatten): start_dim must be 0 and end_dim -1 (all "
+                             f"of C, H, W), got {node.start_dim}, {node.end_dim}")
+        return nn.Flatten(), (math.prod(shape),)
+    if isinstance(node, (nir.LIF, nir.IF)):
+        raise ValueError(f"node {name!r} ({kind}) does not follow a weight layer; neurons come "
+                         f"after Linear, Affine or Conv2d")
+    raise ValueError(f"node {name!r}: {kind} is not supported (supported: Linear, zero-bias "
+                     f"Affine, Conv2d 3x3/s1/p1, AvgPool2d 2, Flatten, LIF, IF)"
+                     + (" - a current-based synapse (CubaLIF) has a second state the engine does "
+                        "not model" if kind in ("CubaLIF", "CubaLI") else ""))
+
+
+def _out_shape(mod: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(mod, nn.Linear):
+        return (mod.out_features,)
+    return (mod.out_channels, shape[1], shape[2])
+
+
+def _param(name: str, kind: str, param: str, v: Any, shape: tuple[int, ...]) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64)
+    if a.size == 1:
+        return np.full(shape, float(a.reshape(-1)[0]))
+    if a.size != math.prod(shape):
+        raise ValueError(f"node {name!r} ({kind}): {param} has shape {a.shape}, the layer before "
+                         f"it has {shape} neurons")
+    return a.reshape(shape)
+
+
+def _neurons(name: str, node: Any, shape: tuple[int, ...], dt_ms: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tau [ms], theta, input scale) per neuron, shaped like the layer."""
+    kind = type(node).__name__
+    if not isinstance(node, (nir.LIF, nir.IF)):
+        raise ValueError(f"node {name!r}: {kind} after a weight layer is not supported; neurons "
+                         f"must be LIF or IF"
+                         + (" (CubaLIF: a current-based synapse the engine does not model)"
+                            if kind in ("CubaLIF", "CubaLI") else ""))
+    reset = (node.metadata or {}).get(_RESET_KEY) if isinstance(node.metadata, dict) else None
+    if reset is not None:
+        reset = reset.decode() if isinstance(reset, bytes) else str(reset)
+        if reset != "zero":
+            raise ValueError(f"node {name!r} ({kind}): {_RESET_KEY} = {reset!r}; only reset to zero "
+                             f"is modelled (reset by subtraction keeps V - theta)")
+    _zero(name, kind, "v_reset", node.v_reset)
+    dt_s = dt_ms / 1000.0
+    thr = _param(name, kind, "v_threshold", node.v_threshold, shape)
+    if not np.isfinite(thr).all() or (thr < 0).any():
+        raise ValueError(f"node {name!r} ({kind}): v_threshold must be finite and >= 0, got min "
+                         f"{float(np.nanmin(thr)):g}")
+    theta = _above(thr)
+    r = _param(name, kind, "r", node.r, shape)
+    if not np.isfinite(r).all() or (r <= 0).any():
+        raise ValueError(f"node {name!r} ({kind}): r must be finite and > 0")
+    if isinstance(node, nir.IF):
+        scale = r * dt_s
+        return np.full(shape, math.inf), theta, scale
+    _zero(name, kind, "v_leak", node.v_leak)
+    tau_nir = _param(name, kind, "tau", node.tau, shape)
+    if np.isnan(tau_nir).any() or (tau_nir <= 0).any():
+        raise ValueError(f"node {name!r} (LIF): tau must be > 0, got min {float(np.nanmin(tau_nir)):g}")
+    beta = 1.0 - dt_s / tau_nir
+    if (beta < 0).any():
+        bad = float(tau_nir[beta < 0].reshape(-1)[0])
+        raise ValueError(f"node {name!r} (LIF): tau = {bad:g} s is shorter than dt = {dt_s:g} s, so "
+                         f"the forward-Euler decay 1 - dt/tau is negative; is dt right (cfg.dt in "
+                         f"ms; snnTorch exports use {SNNTORCH_DT_MS} ms)?")
+    with np.errstate(divide="ignore"):
+        tau = np.where(beta >= 1.0, math.inf,
+                       np.where(beta > 0, -dt_ms / np.log(np.where(beta > 0, beta, 0.5)), dt_ms / 1000.0))
+    scale = np.where(np.isinf(tau_nir), r * dt_s, r * dt_s / tau_nir)
+    return tau, theta, scale
+
+
+def _fold_scale(mod: nn.Module, scale: np.ndarray, name: str, wname: str) -> None:
+    if np.all(np.abs(scale - 1.0) <= UNIT_SCALE_TOL):
+        return
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"node {name!r}: input scale r*dt/tau must be finite and > 0")
+    with torch.no_grad():
+        if isinstance(mod, nn.Linear):
+            s = torch.from_numpy(scale.reshape(-1)).to(mod.weight.dtype)
+            mod.weight.mul_(s[:, None])
+            return
+        per_chan = scale.reshape(scale.shape[0], -1)
+        if not np.all(per_chan == per_chan[:, :1]):
+            raise ValueError(f"node {name!r}: the input scale r*dt/tau varies inside a channel; "
+                             f"it cannot be folded into the shared weights of convolution "
+                             f"{wname!r} (make r the same for every position of a channel)")
+        s = torch.from_numpy(per_chan[:, 0].copy()).to(mod.weight.dtype)
+        mod.weight.mul_(s[:, None, None, None])
+
+
+# ------------------------------------------------------------------------ files
+def write(path: str | os.PathLike, model: "AsyncSNN | nir.NIRGraph") -> None:
+    """Write `model` (an `AsyncSNN` or a graph) as a ``.nir`` (HDF5) file."""
+    graph = to_nir(model) if isinstance(model, AsyncSNN) else model
+    if not isinstance(graph, nir.NIRGraph):
+        raise TypeError(f"write takes an AsyncSNN or a nir.NIRGraph, got {type(model).__name__}")
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    nir.write(path, graph)
+
+
+def read(path: str | os.PathLike) -> "nir.NIRGraph":
+    """Read a ``.nir`` file (a graph; `from_nir` turns it into a module)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no .nir file at {os.fspath(path)!r}")
+    graph = nir.read(path)
+    if isinstance(graph.metadata, dict):  # h5py gives strings back as bytes
+        graph.metadata = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in graph.metadata.items()}
+    return graph
+
+
+# ----------------------------------------------------------------------- snnTorch
+def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = None, *,
+                  backend: str = "auto") -> tuple[AsyncSNN, "nir.NIRGraph"]:
+    """Export an snnTorch model with snnTorch's own NIR exporter and import it.
+
+    `net`: e.g. ``nn.Sequential(nn.Linear(64, 32, bias=False), snn.Leaky(beta=...,
+    reset_mechanism="zero", init_hidden=True), ...)``. `sample`: one input ``[1, F]``
+    (batch first, as snnTorch's exporter wants). Checked first, naming the layer:
+    every ``snn.Leaky`` resets to zero (not by subtraction or not at all), has no
+    inhibition, state quantization or graded spikes, and ``0 <= beta <= 1``; other
+    snnTorch neurons (Synaptic, recurrent, ...) are refused. Scalar ``beta`` and
+    ``threshold`` are expanded to the size of the preceding ``nn.Linear`` on a copy
+    (snnTorch 1.0's exporter needs per-neuron values to type its graph). The graph
+    gets ``dt = 1e-4`` s and each LIF node its reset mechanism in its metadata.
+
+    Returns (module, graph). `cfg`: execution settings (dt is 0.1 ms regardless).
+    """
+    import copy
+
+    import snntorch as snn
+    from snntorch.export_nir import export_to_nir
+
+    net = copy.deepcopy(net)
+    mods = list(net.named_modules())
+    last_out: int | None = None
+    leaky = []
+    for path, m in mods:
+        where = f"layer {path!r} ({type(m).__name__})"
+        if isinstance(m, nn.Linear):
+            last_out = m.out_features
+        elif isinstance(m, snn.Leaky):
+            mech = getattr(m, "_reset_mechanism", None) or getattr(m, "reset_mechanism", None)
+            if mech != "zero":
+                raise ValueError(f"{where}: reset_mechanism = {mech!r}; only reset to zero is "
+                                 f"modelled (reset by subtraction keeps V - theta after a spike, "
+                                 f"which the engine does not do): use reset_mechanism='zero'")
+            for attr in ("inhibition", "state_quant"):
+                if getattr(m, attr, False) not in (False, None):
+                    raise ValueError(f"{where}: {attr} is not supported")
+            g = getattr(m, "graded_spikes_factor", 1.0)
+            if float(torch.as_tensor(g).max()) != 1.0 or float(torch.as_tensor(g).min()) != 1.0:
+                raise ValueError(f"{where}: graded_spikes_factor must be 1, got {g!r}")
+            beta = torch.as_tensor(m.beta).detach()
+            if (beta < 0).any() or (beta > 1).any():
+                raise ValueError(f"{where}: beta must lie in [0, 1], got {beta.tolist()}")
+            for attr in ("beta", "threshold"):
+                v = torch.as_tensor(getattr(m, attr)).detach()
+                if v.numel() == 1 and last_out is not None:
+                    new = v.reshape(()).expand(last_out).clone()
+                    setattr(m, attr, nn.Parameter(new) if isinstance(getattr(m, attr), nn.Parameter)
+                            else new)
+            leaky.append(path)
+        elif isinstance(m, snn.SpikingNeuron):
+            raise ValueError(f"{where}: only snn.Leaky neurons are supported (Synaptic / CubaLIF, "
+                             f"recurrent and other neuron models are not)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        graph = export_to_nir(net, sample, ignore_dims=[0])
+    graph.metadata = dict(source="snntorch", dt=SNNTORCH_DT_MS / 1000.0, dt_unit="s")
+    for name, node in graph.nodes.items():
+        if isinstance(node, nir.LIF):
+            node.metadata = dict(node.metadata or {}, **{_RESET_KEY: "zero"})
+    cfg = None if cfg is None else cfg.replace(dt=SNNTORCH_DT_MS)
+    return from_nir(graph, cfg, backend=backend), graph
