@@ -14,6 +14,8 @@ setup(
     extras_require={
         "data": ["tonic>=1.4", "torchvision", "scikit-learn", "h5py"],
         "plots": ["matplotlib"],
-        "test": ["pytest"],
+        # NIR export / import (asynctrain.nir); nirtorch is what snnTorch's exporter runs on
+        "nir": ["nir>=1.0.8"],
+        "test": ["pytest", "snntorch>=1.0", "nirtorch>=2.6"],
     },
 )

@@ -342,6 +342,10 @@ def _chain(graph: "nir.NIRGraph") -> list[str]:
     for a, b in edges:
         outs[a].append(b)
         ins[b].append(a)
+    back = _back_edge(list(nodes), outs)
+    if back is not None:
+        raise ValueError(f"recurrent edge {back[0]!r} -> {back[1]!r}: the graph has a cycle; "
+                         f"recurrent connections are not supported")
     inputs = [k for k, v in nodes.items() if isinstance(v, nir.Input)]
     outputs = [k for k, v in nodes.items() if isinstance(v, nir.Output)]
     if len(inputs) != 1 or len(outputs) != 1:
@@ -367,6 +371,28 @@ def _chain(graph: "nir.NIRGraph") -> list[str]:
         raise ValueError(f"the graph is not a chain: node(s) {rest} are off the path from "
                          f"{inputs[0]!r} to {outputs[0]!r}")
     return chain
+
+
+def _back_edge(names: list[str], outs: dict[str, list[str]]) -> tuple[str, str] | None:
+    """An edge that closes a cycle (depth-first search), or None."""
+    state = dict.fromkeys(names, 0)  # 0 new, 1 on the stack, 2 done
+    for root in names:
+        if state[root]:
+            continue
+        stack = [(root, iter(outs[root]))]
+        state[root] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+            elif state[nxt] == 1:
+                return node, nxt
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                stack.append((nxt, iter(outs[nxt])))
+    return None
 
 
 def _io_shape(node: Any, key: str) -> np.ndarray:
