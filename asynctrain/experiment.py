@@ -153,7 +153,6 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
             log(f"{TRAIN_LABELS[policy]:13s} seed {seed}: {len(history)} epochs, loss "
                 f"{last['loss']:.3f}, train accuracy {last['train_accuracy']:.3f}, "
                 f"{sum(r['seconds'] for r in history):.0f} s")
-        snn.cfg = snn.cfg.replace(barrier_messages=False)  # gradient_fill is training-only
         execs = paper_executions(policy, eval_specs)
         results[TRAIN_LABELS[policy]] = evaluate(
             snn, test_dl, execs, steps_after_output=steps_after_output,

@@ -22,20 +22,23 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, default_collate
 
 from . import rng
+from .checkpoint import (check_writable, config_diff, load_into, read_checkpoint, save_model,
+                         short)
 from .config import describe
 from .module import AsyncSNN
 
 __all__ = ["fit", "logits_of", "LOSSES", "TrainingDiverged", "save_checkpoint", "load_checkpoint",
            "call_seed"]
 
-CHECKPOINT_VERSION = 1
 _STREAM_FIT = 101  # counter-hash stream of fit's seeds (the engine uses 1-5)
 
 
@@ -88,6 +91,9 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         device: str | torch.device | None = None,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         loss: str | Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] = "counts",
+        stop: str | None = None, steps_after_output: int | None = None,
+        init_from: str | os.PathLike | dict | None = None, val_loader: Iterable | None = None,
+        val_execution: str | None = None,
         ) -> list[dict[str, Any]]:
     """Train `snn` with Adam and cross-entropy on its logits (`logits_of`).
 
@@ -111,12 +117,31 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         on_epoch_end: called with each epoch's record (e.g. to evaluate).
         loss: a name of `LOSSES` ("counts", "rate", "per_pass") or a callable
             ``(out [T, B, C], labels [B], readout) -> scalar``.
+        stop, steps_after_output: the stop condition of the *training* passes
+            ("spiking_done", or "output" with F = `steps_after_output`); None keeps
+            ``snn.cfg``'s. Applied for the call only (``snn.cfg`` is unchanged after).
+        init_from: warm start: a checkpoint path (of `save_checkpoint`, e.g. a layered
+            run's ``model.pt``) or a ``net`` state dict; its weights are loaded before
+            the first epoch (not its optimizer state, epoch or history). Ignored when
+            training resumes from `checkpoint_path`. Fine-tuning a layered model
+            unlayered: ``fit(unlayered_snn, loader, 5, lr, init_from="layered/model.pt")``.
+        val_loader: evaluated after every epoch under `val_execution` (default: the
+            trained policy with the paper's inference stop, or "layered"); adds
+            ``val_accuracy`` and ``val_density`` to the epoch record.
 
     Returns: the history, one record per completed epoch (the resumed ones included).
 
     Raises: TrainingDiverged when a loss is NaN or infinite; nothing of that epoch
     is saved, so the last checkpoint holds the last finite state.
     """
+    if stop is not None or steps_after_output is not None:
+        # the training stop condition: run the whole call under it, then restore
+        with snn.configured(**_stop_changes(snn, stop, steps_after_output)):
+            return fit(snn, train_loader, epochs, lr, weight_decay, seed=seed, log_path=log_path,
+                       checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+                       desc=desc, max_batches=max_batches, device=device,
+                       on_epoch_end=on_epoch_end, loss=loss, init_from=init_from,
+                       val_loader=val_loader, val_execution=val_execution)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -128,6 +153,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
     if not params:
         raise ValueError("snn has no trainable parameters")
     device = torch.device(device) if device is not None else params[0].device
+    settings = _settings(seed, lr, weight_decay, loss)
+    _check_before_training(train_loader, checkpoint_path, log_path)
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
@@ -137,19 +164,12 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
     log = _JsonLines(log_path)
     start = 0
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
-        ck = load_checkpoint(checkpoint_path, snn, opt)
-        start, history = ck["epoch"], list(ck.get("history", []))
-        mine = dict(seed=seed, lr=lr, weight_decay=weight_decay, cfg=describe(snn.cfg))
-        theirs = {k: ck.get(k) for k in mine}
-        if theirs != mine:
-            diff = ", ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} here"
-                             for k in mine if theirs[k] != mine[k])
-            raise ValueError(f"{checkpoint_path} was trained with other settings ({diff}); "
-                             f"use the same settings, another checkpoint path or resume=False")
-        log.write(event="resume", epoch=start, checkpoint=str(checkpoint_path))
+        start, history = _resume(checkpoint_path, snn, opt, settings, epochs, log)
     else:
         log.write(event="start", epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                   layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg))
+        if init_from is not None:
+            log.write(event="init_from", source=_load_init(snn, init_from))
     if start >= epochs:
         return history
 
@@ -166,11 +186,13 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         for epoch in range(start, epochs):
             record = _one_epoch(snn, opt, train_loader, epoch, seed, device, max_batches,
                                 bar, log, loss)
+            if val_loader is not None:
+                record.update(_validate(snn, val_loader, val_execution, seed))
             history.append(record)
             log.write(event="epoch", **record)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, snn, opt, epoch=epoch + 1, history=history,
-                                seed=seed, lr=lr, weight_decay=weight_decay)
+                                **settings)
             if on_epoch_end is not None:
                 on_epoch_end(record)
     finally:
@@ -187,11 +209,12 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
     torch.manual_seed(call_seed(seed, epoch, 2**31 - 1))
     t0 = time.perf_counter()
     sums = dict(loss=0.0, correct=0, samples=0, steps=0.0, passes=0, synops=0.0,
-                hidden=0.0, capped=0, batches=0)
+                hidden=0.0, capped=0, batches=0, with_output=0)
     last_loss = None
     for b, (frames, labels) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
+        _check_batch(loader, frames, labels, epoch, b)
         frames, labels = frames.to(device), labels.to(device)
         out = snn(frames, seed=call_seed(seed, epoch, b))
         logits = logits_of(out, snn.cfg.readout)
@@ -205,9 +228,13 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
             raise TrainingDiverged(msg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _check_finite(snn, "gradient", epoch, b, log, opt)
         opt.step()
+        _check_finite(snn, "weight", epoch, b, log, opt)
         last_loss = loss.item()
         st = snn.stats
+        fo = st["first_output_step"]
+        sums["with_output"] += int((fo > 0).sum())
         B = labels.numel()
         sums["loss"] += last_loss * B
         sums["correct"] += int((logits.argmax(1) == labels).sum())
@@ -222,47 +249,171 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.3f}",
                             acc=f"{sums['correct'] / sums['samples']:.3f}", refresh=False)
+    if sums["batches"] == 0:
+        raise ValueError(f"train_loader yielded no batch in epoch {epoch + 1}; nothing was "
+                         f"trained or saved (an empty data set, or a sampler with nothing left?)")
+    _warn_if_silent(sums["with_output"] / max(sums["passes"], 1), snn.cfg.readout, epoch,
+                    sums["loss"] / sums["samples"])
     n = max(sums["samples"], 1)
-    return dict(epoch=epoch + 1, loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
+    return dict(epoch=epoch + 1, passes_with_output=sums["with_output"] / max(sums["passes"], 1), loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
                 forward_steps_per_pass=sums["steps"] / max(sums["passes"], 1),
                 synops_per_sample=sums["synops"] / n, hidden_spikes_per_sample=sums["hidden"] / n,
                 capped_passes=sums["capped"], batches=sums["batches"], samples=sums["samples"],
                 seconds=time.perf_counter() - t0)
 
 
+def _stop_changes(snn: AsyncSNN, stop: str | None, steps_after_output: int | None) -> dict:
+    changes: dict[str, Any] = {}
+    if stop is not None:
+        changes["stop"] = stop
+    if steps_after_output is not None:
+        changes["steps_after_output"] = steps_after_output
+    snn.cfg.replace(**changes)  # raises on a bad value, naming it
+    return changes
+
+
+def _load_init(snn: AsyncSNN, source: str | os.PathLike | dict) -> str:
+    """Warm start: weights only, from a checkpoint path or a state dict."""
+    if isinstance(source, dict):
+        snn.net.load_state_dict(source.get("net", source))
+        return "<state dict>"
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"init_from={str(source)!r}: no such checkpoint")
+    load_checkpoint(source, snn)
+    return str(source)
+
+
+def _validate(snn: AsyncSNN, loader: Iterable, execution: str | None, seed: int) -> dict:
+    from .evaluate import evaluate  # late: evaluate imports this module
+
+    ex = execution or ("layered" if snn.cfg.policy == "layered" else snn.cfg.policy)
+    r = next(iter(evaluate(snn, loader, [ex], steps_after_output=None, seed=seed).values()))
+    return dict(val_execution=r.execution, val_accuracy=r.accuracy, val_density=r.density)
+
+
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: str | os.PathLike, snn: AsyncSNN, opt: torch.optim.Optimizer | None,
                     **extra: Any) -> None:
-    """Write weights (+ optimizer state and `extra`) atomically: a crash mid-write
-    leaves the previous checkpoint intact (temporary file in the same folder, then
-    ``os.replace``, which is atomic on POSIX and Windows)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = dict(version=CHECKPOINT_VERSION, net=snn.net.state_dict(),
-                 layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg),
-                 optimizer=None if opt is None else opt.state_dict(), **extra)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """`checkpoint.save_model` with the optimizer state (the one format of the
+    project: model description, config, version, `extra`); atomic."""
+    save_model(path, snn, optimizer=None if opt is None else opt.state_dict(), **extra)
 
 
 def load_checkpoint(path: str | os.PathLike, snn: AsyncSNN,
                     opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a checkpoint of `save_checkpoint` into `snn` (and `opt`); returns it."""
-    ck = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not an asynctrain checkpoint (version {CHECKPOINT_VERSION})")
-    if list(ck["layers"]) != list(snn.graph.layer_sizes):
-        raise ValueError(f"{path} holds layers {ck['layers']}, the model has "
-                         f"{list(snn.graph.layer_sizes)}")
-    snn.net.load_state_dict(ck["net"])
-    if opt is not None and ck.get("optimizer") is not None:
-        opt.load_state_dict(ck["optimizer"])
-    return ck
+    """Load a checkpoint into `snn` (and `opt`); returns what the writer stored
+    (``epoch``, ``history``, ...) plus ``config`` (the stored `SimConfig`).
+    `CheckpointError` (naming the file) for anything unusable."""
+    ck = load_into(path, snn, opt)
+    return dict(ck["meta"], config=ck["config"], version=ck.get("asynctrain_version"))
+
+
+# ----------------------------------------------------------- checks of fit's run
+SETTINGS = ("seed", "lr", "weight_decay", "loss")
+"""fit arguments a resumed run must share with its checkpoint (besides the model and
+its SimConfig)."""
+
+
+def _settings(seed: int, lr: float, weight_decay: float, loss: Any) -> dict[str, Any]:
+    name = loss if isinstance(loss, str) else getattr(loss, "__qualname__", repr(loss))
+    return dict(seed=seed, lr=lr, weight_decay=weight_decay, loss=name)
+
+
+def _check_before_training(loader: Iterable, checkpoint_path: Any, log_path: Any) -> None:
+    """What can fail before an epoch is spent: paths that cannot be written, an
+    empty loader, a loader that stacks samples on the first axis."""
+    if checkpoint_path is not None:
+        check_writable(checkpoint_path, "checkpoint_path")
+    if log_path is not None:
+        check_writable(log_path, "log_path")
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    if n == 0:
+        raise ValueError("train_loader is empty (0 batches): no data, or fewer samples than "
+                         "one batch with drop_last=True")
+    if isinstance(loader, DataLoader) and loader.batch_size is not None \
+            and loader.collate_fn is default_collate:
+        raise ValueError("train_loader uses the default collate, which stacks samples on the "
+                         "first axis ([B, T, F]); fit needs time-major frames [T, B, F]: "
+                         "DataLoader(..., collate_fn=asynctrain.data.collate_time_major)")
+
+
+def _check_batch(loader: Iterable, frames: Any, labels: Any, epoch: int, b: int) -> None:
+    """Frames must be time-major ``[T, B, ...]`` with one label per sample."""
+    where = f"epoch {epoch + 1}, batch {b + 1}"
+    if not isinstance(frames, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{where}: the loader must yield (frames, labels) tensors, got "
+                        f"({type(frames).__name__}, {type(labels).__name__})")
+    if labels.dim() != 1 or frames.dim() < 3:
+        raise ValueError(f"{where}: expected frames [T, B, features] and labels [B], got "
+                         f"frames {tuple(frames.shape)} and labels {tuple(labels.shape)}")
+    n = labels.shape[0]
+    if frames.shape[1] != n:
+        if frames.shape[0] == n:
+            raise ValueError(f"{where}: frames {tuple(frames.shape)} look batch-first [B, T, F] "
+                             f"({n} labels = axis 0); fit needs time-major [T, B, F]: use "
+                             f"collate_fn=asynctrain.data.collate_time_major or "
+                             f"frames.transpose(0, 1)")
+        raise ValueError(f"{where}: frames {tuple(frames.shape)} hold {frames.shape[1]} samples "
+                         f"on axis 1 (batch) but there are {n} labels")
+
+
+def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines",
+                  opt: torch.optim.Optimizer) -> None:
+    """Stop at the first non-finite gradient (before the step) or weight (after it)."""
+    named = [(n, p.grad if what == "gradient" else p) for n, p in snn.named_parameters()
+             if p.requires_grad]
+    tensors = [t for _, t in named if t is not None]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    bad = [(n, int((~torch.isfinite(t)).sum()), t.numel()) for n, t in named
+           if t is not None and not bool(torch.isfinite(t).all())]
+    name, count, size = bad[0]
+    note = ""
+    if what == "gradient":
+        nan_w = [n for n, p in snn.named_parameters() if not bool(torch.isfinite(p).all())]
+        note = (f" The weights {', '.join(nan_w)} already hold NaN/inf." if nan_w else
+                f" The weights are finite: the forward overflowed (huge input frames or "
+                f"potentials?) or the loss's gradient did.")
+    msg = (f"{what} {name} holds {count} of {size} NaN/inf values at epoch {epoch + 1}, batch "
+           f"{b + 1}" + (f" (also: {', '.join(n for n, _, _ in bad[1:])})" if bad[1:] else "")
+           + f"; training aborted, nothing of this epoch was saved.{note} Try a smaller lr "
+           f"(now {opt.param_groups[0]['lr']:g}) or check the input frames.")
+    log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=msg)
+    raise TrainingDiverged(msg)
+
+
+def _warn_if_silent(with_output: float, readout: str, epoch: int, loss: float) -> None:
+    from .evaluate import SILENT_FRACTION  # late: evaluate imports this module
+
+    if readout == "counts" and 1.0 - with_output >= SILENT_FRACTION:
+        warnings.warn(f"epoch {epoch + 1}: no output spike in {100 * (1 - with_output):.0f}% "
+                      f"of training passes (mean loss {loss:.3f}; ln(classes) when silent): "
+                      f"the network is (nearly) silent and learns little. Lower theta, scale "
+                      f"the initial weights up or give the input more spikes.", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _resume(path: Any, snn: AsyncSNN, opt: torch.optim.Optimizer, settings: dict[str, Any],
+            epochs: int, log: "_JsonLines") -> tuple[int, list[dict[str, Any]]]:
+    """Load `path` into `snn` and `opt` after checking it was made by the same run:
+    a differing setting is named, with the ways to start over."""
+    ck = read_checkpoint(path)
+    diffs = [f"{k}: {short(ck['meta'].get(k))} there, {short(v)} here"
+             for k, v in settings.items() if ck["meta"].get(k) != v]
+    diffs += [f"{n}: {a} there, {b} here" for n, a, b in config_diff(ck["config"], snn.cfg)]
+    if diffs:
+        raise ValueError(f"checkpoint {path} was trained with other settings ({'; '.join(diffs)}); "
+                         f"use the same settings to resume it, or start over: --fresh in the "
+                         f"recipes, resume=False for fit, or another --out / checkpoint_path")
+    load_into(path, snn, opt, ck=ck)
+    start, history = int(ck["meta"].get("epoch") or 0), list(ck["meta"].get("history") or [])
+    print(f"resumed from {path} at epoch {start}" + (
+        f" (already {start} >= epochs={epochs}: nothing to train)" if start >= epochs else ""))
+    log.write(event="resume", epoch=start, checkpoint=str(path))
+    return start, history
 
 
 # ---------------------------------------------------------------------- helpers
@@ -287,4 +438,5 @@ def _progress(enabled: bool, desc: str, total: int | None) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    # leave=True: the finished bar stays on screen as the record of the run
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=True)
