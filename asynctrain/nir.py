@@ -598,7 +598,14 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = 
     import snntorch as snn
     from snntorch.export_nir import export_to_nir
 
-    net = copy.deepcopy(net)
+    # state left over from a training run (init_hidden membranes with autograd
+    # history) cannot be deep-copied; the copy gets detached values
+    memo: dict[int, Any] = {}
+    for m in net.modules():
+        for v in [*vars(m).values(), *m._buffers.values()]:
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    net = copy.deepcopy(net, memo)
     mods = list(net.named_modules())
     last_out: int | None = None
     leaky = []
