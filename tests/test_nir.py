@@ -316,7 +316,8 @@ def test_snntorch_export_reproduced_exactly(reset_delay):
     alt = AsyncSNN(ours.net, ours.cfg.replace(tau=torch.from_numpy(tau_nir * 1000.0)),
                    backend="torch")
     with torch.no_grad():
-        assert not torch.equal(alt(frames).sum(0), ref.sum(0))
+        differ = (alt(frames).sum(0) != ref.sum(0)).double().mean().item()
+    assert differ > 0.2  # 0.40 on this network (the figure in asynctrain/nir.py)
 
 
 def test_snntorch_graph_without_our_wrapper_needs_dt():
