@@ -132,6 +132,14 @@ def to_nir(snn: AsyncSNN) -> "nir.NIRGraph":
     flattening), ``neurons<l>`` after weight layer l, ``output``. Weights are written
     as float32 copies (the module's dtype when it is float64), neuron parameters in
     float64. Raises ValueError for a layer that mixes IF and LIF neurons.
+
+    Mapping (module docstring for the why): our per-step decay ``d = exp(-dt / tau)``
+    becomes forward-Euler parameters ``tau_nir = dt_s / (1 - d)``, ``r = tau_nir / dt_s``
+    (input scale ``r dt_s / tau_nir = 1``), ``v_leak = v_reset = 0``, with ``dt_s =
+    cfg.dt / 1000`` in the graph's metadata (``"dt"``, seconds); IF layers as ``IF``
+    with ``r = 1 / dt_s``; ``v_threshold = nextafter(float32(theta), -inf)`` (NIR fires
+    at ``v > v_threshold``). Every other `SimConfig` field goes into
+    ``metadata["asynctrain_config"]`` (JSON), so `from_nir` restores the execution.
     """
     if not isinstance(snn, AsyncSNN):
         raise TypeError(f"to_nir takes an AsyncSNN, got {type(snn).__name__}")
@@ -241,6 +249,18 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
             ``dt`` (ms) is the discretization step when the graph's metadata has no
             ``"dt"`` (seconds).
         backend: of the returned module.
+
+    Mapping (snnTorch's forward-Euler rule, which its exporter and importer use):
+    per-step decay ``beta = 1 - dt_s / tau_nir`` and input scale ``s = r dt_s / tau_nir``
+    (IF: ``s = r dt_s``, no decay). The engine decays by ``exp(-cfg.dt / tau)`` with a
+    per-neuron tau, so beta becomes ``tau = -dt / ln(beta)`` ms per neuron (beta = 0:
+    ``tau = dt / 1000``, decay exactly 0); it adds currents unscaled, so ``s != 1`` is
+    folded into the incoming weights (row i times ``s_i``; a convolution needs one s
+    per output channel), and ``|s - 1| <= 1e-6`` counts as 1. Thresholds:
+    ``theta = nextafter(float32(v_threshold), +inf)``, which makes our ``V >= theta``
+    NIR's ``v > v_threshold`` for float32 potentials. A LIF node whose metadata says
+    ``reset_mechanism`` other than "zero" is refused. With these, snnTorch's
+    ``Leaky(reset_mechanism="zero")`` networks give snnTorch's spikes exactly.
 
     Returns: the module; ``snn.cfg`` has per-neuron ``tau`` and ``theta`` tensors
     ``[n_neurons]`` (hidden then output, layer order, channel-major) and the graph's dt.

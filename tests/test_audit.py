@@ -154,3 +154,24 @@ def test_byom_recipe_tiny(tmp_path, capsys):
     assert "output spikes identical" in text
     assert (tmp_path / "model.nir").is_file() and (tmp_path / "finetuned.nir").is_file()
     assert "| As given | Layered |" in text
+
+
+def test_audit_on_a_recipe_data_set(tmp_path, capsys):
+    """N-MNIST through tonic's layout (a tiny fixture), framed at the recipe's dt."""
+    from fixtures import write_nmnist
+
+    rng = torch.Generator().manual_seed(0)
+    for train in (True, False):
+        samples = [(d % 10, [(int(x), int(y), int(p), int(t)) for x, y, p, t in zip(
+            torch.randint(0, 34, (60,), generator=rng), torch.randint(0, 34, (60,), generator=rng),
+            torch.randint(0, 2, (60,), generator=rng),
+            torch.randint(0, 100_000, (60,), generator=rng))]) for d in range(6)]
+        write_nmnist(tmp_path / "data", samples, train=train)
+    model = tmp_path / "m.pt"
+    save_model(model, _mlp([2312, 6, 10], gain=8.0))
+    rc = audit_cli.main([str(model), "--data", "nmnist", "--data-dir", str(tmp_path / "data"),
+                         "--min-files", "6", "--out", str(tmp_path / "out"), "--K", "1",
+                         "--presets", "speck", "--steps-after-output", "0", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "data nmnist: 6 test samples" in text and "| As given | Async RS (K=1) |" in text
