@@ -37,7 +37,7 @@ from .config import describe
 from .module import AsyncSNN
 
 __all__ = ["fit", "logits_of", "LOSSES", "TrainingDiverged", "save_checkpoint", "load_checkpoint",
-           "call_seed"]
+           "call_seed", "check_finite"]
 
 _STREAM_FIT = 101  # counter-hash stream of fit's seeds (the engine uses 1-5)
 
@@ -93,7 +93,7 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         loss: str | Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] = "counts",
         stop: str | None = None, steps_after_output: int | None = None,
         init_from: str | os.PathLike | dict | None = None, val_loader: Iterable | None = None,
-        val_execution: str | None = None,
+        val_execution: str | None = None, recipe_args: dict[str, Any] | None = None,
         ) -> list[dict[str, Any]]:
     """Train `snn` with Adam and cross-entropy on its logits (`logits_of`).
 
@@ -125,6 +125,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             the first epoch (not its optimizer state, epoch or history). Ignored when
             training resumes from `checkpoint_path`. Fine-tuning a layered model
             unlayered: ``fit(unlayered_snn, loader, 5, lr, init_from="layered/model.pt")``.
+        recipe_args: stored in the checkpoint as ``args`` (a recipe's command line), so
+            ``--eval-only`` and ``--resume`` can rebuild the run from the file alone.
         val_loader: evaluated after every epoch under `val_execution` (default: the
             trained policy with the paper's inference stop, or "layered"); adds
             ``val_accuracy`` and ``val_density`` to the epoch record.
@@ -141,7 +143,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
                        checkpoint_path=checkpoint_path, resume=resume, progress=progress,
                        desc=desc, max_batches=max_batches, device=device,
                        on_epoch_end=on_epoch_end, loss=loss, init_from=init_from,
-                       val_loader=val_loader, val_execution=val_execution)
+                       val_loader=val_loader, val_execution=val_execution,
+                       recipe_args=recipe_args)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -192,7 +195,7 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             log.write(event="epoch", **record)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, snn, opt, epoch=epoch + 1, history=history,
-                                **settings)
+                                **settings, args=dict(recipe_args or {}))
             if on_epoch_end is not None:
                 on_epoch_end(record)
     finally:
@@ -362,10 +365,31 @@ def _check_batch(loader: Iterable, frames: Any, labels: Any, epoch: int, b: int)
 
 def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines",
                   opt: torch.optim.Optimizer) -> None:
-    """Stop at the first non-finite gradient (before the step) or weight (after it)."""
-    named = [(n, p.grad if what == "gradient" else p) for n, p in snn.named_parameters()
+    try:
+        check_finite(snn, what, epoch, b, lr=opt.param_groups[0]["lr"])
+    except TrainingDiverged as err:
+        log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=str(err))
+        raise
+
+
+def check_finite(module: torch.nn.Module, what: str, epoch: int, batch: int, *,
+                 loss: torch.Tensor | None = None, lr: float | None = None) -> None:
+    """Raise `TrainingDiverged` naming the tensor, epoch and batch (both counted from
+    0 here, from 1 in the message) when the `what` of one training step is not
+    finite: "loss" (`loss`), "gradient" (every parameter's .grad, after backward and
+    before the step) or "weight" (every parameter, after the step). One device sync
+    when all is well."""
+    where = f"at epoch {epoch + 1}, batch {batch + 1}"
+    hint = " Try a smaller lr" + (f" (now {lr:g})" if lr is not None else "") + \
+        ", more weight decay, or check the input frames for huge values."
+    if what == "loss":
+        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            raise TrainingDiverged(f"loss is {loss.detach().flatten()[0].item()} {where}; training "
+                                   f"aborted, nothing of this epoch was saved.{hint}")
+        return
+    named = [(n, p.grad if what == "gradient" else p) for n, p in module.named_parameters()
              if p.requires_grad]
-    tensors = [t for _, t in named if t is not None]
+    tensors = [t.detach() for _, t in named if t is not None]
     if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         return
     bad = [(n, int((~torch.isfinite(t)).sum()), t.numel()) for n, t in named
@@ -373,16 +397,14 @@ def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines
     name, count, size = bad[0]
     note = ""
     if what == "gradient":
-        nan_w = [n for n, p in snn.named_parameters() if not bool(torch.isfinite(p).all())]
+        nan_w = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
         note = (f" The weights {', '.join(nan_w)} already hold NaN/inf." if nan_w else
                 f" The weights are finite: the forward overflowed (huge input frames or "
                 f"potentials?) or the loss's gradient did.")
-    msg = (f"{what} {name} holds {count} of {size} NaN/inf values at epoch {epoch + 1}, batch "
-           f"{b + 1}" + (f" (also: {', '.join(n for n, _, _ in bad[1:])})" if bad[1:] else "")
-           + f"; training aborted, nothing of this epoch was saved.{note} Try a smaller lr "
-           f"(now {opt.param_groups[0]['lr']:g}) or check the input frames.")
-    log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=msg)
-    raise TrainingDiverged(msg)
+    raise TrainingDiverged(
+        f"{what} {name} holds {count} of {size} NaN/inf values {where}"
+        + (f" (also: {', '.join(n for n, _, _ in bad[1:])})" if bad[1:] else "")
+        + f"; training aborted, nothing of this epoch was saved.{note}{hint}")
 
 
 def _warn_if_silent(with_output: float, readout: str, epoch: int, loss: float) -> None:
