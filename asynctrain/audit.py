@@ -189,46 +189,56 @@ def loss_sentence(results: dict[str, ExecutionResult], what: str = "The model") 
 
 # -------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m asynctrain.audit", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from . import cli
+
+    pos_int, nonneg_int = cli.positive(int), cli.at_least(0)
+    ap = argparse.ArgumentParser(prog="python -m asynctrain.audit", description=__doc__,
+                                 formatter_class=cli.HelpFormatter)
     ap.add_argument("model", help="a .nir file or an asynctrain checkpoint (.pt)")
     ap.add_argument("--data", required=True,
                     help=f"{', '.join(RECIPE_DATA)} (with --data-dir), digits, or a .pt with "
                          f"'frames' [N, T, ...] and 'labels' [N]")
     ap.add_argument("--data-dir", default="data", help="root of tonic's data set folders")
-    ap.add_argument("--min-files", type=int, default=None, help="accept a partial tonic copy")
-    ap.add_argument("--T", type=int, default=8, help="frames per digits sample")
-    ap.add_argument("--dt", type=float, default=None,
+    ap.add_argument("--min-files", type=pos_int, default=None, help="accept a partial tonic copy")
+    ap.add_argument("--T", type=pos_int, default=8, help="frames per digits sample")
+    ap.add_argument("--dt", type=cli.positive(float), default=None,
                     help="ms per timestep for a .nir graph without dt in its metadata "
                          "(snnTorch exports: 0.1)")
     ap.add_argument("--out", default="audit-out", help="output folder")
-    ap.add_argument("--K", type=int, nargs="*", default=list(DEFAULT_K), help="K sweep (RS, MS)")
+    ap.add_argument("--K", type=pos_int, nargs="*", default=list(DEFAULT_K), help="K sweep (RS, MS)")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS),
                     help="chip presets of SPEC 7")
-    ap.add_argument("--neurons-per-core", type=int, default=32, help="for the spinnaker preset")
-    ap.add_argument("--steps-after-output", type=int, nargs="*",
+    ap.add_argument("--neurons-per-core", type=pos_int, default=32, help="for the spinnaker preset")
+    ap.add_argument("--steps-after-output", type=nonneg_int, nargs="*",
                     default=list(DEFAULT_STEPS_AFTER_OUTPUT), help="F values of the accuracy curve")
-    ap.add_argument("--max-samples", type=int, default=None, help="evaluate a random subset")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-samples", type=pos_int, default=None, help="evaluate a random subset")
+    ap.add_argument("--batch-size", type=pos_int, default=64, help="samples per batch")
+    ap.add_argument("--seed", type=nonneg_int, default=0,
+                    help="evaluation randomness (RS), subsets, fine-tuning")
     ft = ap.add_argument_group("fine-tuning (unlayered training from the model's weights)")
-    ft.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="0: no fine-tuning")
-    ft.add_argument("--finetune-policy", choices=["MS", "RS"], default="MS")
-    ft.add_argument("--lr", type=float, default=1e-3)
-    ft.add_argument("--weight-decay", type=float, default=1e-5)
-    ft.add_argument("--refractory-dropout", type=float, default=0.8, help="paper: 0.8")
-    ft.add_argument("--momentum-noise", type=float, default=1e-6, help="MS only")
+    ft.add_argument("--finetune", type=nonneg_int, default=0, metavar="EPOCHS",
+                    help="0: no fine-tuning")
+    ft.add_argument("--finetune-policy", choices=["MS", "RS"], default="MS",
+                    help="scheduling policy trained through")
+    ft.add_argument("--lr", type=cli.positive(float), default=1e-3, help="Adam learning rate")
+    ft.add_argument("--weight-decay", type=cli.at_least(0.0, float), default=1e-5,
+                    help="Adam L2 coefficient")
+    ft.add_argument("--refractory-dropout", type=cli.probability, default=0.8, help="paper: 0.8")
+    ft.add_argument("--momentum-noise", type=cli.at_least(0.0, float), default=1e-6, help="MS only")
     ft.add_argument("--no-gradient-fill", action="store_true",
                     help="no zero-valued messages from silent neurons in training "
                          "(see asynctrain.experiment.Hyper.gradient_fill)")
-    ft.add_argument("--max-train", type=int, default=None, help="train on a random subset")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--no-progress", action="store_true")
+    ft.add_argument("--max-train", type=pos_int, default=None, help="train on a random subset")
+    ap.add_argument("--device", type=cli.device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--threads", type=cli.threads, default=None, help="torch CPU threads")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
 
 def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """What argparse's types cannot see: files, folders, the data's kind."""
+    from . import cli
+
     model = Path(a.model)
     if not model.is_file():
         ap.error(f"MODEL {a.model!r}: no such file")
@@ -243,22 +253,10 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             ap.error(f"--data {a.data!r}: choose {', '.join(RECIPE_DATA)}, digits or a .pt file")
         if not Path(a.data).is_file():
             ap.error(f"--data {a.data!r}: no such file")
-    for name, lo in (("T", 1), ("batch_size", 1), ("neurons_per_core", 1), ("finetune", 0)):
-        if getattr(a, name) < lo:
-            ap.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(a, name)}")
-    if any(k < 1 for k in a.K):
-        ap.error(f"--K values must be >= 1, got {a.K}")
-    if any(f < 0 for f in a.steps_after_output):
-        ap.error(f"--steps-after-output values must be >= 0, got {a.steps_after_output}")
-    for name in ("max_samples", "max_train"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.dt is not None and not (math.isfinite(a.dt) and a.dt > 0):
-        ap.error(f"--dt must be > 0 ms, got {a.dt}")
-    if not (math.isfinite(a.lr) and a.lr > 0) or a.weight_decay < 0:
-        ap.error("--lr must be > 0 and --weight-decay >= 0")
-    if not 0 <= a.refractory_dropout <= 1:
-        ap.error(f"--refractory-dropout must lie in [0, 1], got {a.refractory_dropout}")
+    try:
+        cli.out_folder(a.out)
+    except ValueError as err:
+        ap.error(str(err))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .report import markdown_table, table_rows, write_report
 
     try:
-        snn = load_model_file(a.model, a.dt)
+        snn = load_model_file(a.model, a.dt).to(a.device)
         test_ds = load_data(a.data, train=False, data_dir=a.data_dir, T=a.T, min_files=a.min_files)
         check_fit(snn, test_ds, a.data)
         train_ds = None

@@ -57,9 +57,11 @@ def test_help_lists_defaults(capsys):
     (["missing.nir", "--data", "digits"], "no such file"),
     (["{model}", "--data", "mnist"], "choose nmnist, shd, dvs_gesture, digits or a .pt"),
     (["{model}", "--data", "nmnist", "--data-dir", "/nonexistent"], "is not a folder"),
-    (["{model}", "--data", "digits", "--K", "0"], "--K values must be >= 1"),
-    (["{model}", "--data", "digits", "--finetune", "-1"], "--finetune must be >= 0"),
-    (["{model}", "--data", "digits", "--T", "0"], "--T must be >= 1"),
+    (["{model}", "--data", "digits", "--K", "0"], "argument --K: expected an integer > 0, got '0'"),
+    (["{model}", "--data", "digits", "--finetune", "-1"], "--finetune: expected an integer >= 0"),
+    (["{model}", "--data", "digits", "--T", "0"], "argument --T: expected an integer > 0"),
+    (["{model}", "--data", "digits", "--refractory-dropout", "2"], "a probability in [0, 1]"),
+    (["{model}", "--data", "digits", "--out", "{model}"], "is a file, not a folder"),
     (["{model}", "--data", "nothere.pt"], "no such file"),
 ])
 def test_arguments_checked_before_loading(tmp_path, monkeypatch, capsys, argv, match):
