@@ -80,13 +80,13 @@ What stays exact when importing from another library, and what cannot:
   records the mechanism in each LIF node's metadata, which `from_nir` checks.
 - ``Synaptic`` / ``CubaLIF`` (a current synapse), recurrent layers, biases,
   v_leak != 0, v_reset != 0: refused.
-- Norse and SpikingJelly integrate the same ODE by other rules (Norse: forward
-  Euler of v and of the current, with its own dt; SpikingJelly: ``v += (x - v) /
-  tau`` in units of steps, a decay ``1 - 1/tau`` with input scale ``1/tau``). Their
-  graphs import with this convention given their dt (``cfg.dt``); the per-step decay
-  and input scale are then what forward Euler gives, which is the rule those
-  libraries use for LIF, but their reset and current-synapse rules are not checked
-  here.
+- Other libraries: their graphs import by the same forward-Euler rule (dt from the
+  graph's metadata, else ``cfg.dt``). SpikingJelly's LIF update ``v += (x - v)
+  / tau`` (tau in steps, decay_input) is that rule with dt = 1 step (decay ``1 -
+  1/tau``, input scale ``1/tau``); Norse's default LIF carries a synaptic current
+  (CubaLIF, refused). Neither library was installed here: their graphs were not
+  checked against their own simulations, and their threshold, reset and scaling
+  conventions on export are not verified.
 """
 
 from __future__ import annotations
@@ -314,6 +314,12 @@ def _dt_and_settings(meta: dict, cfg: SimConfig | None) -> tuple[float, dict[str
         raw = meta[_SETTINGS_KEY]
         stored = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
         stored.pop("dt_ms", None)
+        known = {f.name for f in dataclasses.fields(SimConfig)}
+        unknown = sorted(set(stored) - known)
+        if unknown:  # written by another version of asynctrain
+            warnings.warn(f"the graph's execution settings name field(s) {unknown} that this "
+                          f"SimConfig does not have; they are ignored", UserWarning, stacklevel=3)
+            stored = {k: v for k, v in stored.items() if k in known}
         for k, v in list(stored.items()):
             if isinstance(v, list):
                 stored[k] = torch.tensor(v)
@@ -365,8 +371,8 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = 
     every ``snn.Leaky`` resets to zero (not by subtraction or not at all), has no
     inhibition, state quantization or graded spikes, and ``0 <= beta <= 1``; other
     snnTorch neurons (Synaptic, recurrent, ...) are refused. Scalar ``beta`` and
-    ``threshold`` are expanded to the size of the preceding ``nn.Linear`` on a copy
-    (snnTorch 1.0's exporter needs per-neuron values to type its graph). The graph
+    ``threshold`` are expanded to the layer's shape (found by running `sample` through
+    a copy; snnTorch 1.0's exporter needs per-neuron values to type its graph). The graph
     gets ``dt = 1e-4`` s and each LIF node its reset mechanism in its metadata.
 
     Returns (module, graph). `cfg`: execution settings (dt is 0.1 ms regardless).
@@ -384,38 +390,14 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = 
             if isinstance(v, torch.Tensor) and not v.is_leaf:
                 memo[id(v)] = v.detach().clone()
     net = copy.deepcopy(net, memo)
-    mods = list(net.named_modules())
-    last_out: int | None = None
-    leaky = []
-    for path, m in mods:
+    for path, m in net.named_modules():
         where = f"layer {path!r} ({type(m).__name__})"
-        if isinstance(m, nn.Linear):
-            last_out = m.out_features
-        elif isinstance(m, snn.Leaky):
-            mech = getattr(m, "_reset_mechanism", None) or getattr(m, "reset_mechanism", None)
-            if mech != "zero":
-                raise ValueError(f"{where}: reset_mechanism = {mech!r}; only reset to zero is "
-                                 f"modelled (reset by subtraction keeps V - theta after a spike, "
-                                 f"which the engine does not do): use reset_mechanism='zero'")
-            for attr in ("inhibition", "state_quant"):
-                if getattr(m, attr, False) not in (False, None):
-                    raise ValueError(f"{where}: {attr} is not supported")
-            g = getattr(m, "graded_spikes_factor", 1.0)
-            if float(torch.as_tensor(g).max()) != 1.0 or float(torch.as_tensor(g).min()) != 1.0:
-                raise ValueError(f"{where}: graded_spikes_factor must be 1, got {g!r}")
-            beta = torch.as_tensor(m.beta).detach()
-            if (beta < 0).any() or (beta > 1).any():
-                raise ValueError(f"{where}: beta must lie in [0, 1], got {beta.tolist()}")
-            for attr in ("beta", "threshold"):
-                v = torch.as_tensor(getattr(m, attr)).detach()
-                if v.numel() == 1 and last_out is not None:
-                    new = v.reshape(()).expand(last_out).clone()
-                    setattr(m, attr, nn.Parameter(new) if isinstance(getattr(m, attr), nn.Parameter)
-                            else new)
-            leaky.append(path)
+        if isinstance(m, snn.Leaky):
+            _check_leaky(m, where)
         elif isinstance(m, snn.SpikingNeuron):
             raise ValueError(f"{where}: only snn.Leaky neurons are supported (Synaptic / CubaLIF, "
                              f"recurrent and other neuron models are not)")
+    _per_neuron_leaky(net, sample, snn.Leaky)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         graph = export_to_nir(net, sample, ignore_dims=[0])
@@ -425,3 +407,48 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = 
             node.metadata = dict(node.metadata or {}, **{RESET_KEY: "zero"})
     cfg = None if cfg is None else cfg.replace(dt=SNNTORCH_DT_MS)
     return from_nir(graph, cfg, backend=backend), graph
+
+
+def _check_leaky(m: nn.Module, where: str) -> None:
+    mech = getattr(m, "_reset_mechanism", None) or getattr(m, "reset_mechanism", None)
+    if mech != "zero":
+        raise ValueError(f"{where}: reset_mechanism = {mech!r}; only reset to zero is modelled "
+                         f"(reset by subtraction keeps V - theta after a spike, which the engine "
+                         f"does not do): use reset_mechanism='zero'")
+    for attr in ("inhibition", "state_quant"):
+        if getattr(m, attr, False) not in (False, None):
+            raise ValueError(f"{where}: {attr} is not supported")
+    g = torch.as_tensor(getattr(m, "graded_spikes_factor", 1.0))
+    if float(g.max()) != 1.0 or float(g.min()) != 1.0:
+        raise ValueError(f"{where}: graded_spikes_factor must be 1, got {g.tolist()}")
+    beta = torch.as_tensor(m.beta).detach()
+    if (beta < 0).any() or (beta > 1).any():
+        raise ValueError(f"{where}: beta must lie in [0, 1], got {beta.tolist()}")
+
+
+def _per_neuron_leaky(net: nn.Module, sample: torch.Tensor, leaky_type: type) -> None:
+    """Expand scalar beta / threshold of every Leaky of `net` (a copy) to its layer's
+    shape, read from a forward pass of `sample`."""
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(mod: nn.Module, args: tuple) -> None:  # returns None: the input is unchanged
+        shapes.setdefault(id(mod), tuple(args[0].shape[1:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, leaky_type)]
+    try:
+        with torch.no_grad():
+            net(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in net.modules():
+        if not isinstance(m, leaky_type):
+            continue
+        m.reset_mem()
+        shape = shapes.get(id(m))
+        for attr in ("beta", "threshold"):
+            v = torch.as_tensor(getattr(m, attr)).detach()
+            if v.numel() == 1 and shape:
+                new = v.reshape(()).expand(shape).clone()
+                setattr(m, attr, nn.Parameter(new) if isinstance(getattr(m, attr), nn.Parameter)
+                        else new)

@@ -359,3 +359,53 @@ def test_snntorch_bias_refused():
     net[2] = nn.Linear(30, 20, bias=True)
     with pytest.raises(ValueError, match=r"node '2' \(Affine\): bias must be 0"):
         anir.from_snntorch(net, torch.zeros(1, 40))
+
+
+def test_snntorch_conv_reproduced_exactly():
+    """Conv2d -> Leaky -> AvgPool2d -> Flatten -> Linear -> Leaky, scalar beta and
+    threshold (expanded to the layer shapes before snnTorch's exporter runs)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False),
+                        snn_lib.Leaky(beta=0.7, threshold=0.3, init_hidden=True,
+                                      reset_mechanism="zero"),
+                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(32, 4, bias=False),
+                        snn_lib.Leaky(beta=0.8, threshold=0.3, init_hidden=True, output=True,
+                                      reset_mechanism="zero"))
+    with torch.no_grad():
+        net[0].weight.mul_(2).add_(0.1)
+        net[4].weight.mul_(3).add_(0.2)
+    frames = (torch.rand(10, 32, 1, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    ours, graph = anir.from_snntorch(net, frames[0, :1], SimConfig(policy="layered"),
+                                     backend="torch")
+    assert graph.nodes["1"].tau.shape == (2, 8, 8)
+    assert ours.graph.input_shape == (1, 8, 8)
+    ref = _snntorch_counts(net, frames)
+    assert ref.sum() > 100
+    with torch.no_grad():
+        assert torch.equal(ours(frames), ref)
+    # the user's module is untouched: its scalar beta stays scalar
+    assert net[1].beta.numel() == 1
+
+
+def test_cfg_overrides_our_settings_but_not_dt():
+    snn = _fc_snn("MS")
+    graph = anir.to_nir(snn)
+    with pytest.warns(UserWarning, match="cfg.dt = 5 ms is ignored"):
+        back = anir.from_nir(graph, SimConfig(K=7, policy="RS", dt=5.0), backend="torch")
+    assert back.cfg.K == 7 and back.cfg.policy == "RS" and back.cfg.dt == 10.0
+    # every stored setting comes back when no cfg is given
+    back = anir.from_nir(graph, backend="torch")
+    for f in ("forward_group_size", "policy", "stop", "refractory", "refractory_dropout",
+              "momentum_noise", "surrogate_steepness", "readout", "seed", "dt"):
+        assert getattr(back.cfg, f) == getattr(snn.cfg, f), f
+
+
+def test_settings_of_a_newer_version_warn_and_are_dropped():
+    graph = anir.to_nir(_fc_snn("MS"))
+    import json
+    settings = json.loads(graph.metadata["asynctrain_config"])
+    settings["future_knob"] = 3
+    graph.metadata["asynctrain_config"] = json.dumps(settings)
+    with pytest.warns(UserWarning, match=r"\['future_knob'\]"):
+        back = anir.from_nir(graph, backend="torch")
+    assert back.cfg.K == 3
