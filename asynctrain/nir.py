@@ -310,10 +310,11 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
 
 def _dt_and_settings(meta: dict, cfg: SimConfig | None) -> tuple[float, dict[str, Any]]:
     stored: dict[str, Any] = {}
+    stored_dt = None
     if _SETTINGS_KEY in meta:
         raw = meta[_SETTINGS_KEY]
         stored = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
-        stored.pop("dt_ms", None)
+        stored_dt = stored.pop("dt_ms", None)
         known = {f.name for f in dataclasses.fields(SimConfig)}
         unknown = sorted(set(stored) - known)
         if unknown:  # written by another version of asynctrain
@@ -328,6 +329,8 @@ def _dt_and_settings(meta: dict, cfg: SimConfig | None) -> tuple[float, dict[str
         if not (math.isfinite(dt_ms) and dt_ms > 0):
             raise ValueError(f"graph metadata 'dt' must be a positive number of seconds, got "
                              f"{meta['dt']!r}")
+        if stored_dt is not None and math.isclose(stored_dt, dt_ms, rel_tol=1e-9):
+            dt_ms = float(stored_dt)  # our own ms value, without the round trip through s
         if cfg is not None and not math.isclose(cfg.dt, dt_ms, rel_tol=1e-12):
             warnings.warn(f"the graph's metadata fixes dt = {dt_ms:g} ms; cfg.dt = {cfg.dt:g} ms "
                           f"is ignored (the neurons' decay was exported for the graph's dt)",

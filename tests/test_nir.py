@@ -123,6 +123,13 @@ def test_file_written_and_read_back(tmp_path):
         anir.read(tmp_path / "nothing.nir")
 
 
+def test_dt_restored_exactly():
+    snn = _fc_snn("layered")
+    snn.cfg = snn.cfg.replace(dt=3.97)  # 3.97 / 1000 * 1000 != 3.97 in floating point
+    assert 3.97 / 1000 * 1000 != 3.97
+    assert anir.from_nir(anir.to_nir(snn), backend="torch").cfg.dt == 3.97
+
+
 def test_if_layer_exported_as_if_and_lif_r():
     graph = anir.to_nir(_fc_snn("layered"))
     assert isinstance(graph.nodes["neurons1"], nir.IF)
