@@ -177,14 +177,18 @@ def curve_table(results: dict[str, ExecutionResult]) -> str:
 
 
 def loss_sentence(results: dict[str, ExecutionResult], what: str = "The model") -> str:
-    """One sentence: accuracy lost under asynchronous execution."""
+    """One sentence: accuracy lost (or gained) under asynchronous execution."""
     lay = results["layered"].accuracy
     rs, ms = results["RS"].accuracy, results["MS"].accuracy
     asyn = {k: r for k, r in results.items() if k != "layered"}
     worst = min(asyn.values(), key=lambda r: r.accuracy)
-    return (f"{what} loses {lay - rs:.3f} accuracy under asynchronous RS and {lay - ms:.3f} under "
-            f"MS at its K (layered {lay:.3f} -> RS {rs:.3f}, MS {ms:.3f}); the worst of the "
-            f"{len(asyn)} asynchronous executions ({worst.label}) loses {lay - worst.accuracy:.3f}.")
+
+    def change(acc: float) -> str:
+        return f"loses {lay - acc:.3f}" if acc <= lay else f"gains {acc - lay:.3f}"
+
+    return (f"{what} {change(rs)} accuracy under asynchronous RS and {change(ms)} under MS at "
+            f"its K (layered {lay:.3f} -> RS {rs:.3f}, MS {ms:.3f}); the worst of the "
+            f"{len(asyn)} asynchronous executions ({worst.label}) {change(worst.accuracy)}.")
 
 
 # -------------------------------------------------------------------------- CLI

@@ -3,6 +3,7 @@ fine-tuned model written back; the snnTorch -> NIR -> audit recipe at tiny size.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -131,6 +132,8 @@ def test_barrier_preset_gives_layered_results():
     assert "MS:K=2" not in res  # the model's own K is not repeated in the sweep
     sentence = audit_cli.loss_sentence(res)
     assert "loses" in sentence and f"{res['layered'].accuracy:.3f}" in sentence
+    better = dict(res, RS=dataclasses.replace(res["RS"], accuracy=res["layered"].accuracy + 0.25))
+    assert "gains 0.250 accuracy under asynchronous RS" in audit_cli.loss_sentence(better)
 
 
 def test_recipe_data_match_the_recipes():
