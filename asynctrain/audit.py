@@ -14,7 +14,7 @@ coded into ``--T`` frames) or a ``.pt`` file holding ``{"frames": [N, T, ...],
 
 The model is evaluated (`asynctrain.evaluate`) layered and asynchronously: RS and MS
 at the model's K with the accuracy-vs-F curve, a K sweep (``--K``, default 1 8 64),
-and the chip presets of SPEC 7 (``--presets``). Printed: the paper's table
+and the chip presets of SPEC 7 (``--presets``, scheduled by MS). Printed: the paper's table
 (`asynctrain.report`), the accuracy vs forward steps after the first output, and
 one sentence on the accuracy lost asynchronously. Written under ``--out``: the
 report files of `report.write_report` (table.md, results.json, latency.png,

@@ -300,6 +300,8 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
         raise ValueError(f"the graph ends with {type(modules[-1]).__name__} before the output; the "
                          f"last node before Output must be a LIF or IF after a weight layer")
     net = nn.Sequential(*modules)
+    if len(in_shape) == 3:
+        net.input_shape = in_shape  # as asynctrain.models do: presets and checkpoints read it
     tau_all = torch.from_numpy(np.concatenate(taus))
     theta_all = torch.from_numpy(np.concatenate(thetas))
     base = cfg if cfg is not None else SimConfig(**stored)  # an explicit cfg wins

@@ -180,3 +180,27 @@ def test_audit_on_a_recipe_data_set(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "data nmnist: 6 test samples" in text and "| As given | Async RS (K=1) |" in text
+
+
+def test_audit_conv_nir_on_image_frames(tmp_path, capsys):
+    from asynctrain.models.vgg7 import vgg7
+
+    torch.manual_seed(0)
+    net = vgg7(num_classes=3, width=1 / 32, image_size=8)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(3.0).add_(0.1)
+    model = tmp_path / "vgg.nir"
+    # K=64: a few forward steps per pass keep the async runs of this conv net short
+    anir.write(model, AsyncSNN(net, SimConfig(K=64, tau=30.0, theta=0.25), backend="torch"))
+    data = _pt(tmp_path / "img.pt", n=8, T=2, shape=(3, 8, 8))
+    rc = audit_cli.main([str(model), "--data", str(data), "--out", str(tmp_path / "out"),
+                         "--K", "64", "--presets", "loihi", "spinnaker", "speck",
+                         "--neurons-per-core", "16", "--steps-after-output", "0",
+                         "--finetune", "1", "--batch-size", "4", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "spinnaker (timer/core: K=16" in text and "layers [192, 128, 128, 64, 64" in text
+    back = anir.from_nir(tmp_path / "out" / "finetuned.nir", backend="torch")
+    assert back.graph.input_shape == (3, 8, 8)
