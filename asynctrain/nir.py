@@ -53,7 +53,10 @@ module uses the same convention both ways:
   1), v_leak = v_reset = 0; IF neurons (every tau of the layer infinite) as ``IF``
   with ``r = 1 / dt``. A layer mixing IF and LIF neurons is refused (NIR has one
   neuron type per node). NIR times are in seconds: ``dt`` is written as
-  ``cfg.dt / 1000`` into the graph's metadata (key ``"dt"``).
+  ``cfg.dt / 1000`` into the graph's metadata (key ``"dt"``). snnTorch's own importer
+  (``snntorch.import_nir.import_from_nir``, which fixes dt = 0.1 ms and wants one
+  threshold per layer) runs a graph of a model with ``dt = 0.1`` ms and such
+  thresholds with our layered spikes exactly (tested).
 - thresholds: NIR (and snnTorch) fire at ``v > v_threshold``, we at ``V >= theta``.
   For float32 potentials ``v > x`` is exactly ``v >= nextafter(x, +inf)``, so the
   export writes ``v_threshold = nextafter(float32(theta), -inf)`` and the import

@@ -416,3 +416,33 @@ def test_settings_of_a_newer_version_warn_and_are_dropped():
     with pytest.warns(UserWarning, match=r"\['future_knob'\]"):
         back = anir.from_nir(graph, backend="torch")
     assert back.cfg.K == 3
+
+
+def test_our_export_read_by_snntorch_importer_exactly():
+    """The other direction: snnTorch's own importer runs our graph with our spikes
+    (its importer fixes dt = 0.1 ms and wants one threshold per layer)."""
+    import warnings
+
+    from snntorch.import_nir import import_from_nir
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [40, 30, 20, 10]
+    net = nn.Sequential(*[nn.Linear(a, b, bias=False) for a, b in zip(sizes[:-1], sizes[1:])])
+    with torch.no_grad():
+        for m in net:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5 + 0.1)
+    tau = torch.rand(60, generator=g, dtype=torch.float64) * 2 + 0.05  # ms, per neuron
+    ours = AsyncSNN(net, SimConfig(policy="layered", dt=anir.SNNTORCH_DT_MS, tau=tau, theta=0.4),
+                    backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = import_from_nir(anir.to_nir(ours))
+    frames = (torch.rand(20, 64, 40, generator=g) < 0.3).float()
+    with torch.no_grad():
+        mine = ours(frames)
+        for m in theirs.modules():
+            if isinstance(m, snn_lib.Leaky):
+                m.reset_mem()
+        ref = torch.stack([theirs(frames[t])[0] for t in range(frames.shape[0])])
+    assert mine.sum() > 100
+    assert torch.equal(mine, ref)
