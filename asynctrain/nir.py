@@ -152,6 +152,12 @@ def to_nir(snn: AsyncSNN) -> "nir.NIRGraph":
     nodes: dict[str, Any] = {"input": nir.Input(input_type={"input": np.array(in_shape)})}
     order = ["input"]
     shape = tuple(in_shape)
+    if len(shape) > 1 and isinstance(layers[0], nn.Linear):
+        # image-shaped frames into a fully connected layer: NIR wants the flattening said
+        nodes["flatten_input"] = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0,
+                                             end_dim=-1)
+        order.append("flatten_input")
+        shape = (math.prod(shape),)
     lo, l = 0, 0
     for i, m in enumerate(layers):
         name = f"layer{i}"

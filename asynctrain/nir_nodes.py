@@ -228,6 +228,9 @@ def neurons_of(name: str, node: Any, shape: tuple[int, ...], dt_ms: float
     tau_nir = _param(name, kind, "tau", node.tau, shape)
     if np.isnan(tau_nir).any() or (tau_nir <= 0).any():
         raise ValueError(f"node {name!r} (LIF): tau must be > 0, got min {float(np.nanmin(tau_nir)):g}")
+    if np.isinf(tau_nir).any():
+        raise ValueError(f"node {name!r} (LIF): tau = inf (no leak, and no input under forward "
+                         f"Euler, whose input scale is r dt / tau); write such neurons as an IF node")
     beta = 1.0 - dt_s / tau_nir
     if (beta < 0).any():
         bad = float(tau_nir[beta < 0].reshape(-1)[0])
@@ -237,7 +240,7 @@ def neurons_of(name: str, node: Any, shape: tuple[int, ...], dt_ms: float
     with np.errstate(divide="ignore"):
         tau = np.where(beta >= 1.0, math.inf,
                        np.where(beta > 0, -dt_ms / np.log(np.where(beta > 0, beta, 0.5)), dt_ms / 1000.0))
-    scale = np.where(np.isinf(tau_nir), r * dt_s, r * dt_s / tau_nir)
+    scale = r * dt_s / tau_nir
     return tau, theta, scale
 
 

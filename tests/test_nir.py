@@ -123,6 +123,27 @@ def test_file_written_and_read_back(tmp_path):
         anir.read(tmp_path / "nothing.nir")
 
 
+def test_image_frames_into_linear_layers_round_trip():
+    """An MLP fed (C, H, W) frames: the export says the flattening, the import keeps
+    the image shape so the same frames run."""
+    for flatten in (False, True):
+        layers = [nn.Flatten()] if flatten else []
+        net = nn.Sequential(*layers, nn.Linear(8, 5, bias=False), nn.Linear(5, 3, bias=False))
+        with torch.no_grad():
+            for m in net[-2:]:
+                m.weight.uniform_(0.0, 1.0)
+        snn = AsyncSNN(net, SimConfig(policy="RS", K=2, seed=1), backend="torch",
+                       input_shape=(2, 2, 2))
+        graph = anir.to_nir(snn)
+        assert isinstance(graph.nodes[graph.edges[1][0]], nir.Flatten)
+        back = anir.from_nir(graph, backend="torch")
+        assert back.graph.input_shape == (2, 2, 2)
+        frames = (torch.rand(3, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0)) < 0.6).float()
+        with torch.no_grad():
+            a, b = snn(frames, seed=3), back(frames, seed=3)
+        assert a.sum() > 0 and torch.equal(a, b)
+
+
 def test_dt_restored_exactly():
     snn = _fc_snn("layered")
     snn.cfg = snn.cfg.replace(dt=3.97)  # 3.97 / 1000 * 1000 != 3.97 in floating point
@@ -196,6 +217,7 @@ def test_plain_graph_imports_with_scale_folded():
     ("off_path", r"not a chain: node\(s\) \['extra'\]"),
     ("no_dt", r"needs the discretization step"),
     ("tau_short", r"node 'lif' \(LIF\): tau = 0.001 s is shorter than dt"),
+    ("tau_inf", r"node 'lif' \(LIF\): tau = inf .* write such neurons as an IF node"),
     ("reset_meta", r"node 'lif' \(LIF\): reset_mechanism = 'subtract'"),
     ("unsupported", r"node 'fc': Scale is not supported"),
     ("threshold_node", r"node 'lif': Threshold after a weight layer"),
@@ -245,6 +267,8 @@ def test_refusals_name_node_and_parameter(case, match):
         nodes, dt = _chain_nodes(), None
     elif case == "tau_short":
         nodes = _chain_nodes(lif=_lif(3, tau=n3 + 0.001))
+    elif case == "tau_inf":
+        nodes = _chain_nodes(lif=_lif(3, tau=n3 + np.inf))
     elif case == "reset_meta":
         lif = _lif(3)
         lif.metadata = {"reset_mechanism": "subtract"}
