@@ -144,6 +144,8 @@ def audit(snn: AsyncSNN, loader: Any, *, Ks: Sequence[int] = DEFAULT_K,
     kw = dict(seed=seed, progress=progress, max_batches=max_batches)
     res = dict(evaluate(snn, loader, ["layered", "RS", "MS"], steps_after_output=steps_after_output,
                         **kw))
+    for p in ("RS", "MS"):  # say the K in the row, as the sweep's rows do
+        res[p] = dataclasses.replace(res[p], label=f"{res[p].label} (K={K0})")
     sweep = [f"{p}:K={k}" for p in ("RS", "MS") for k in Ks if k != K0]
     if sweep:
         res.update(evaluate(snn, loader, sweep, steps_after_output=None, **kw))
