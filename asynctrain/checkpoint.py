@@ -172,7 +172,7 @@ def short(v: Any) -> str:
         if v.numel() == 0:
             return f"tensor{list(v.shape)}"
         lo, hi = float(v.min()), float(v.max())
-        return (f"{lo:g} for all {v.numel()} neurons" if lo == hi else
+        return (f"per-neuron [{v.numel()}], all {lo:g}" if lo == hi else
                 f"per-neuron [{v.numel()}] in [{lo:g}, {hi:g}]")
     text = repr(v)
     return text if len(text) <= 80 else text[:77] + "..."

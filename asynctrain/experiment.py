@@ -14,6 +14,7 @@ resumed when present; ``--fresh`` starts over) and ``<policy>/train.jsonl`` (log
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -45,44 +46,81 @@ class Hyper:
     ``hidden``: hidden layer sizes; ``tau`` and ``dt`` in ms; the regularisers apply
     only while training unlayered or layered (input dropout applies to both,
     refractory dropout and momentum noise only to the asynchronous executions).
+    Defaults: the paper's N-MNIST column where it has one, a 2 x 128 hidden MLP.
     """
 
-    hidden: tuple[int, ...]
-    dt: float
-    batch_size: int
-    epochs: int
-    lr: float
-    theta: float
-    weight_decay: float
-    tau: float
-    steepness: float
-    input_dropout: float
-    K: int
-    refractory_dropout: float
-    momentum_noise: float
+    hidden: tuple[int, ...] = (128, 128)
+    dt: float = 10.0
+    batch_size: int = 64
+    epochs: int = 20
+    lr: float = 5e-4
+    theta: float = 0.3
+    weight_decay: float = 1e-5
+    tau: float = 100.0
+    steepness: float = 2.0
+    input_dropout: float = 0.0
+    K: int = 8
+    refractory_dropout: float = 0.8
+    momentum_noise: float = 1e-6
     prioritize_input: bool = False
     loss: str = "counts"
     init_gain: float = 1.0
     gradient_fill: bool = False
-    """Training only, unlayered: a neuron that received currents without firing sends
-    one zero-valued message (SPEC 5's barrier message with sync threshold 1), so the
-    gradient reaches silent neurons (SPEC 8 leaves such a slot-filling option open;
-    the paper's code has it implicitly, this engine has no dedicated one yet). Under
-    MS these messages rank below every spike, fill only slots spikes leave free and
-    change no spike; under RS they compete for slots and delay spikes. Evaluation
-    never sends them."""
+    """Deprecated alias of `fill_slots` (it used to send zero-valued barrier messages
+    during unlayered training, which under RS take slots and change the spikes);
+    `train_config` maps it to ``fill_slots`` with a DeprecationWarning where the
+    engine has that option."""
+    fill_slots: bool = False
+    """Training only, unlayered: fill each forward step's unused slots with the
+    zero-valued outboxes of silent neurons so the gradient reaches them (SPEC 8);
+    changes no spike. Evaluation never fills."""
+    input_order: str | None = None
+    """Order of queued input spikes (SPEC 6: "random" or "index"); None: the engine's
+    default."""
+    train_stop: str = "spiking_done"
+    """Stop condition of the training passes: "spiking_done" (drain, the paper's
+    training default) or "output" (stop `train_F` steps after the first output spike,
+    as at inference)."""
+    train_F: int = 1
+    finetune_epochs: int = 0
+    """> 0: unlayered models start from the layered model's weights (this run's, or
+    `run_models(init_from=...)`) and train this many epochs instead of `epochs`."""
 
 
 def train_config(h: Hyper, policy: str) -> SimConfig:
     """The training execution of `policy` ("layered", "RS", "MS") for `h`: drain every
     pass (stop on spiking done, the paper's training default) with its regularisers."""
     async_ = policy != "layered"
-    return SimConfig(policy=policy, forward_group_size=h.K, theta=h.theta, tau=h.tau, dt=h.dt,
-                     surrogate_steepness=h.steepness, input_dropout=h.input_dropout,
-                     refractory_dropout=h.refractory_dropout if async_ else 0.0,
-                     momentum_noise=h.momentum_noise if policy == "MS" else 0.0,
-                     prioritize_input=h.prioritize_input, stop="spiking_done",
-                     barrier_messages=h.gradient_fill and async_)
+    cfg = SimConfig(policy=policy, forward_group_size=h.K, theta=h.theta, tau=h.tau, dt=h.dt,
+                    surrogate_steepness=h.steepness, input_dropout=h.input_dropout,
+                    refractory_dropout=h.refractory_dropout if async_ else 0.0,
+                    momentum_noise=h.momentum_noise if policy == "MS" else 0.0,
+                    prioritize_input=h.prioritize_input, stop=h.train_stop,
+                    steps_after_output=h.train_F)
+    return cfg.replace(**_engine_options(h, async_))
+
+
+def _engine_options(h: Hyper, async_: bool) -> dict[str, Any]:
+    """fill_slots / input_order where the engine has them; `gradient_fill` is the
+    deprecated alias of fill_slots (barrier messages where the engine lacks it)."""
+    fields = set(SimConfig.__dataclass_fields__)
+    out: dict[str, Any] = {}
+    if h.input_order is not None:
+        if "input_order" not in fields:
+            raise ValueError(f"input_order={h.input_order!r}: this engine has no input_order option")
+        out["input_order"] = h.input_order
+    fill = h.fill_slots or h.gradient_fill
+    if h.gradient_fill:
+        warnings.warn("Hyper.gradient_fill / --gradient-fill is deprecated: use fill_slots / "
+                      "--fill-slots", DeprecationWarning, stacklevel=3)
+    if fill and async_:
+        if "fill_slots" in fields:
+            out["fill_slots"] = True
+        elif h.fill_slots:
+            raise ValueError("fill_slots=True: this engine has no fill_slots option yet")
+        else:  # the old workaround, until the engine fills slots itself
+            out["barrier_messages"] = True
+    return out
 
 
 def build_snn(n_inputs: int, n_classes: int, h: Hyper, policy: str, seed: int) -> AsyncSNN:
@@ -123,30 +161,46 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
                energy_per_so: float = UBRAIN_ENERGY_PER_SO, energy_unit: str = "uBrain, rel.",
                device: str | torch.device = "cpu", workers: int = 0, progress: bool = True,
                resume: bool = True, max_batches: int | None = None,
-               log: Callable[[str], None] = print,
+               log: Callable[[str], None] = print, val_ds: Dataset | None = None,
+               on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
+               init_from: str | Path | None = None,
                recipe_args: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Train one model per policy (checkpoint ``out/<policy>/model.pt``) and evaluate
     it on `test_ds`; returns ``{training label: {execution name: ExecutionResult}}``.
     `h` is one `Hyper` for all, or one per policy; `recipe_args` are stored in every
-    checkpoint (``meta["args"]``)."""
+    checkpoint (``meta["args"]``).
+
+    `val_ds`: evaluated after every epoch under the model's own execution
+    (``val_accuracy`` in the log and the history; choose settings on it, not on
+    `test_ds`). `on_epoch(policy, record)`: called after every epoch.
+    Warm start: a policy whose `Hyper.finetune_epochs` is > 0 starts from the
+    layered weights (`init_from`, a layered checkpoint, or else this call's layered
+    model, which then trains first) and trains that many epochs."""
     hypers = {p: (h[p] if isinstance(h, Mapping) else h) for p in policies}
     batch = max(x.batch_size for x in hypers.values())
     # No generator: `fit` seeds torch's RNG per epoch, which fixes the shuffle order
     # whether or not the run was resumed.
     test_dl = DataLoader(test_ds, batch_size=max(batch, 64), shuffle=False,
                          collate_fn=collate_time_major, num_workers=workers)
+    val_dl = None if val_ds is None else DataLoader(
+        val_ds, batch_size=max(batch, 64), shuffle=False, collate_fn=collate_time_major,
+        num_workers=workers)
     results: dict[str, dict[str, Any]] = {}
-    for policy in policies:
+    for policy in _training_order(policies, hypers, init_from):
         h = hypers[policy]
         train_dl = DataLoader(train_ds, batch_size=h.batch_size, shuffle=True,
                               collate_fn=collate_time_major, num_workers=workers)
         snn = build_snn(n_inputs, n_classes, h, policy, seed).to(device)
         folder = out / policy
-        history = fit(snn, train_dl, h.epochs, h.lr, h.weight_decay, seed=seed,
+        warm = policy != "layered" and h.finetune_epochs > 0
+        callback = None if on_epoch is None else (lambda rec, p=policy: on_epoch(p, rec))
+        history = fit(snn, train_dl, h.finetune_epochs if warm else h.epochs, h.lr,
+                      h.weight_decay, seed=seed,
                       log_path=folder / "train.jsonl", checkpoint_path=folder / "model.pt",
                       resume=resume, progress=progress, loss=h.loss, device=device,
                       desc=f"train {TRAIN_LABELS[policy]} (seed {seed})", max_batches=max_batches,
-                      recipe_args=recipe_args)
+                      init_from=(init_from or out / "layered" / "model.pt") if warm else None,
+                      val_loader=val_dl, on_epoch_end=callback, recipe_args=recipe_args)
         if history:
             last = history[-1]
             log(f"{TRAIN_LABELS[policy]:13s} seed {seed}: {len(history)} epochs, loss "
@@ -158,6 +212,18 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
             energy_per_so=energy_per_so, energy_unit=energy_unit, seed=seed, device=device,
             progress=progress, max_batches=max_batches)
     return results
+
+
+def _training_order(policies: Sequence[str], hypers: Mapping[str, Hyper],
+                    init_from: str | Path | None) -> list[str]:
+    """Layered first when an unlayered model warm-starts from it."""
+    warm = [p for p in policies if p != "layered" and hypers[p].finetune_epochs > 0]
+    if warm and init_from is None:
+        if "layered" not in policies:
+            raise ValueError(f"{warm} fine-tune from the layered model: train 'layered' too "
+                             f"or pass init_from (a layered checkpoint)")
+        return ["layered", *[p for p in policies if p != "layered"]]
+    return list(policies)
 
 
 # ------------------------------------------------------------------- recipes' CLI

@@ -39,12 +39,15 @@ QUICK_FOLDER = "quick"
 """``--quick`` writes under ``<out>/quick``: a smoke checkpoint is never resumed by a
 full run (nor the other way round)."""
 
-RESUME_ARGS = ("batch_size", "max_train", "max_test", "duration_ms", "quick", "gradient_fill")
-"""Recipe arguments that change what a model is trained on; a run resumes a
-checkpoint only when they agree (fit itself checks the model, its SimConfig, seed,
-lr, weight decay and loss)."""
+RESUME_ARGS = ("K", "batch_size", "lr", "loss", "seed", "max_train", "max_test", "duration_ms",
+               "quick", "fill_slots", "gradient_fill", "train_stop", "train_F",
+               "finetune_epochs", "init_from")
+"""Recipe arguments a resumed run takes from its checkpoint: not given, they come from
+the file (and are printed); given with another value, they are an error naming both
+values and ``--fresh``. (``--epochs`` may grow; fit checks the model and its
+SimConfig as well.)"""
 
-MODEL_ARGS = ("K", "gradient_fill", "duration_ms")
+MODEL_ARGS = ("K", "duration_ms")
 """Arguments fixed by a trained model: with ``--eval-only`` they come from the
 checkpoint, and giving another value is an error (inference K: ``--eval MS:K=4``)."""
 
@@ -98,9 +101,7 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=pos_f, default=h.lr, help="Adam learning rate")
     ap.add_argument("--loss", choices=sorted(LOSSES), default=h.loss,
                     help="cross-entropy variant (asynctrain.train.LOSSES)")
-    ap.add_argument("--gradient-fill", action="store_true",
-                    help="unlayered training: silent neurons send one zero-valued message so "
-                         "gradients reach them (see Hyper.gradient_fill); changes no spike under MS")
+    _training_args(ap)
     ap.add_argument("--eval", nargs="+", default=["paper"], metavar="EXECUTION", type=_execution,
                     help="executions for every model, e.g. layered RS MS:K=4 RS:drain MS:F=2; "
                          "'paper' (alone) = table 2's rows (layered model: layered, RS, MS; each "
@@ -130,15 +131,46 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
                     help="DataLoader worker processes (0: load in the main process)")
     ap.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=cli.threads, default=None,
-                    help="torch CPU threads (default: torch's choice)")
+                    help="torch CPU threads (none: torch's choice)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     if spec.extra_args is not None:
         spec.extra_args(ap)
     return ap
 
 
+def _training_args(ap: argparse.ArgumentParser) -> None:
+    """Unlayered-training options of the recipes."""
+    ap.add_argument("--fill-slots", action="store_true",
+                    help="unlayered training: fill unused slots with zero-valued outboxes of "
+                         "silent neurons so gradients reach them (docs/semantics.md section 8); "
+                         "changes no spike")
+    ap.add_argument("--gradient-fill", action="store_true",
+                    help="deprecated alias of --fill-slots")
+    ap.add_argument("--train-stop", choices=["spiking_done", "output"], default="spiking_done",
+                    help="stop condition of the training passes")
+    ap.add_argument("--train-F", type=cli.at_least(0), default=1,
+                    help="with --train-stop output: forward steps after the first output spike")
+    ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
+                    help="layered checkpoint the unlayered models fine-tune from "
+                         "(with --finetune-epochs; none: this run's layered model)")
+    ap.add_argument("--finetune-epochs", type=cli.at_least(0), default=0,
+                    help="> 0: unlayered models start from the layered weights and train "
+                         "this many epochs")
+
+
+def _training_hyper(h: Hyper, args: argparse.Namespace) -> Hyper:
+    return replace(h, fill_slots=h.fill_slots or args.fill_slots,
+                   gradient_fill=h.gradient_fill or args.gradient_fill, train_stop=args.train_stop,
+                   train_F=args.train_F, finetune_epochs=args.finetune_epochs)
+
+
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: DataSpec) -> None:
     """Checks across arguments (argparse checked each one)."""
+    if args.init_from is not None:
+        if args.finetune_epochs < 1:
+            ap.error("--init-from needs --finetune-epochs >= 1")
+        if not args.init_from.is_file():
+            ap.error(f"--init-from: no checkpoint file at {args.init_from}")
     if "paper" in args.eval and len(args.eval) > 1:
         ap.error(f"--eval: 'paper' stands for table 2's rows and cannot be combined with "
                  f"other executions, got {' '.join(args.eval)}")
@@ -176,17 +208,17 @@ def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.eval_only:
         return _eval_only(spec, args, given)
-    h = replace(spec.hyper, K=args.K, epochs=args.epochs, batch_size=args.batch_size,
-                lr=args.lr, loss=args.loss, gradient_fill=args.gradient_fill or spec.hyper.gradient_fill)
     out = Path(args.out)
     if args.fresh:
         for policy in args.train:
             shutil.rmtree(out / policy, ignore_errors=True)
     else:
-        problem = _resume_problem(out, args)
+        problem = _resume_args(out, args, given)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+    h = _training_hyper(replace(spec.hyper, K=args.K, epochs=args.epochs,
+                                batch_size=args.batch_size, lr=args.lr, loss=args.loss), args)
     loaded = _load(spec, args, (True, False))
     if loaded is None:
         return 2
@@ -202,7 +234,7 @@ def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
                              energy_per_so=args.energy_per_so, energy_unit=args.energy_unit,
                              device=args.device, workers=args.workers,
                              progress=not args.no_progress, resume=not args.fresh,
-                             recipe_args=vars(args))
+                             init_from=args.init_from, recipe_args=vars(args))
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
@@ -216,8 +248,9 @@ def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _resume_problem(out: Path, args: argparse.Namespace) -> str | None:
-    """Why a checkpoint under `out` cannot be resumed by this run (None: fine)."""
+def _resume_args(out: Path, args: argparse.Namespace, given: set[str]) -> str | None:
+    """Take the `RESUME_ARGS` of the checkpoints under `out` that this run resumes;
+    returns why it cannot (None: fine)."""
     for policy in args.train:
         path = out / policy / "model.pt"
         if not path.is_file():
@@ -227,12 +260,25 @@ def _resume_problem(out: Path, args: argparse.Namespace) -> str | None:
         except CheckpointError as err:
             return f"{err}; --fresh starts over"
         stored = dict(ck["meta"].get("args") or {})
+        bad = cli.conflicts(args, given, stored, RESUME_ARGS)
+        if bad:
+            return (f"{path}: {'; '.join(bad)}; drop the flag to resume with the checkpoint's "
+                    f"value, or --fresh to start over (or another --out)")
+        taken = []
         for name in RESUME_ARGS:
-            if name in stored and cli._norm(stored[name]) != cli._norm(getattr(args, name, None)):  # noqa: SLF001
-                flag = "--" + name.replace("_", "-")
-                return (f"{path} was trained with {flag} {stored[name]}, this run has {flag} "
-                        f"{getattr(args, name, None)}; use the same value to resume it, or "
-                        f"--fresh to start over (or another --out)")
+            if name in stored and name not in given and not hasattr(args, "_taken_" + name):
+                value = stored[name]
+                if name == "init_from" and value is not None:
+                    value = Path(value)
+                if cli._norm(value) != cli._norm(getattr(args, name, None)):  # noqa: SLF001
+                    taken.append(f"--{name.replace('_', '-')} {value}")
+                setattr(args, name, value)
+                setattr(args, "_taken_" + name, True)
+                given = given | {name}  # a second checkpoint must agree with this one
+        if taken:
+            print(f"resuming {path} with its settings: {', '.join(taken)}")
+    for name in [k for k in vars(args) if k.startswith("_taken_")]:
+        delattr(args, name)
     return None
 
 

@@ -258,7 +258,8 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
     _warn_if_silent(sums["with_output"] / max(sums["passes"], 1), snn.cfg.readout, epoch,
                     sums["loss"] / sums["samples"])
     n = max(sums["samples"], 1)
-    return dict(epoch=epoch + 1, passes_with_output=sums["with_output"] / max(sums["passes"], 1), loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
+    return dict(epoch=epoch + 1, loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
+                passes_with_output=sums["with_output"] / max(sums["passes"], 1),
                 forward_steps_per_pass=sums["steps"] / max(sums["passes"], 1),
                 synops_per_sample=sums["synops"] / n, hidden_spikes_per_sample=sums["hidden"] / n,
                 capped_passes=sums["capped"], batches=sums["batches"], samples=sums["samples"],

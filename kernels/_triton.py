@@ -14,6 +14,7 @@ rule, argument checks.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -28,9 +29,37 @@ except ImportError:  # the torch backend works without Triton
 HAS_TRITON = triton is not None
 
 
-def jit(fn):
-    """``triton.jit`` when Triton is installed, else the function itself (never run)."""
-    return triton.jit(fn) if HAS_TRITON else fn
+def jit(fn=None, *, do_not_specialize: tuple[str, ...] = ()):
+    """``triton.jit`` when Triton is installed, else the function itself (never run).
+
+    `do_not_specialize`: names of integer arguments that change from launch to launch
+    (hashes, step counters, entry counts, per-layer sizes). Triton's JIT otherwise
+    compiles one variant per value class of every int argument: 1 becomes a constant,
+    multiples of 16 get their own variant, and the type is i32 or i64 by value. A name
+    that is not a parameter raises (a typo would silently bring the recompiles back).
+    Usable as ``@jit`` and ``@jit(do_not_specialize=(...))``.
+    """
+    if fn is None:
+        return lambda f: jit(f, do_not_specialize=do_not_specialize)
+    names = tuple(do_not_specialize)
+    unknown = [n for n in names if n not in inspect.signature(fn).parameters]
+    if unknown:
+        raise ValueError(f"jit({fn.__name__}): do_not_specialize names {unknown} are not parameters")
+    if not HAS_TRITON:
+        return fn
+    return triton.jit(fn, do_not_specialize=names) if names else triton.jit(fn)
+
+
+def hash_arg(h: int) -> int:
+    """A uint32 hash as a kernel argument of one type. Triton types an int argument
+    i32 below 2**31 and i64 from there on, so raw hashes would compile two variants of
+    every kernel that takes one; with bit 32 set every hash is an i64 in
+    [2**32, 2**33), and the kernels keep the low 32 bits (``.to(tl.uint32)``). Hash
+    parameters are also in their kernel's `do_not_specialize` (no 1 / multiple-of-16
+    variants)."""
+    if not 0 <= h < 2**32:
+        raise ValueError(f"hash_arg: a hash is a uint32, got {h}")
+    return h | (1 << 32)
 
 
 def is_interpreted(kernel) -> bool:

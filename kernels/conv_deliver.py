@@ -170,7 +170,15 @@ def _source(src, h, w, POOL: tl.constexpr):
     return c, y, x, h, w
 
 
-@jit
+# No int argument is specialised on: the entry count e changes every step, and the
+# layer geometry (c_out, c_in, h, w, out_offset; n_ob) from layer to layer, which would
+# compile one variant per layer and per 1 / multiple-of-16 class of e. Gathers and
+# scatters are per element, so no alignment hint is lost. Constexprs: POOL and the
+# tile (BLOCK_O by C_out, BLOCK_E = _TILE // BLOCK_O, never by e).
+_NOT_SPECIALISED = ("e", "c_out", "c_in", "h", "w", "width", "out_offset")
+
+
+@jit(do_not_specialize=_NOT_SPECIALISED)
 def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, c_out, c_in, h, w,
                          width, out_offset, POOL: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_O: tl.constexpr):
@@ -200,7 +208,7 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
         tl.atomic_add(cnt_ptr + tgt, ones, mask=m, sem="relaxed")
 
 
-@jit
+@jit(do_not_specialize=_NOT_SPECIALISED + ("n_ob",))
 def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e,
                                   c_out, c_in, h, w, width, out_offset, n_ob, POOL: tl.constexpr,
                                   BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -238,7 +246,7 @@ def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
     tl.store(part_ptr + es * n_ob + pid_o, acc, mask=live_e)
 
 
-@jit
+@jit(do_not_specialize=("c_out", "c_in", "h", "w", "width", "out_offset"))
 def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, order_ptr, seg_end_ptr,
                              gw_ptr, c_out, c_in, h, w, width, out_offset, POOL: tl.constexpr,
                              BLOCK_O: tl.constexpr):
@@ -272,9 +280,11 @@ def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, 
 
 
 def _blocks(e: int, c_out: int) -> tuple[int, int]:
+    """(BLOCK_E, BLOCK_O) for a layer. Not a function of the entry count `e`, which
+    changes every step: a tile sized by e compiled one variant per power of two (a
+    step with few entries runs a few masked rows instead)."""
     block_o = min(triton.next_power_of_2(c_out), _MAX_BLOCK_O)
-    block_e = min(triton.next_power_of_2(max(e, 1)), max(1, _TILE // block_o))
-    return block_e, block_o
+    return max(1, _TILE // block_o), block_o
 
 
 def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, width=None, **buffers):

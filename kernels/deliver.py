@@ -78,6 +78,8 @@ _INDEX = (torch.int32, torch.int64)
 _TILE = 2048  # BLOCK_K x BLOCK_F elements per program (4 warps: 16 per thread)
 
 
+# Int arguments (k, f, width; n_fb and n_rows below) are fixed for a network (K, the
+# fan-out table's width, the state width): specialised, one compile per network.
 @jit
 def _deliver_kernel(vals_ptr, sel_ptr, table_ptr, targets_ptr, out_ptr, k, f, width,
                     BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):

@@ -69,6 +69,8 @@ _FLOATS = (torch.float32, torch.float64)
 _BLOCK = 1024
 
 
+# `width` is the state width, fixed for a network: specialised (its multiple-of-16
+# class lets the compiler vectorise the row loads).
 @jit
 def _lif_kernel(v_ptr, cur_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
                 v_new_ptr, spikes_ptr, v_pre_ptr, width, BLOCK: tl.constexpr):

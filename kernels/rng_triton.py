@@ -1,4 +1,4 @@
-"""The counter hash of `asynctrain.rng` in Triton: uniform [0, 1) numbers at
+"""The counter hash of `kernels/rng.py` (`asynctrain.rng`) in Triton: uniform [0, 1) numbers at
 (sample, index) pairs, bit-exact with `rng.uniform_at` (tested under the interpreter).
 
 The twin computes in int64 and masks to 32 bits; here every step is a uint32
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from asynctrain import rng
-
-from ._triton import check_shape, check_tensors, jit, tl, triton
+from . import rng
+from ._triton import check_shape, check_tensors, hash_arg, jit, tl, triton
 
 _BLOCK = 1024
 
@@ -34,16 +33,25 @@ def _fmix32(h):
 
 
 @jit
-def _uniform_at_from_hash(h0, rows, index):
+def _bits_at_from_hash(h0, rows, index):
     """uint32 scalar `h0` (the host-side counter hash), int tensors `rows`, `index` ->
-    float32 uniforms in [0, 1) with 24 bits, as `rng.uniform_at`."""
+    the finished uint32 hash (`rng._finish_bits`)."""
     hb = _fmix32((rows.to(tl.uint32) * 0x9E3779B9) ^ h0)
     h = (hb ^ _fmix32(index.to(tl.uint32))) * 0x85EBCA6B
     h ^= h >> 15
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return h
 
 
 @jit
+def _uniform_at_from_hash(h0, rows, index):
+    """uint32 scalar `h0` (the host-side counter hash), int tensors `rows`, `index` ->
+    float32 uniforms in [0, 1) with 24 bits, as `rng.uniform_at`."""
+    return (_bits_at_from_hash(h0, rows, index) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+# Constants: BLOCK. Per launch (not specialised on): the hash h0 (i64, `hash_arg`) and
+# the number of draws n.
+@jit(do_not_specialize=("h0", "n"))
 def _uniform_at_kernel(rows_ptr, index_ptr, out_ptr, h0, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -69,7 +77,7 @@ def uniform_at_triton(seed: int, stream: int, timestep: int, step: int, rows: to
     if n:
         h0 = rng.counter_hash(seed, stream, timestep, step)
         _uniform_at_kernel[(triton.cdiv(n, _BLOCK),)](
-            rows.contiguous().view(-1), index.contiguous().view(-1), out.view(-1), h0, n, BLOCK=_BLOCK)
+            rows.contiguous().view(-1), index.contiguous().view(-1), out.view(-1), hash_arg(h0), n, BLOCK=_BLOCK)
     return out
 
 

@@ -112,7 +112,13 @@ def _feature(src, h, w, POOL: tl.constexpr):
         return src, src >= 0
 
 
-@jit
+# No int argument is specialised on: e changes every step, the layer sizes (m, f, h, w,
+# out_offset; n_mb) from layer to layer; as in kernels/conv_deliver.py. Constexprs:
+# POOL and the tile (BLOCK_M by M, BLOCK_E = _TILE // BLOCK_M, never by e).
+_NOT_SPECIALISED = ("e", "m", "f", "h", "w", "width", "out_offset")
+
+
+@jit(do_not_specialize=_NOT_SPECIALISED)
 def _rows_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, m, f, h, w, width,
                          out_offset, POOL: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -131,7 +137,7 @@ def _rows_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
     tl.atomic_add(cnt_ptr + tgt, tl.full([BLOCK_E, BLOCK_M], 1, tl.int32), mask=mask, sem="relaxed")
 
 
-@jit
+@jit(do_not_specialize=_NOT_SPECIALISED + ("n_mb",))
 def _rows_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e, m, f,
                                   h, w, width, out_offset, n_mb, POOL: tl.constexpr, BLOCK_E: tl.constexpr,
                                   BLOCK_M: tl.constexpr, ATOMIC_WEIGHT: tl.constexpr):
@@ -156,7 +162,7 @@ def _rows_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
         tl.atomic_add(gw_ptr + at, g * v[:, None], mask=mask & (v != 0)[:, None], sem="relaxed")
 
 
-@jit
+@jit(do_not_specialize=("m", "f", "width", "out_offset"))
 def _rows_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, rows_ptr, order_ptr, seg_end_ptr, gw_ptr, m, f,
                              width, out_offset, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
     """Deterministic grad_weight: program i owns the segment of feature-sorted entries
@@ -179,9 +185,10 @@ def _rows_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, rows_ptr, order_ptr
 
 
 def _blocks(e: int, m: int) -> tuple[int, int]:
+    """(BLOCK_E, BLOCK_M) for a layer; not a function of the entry count `e` (as in
+    kernels/conv_deliver.py)."""
     block_m = min(triton.next_power_of_2(m), _MAX_BLOCK_M)
-    block_e = min(triton.next_power_of_2(max(e, 1)), max(1, _TILE // block_m))
-    return block_e, block_m
+    return max(1, _TILE // block_m), block_m
 
 
 def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, width, **buffers):

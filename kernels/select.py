@@ -59,7 +59,7 @@ def select_torch(pending: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Ten
 
 
 def select_pending_torch(rows: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor, batch: int,
-                         width: int, k: int) -> torch.Tensor:
+                         width: int, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
     """`select_torch` from the pending entries alone: the same selected sets, with work
     O(pending) instead of O(B x W) (the engine's torch path, where the pending entries
     are listed anyway for their random keys; a VGG-7 state is 229,387 columns wide and
@@ -71,6 +71,11 @@ def select_pending_torch(rows: torch.Tensor, cols: torch.Tensor, keys: torch.Ten
         keys: float32 ``[P]`` their priorities (no NaN; ``inf`` allowed).
         batch, width: B and W of the state.
         k: forward group size K >= 1.
+        order: optional int64 ``[P]``: entries with ``order >= 0`` (< 2**23) rank
+            above every float key, by decreasing order (ties: lower index); their
+            `keys` are ignored (MS input entries in random order, SPEC 6: the packed
+            key's high half is 0x7F800000 + order, above +inf's 0x7F800000, as in
+            the fused steps).
 
     Returns:
         int64 ``[B, min(k, W)]`` as `select_torch`, but in a defined order: highest
@@ -82,7 +87,10 @@ def select_pending_torch(rows: torch.Tensor, cols: torch.Tensor, keys: torch.Ten
     start = torch.cumsum(counts, 0) - counts
     pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
     packed = torch.full((batch, n_max), _INT64_MIN, dtype=torch.int64, device=keys.device)
-    packed[rows, pos] = (sortable_key(keys) << 32) | (width - 1 - cols)
+    high = sortable_key(keys)
+    if order is not None:
+        high = torch.where(order >= 0, 0x7F800000 + order, high)
+    packed[rows, pos] = (high << 32) | (width - 1 - cols)
     top, _ = packed.topk(kk, dim=1, sorted=True)
     return torch.where(top != _INT64_MIN, width - 1 - (top & 0xFFFFFFFF), width - 1)
 
@@ -119,27 +127,30 @@ def _mapped_keys(p_row, k_row, offs, width):
 
 
 @jit
-def _select_kernel(pending_ptr, keys_ptr, out_ptr, width, k, kk, stride_p, stride_k, stride_o,
-                   BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    p_row = pending_ptr + row * stride_p
-    k_row = keys_ptr + row * stride_k
-    o_row = out_ptr + row * stride_o
+def _block_keys(a_row, b_row, offs, width, MAPPED: tl.constexpr):
+    """Mapped keys of columns `offs` (-1 past `width` and where not pending): MAPPED,
+    read from a row of mapped keys `a_row` (the fused steps' scratch row); else mapped
+    on the fly from the pending flags `a_row` and float keys `b_row`."""
+    if MAPPED:
+        return tl.load(a_row + offs, mask=offs < width, other=-1)
+    else:
+        return _mapped_keys(a_row, b_row, offs, width)
+
+
+@jit
+def _radix_threshold(a_row, b_row, u, width, k, n_pending, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                     ONE_BLOCK: tl.constexpr, MAPPED: tl.constexpr):
+    """The radix search of both selections (this module's `_select_kernel` and the
+    fused steps' `_select_row` in kernels/steps_triton.py): the largest T with
+    count(key >= T) >= k over the row's mapped keys, 0 (every pending entry) when at
+    most k are pending. DIGIT_BITS bits per round; ONE_BLOCK: the keys are `u`, held
+    in registers; else each round streams the row in blocks of BLOCK (`_block_keys`).
+    Invariant: count(key >= prefix) >= k."""
     cols = tl.arange(0, BLOCK)
     digits = tl.arange(0, 1 << DIGIT_BITS).to(tl.int64)
-
-    # Threshold T: the largest value with count(u >= T) >= k (0 = every pending entry
-    # when at most k are pending). Invariant: count(u >= prefix) >= k.
-    if ONE_BLOCK:
-        u = _mapped_keys(p_row, k_row, cols, width)
-        n_pending = tl.sum((u >= 0).to(tl.int32))
-    else:
-        n_pending = 0
-        for start in range(0, width, BLOCK):
-            n_pending += tl.sum((_mapped_keys(p_row, k_row, start + cols, width) >= 0).to(tl.int32))
     prefix = tl.zeros((), tl.int64)
     if n_pending > k:
-        for r in range(32 // DIGIT_BITS):
+        for r in tl.static_range(32 // DIGIT_BITS):
             shift = 32 - DIGIT_BITS * (r + 1)
             cand = prefix | (digits << shift)
             if ONE_BLOCK:
@@ -147,9 +158,34 @@ def _select_kernel(pending_ptr, keys_ptr, out_ptr, width, k, kk, stride_p, strid
             else:
                 counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
                 for start in range(0, width, BLOCK):
-                    uu = _mapped_keys(p_row, k_row, start + cols, width)
+                    uu = _block_keys(a_row, b_row, start + cols, width, MAPPED)
                     counts += tl.sum((uu[:, None] >= cand[None, :]).to(tl.int32), axis=0)
             prefix = prefix | (tl.max(tl.where(counts >= k, digits, 0), axis=0) << shift)
+    return prefix
+
+
+# Every int argument (width, k, kk, strides) is fixed for an engine's state: one
+# compile per row-width class (`_config`).
+@jit
+def _select_kernel(pending_ptr, keys_ptr, out_ptr, width, k, kk, stride_p, stride_k, stride_o,
+                   BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    p_row = pending_ptr + row * stride_p
+    k_row = keys_ptr + row * stride_k
+    o_row = out_ptr + row * stride_o
+    cols = tl.arange(0, BLOCK)
+
+    # Threshold T: the largest value with count(u >= T) >= k (0 = every pending entry
+    # when at most k are pending).
+    if ONE_BLOCK:
+        u = _mapped_keys(p_row, k_row, cols, width)
+        n_pending = tl.sum((u >= 0).to(tl.int32))
+    else:
+        u = tl.zeros((), tl.int64)  # not read: each round streams the row
+        n_pending = 0
+        for start in range(0, width, BLOCK):
+            n_pending += tl.sum((_mapped_keys(p_row, k_row, start + cols, width) >= 0).to(tl.int32))
+    prefix = _radix_threshold(p_row, k_row, u, width, k, n_pending, BLOCK, DIGIT_BITS, ONE_BLOCK, False)
 
     # Entries above T all go in; of those equal to T, the m lowest-index ones.
     if ONE_BLOCK:

@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-K", type=_k_list, default=[512, 64, 8],
                     help="evaluate asynchronously at these K (and layered), e.g. 512,64,8")
     ap.add_argument("--eval-policy", choices=("RS", "MS"), default=None,
-                    help="async policy of the evaluation (default: the training policy; RS "
+                    help="async policy of the evaluation (none: the training policy; RS "
                          "for a layered-trained model)")
     ap.add_argument("--epochs", type=pos_i, default=150, help="training epochs")
     ap.add_argument("--batch-size", type=pos_i, default=64, help="images per batch and process")

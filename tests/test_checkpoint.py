@@ -99,7 +99,7 @@ def test_config_diff_names_fields_and_summarises_tensors():
     b = a.replace(policy="RS", theta=torch.full((8,), 0.2))
     d = config_diff(a, b)
     assert [n for n, _, _ in d] == ["policy", "theta"]
-    assert d[1][1] == "0.3 for all 8 neurons"
+    assert d[1][1] == "per-neuron [8], all 0.3"
     assert "tensor(" not in repr(d)
 
 

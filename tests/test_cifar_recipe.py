@@ -232,3 +232,13 @@ def test_nan_weight_stops_the_recipe_naming_the_tensor(data, tmp_path, capsys, m
                       "--no-eval", *TINY], capsys, code=1)
     assert re.search(r"(gradient|loss) .*at epoch 1, batch 1", err)
     assert not (tmp_path / "n" / "last.pt").exists()
+
+
+def test_resume_from_an_unusable_checkpoint_names_it(data, tmp_path, capsys):
+    rec = _recipe()
+    bad = tmp_path / "bad.pt"
+    for content in (b"", b"\x80\x02garbage"):
+        bad.write_bytes(content)
+        err = _exit(rec, ["--data-dir", str(data), "--out", str(tmp_path / "o"), "--resume",
+                          str(bad), *TINY], capsys)
+        assert f"checkpoint {bad}: " in err

@@ -100,11 +100,21 @@ def test_quick_and_full_runs_do_not_share_checkpoints(tmp_path, capsys):
     # a changed data subset is named, with --fresh
     assert mod.main(_args(tmp_path) + ["--quick", "--max-train", "5"]) == 2
     err = capsys.readouterr().err
-    assert "was trained with --max-train 64, this run has --max-train 5" in err and "--fresh" in err
+    assert "--max-train 5 (the checkpoint has 64)" in err and "--fresh" in err
     # a changed training setting is named by fit, with --fresh
     assert mod.main(_args(tmp_path) + ["--quick", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
-    assert "lr: 0.0005 there, 0.01 here" in err and "--fresh" in err
+    assert "--lr 0.01 (the checkpoint has 0.0005)" in err and "--fresh" in err
+    # not given: taken from the checkpoint, and said so
+    assert mod.main(_args(tmp_path) + ["--K", "4"]) == 0  # a full run in <out>
+    capsys.readouterr()
+    assert mod.main(_args(tmp_path)) == 0
+    assert "with its settings: --K 4" in capsys.readouterr().out
+    # a garbage checkpoint where a run would resume: named, with --fresh
+    (tmp_path / "out" / "layered" / "model.pt").write_bytes(b"junk")
+    assert mod.main(_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "out/layered/model.pt: not a readable torch file" in err and "--fresh" in err
 
 
 def test_eval_only_rebuilds_the_model_from_the_checkpoint(tmp_path, capsys):
