@@ -28,6 +28,7 @@ executions, and writes ``finetuned.nir`` and ``finetuned.pt`` (checkpoint).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -150,11 +151,13 @@ def audit(snn: AsyncSNN, loader: Any, *, Ks: Sequence[int] = DEFAULT_K,
     if sweep:
         res.update(evaluate(snn, loader, sweep, steps_after_output=None, **kw))
     for chip in presets:
-        cfg = snn.cfg
         npc = neurons_per_core if PRESETS.get(chip) == "timer/core" else None
-        pcfg = SimConfig.preset(chip, snn.net, neurons_per_core=npc, tau=cfg.tau, theta=cfg.theta,
-                                dt=cfg.dt, surrogate_steepness=cfg.surrogate_steepness,
-                                readout=cfg.readout, seed=cfg.seed, policy="MS")
+        chip_cfg = SimConfig.preset(chip, snn.net, neurons_per_core=npc)
+        # the chip's K, synchronisation and barriers; everything else stays the model's
+        pcfg = snn.cfg.replace(policy="MS", forward_group_size=chip_cfg.K,
+                               sync_threshold=chip_cfg.sync_threshold,
+                               barrier_messages=chip_cfg.barrier_messages,
+                               prioritize_input=chip_cfg.prioritize_input or snn.cfg.prioritize_input)
         chip_snn = AsyncSNN(snn.net, pcfg, backend=snn.backend, input_shape=snn.graph.input_shape)
         r = evaluate(chip_snn, loader, ["MS"], steps_after_output=None, **kw)["MS"]
         sync = pcfg.sync_threshold
@@ -331,8 +334,6 @@ def _finetune(snn: AsyncSNN, train_ds: Dataset, a: argparse.Namespace, out: Path
                           refractory_dropout=a.refractory_dropout,
                           momentum_noise=a.momentum_noise if ms else 0.0,
                           barrier_messages=not a.no_gradient_fill)
-    import copy
-
     tuned = AsyncSNN(copy.deepcopy(snn.net), cfg, backend=snn.backend, input_shape=snn.graph.input_shape)
     fit(tuned, dl, a.finetune, a.lr, a.weight_decay, seed=a.seed, progress=not a.no_progress,
         log_path=out / "finetune.jsonl", resume=False,
