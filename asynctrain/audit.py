@@ -108,7 +108,11 @@ def load_data(name: str, *, train: bool, data_dir: str | None = None, T: int = 8
         if min_files is not None and name != "shd":
             kw["min_files"] = min_files
         return getattr(data, spec["loader"])(data_dir, **kw)
-    blob = torch.load(name, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(name, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ValueError(f"{name}: not a readable torch file of tensors ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
     if not isinstance(blob, dict):
         raise ValueError(f"{name}: expected a dict with 'frames' and 'labels', got "
                          f"{type(blob).__name__}")

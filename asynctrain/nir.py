@@ -368,7 +368,11 @@ def read(path: str | os.PathLike) -> "nir.NIRGraph":
     """Read a ``.nir`` file (a graph; `from_nir` turns it into a module)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no .nir file at {os.fspath(path)!r}")
-    graph = nir.read(path)
+    try:
+        graph = nir.read(path)
+    except (OSError, KeyError, ValueError, TypeError, AssertionError) as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable NIR file (HDF5 written by "
+                         f"nir.write): {type(err).__name__}: {str(err).splitlines()[0][:160]}") from None
     if isinstance(graph.metadata, dict):  # h5py gives strings back as bytes
         graph.metadata = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in graph.metadata.items()}
     return graph

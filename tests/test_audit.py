@@ -92,6 +92,29 @@ def test_model_data_mismatch_named(tmp_path, capsys):
     assert "needs ['train_frames', 'train_labels'] for --finetune" in capsys.readouterr().err
 
 
+def test_unreadable_models_named(tmp_path, capsys):
+    for name in ("bad.nir", "bad.pt"):
+        (tmp_path / name).write_bytes(b"not a model")
+        assert audit_cli.main([str(tmp_path / name), "--data", "digits", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert name in err and ("not a readable NIR file" in err or "not a readable torch file" in err)
+
+
+def test_bad_data_files_named(tmp_path, capsys):
+    model = tmp_path / "m.nir"
+    anir.write(model, _mlp([8, 4, 3]))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    assert audit_cli.main([str(model), "--data", str(bad), "--no-progress"]) == 2
+    assert "bad.pt: not a readable torch file" in capsys.readouterr().err
+    torch.save({"frames": torch.zeros(4, 2, 8), "labels": torch.zeros(3)}, bad)
+    assert audit_cli.main([str(model), "--data", str(bad), "--no-progress"]) == 2
+    assert "labels must be [N] with N = 4" in capsys.readouterr().err
+    torch.save({"frames": torch.zeros(4, 8), "labels": torch.zeros(4)}, bad)
+    assert audit_cli.main([str(model), "--data", str(bad), "--no-progress"]) == 2
+    assert "frames must be a tensor [N, T, ...]" in capsys.readouterr().err
+
+
 def test_audit_and_finetune_on_a_small_pt(tmp_path, capsys):
     model = tmp_path / "m.pt"
     snn = _mlp([8, 6, 3])
