@@ -303,13 +303,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     kw = dict(Ks=a.K, presets=a.presets, neurons_per_core=a.neurons_per_core,
               steps_after_output=a.steps_after_output, seed=a.seed, progress=not a.no_progress)
     label = "As given"
-    results = {label: audit(snn, loader, **kw)}
-    sentences = [loss_sentence(results[label], "The model")]
-    if a.finetune:
-        tuned = _finetune(snn, train_ds, a, out)
-        label_ft = f"Fine-tuned unlayered {a.finetune_policy} ({a.finetune} epochs)"
-        results[label_ft] = audit(tuned, loader, **kw)
-        sentences.append(loss_sentence(results[label_ft], "Fine-tuned, it"))
+    from .data import DataFileError
+
+    try:  # samples are read lazily: a corrupt one shows up here
+        results = {label: audit(snn, loader, **kw)}
+        sentences = [loss_sentence(results[label], "The model")]
+        if a.finetune:
+            tuned = _finetune(snn, train_ds, a, out)
+            label_ft = f"Fine-tuned unlayered {a.finetune_policy} ({a.finetune} epochs)"
+            results[label_ft] = audit(tuned, loader, **kw)
+            sentences.append(loss_sentence(results[label_ft], "Fine-tuned, it"))
+    except DataFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     title = f"Audit of {Path(a.model).name} on {a.data} ({len(test_ds)} test samples)"
     paths = write_report(out, results, title, extra=dict(args=vars(a), sentences=sentences))
     text = [markdown_table(table_rows(results), title)]
