@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import SimConfig
 from .data import collate_time_major
-from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, Execution, ExecutionResult, evaluate
+from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, ExecutionResult, evaluate
 from .module import AsyncSNN
 
 __all__ = ["main", "load_model_file", "load_data", "RECIPE_DATA", "PRESETS", "audit",
