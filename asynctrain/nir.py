@@ -145,8 +145,8 @@ def to_nir(snn: AsyncSNN) -> "nir.NIRGraph":
     cfg, graph = snn.cfg, snn.graph
     dt_s = float(cfg.dt) / 1000.0
     n = graph.n_neurons
-    tau = per_neuron(cfg.tau, n, "tau", torch.float64).numpy()
-    theta = per_neuron(cfg.theta, n, "theta", torch.float64).numpy()
+    tau = per_neuron(cfg.tau, n, "tau", torch.float64).cpu().numpy()
+    theta = per_neuron(cfg.theta, n, "theta", torch.float64).cpu().numpy()
     layers = list(snn.net) if isinstance(snn.net, nn.Sequential) else [snn.net]
     in_shape = graph.input_shape if graph.input_shape is not None else (graph.n_inputs,)
     nodes: dict[str, Any] = {"input": nir.Input(input_type={"input": np.array(in_shape)})}
