@@ -300,6 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     layers = list(snn.graph.layer_sizes)
     print(f"audit of {a.model}: layers {layers}, K={snn.cfg.K}, dt={snn.cfg.dt:g} ms; data "
           f"{a.data}: {len(test_ds)} test samples; out: {out}")
+    frame_dt = RECIPE_DATA.get(a.data, {}).get("dt")
+    if frame_dt is not None and frame_dt != snn.cfg.dt:
+        print(f"note: {a.data} is framed at {frame_dt:g} ms per frame (its recipe) and each frame "
+              f"is one timestep of the model, whose decay per timestep was set for dt = "
+              f"{snn.cfg.dt:g} ms")
     kw = dict(Ks=a.K, presets=a.presets, neurons_per_core=a.neurons_per_core,
               steps_after_output=a.steps_after_output, seed=a.seed, progress=not a.no_progress)
     label = "As given"
