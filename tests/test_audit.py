@@ -199,7 +199,9 @@ def test_audit_on_a_recipe_data_set(tmp_path, capsys):
             torch.randint(0, 100_000, (60,), generator=rng))]) for d in range(6)]
         write_nmnist(tmp_path / "data", samples, train=train)
     model = tmp_path / "m.pt"
-    save_model(model, _mlp([2312, 6, 10], gain=8.0))
+    snn = _mlp([2312, 6, 10], gain=8.0)
+    snn.cfg = snn.cfg.replace(dt=5.0)
+    save_model(model, snn)
     rc = audit_cli.main([str(model), "--data", "nmnist", "--data-dir", str(tmp_path / "data"),
                          "--min-files", "6", "--out", str(tmp_path / "out"), "--K", "--presets",
                          "--steps-after-output", "0", "--no-progress"])
@@ -209,6 +211,7 @@ def test_audit_on_a_recipe_data_set(tmp_path, capsys):
     # (2313 here), which is most of this test's time
     assert "data nmnist: 6 test samples" in text and "| As given | Async RS (K=2) |" in text
     assert "K=1" not in text and "speck" not in text
+    assert "nmnist is framed at 10 ms per frame" in text and "dt = 5 ms" in text
 
 
 def test_audit_conv_nir_on_image_frames(tmp_path, capsys):
