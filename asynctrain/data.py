@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .datacheck import DataFileError, check_events, first_line
+
 __all__ = ["EventFramer", "EventFrames", "TensorFrames", "collate_time_major", "nmnist",
            "shd", "dvs_gesture", "cifar10", "digits", "CIFAR10_FOLDER", "DataFileError"]
 
@@ -49,11 +51,6 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 _DOWNLOAD_HINT = "Pass --download (download=True) where internet is available."
 
 
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be used: the message names the file (and the sample
-    index for data sets read per sample) and the check that failed."""
 
 
 # ----------------------------------------------------------------------- framing
@@ -149,8 +146,8 @@ class EventFrames(Dataset):
             raise DataFileError(f"{where}: {err}") from err
         except Exception as err:  # noqa: BLE001 - tonic / numpy / h5py raise many kinds
             raise DataFileError(f"{where}: unreadable ({type(err).__name__}: "
-                                f"{_first_line(err)})") from err
-        _check_events(events, getattr(self.events, "sensor_size", None), where)
+                                f"{first_line(err)})") from err
+        check_events(events, getattr(self.events, "sensor_size", None), where)
         if not 0 <= int(label) < self.num_classes:
             raise DataFileError(f"{where}: label {int(label)} outside 0..{self.num_classes - 1}")
         return self.framer(events), int(label)
@@ -165,39 +162,6 @@ class EventFrames(Dataset):
         if loc and name:
             return f"{os.path.join(loc, name)}, sample {index}"
         return f"{type(self.events).__name__} sample {index}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else "no message"
-
-
-def _check_events(events: Any, sensor: Any, where: str) -> None:
-    """Events must be a structured array with t (and x, y, p inside the sensor)."""
-    names = getattr(getattr(events, "dtype", None), "names", None)
-    if not names or "t" not in names:
-        raise DataFileError(f"{where}: expected events with fields x, y, p, t; got "
-                            f"{type(events).__name__} {getattr(events, 'dtype', '')}")
-    if len(events) == 0:
-        return
-    t = events["t"]
-    if np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all():
-        raise DataFileError(f"{where}: event {int(np.argmax(~np.isfinite(t)))} has a "
-                            f"non-finite timestamp")
-    if (t < 0).any():
-        i = int(np.argmax(t < 0))
-        raise DataFileError(f"{where}: event {i} has a negative timestamp {t[i]}")
-    if sensor is None:
-        return
-    for axis, size in zip(("x", "y", "p"), sensor):
-        if axis not in names or (axis == "p" and size == 1):
-            continue  # one-polarity sensors (SHD) carry p = 1 for every event
-        v = events[axis].astype(np.int64)
-        bad = (v < 0) | (v >= size)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise DataFileError(f"{where}: event {i} has {axis}={v[i]}, outside the sensor's "
-                                f"0..{size - 1} ({axis} of sensor size {tuple(sensor)})")
 
 
 class TensorFrames(Dataset):
@@ -302,7 +266,7 @@ def _build_tonic_classes() -> dict[str, type]:
             try:
                 arr = np.load(self.data[index], allow_pickle=False, mmap_mode="r")
             except Exception as err:  # noqa: BLE001 - numpy raises many kinds
-                raise DataFileError(f"not a numpy .npy array ({_first_line(err)})") from err
+                raise DataFileError(f"not a numpy .npy array ({first_line(err)})") from err
             if arr.ndim != 2 or arr.shape[1] != 4:
                 raise DataFileError(f"array of shape {arr.shape}, expected (N, 4) columns "
                                     f"x, y, p, t")
@@ -385,7 +349,7 @@ def shd(data_dir: str | os.PathLike, train: bool = True, dt: float = 10.0,
             raise
         name = f"shd_{'train' if train else 'test'}.h5"
         raise DataFileError(f"{Path(data_dir, 'SHD', name)}: not a readable HDF5 file "
-                            f"(truncated or corrupt?): {_first_line(err)}") from err
+                            f"(truncated or corrupt?): {first_line(err)}") from err
     path = os.path.join(base.location_on_system, base.data_filename)
     try:
         with h5py.File(path, "r") as f:
@@ -394,7 +358,7 @@ def shd(data_dir: str | os.PathLike, train: bool = True, dt: float = 10.0,
             n_times, n_units = len(f["spikes/times"]), len(f["spikes/units"])
     except (OSError, KeyError) as err:
         raise DataFileError(f"{path}: not a readable SHD HDF5 file (needs spikes/times, "
-                            f"spikes/units, labels, extra/keys): {_first_line(err)}") from err
+                            f"spikes/units, labels, extra/keys): {first_line(err)}") from err
     if not len(targets) == n_times == n_units:
         raise DataFileError(f"{path}: {len(targets)} labels but {n_times} spike-time and "
                             f"{n_units} unit lists")

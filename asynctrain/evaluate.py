@@ -55,6 +55,7 @@ import torch
 from . import rng
 from .config import SimConfig
 from .module import AsyncSNN
+from .guards import SILENT_FRACTION
 from .train import logits_of
 
 __all__ = ["Execution", "ExecutionResult", "evaluate", "inference_config", "TRAINING_ONLY",
@@ -320,12 +321,6 @@ def evaluate(snn: AsyncSNN, loader: Iterable, executions: Sequence[str | Executi
         if bar is not None:
             bar.close()
     return results
-
-
-SILENT_FRACTION = 0.9
-"""A run where at least this fraction of passes has no output spike is warned about
-(`fit` after its first epoch, `evaluate` per execution): predictions are then class 0
-by default and the loss sits at ln(classes)."""
 
 
 def _warn_if_silent(r: "ExecutionResult", readout: str) -> None:

@@ -22,28 +22,23 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, default_collate
 
 from . import rng
-from .checkpoint import (check_writable, config_diff, load_into, read_checkpoint, save_model,
-                         short)
+from .checkpoint import config_diff, load_into, read_checkpoint, save_model, short
 from .config import describe
+from .guards import (TrainingDiverged, check_batch, check_before_training, check_finite,
+                     run_settings, warn_if_silent)
 from .module import AsyncSNN
 
 __all__ = ["fit", "logits_of", "LOSSES", "TrainingDiverged", "save_checkpoint", "load_checkpoint",
            "call_seed", "check_finite"]
 
 _STREAM_FIT = 101  # counter-hash stream of fit's seeds (the engine uses 1-5)
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the message says where and what to try."""
 
 
 def logits_of(out: torch.Tensor, readout: str) -> torch.Tensor:
@@ -110,8 +105,11 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             spikes per sample, capped passes, seconds), plus "start", "resume" and
             "abort" lines. Appended to, so a resumed run continues its log.
         checkpoint_path: written atomically (temporary file + rename) after every
-            epoch: weights, Adam state, epoch, history, seed. With `resume` and an
-            existing file, training continues from it.
+            epoch in the `asynctrain.checkpoint` format: model, weights, SimConfig,
+            Adam state, epoch, history, seed, lr, weight decay, loss, `recipe_args`.
+            With `resume` and an existing file, training continues from it (after
+            checking that it was made with the same model and settings; a difference
+            is named). Checked writable before training.
         max_batches: stop each epoch after this many batches (smoke runs).
         device: move frames and labels there (default: where the weights are).
         on_epoch_end: called with each epoch's record (e.g. to evaluate).
@@ -133,8 +131,13 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
 
     Returns: the history, one record per completed epoch (the resumed ones included).
 
-    Raises: TrainingDiverged when a loss is NaN or infinite; nothing of that epoch
-    is saved, so the last checkpoint holds the last finite state.
+    Raises: TrainingDiverged at the first NaN or infinite loss, gradient or weight
+    (naming epoch, batch and tensor); nothing of that epoch is saved, so the last
+    checkpoint holds the last finite state. ValueError before the first epoch for an
+    empty or batch-first loader or an unwritable path, during it for a batch whose
+    frames are not ``[T, B, ...]``. `asynctrain.checkpoint.CheckpointError` for a
+    checkpoint that cannot be resumed. Warns (RuntimeWarning) after an epoch in which
+    at least 90% of the passes had no output spike.
     """
     if stop is not None or steps_after_output is not None:
         # the training stop condition: run the whole call under it, then restore
@@ -156,8 +159,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
     if not params:
         raise ValueError("snn has no trainable parameters")
     device = torch.device(device) if device is not None else params[0].device
-    settings = _settings(seed, lr, weight_decay, loss)
-    _check_before_training(train_loader, checkpoint_path, log_path)
+    settings = run_settings(seed, lr, weight_decay, loss)
+    check_before_training(train_loader, checkpoint_path, log_path)
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
@@ -217,7 +220,7 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
     for b, (frames, labels) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
-        _check_batch(loader, frames, labels, epoch, b)
+        check_batch(loader, frames, labels, epoch, b)
         frames, labels = frames.to(device), labels.to(device)
         out = snn(frames, seed=call_seed(seed, epoch, b))
         logits = logits_of(out, snn.cfg.readout)
@@ -255,7 +258,7 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
     if sums["batches"] == 0:
         raise ValueError(f"train_loader yielded no batch in epoch {epoch + 1}; nothing was "
                          f"trained or saved (an empty data set, or a sampler with nothing left?)")
-    _warn_if_silent(sums["with_output"] / max(sums["passes"], 1), snn.cfg.readout, epoch,
+    warn_if_silent(sums["with_output"] / max(sums["passes"], 1), snn.cfg.readout, epoch,
                     sums["loss"] / sums["samples"])
     n = max(sums["samples"], 1)
     return dict(epoch=epoch + 1, loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
@@ -313,57 +316,6 @@ def load_checkpoint(path: str | os.PathLike, snn: AsyncSNN,
 
 
 # ----------------------------------------------------------- checks of fit's run
-SETTINGS = ("seed", "lr", "weight_decay", "loss")
-"""fit arguments a resumed run must share with its checkpoint (besides the model and
-its SimConfig)."""
-
-
-def _settings(seed: int, lr: float, weight_decay: float, loss: Any) -> dict[str, Any]:
-    name = loss if isinstance(loss, str) else getattr(loss, "__qualname__", repr(loss))
-    return dict(seed=seed, lr=lr, weight_decay=weight_decay, loss=name)
-
-
-def _check_before_training(loader: Iterable, checkpoint_path: Any, log_path: Any) -> None:
-    """What can fail before an epoch is spent: paths that cannot be written, an
-    empty loader, a loader that stacks samples on the first axis."""
-    if checkpoint_path is not None:
-        check_writable(checkpoint_path, "checkpoint_path")
-    if log_path is not None:
-        check_writable(log_path, "log_path")
-    try:
-        n = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        n = None
-    if n == 0:
-        raise ValueError("train_loader is empty (0 batches): no data, or fewer samples than "
-                         "one batch with drop_last=True")
-    if isinstance(loader, DataLoader) and loader.batch_size is not None \
-            and loader.collate_fn is default_collate:
-        raise ValueError("train_loader uses the default collate, which stacks samples on the "
-                         "first axis ([B, T, F]); fit needs time-major frames [T, B, F]: "
-                         "DataLoader(..., collate_fn=asynctrain.data.collate_time_major)")
-
-
-def _check_batch(loader: Iterable, frames: Any, labels: Any, epoch: int, b: int) -> None:
-    """Frames must be time-major ``[T, B, ...]`` with one label per sample."""
-    where = f"epoch {epoch + 1}, batch {b + 1}"
-    if not isinstance(frames, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{where}: the loader must yield (frames, labels) tensors, got "
-                        f"({type(frames).__name__}, {type(labels).__name__})")
-    if labels.dim() != 1 or frames.dim() < 3:
-        raise ValueError(f"{where}: expected frames [T, B, features] and labels [B], got "
-                         f"frames {tuple(frames.shape)} and labels {tuple(labels.shape)}")
-    n = labels.shape[0]
-    if frames.shape[1] != n:
-        if frames.shape[0] == n:
-            raise ValueError(f"{where}: frames {tuple(frames.shape)} look batch-first [B, T, F] "
-                             f"({n} labels = axis 0); fit needs time-major [T, B, F]: use "
-                             f"collate_fn=asynctrain.data.collate_time_major or "
-                             f"frames.transpose(0, 1)")
-        raise ValueError(f"{where}: frames {tuple(frames.shape)} hold {frames.shape[1]} samples "
-                         f"on axis 1 (batch) but there are {n} labels")
-
-
 def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines",
                   opt: torch.optim.Optimizer) -> None:
     try:
@@ -371,52 +323,6 @@ def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines
     except TrainingDiverged as err:
         log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=str(err))
         raise
-
-
-def check_finite(module: torch.nn.Module, what: str, epoch: int, batch: int, *,
-                 loss: torch.Tensor | None = None, lr: float | None = None) -> None:
-    """Raise `TrainingDiverged` naming the tensor, epoch and batch (both counted from
-    0 here, from 1 in the message) when the `what` of one training step is not
-    finite: "loss" (`loss`), "gradient" (every parameter's .grad, after backward and
-    before the step) or "weight" (every parameter, after the step). One device sync
-    when all is well."""
-    where = f"at epoch {epoch + 1}, batch {batch + 1}"
-    hint = " Try a smaller lr" + (f" (now {lr:g})" if lr is not None else "") + \
-        ", more weight decay, or check the input frames for huge values."
-    if what == "loss":
-        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
-            raise TrainingDiverged(f"loss is {loss.detach().flatten()[0].item()} {where}; training "
-                                   f"aborted, nothing of this epoch was saved.{hint}")
-        return
-    named = [(n, p.grad if what == "gradient" else p) for n, p in module.named_parameters()
-             if p.requires_grad]
-    tensors = [t.detach() for _, t in named if t is not None]
-    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        return
-    bad = [(n, int((~torch.isfinite(t)).sum()), t.numel()) for n, t in named
-           if t is not None and not bool(torch.isfinite(t).all())]
-    name, count, size = bad[0]
-    note = ""
-    if what == "gradient":
-        nan_w = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
-        note = (f" The weights {', '.join(nan_w)} already hold NaN/inf." if nan_w else
-                f" The weights are finite: the forward overflowed (huge input frames or "
-                f"potentials?) or the loss's gradient did.")
-    raise TrainingDiverged(
-        f"{what} {name} holds {count} of {size} NaN/inf values {where}"
-        + (f" (also: {', '.join(n for n, _, _ in bad[1:])})" if bad[1:] else "")
-        + f"; training aborted, nothing of this epoch was saved.{note}{hint}")
-
-
-def _warn_if_silent(with_output: float, readout: str, epoch: int, loss: float) -> None:
-    from .evaluate import SILENT_FRACTION  # late: evaluate imports this module
-
-    if readout == "counts" and 1.0 - with_output >= SILENT_FRACTION:
-        warnings.warn(f"epoch {epoch + 1}: no output spike in {100 * (1 - with_output):.0f}% "
-                      f"of training passes (mean loss {loss:.3f}; ln(classes) when silent): "
-                      f"the network is (nearly) silent and learns little. Lower theta, scale "
-                      f"the initial weights up or give the input more spikes.", RuntimeWarning,
-                      stacklevel=4)
 
 
 def _resume(path: Any, snn: AsyncSNN, opt: torch.optim.Optimizer, settings: dict[str, Any],

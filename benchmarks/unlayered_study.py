@@ -35,8 +35,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-
 from asynctrain import data  # noqa: E402
 from asynctrain.data import collate_time_major  # noqa: E402
 from asynctrain.diagnostics import gradient_report  # noqa: E402
@@ -47,8 +45,8 @@ T = 8
 N_VAL = 300
 VARIANTS: dict[str, dict] = {
     "base": {},
-    "nofill": dict(gradient_fill=False),
-    "fill": dict(gradient_fill=False, fill_slots=True),
+    "barrier": dict(barrier_messages=True),  # the old gradient-fill workaround
+    "fill": dict(fill_slots=True),
     "steep1": dict(steepness=1.0), "steep5": dict(steepness=5.0), "steep10": dict(steepness=10.0),
     "rate": dict(loss="rate"), "per_pass": dict(loss="per_pass"),
     "lr2e-3": dict(lr=2e-3), "lr1e-2": dict(lr=1e-2),
@@ -58,14 +56,16 @@ VARIANTS: dict[str, dict] = {
     "indrop0.2": dict(input_dropout=0.2),
     "detach": dict(detach_reset=True),
     "warm": dict(init="layered"),
+    "warm5": dict(init="layered", epochs=5),
 }
-ENGINE_KEYS = ("fill_slots", "input_order", "detach_reset")
+ENGINE_KEYS = ("fill_slots", "input_order", "detach_reset", "barrier_messages")
 
 
 def base_hyper() -> Hyper:
-    from demo import DEMO_HYPER  # the demo's settings are the starting point
-
-    return DEMO_HYPER
+    """The demo's settings before this study (without its gradient fill)."""
+    return Hyper(hidden=(32, 32, 32), dt=10.0, batch_size=64, epochs=20, lr=5e-3, theta=0.3,
+                 weight_decay=1e-5, tau=1.0, steepness=2.0, input_dropout=0.0, K=8,
+                 refractory_dropout=0.8, momentum_noise=1e-6)
 
 
 def splits(seed: int = 0):
@@ -132,6 +132,13 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
     hist = fit(snn, train_dl, ep, h.lr, h.weight_decay, seed=seed, progress=False, loss=h.loss,
                stop=stop, steps_after_output=F, val_loader=val_dl)
     after = gradient_report(snn, frames, labels, seed=seed, loss=h.loss)
+    async_val = {}
+    if policy == "layered":  # the layered model run as a chip runs it
+        from asynctrain.evaluate import evaluate
+
+        res = evaluate(snn, val_dl, ["RS", "MS"], steps_after_output=None, seed=seed)
+        async_val = {k: dict(accuracy=round(v.accuracy, 4), density=round(v.density, 4))
+                     for k, v in res.items()}
     r = lambda x: round(float(x), 4)  # noqa: E731
     return dict(variant=name, policy=policy, mode=mode, seed=seed, epochs=ep,
                 changes={**changes, **engine, **({"stop": stop, "F": F} if stop else {}),
@@ -143,7 +150,7 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
                 last_val=r(hist[-1]["val_accuracy"]), last_train=r(hist[-1]["train_accuracy"]),
                 grad_before={k: _round(v) for k, v in before.items()},
                 grad_after={k: _round(v) for k, v in after.items()},
-                seconds=round(time.perf_counter() - t0, 1))
+                async_val=async_val, seconds=round(time.perf_counter() - t0, 1))
 
 
 def _round(v):
@@ -156,6 +163,27 @@ def _has_field(name: str) -> bool:
     return name in {f.name for f in dataclasses.fields(SimConfig)}
 
 
+def summary(paths) -> str:
+    """A Markdown table of JSON-line results: training accuracy (last epoch), the
+    validation accuracy under the model's own execution (mean of the last 5
+    epochs, less noisy than one epoch on 300 samples; and the last epoch), density,
+    the fraction of hidden neurons reached by gradient and the cosine with the
+    layered gradient (per layer, after training)."""
+    lines = ["| variant | mode | run | policy | train acc | val acc (last 5) | val acc (last) "
+             "| density | reached | cos vs layered |", "|---|---|---|---|---:|---:|---:|---:|---|---|"]
+    for path in paths:
+        for text in open(path):
+            r = json.loads(text)
+            va = r["val_acc"]
+            g = r["grad_after"]
+            lines.append(
+                f"| {r['variant']} | {r['mode']} | s{r['seed']} {r['epochs']} ep | {r['policy']} | "
+                f"{r['last_train']:.3f} | {sum(va[-5:]) / len(va[-5:]):.3f} | {r['last_val']:.3f} | "
+                f"{r['val_density'][-1]:.2f} | {' '.join(f'{x:.2f}' for x in g['reached'])} | "
+                f"{' '.join(f'{x:.2f}' for x in g['cosine_layered'])} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["base"])
@@ -166,7 +194,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layered-epochs", type=int, default=20)
     ap.add_argument("--cache", default="study-cache")
     ap.add_argument("--log", default=None, help="append the JSON lines here too")
+    ap.add_argument("--summary", nargs="+", metavar="JSONL", help="print a table of these results")
     a = ap.parse_args(argv)
+    if a.summary:
+        print(summary(a.summary))
+        return 0
     torch.set_num_threads(1)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,7 @@ def test_checkpoints_rebuild_the_model_and_refuse_contradictions(data, tmp_path,
     base = ["--data-dir", str(data), "--out", str(out), "--no-progress"]
     rec.main([*base, "--policy", "layered", "--max-steps", "1", "--no-eval", "--theta", "0.3", *TINY])
     ck = out / "last.pt"
+    assert json.loads((out / "log.json").read_text())[0]["epoch"] == 1  # epochs count from 1
     # --eval-only CKPT alone: width and theta come from the file (no size-mismatch traceback,
     # no silently different numbers)
     rec.main(["--eval-only", str(ck), "--data-dir", str(data), "--out", str(tmp_path / "e1"),

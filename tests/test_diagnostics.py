@@ -101,3 +101,41 @@ def test_evaluate_drops_training_only_settings():
     plain = evaluate(at.AsyncSNN(snn.net, snn.cfg), loader, ["RS"], steps_after_output=None)
     assert with_fill["RS"].accuracy == plain["RS"].accuracy
     assert with_fill["RS"].synops == plain["RS"].synops
+
+
+def test_hyper_gradient_fill_is_a_deprecated_alias_of_fill_slots():
+    from asynctrain.experiment import Hyper, train_config
+
+    with pytest.warns(DeprecationWarning, match="fill_slots"):
+        cfg = train_config(Hyper(gradient_fill=True), "MS")
+    assert cfg.fill_slots and not cfg.barrier_messages
+    assert not train_config(Hyper(fill_slots=True), "layered").fill_slots  # unlayered only
+    assert train_config(Hyper(train_stop="output", train_F=2), "RS").steps_after_output == 2
+
+
+def test_run_models_validation_callback_and_finetune(tmp_path):
+    from dataclasses import replace
+
+    from torch.utils.data import TensorDataset
+
+    from asynctrain.experiment import Hyper, run_models
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    rate = torch.full((64, 12), 0.05)
+    rate[labels == 0, :6] = 0.6
+    rate[labels == 1, 6:] = 0.6
+    ds = TensorDataset((torch.rand(64, 4, 12, generator=g) < rate[:, None]).float(), labels)
+    h = Hyper(hidden=(8,), batch_size=32, epochs=2, lr=1e-2, tau=20.0, K=4)
+    seen = []
+    res = run_models(ds, ds, 12, 2, {"layered": h, "MS": replace(h, finetune_epochs=1)},
+                     ["MS", "layered"], tmp_path, steps_after_output=(), progress=False,
+                     val_ds=ds, on_epoch=lambda p, r: seen.append((p, r["epoch"], r["val_accuracy"])),
+                     log=lambda s: None)
+    assert [(p, e) for p, e, _ in seen] == [("layered", 1), ("layered", 2), ("MS", 1)]
+    assert set(res) == {"Layered", "Unlayered MS"}
+    lines = (tmp_path / "MS" / "train.jsonl").read_text()
+    assert '"init_from"' in lines and "layered" in lines
+    with pytest.raises(ValueError, match="fine-tune"):
+        run_models(ds, ds, 12, 2, replace(h, finetune_epochs=1), ["MS"], tmp_path / "x",
+                   progress=False)

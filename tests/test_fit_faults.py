@@ -160,3 +160,10 @@ def test_resume_prints_and_names_the_one_changed_setting(tmp_path, capsys):
         net = torch.nn.Sequential(torch.nn.Linear(12, 6, bias=False), torch.nn.Linear(6, 2, bias=False))
         fit(at.AsyncSNN(net, _snn().cfg), _loader(), 3, 1e-2, progress=False, checkpoint_path=p)
     assert load_model(p)[1]["epoch"] == 2
+
+
+def test_progress_bar_stays_and_counts_epochs_from_one(capsys):
+    fit(_snn(), _loader(), 2, 1e-2, progress=True, desc="toy")
+    err = capsys.readouterr().err
+    assert "toy" in err and "8/8" in err and err.rstrip().endswith("]")  # the final bar is kept
+    assert "epoch=2" in err and "epoch=0" not in err
