@@ -171,3 +171,24 @@ def test_our_export_read_by_snntorch_importer_exactly():
         ref = torch.stack([theirs(frames[t])[0] for t in range(frames.shape[0])])
     assert mine.sum() > 100
     assert torch.equal(mine, ref)
+
+
+def test_snntorch_leading_flatten_keeps_the_image_shape():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 6, bias=False),
+                        snn_lib.Leaky(beta=0.6, threshold=0.3, init_hidden=True,
+                                      reset_mechanism="zero"),
+                        nn.Linear(6, 3, bias=False),
+                        snn_lib.Leaky(beta=0.6, threshold=0.3, init_hidden=True, output=True,
+                                      reset_mechanism="zero"))
+    with torch.no_grad():
+        for m in (net[1], net[3]):
+            m.weight.add_(0.3)
+    frames = (torch.rand(6, 16, 1, 4, 4, generator=torch.Generator().manual_seed(3)) < 0.5).float()
+    ours, graph = anir.from_snntorch(net, frames[0, :1], SimConfig(policy="layered"),
+                                     backend="torch")
+    assert ours.graph.input_shape == (1, 4, 4) and isinstance(graph.nodes["0"], nir.Flatten)
+    ref = _snntorch_counts(net, frames)
+    assert ref.sum() > 10
+    with torch.no_grad():
+        assert torch.equal(ours(frames), ref)
