@@ -410,9 +410,9 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = 
     net = copy.deepcopy(net, memo)
     for path, m in net.named_modules():
         where = f"layer {path!r} ({type(m).__name__})"
-        if isinstance(m, snn.Leaky):
+        if type(m) is snn.Leaky:  # not its subclasses (DeltaLeaky has other dynamics)
             _check_leaky(m, where)
-        elif isinstance(m, snn.SpikingNeuron):
+        elif isinstance(m, snn.SpikingNeuron) or type(m).__module__.startswith("snntorch"):
             raise ValueError(f"{where}: only snn.Leaky neurons are supported (Synaptic / CubaLIF, "
                              f"recurrent and other neuron models are not)")
     _per_neuron_leaky(net, sample, snn.Leaky)

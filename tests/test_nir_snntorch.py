@@ -103,10 +103,15 @@ def test_snntorch_other_resets_refused(reset):
         anir.from_snntorch(net, torch.zeros(1, 40))
 
 
-def test_snntorch_synaptic_refused():
-    net = nn.Sequential(nn.Linear(4, 3, bias=False),
-                        snn_lib.Synaptic(alpha=0.5, beta=0.5, init_hidden=True, output=True))
-    with pytest.raises(ValueError, match=r"layer '1' \(Synaptic\): only snn.Leaky"):
+@pytest.mark.parametrize("neuron", ["Synaptic", "RLeaky", "DeltaLeaky"])
+def test_snntorch_other_neurons_refused(neuron):
+    make = {"Synaptic": lambda: snn_lib.Synaptic(alpha=0.5, beta=0.5, init_hidden=True, output=True),
+            "RLeaky": lambda: snn_lib.RLeaky(beta=0.5, linear_features=3, init_hidden=True,
+                                             output=True, reset_mechanism="zero"),
+            "DeltaLeaky": lambda: snn_lib.DeltaLeaky(beta=0.5, init_hidden=True, output=True,
+                                                     reset_mechanism="zero")}
+    net = nn.Sequential(nn.Linear(4, 3, bias=False), make[neuron]())
+    with pytest.raises(ValueError, match=rf"layer '1' \({neuron}\): only snn.Leaky"):
         anir.from_snntorch(net, torch.zeros(1, 4))
 
 
