@@ -13,7 +13,7 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>/dev/null || true
 	$(BIN)/pip install -q $(TORCH_PKGS)
-	$(BIN)/pip install -q -e ".[data,plots,test]"
+	$(BIN)/pip install -q -e ".[data,plots,test,nir]"
 	touch $(STAMP)
 
 demo: $(STAMP)

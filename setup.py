@@ -14,6 +14,9 @@ setup(
     extras_require={
         "data": ["tonic>=1.4", "torchvision", "scikit-learn", "h5py"],
         "plots": ["matplotlib"],
-        "test": ["pytest"],
+        # NIR export / import (asynctrain.nir)
+        "nir": ["nir>=1.0.8"],
+        # snnTorch and nirtorch (which snnTorch's NIR exporter runs on): cross-library tests
+        "test": ["pytest", "snntorch>=1.0", "nirtorch>=2.6"],
     },
 )
