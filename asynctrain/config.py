@@ -71,7 +71,8 @@ class SimConfig:
             are not pending and hold surrogate gradient (an evaluation since their last
             delivery that was synced and not refractory), ranked MS: highest V, RS:
             random. Fillers change no spike, potential, stat or synop; only the gradient
-            (silent neurons get some). Inference never fills.
+            (silent neurons get some). Inference never fills; no effect under
+            "layered" (it delivers every outbox anyway).
         surrogate_steepness: alpha of the arctan surrogate (paper 2 N-MNIST, 10 SHD/DVS).
         detach_reset: stop the gradient through the reset V <- V * (1 - s).
         readout: "counts" (output spike counts per pass) or "potential" (output

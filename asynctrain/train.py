@@ -105,8 +105,11 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             spikes per sample, capped passes, seconds), plus "start", "resume" and
             "abort" lines. Appended to, so a resumed run continues its log.
         checkpoint_path: written atomically (temporary file + rename) after every
-            epoch: weights, Adam state, epoch, history, seed. With `resume` and an
-            existing file, training continues from it.
+            epoch in the `asynctrain.checkpoint` format: model, weights, SimConfig,
+            Adam state, epoch, history, seed, lr, weight decay, loss, `recipe_args`.
+            With `resume` and an existing file, training continues from it (after
+            checking that it was made with the same model and settings; a difference
+            is named). Checked writable before training.
         max_batches: stop each epoch after this many batches (smoke runs).
         device: move frames and labels there (default: where the weights are).
         on_epoch_end: called with each epoch's record (e.g. to evaluate).
@@ -128,8 +131,13 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
 
     Returns: the history, one record per completed epoch (the resumed ones included).
 
-    Raises: TrainingDiverged when a loss is NaN or infinite; nothing of that epoch
-    is saved, so the last checkpoint holds the last finite state.
+    Raises: TrainingDiverged at the first NaN or infinite loss, gradient or weight
+    (naming epoch, batch and tensor); nothing of that epoch is saved, so the last
+    checkpoint holds the last finite state. ValueError before the first epoch for an
+    empty or batch-first loader or an unwritable path, during it for a batch whose
+    frames are not ``[T, B, ...]``. `asynctrain.checkpoint.CheckpointError` for a
+    checkpoint that cannot be resumed. Warns (RuntimeWarning) after an epoch in which
+    at least 90% of the passes had no output spike.
     """
     if stop is not None or steps_after_output is not None:
         # the training stop condition: run the whole call under it, then restore
