@@ -59,7 +59,7 @@ VARIANTS: dict[str, dict] = {
     "warm": dict(init="layered"),
     "warm5": dict(init="layered", epochs=5),
 }
-ENGINE_KEYS = ("fill_slots", "input_order", "detach_reset", "barrier_messages")
+ENGINE_KEYS = ("fill_slots", "input_order", "detach_reset", "barrier_messages", "network_dropout")
 
 
 def base_hyper() -> Hyper:
