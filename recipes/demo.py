@@ -3,21 +3,26 @@
 A narrow, deep spiking MLP (64-32-32-32-10) is trained three ways on the UCI
 optical digits (`sklearn.datasets.load_digits`, 1797 8x8 images, rate coded into
 T = 8 frames of Bernoulli spikes): layered (the usual synchronous SNN), unlayered
-with random scheduling (RS) and unlayered with momentum scheduling (MS), K = 8. Each
-model is then run the way an asynchronous chip runs it (no layer synchronization,
-K spikes per forward step, the pass stops one forward step after the first output
-spike) and, for the layered model, also layered. Printed: the paper's tables 2 and 3
-for this data set (accuracy, spike density, synaptic operations, energy) plus the
-latency until the decision, and what the numbers say about the finding. Written
-under --out: table.md, summary.json, results.json, latency.png,
-accuracy_vs_steps.png, currents_to_spike.png, per seed the checkpoints and logs.
+with random scheduling (RS) and unlayered with momentum scheduling (MS), K = 8,
+unlayered with slot filling (`fill_slots`). Each model is then run the way an
+asynchronous chip runs it (no layer synchronization, K spikes per forward step, the
+pass stops one forward step after the first output spike) and, for the layered
+model, also layered. All of it twice, once per input mode: the whole input frame as
+one forward step ("frame", `prioritize_input`, as the paper's code does) and input
+spikes queued with the others in a random order ("queued", SPEC 6). Printed per mode:
+the paper's tables 2 and 3 for this data set (accuracy, spike density, synaptic
+operations, energy) plus the latency until the decision, the training accuracies,
+and what the numbers say about the finding. Written under --out: summary.json and
+per mode <mode>/table.md, results.json, latency.png, accuracy_vs_steps.png,
+currents_to_spike.png, per seed the checkpoints and logs.
 
-    python recipes/demo.py                  # 3 seeds (about 3 min on 2 CPU cores)
+    python recipes/demo.py                  # 3 seeds, both modes (about 3 min on 2 CPU cores)
     python recipes/demo.py --seeds 1        # one seed
+    python recipes/demo.py --modes queued   # one input mode
     python recipes/demo.py --quick          # smoke run (seconds)
 
 The settings below were chosen on a validation split carved from the training split
-(never the test split); see DEMO_HYPER and README.md.
+(never the test split); see MODE_SETTINGS, docs/unlayered_training.md and README.md.
 """
 
 from __future__ import annotations
