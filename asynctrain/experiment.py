@@ -68,7 +68,8 @@ class Hyper:
     gradient_fill: bool = False
     """Deprecated alias of `fill_slots` (it used to send zero-valued barrier messages
     during unlayered training, which under RS take slots and change the spikes);
-    `train_config` maps it to ``fill_slots`` with a DeprecationWarning."""
+    `train_config` maps it to ``fill_slots`` with a FutureWarning (shown by default, unlike
+    DeprecationWarning, so a user of `--gradient-fill` sees it)."""
     fill_slots: bool = False
     """Training only, unlayered: fill each forward step's unused slots with the
     zero-valued outboxes of silent neurons so the gradient reaches them (SPEC 8);
@@ -108,7 +109,7 @@ def _engine_options(h: Hyper, async_: bool) -> dict[str, Any]:
         out["input_order"] = h.input_order
     if h.gradient_fill:
         warnings.warn("Hyper.gradient_fill / --gradient-fill is deprecated: use fill_slots / "
-                      "--fill-slots", DeprecationWarning, stacklevel=3)
+                      "--fill-slots", FutureWarning, stacklevel=3)
     if (h.fill_slots or h.gradient_fill) and async_:
         out["fill_slots"] = True
     return out
