@@ -68,15 +68,15 @@ class Hyper:
     gradient_fill: bool = False
     """Deprecated alias of `fill_slots` (it used to send zero-valued barrier messages
     during unlayered training, which under RS take slots and change the spikes);
-    `train_config` maps it to ``fill_slots`` with a DeprecationWarning where the
-    engine has that option."""
+    `train_config` maps it to ``fill_slots`` with a FutureWarning (shown by default, unlike
+    DeprecationWarning, so a user of `--gradient-fill` sees it)."""
     fill_slots: bool = False
     """Training only, unlayered: fill each forward step's unused slots with the
     zero-valued outboxes of silent neurons so the gradient reaches them (SPEC 8);
     changes no spike. Evaluation never fills."""
     input_order: str | None = None
-    """Order of queued input spikes (SPEC 6: "random" or "index"); None: the engine's
-    default."""
+    """Order of queued input spikes (SPEC 6: "random" or "index"); None: SimConfig's
+    default (random)."""
     train_stop: str = "spiking_done"
     """Stop condition of the training passes: "spiking_done" (drain, the paper's
     training default) or "output" (stop `train_F` steps after the first output spike,
@@ -101,25 +101,17 @@ def train_config(h: Hyper, policy: str) -> SimConfig:
 
 
 def _engine_options(h: Hyper, async_: bool) -> dict[str, Any]:
-    """fill_slots / input_order where the engine has them; `gradient_fill` is the
-    deprecated alias of fill_slots (barrier messages where the engine lacks it)."""
-    fields = set(SimConfig.__dataclass_fields__)
+    """input_order, and fill_slots for unlayered training; `gradient_fill` is the
+    deprecated alias of fill_slots (it used to send barrier messages, which under RS
+    take slots and change the spikes)."""
     out: dict[str, Any] = {}
     if h.input_order is not None:
-        if "input_order" not in fields:
-            raise ValueError(f"input_order={h.input_order!r}: this engine has no input_order option")
         out["input_order"] = h.input_order
-    fill = h.fill_slots or h.gradient_fill
     if h.gradient_fill:
         warnings.warn("Hyper.gradient_fill / --gradient-fill is deprecated: use fill_slots / "
-                      "--fill-slots", DeprecationWarning, stacklevel=3)
-    if fill and async_:
-        if "fill_slots" in fields:
-            out["fill_slots"] = True
-        elif h.fill_slots:
-            raise ValueError("fill_slots=True: this engine has no fill_slots option yet")
-        else:  # the old workaround, until the engine fills slots itself
-            out["barrier_messages"] = True
+                      "--fill-slots", FutureWarning, stacklevel=3)
+    if (h.fill_slots or h.gradient_fill) and async_:
+        out["fill_slots"] = True
     return out
 
 

@@ -106,7 +106,7 @@ def test_evaluate_drops_training_only_settings():
 def test_hyper_gradient_fill_is_a_deprecated_alias_of_fill_slots():
     from asynctrain.experiment import Hyper, train_config
 
-    with pytest.warns(DeprecationWarning, match="fill_slots"):
+    with pytest.warns(FutureWarning, match="fill_slots"):
         cfg = train_config(Hyper(gradient_fill=True), "MS")
     assert cfg.fill_slots and not cfg.barrier_messages
     assert not train_config(Hyper(fill_slots=True), "layered").fill_slots  # unlayered only

@@ -1,0 +1,44 @@
+"""benchmarks/unlayered_study.py: one short run gives a complete JSON line on the
+validation split (never the test split), and --summary tabulates it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "unlayered_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("unlayered_study", STUDY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variant_parsing(study):
+    assert study.parse_variant("fill") == ("fill", {"fill_slots": True})
+    name, ch = study.parse_variant("fill_slots=true,hidden=[8,8],loss=rate")
+    assert ch == {"fill_slots": True, "hidden": [8, 8], "loss": "rate"}
+
+
+def test_splits_are_disjoint_parts_of_the_training_split(study):
+    train, val = study.splits(0)
+    assert len(val) == study.N_VAL and len(train) + len(val) == 1347
+    assert not set(train.indices) & set(val.indices)
+
+
+def test_one_run_and_summary(study, tmp_path):
+    row = study.run_one("fill", {"fill_slots": True, "epochs": 1, "hidden": (8,)}, "MS",
+                        "queued", 0, 1, tmp_path, 1)
+    assert row["changes"]["input_order"] == "random" and row["epochs"] == 1
+    assert 0 <= row["val_acc"][0] <= 1 and 0 <= row["train_inference_acc"] <= 1
+    assert len(row["grad_after"]["reached"]) == 1
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    table = study.summary([path])
+    assert "| fill | queued | s0 1 ep | MS |" in table
