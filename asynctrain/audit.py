@@ -238,9 +238,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="Adam L2 coefficient")
     ft.add_argument("--refractory-dropout", type=cli.probability, default=0.8, help="paper: 0.8")
     ft.add_argument("--momentum-noise", type=cli.at_least(0.0, float), default=1e-6, help="MS only")
-    ft.add_argument("--no-gradient-fill", action="store_true",
-                    help="no zero-valued messages from silent neurons in training "
-                         "(see asynctrain.experiment.Hyper.gradient_fill)")
+    ft.add_argument("--no-fill-slots", action="store_true",
+                    help="train without slot filling (SPEC 8 fill_slots: unused slots carry "
+                         "silent neurons' zero outboxes, so the gradient reaches them)")
     ft.add_argument("--max-train", type=pos_int, default=None, help="train on a random subset")
     ap.add_argument("--device", type=cli.device, default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--threads", type=cli.threads, default=None, help="torch CPU threads")
@@ -348,7 +348,7 @@ def _finetune(snn: AsyncSNN, train_ds: Dataset, a: argparse.Namespace, out: Path
     cfg = snn.cfg.replace(policy=a.finetune_policy, stop="spiking_done",
                           refractory_dropout=a.refractory_dropout,
                           momentum_noise=a.momentum_noise if ms else 0.0,
-                          barrier_messages=not a.no_gradient_fill)
+                          fill_slots=not a.no_fill_slots)
     tuned = AsyncSNN(copy.deepcopy(snn.net), cfg, backend=snn.backend, input_shape=snn.graph.input_shape)
     fit(tuned, dl, a.finetune, a.lr, a.weight_decay, seed=a.seed, progress=not a.no_progress,
         log_path=out / "finetune.jsonl", resume=False,
