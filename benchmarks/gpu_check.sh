@@ -61,7 +61,7 @@ T_START=$(date +%s)
 
 json_str() {  # stdin -> one JSON string (quotes, backslashes, tabs, newlines escaped)
     sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/\\t/g' -e 's/[[:cntrl:]]//g' \
-        | awk 'BEGIN { printf "\"" } { printf "%s\\n", $0 } END { printf "\"" }'
+        | awk 'BEGIN { printf "\"" } NR > 1 { printf "\\n" } { printf "%s", $0 } END { printf "\"" }'
 }
 
 write_summary() {  # $1: the stage now running (or "" when all are done)
