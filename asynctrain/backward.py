@@ -184,6 +184,8 @@ def _sweep(engine: Engine, ops: list[tuple], st0: State, frames: torch.Tensor, w
             if sel is None:  # conv networks: not kept through the segment
                 sel = op[3].long()
                 sel_deliv = sel if op[4] is None else op[4].long()
+            # fillers (fill_slots) as their columns: delivered like any outbox
+            sel, sel_deliv = engine.decode(sel)[1], engine.decode(sel_deliv)[1]
             if isinstance(info, CompactInfo):
                 if g_current_buf is None:
                     g_current_buf = torch.zeros_like(g_v)

@@ -17,6 +17,7 @@ import torch
 POLICIES = ("RS", "MS", "layered")
 STOPS = ("spiking_done", "output")
 READOUTS = ("counts", "potential")
+INPUT_ORDERS = ("random", "index")
 
 PerNeuron = float | int | torch.Tensor
 
@@ -32,6 +33,13 @@ class SimConfig:
             "layered" (one forward step per layer; the usual synchronous SNN).
         prioritize_input: deliver all input currents at once as the first forward step
             of each pass; otherwise input spikes join the pending queue.
+        input_order: MS with queued input (SPEC 6): the order among the pending input
+            entries, which rank above every neuron. "random" (default): a permutation
+            drawn from the call's seed, fresh for each sample and timestep, the same at
+            every forward step of the pass (so the backward's recompute replays it);
+            "index": lower input index first (an image swept in raster order).
+            Irrelevant under RS (inputs get random keys like neurons) and with
+            `prioritize_input=True` (the frame is one step).
         stop: "spiking_done" (run until nothing is pending; training default) or
             "output" (stop `steps_after_output` steps after the first output spike;
             also when nothing is pending; inference default in the paper).
@@ -58,6 +66,12 @@ class SimConfig:
             threshold is evaluated; int or per neuron (`[n_neurons]`). 1 = fully async.
         barrier_messages: a neuron whose received-current count just reached its
             sync threshold without firing becomes pending with a zero-valued outbox.
+        fill_slots: training only (SPEC 8): each event step's unused slots (K minus the
+            entries selected) are filled with zero-valued outboxes of hidden neurons that
+            are not pending and hold surrogate gradient (an evaluation since their last
+            delivery that was synced and not refractory), ranked MS: highest V, RS:
+            random. Fillers change no spike, potential, stat or synop; only the gradient
+            (silent neurons get some). Inference never fills.
         surrogate_steepness: alpha of the arctan surrogate (paper 2 N-MNIST, 10 SHD/DVS).
         detach_reset: stop the gradient through the reset V <- V * (1 - s).
         readout: "counts" (output spike counts per pass) or "potential" (output
@@ -69,6 +83,7 @@ class SimConfig:
     forward_group_size: int = 8
     policy: str = "MS"
     prioritize_input: bool = False
+    input_order: str = "random"
     stop: str = "spiking_done"
     steps_after_output: int = 1
     max_steps: int = 1000
@@ -83,6 +98,7 @@ class SimConfig:
     dt: float = 10.0
     sync_threshold: PerNeuron = 1
     barrier_messages: bool = False
+    fill_slots: bool = False
     surrogate_steepness: float = 10.0
     detach_reset: bool = False
     readout: str = "counts"
@@ -219,6 +235,8 @@ def _validate(c: SimConfig) -> None:
         raise ValueError(f"policy must be one of {POLICIES}, got {c.policy!r}")
     if c.stop not in STOPS:
         raise ValueError(f"stop must be one of {STOPS}, got {c.stop!r}")
+    if c.input_order not in INPUT_ORDERS:
+        raise ValueError(f"input_order must be one of {INPUT_ORDERS}, got {c.input_order!r}")
     if c.readout not in READOUTS:
         raise ValueError(f"readout must be one of {READOUTS}, got {c.readout!r}")
     _check_int("steps_after_output", c.steps_after_output, 0)
@@ -228,7 +246,8 @@ def _validate(c: SimConfig) -> None:
     if not isinstance(c.momentum_noise, (int, float)) or not math.isfinite(c.momentum_noise) \
             or c.momentum_noise < 0:
         raise ValueError(f"momentum_noise must be a finite number >= 0, got {c.momentum_noise!r}")
-    for name in ("prioritize_input", "carry_pending", "refractory", "barrier_messages", "detach_reset"):
+    for name in ("prioritize_input", "carry_pending", "refractory", "barrier_messages", "detach_reset",
+                 "fill_slots"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be a bool, got {getattr(c, name)!r}")
     _check_per_neuron("tau", c.tau, positive=True, allow_inf=True)

@@ -185,6 +185,12 @@ class Engine:
         self.nested = self.syn is not None and checkpoint_every is None
         self.k = min(cfg.forward_group_size, w)
         self.alpha = float(cfg.surrogate_steepness)
+        # SPEC 8 fill_slots (training only): fillers ride in the step records as
+        # negative indices, -1 - column (`decode`)
+        self.fill = bool(cfg.fill_slots) and training and cfg.policy != "layered"
+        # MS with queued input: the inputs' order is a per-pass permutation (SPEC 6)
+        self.random_inputs = (cfg.policy == "MS" and not cfg.prioritize_input
+                              and cfg.input_order == "random")
         # Training-only randomness.
         t = training
         self.p_ref = cfg.refractory_dropout if t else 0.0
@@ -194,7 +200,8 @@ class Engine:
         # networks; they update states in place.
         self.fused = ops.fused(self) if (ops.fused is not None and self.syn is None
                                          and dtype in (torch.float32, torch.float64)
-                                         and (not histogram or ops.fused.records_histogram)) else None
+                                         and (not histogram or ops.fused.records_histogram)
+                                         and (not self.fill or ops.fused.fills_slots)) else None
 
     def sub_segment(self, n_ops: int) -> int | None:
         """Ops between the states the backward keeps inside a segment of `n_ops` ops
@@ -240,16 +247,57 @@ class Engine:
         """One event step. Conv networks without autograd update `st` in place at the
         receivers only (`_evaluate_at`): the caller owns `st` (a checkpoint is a packed
         copy); with autograd every op is functional."""
+        if self.fill:
+            return self._op_step_filled(st, sel, sel_deliv, wt, t, k)
         vals = st.o.gather(1, sel_deliv)
         if self.syn is not None:  # the conv/rows kernels of self.ops (ImageSynapses picks Triton or the twins)
             current, n_add = self.syn.deliver(vals, sel_deliv, wt, self.tables.source_slot, self.ops)
-            if not (torch.is_grad_enabled() and (wt.requires_grad or st.v.requires_grad
-                                                 or st.o.requires_grad)):
+            if not self._autograd(st, wt):
                 return self._evaluate_at(st, sel, current, n_add, t, k, vals)
         else:
             current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
             n_add = self.tables.received_counts(sel_deliv)
         return self._evaluate(st, st.o.scatter(1, sel, 0.0), current, n_add, n_add > 0, t, k, vals)
+
+    @staticmethod
+    def _autograd(st: State, wt: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (wt.requires_grad or st.v.requires_grad or st.o.requires_grad)
+
+    def decode(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A recorded [B, K] selection -> (the entries that count: fillers as the dump;
+        every delivered column: fillers as their column). Fillers (SPEC 8
+        `fill_slots`) are recorded as -1 - column, so a record stays one int32 [B, K]."""
+        if not self.fill:
+            return sel, sel
+        filler = sel < 0
+        return sel.masked_fill(filler, self.net.dump), torch.where(filler, -1 - sel, sel)
+
+    def _op_step_filled(self, st: State, sel: torch.Tensor, sel_deliv: torch.Tensor, wt: torch.Tensor,
+                        t: int, k: int) -> tuple[State, StepInfo | StepInfoAt]:
+        """`op_step` with fillers in the selection (SPEC 8): they are delivered like
+        outboxes (their zero values reach their targets, which are evaluated, and the
+        outboxes are emptied) but add nothing to the received counts, so they change
+        no n_in, spike, potential or synop; only the gradient sees them."""
+        sel_all = self.decode(sel)[1]
+        d_real, d_all = self.decode(sel_deliv)
+        vals = st.o.gather(1, d_all)
+        if self.syn is not None:
+            # two deliveries: the counts of the real entries (n_in), the fillers' targets
+            filler = sel_deliv < 0
+            dump = self.net.dump
+            current, n_add = self.syn.deliver(vals.masked_fill(filler, 0.0), d_real, wt,
+                                              self.tables.source_slot, self.ops)
+            c_fill, n_fill = self.syn.deliver(vals.masked_fill(~filler, 0.0), d_all.masked_fill(~filler, dump),
+                                              wt, self.tables.source_slot, self.ops)
+            current, n_recv = current + c_fill, n_add + n_fill
+            if not self._autograd(st, wt):
+                return self._evaluate_at(st, sel_all, current, n_add, t, k, vals, n_recv)
+            received = n_recv > 0
+        else:
+            current = deliver(vals, d_all, wt, self.tables.targets, self.ops)
+            n_add = self.tables.received_counts(d_real)
+            received = self.tables.received_counts(d_all) > 0
+        return self._evaluate(st, st.o.scatter(1, sel_all, 0.0), current, n_add, received, t, k, vals)
 
     def _evaluate(self, st: State, o: torch.Tensor, current: torch.Tensor, n_add: torch.Tensor,
                   received: torch.Tensor, t: int, k: int, vals: torch.Tensor
@@ -280,16 +328,18 @@ class Engine:
         return (col >= out.start) & (col < out.stop), (idx // w) * (out.stop - out.start) + col - out.start
 
     def _evaluate_at(self, st: State, sel: torch.Tensor, current: torch.Tensor, n_add: torch.Tensor,
-                     t: int, k: int, vals: torch.Tensor) -> tuple[State, StepInfoAt]:
+                     t: int, k: int, vals: torch.Tensor, n_recv: torch.Tensor | None = None
+                     ) -> tuple[State, StepInfoAt]:
         """`_evaluate` at the receivers of a step only, in place: the same operations
         on the gathered receivers (a VGG-7 step at K=8 reaches ~4% of the columns;
         nobody else changes), then scattered back. Steps that reach most columns run
         `_evaluate` over the whole state instead."""
         w = self.width
         st.o.scatter_(1, sel, 0.0)
-        idx = n_add.view(-1).nonzero().squeeze(1)
+        n_recv = n_add if n_recv is None else n_recv  # fillers' targets receive, uncounted
+        idx = n_recv.view(-1).nonzero().squeeze(1)
         if idx.numel() > SPARSE_BELOW * n_add.numel():  # most columns received (large K)
-            return self._evaluate(st, st.o, current, n_add, n_add > 0, t, k, vals)
+            return self._evaluate(st, st.o, current, n_add, n_recv > 0, t, k, vals)
         col = idx % w
         n_before = st.n_in.view(-1)[idx]
         n_in = n_before + n_add.view(-1)[idx]
@@ -320,8 +370,11 @@ class Engine:
         return st.acc.clone()
 
     # --- selection (forward only; recorded) -----------------------------------------
-    def select(self, pending: torch.Tensor, pre_spike: torch.Tensor, t: int, k: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pending: torch.Tensor, pre_spike: torch.Tensor, t: int, k: int,
+               fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sel, sel_deliv) int64 [B, K] of one step from the pending entries (bool [B, W],
+        of the samples still running). `fill` = (candidates bool [B, W], membrane [B, W]):
+        the unused slots take fillers (`_add_fillers`)."""
         cfg = self.cfg
         # Keys matter at pending entries only: random numbers are drawn there (the same
         # numbers as a draw over every column), not over the whole [B, N + 1] state.
@@ -338,16 +391,47 @@ class Engine:
             if self.noise > 0:
                 keys = keys + self.noise * u
             keys = keys.masked_fill(self.tables.is_input[at[1]], math.inf)
+        order = None
+        if self.random_inputs:  # SPEC 6: inputs above every neuron, in the pass's order
+            is_in = at[1] < self.net.n_inputs
+            order = torch.where(is_in, rng.input_order_key(self.seed, t, *at), -1)
         if self.ops.select is select_torch:
-            sel = select_pending_torch(*at, keys, self.batch, self.width, self.k)
+            sel = select_pending_torch(*at, keys, self.batch, self.width, self.k, order=order)
         else:  # a kernel reads keys over the whole state (only pending entries count)
+            if order is not None:
+                # its float keys cannot order the inputs: it sees only the K inputs at
+                # the front (all at +inf, above every neuron: it takes exactly them)
+                front = select_pending_torch(at[0][is_in], at[1][is_in], keys[is_in], self.batch,
+                                             self.width, self.k, order=order[is_in])
+                keep = ~is_in | torch.zeros_like(pending).scatter_(1, front, True)[at]
+                at, keys = (at[0][keep], at[1][keep]), keys[keep]
+                pending = torch.zeros_like(pending).index_put_(at, torch.ones_like(keys, dtype=torch.bool))
             dense = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device)
             sel = self.ops.select(pending, dense.index_put_(at, keys), self.k)
+        if fill is not None:
+            sel = self._add_fillers(sel, *fill, t, k)
         sel_deliv = sel
-        if self.p_net > 0:
-            drop = rng.uniform(self.seed, rng.STREAM_NETWORK_DROPOUT, t, k, sel) < self.p_net
+        if self.p_net > 0:  # fillers too: a dropped outbox reaches nobody, zero or not
+            drop = rng.uniform(self.seed, rng.STREAM_NETWORK_DROPOUT, t, k, self.decode(sel)[1]) < self.p_net
             sel_deliv = sel.masked_fill(drop, self.net.dump)
         return sel, sel_deliv
+
+    def _add_fillers(self, sel: torch.Tensor, cand: torch.Tensor, v: torch.Tensor, t: int, k: int
+                     ) -> torch.Tensor:
+        """SPEC 8 fill_slots: the dump slots of `sel` take the best candidates (MS:
+        highest V as float32, RS: `rng.STREAM_FILL` keys; ties to the lower index),
+        recorded as -1 - column."""
+        dump = self.net.dump
+        free = sel == dump
+        if not bool((free.any(1) & cand.any(1)).any()):
+            return sel
+        at = cand.nonzero(as_tuple=True)
+        keys = rng.uniform_at(self.seed, rng.STREAM_FILL, t, k, *at) if self.cfg.policy == "RS" \
+            else v[at].to(torch.float32)
+        best = select_pending_torch(*at, keys, self.batch, self.width, self.k)  # best first
+        rank = (free.cumsum(1) - 1).clamp(min=0)  # the j-th free slot takes the j-th best
+        filler = best.gather(1, rank)
+        return torch.where(free & (filler != dump), -1 - filler, sel)
 
     # --- the whole call --------------------------------------------------------------
     def run(self, frames: torch.Tensor, wt: torch.Tensor, *, keep_checkpoints: bool):
@@ -376,6 +460,8 @@ class Engine:
                 pending = torch.zeros_like(pending)
             ps = _Pass(B, self.width, self.dtype, self.device, pending, eager_first=cfg.stop == "output")
             ps.keep = keep
+            if self.fill:
+                ps.fillable = torch.zeros_like(pending)
             x = frames[t]
             _offer(ckpt, ops, st)
             ops.append(("input", t))
@@ -397,12 +483,17 @@ class Engine:
                 done = ps.done(cfg)
                 if bool(done.all()):
                     break
-                sel, sel_deliv = self.select(ps.pending & ~done[:, None], ps.pre_spike, t, k)
+                active = ~done[:, None]
+                fill = (ps.fillable & ~ps.pending & active, st.v) if self.fill else None
+                sel, sel_deliv = self.select(ps.pending & active, ps.pre_spike, t, k, fill)
                 _offer(ckpt, ops, st)
                 ops.append(("step", t, k, keep(_compact(sel)),
                             None if sel_deliv is sel else keep(_compact(sel_deliv))))
                 st, info = self.op_step(st, sel, sel_deliv, wt, t, k)
-                ps.pending = ps.pending.scatter(1, sel, False)
+                sel_all = self.decode(sel)[1]
+                ps.pending = ps.pending.scatter(1, sel_all, False)
+                if self.fill:  # delivered (or dropped): emptied
+                    ps.fillable = ps.fillable.scatter(1, sel_all, False)
                 ps.delivered.append(keep(sel_deliv))
                 ps.values.append(keep(info.vals))
                 ps.steps += ~done
@@ -423,6 +514,8 @@ class Engine:
         The fused steps update their state in place: they get copies of their own."""
         st = st.clone()
         ps.pending = ps.pending.clone()
+        if ps.fillable is not None:
+            ps.fillable = ps.fillable.clone()
         done = ps.done(self.cfg).contiguous()
         if self.histogram_bins and not isinstance(ps.currents, torch.Tensor):
             ps.currents = torch.zeros(self.histogram_bins, dtype=torch.int64, device=self.device)
@@ -452,6 +545,8 @@ class Engine:
         fired = info.spikes > 0
         is_src = self.tables.is_source
         ps.pending = ps.pending | (fired & is_src)
+        if self.fill:  # the outbox now holds surrogate gradient: synced and not clamped
+            ps.fillable = ps.fillable | (info.gate & ~info.refr & self.tables.is_hidden)
         if self.cfg.barrier_messages:
             reached = (info.n_before < self.sync) & (st.n_in >= self.sync)
             ps.pending = ps.pending | (reached & ~fired & is_src)
@@ -479,6 +574,8 @@ class Engine:
             sync = self.sync[col]
             new = new | ((info.n_before < sync) & (info.n_in >= sync) & is_src)
         ps.pending.view(-1)[idx[new]] = True
+        if self.fill:
+            ps.fillable.view(-1)[idx[info.gate & ~info.refr & self.tables.is_hidden[col]]] = True
         if self.cfg.policy == "MS":
             ps.pre_spike.view(-1)[idx[fired]] = info.v_pre[fired]
         ps.spike_sum.view(-1)[idx] = ps.spike_sum.view(-1)[idx] + info.spikes
@@ -524,6 +621,7 @@ class _Pass:
         self.values: list[torch.Tensor] = []     # per event step [B, K]
         self.out_fired: list[torch.Tensor] = []  # per evaluation [B]
         self.currents = 0
+        self.fillable: torch.Tensor | None = None  # fill_slots: outbox holds gradient, bool [B, W]
         self.keep = identity  # what the per-step lists store (retain.py)
 
     def done(self, cfg: SimConfig) -> torch.Tensor:
@@ -540,7 +638,8 @@ class _Pass:
         synops = zero if self.input_synops is None else self.input_synops
         per_step = [zero if self.input_processed is None else self.input_processed]
         if self.values:
-            vals, sel = torch.stack(self.values), torch.stack(self.delivered).long()   # [S, B, K]
+            # [S, B, K]; fillers (-1 - column) hold 0: clamped to column 0, counted nowhere
+            vals, sel = torch.stack(self.values), torch.stack(self.delivered).long().clamp(min=0)
             spikes = vals != 0  # empty and dropped slots hold 0; barrier messages are 0 too
             synops = synops + (fan_out[sel] * spikes).sum((0, 2))
             per_step.append(spikes.sum(2))

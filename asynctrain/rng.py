@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.rng import (STREAM_INPUT_DROPOUT, STREAM_MOMENTUM_NOISE,  # noqa: F401
-                          STREAM_NETWORK_DROPOUT, STREAM_REFRACTORY_DROPOUT, STREAM_RS_KEY,
-                          counter_hash, mix_index, uniform, uniform_at)
+from .kernels.rng import (STREAM_FILL, STREAM_INPUT_DROPOUT, STREAM_INPUT_ORDER,  # noqa: F401
+                          STREAM_MOMENTUM_NOISE, STREAM_NETWORK_DROPOUT, STREAM_REFRACTORY_DROPOUT,
+                          STREAM_RS_KEY, INPUT_ORDER_BITS, counter_hash, input_order_key, mix_index,
+                          uniform, uniform_at)
 from .kernels.rng import _C1, _C2, _GOLDEN, _MASK32, _finish, _fmix32, _fmix32_int  # noqa: F401
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from asynctrain import rng
 from asynctrain.config import SimConfig, per_neuron
 from asynctrain.kernels.lif import arctan_surrogate
+from asynctrain.kernels.select import sortable_key
 from asynctrain.network import Network, linear_weights
 
 
@@ -195,8 +196,16 @@ class DenseSNN(nn.Module):
                     if noise > 0:
                         key = key + noise * rng.uniform(seed, rng.STREAM_MOMENTUM_NOISE, t, k, idx)
                     key[:, :n0] = math.inf
-                key = key.masked_fill(~pending, -math.inf)
-                order = torch.sort(-key, dim=1, stable=True).indices[:, :cfg.forward_group_size]
+                if cfg.policy == "MS" and cfg.input_order == "random":
+                    # SPEC 6: inputs above every neuron, by the pass's order key (the
+                    # packed keys of kernels/select.py; ties to the lower index)
+                    high = sortable_key(key)
+                    high[:, :n0] = 0x7F800000 + rng.input_order_key(seed, t, torch.arange(B)[:, None], idx[:, :n0])
+                    packed = ((high << 32) | (N - 1 - idx)).masked_fill(~pending, -2**63)
+                    order = packed.argsort(1, descending=True)[:, :cfg.forward_group_size]
+                else:
+                    key = key.masked_fill(~pending, -math.inf)
+                    order = torch.sort(-key, dim=1, stable=True).indices[:, :cfg.forward_group_size]
                 ok = pending.gather(1, order) & active[:, None]
                 sel = torch.zeros_like(pending).scatter(1, order, ok)
                 deliv = sel

@@ -47,8 +47,17 @@ static inline float uniform_at(uint32_t h0, int64_t row, int64_t col) {
     return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 
+/* rng.input_order_key: the top 23 bits of the same finished hash */
+static inline int64_t order_key_at(uint32_t h0, int64_t row, int64_t col) {
+    uint32_t hb = fmix32(((uint32_t)row * GOLDEN) ^ h0);
+    uint32_t h = hb ^ fmix32((uint32_t)col);
+    h *= C1;
+    h ^= h >> 15;
+    return (int64_t)(h >> 9);
+}
+
 enum { STREAM_RS_KEY = 1, STREAM_MOMENTUM_NOISE = 2, STREAM_NETWORK_DROPOUT = 3,
-       STREAM_REFRACTORY_DROPOUT = 4 };
+       STREAM_REFRACTORY_DROPOUT = 4, STREAM_INPUT_ORDER = 6, STREAM_FILL = 7 };
 
 /* --- what stays fixed during a call ----------------------------------------------- */
 typedef struct {
@@ -63,6 +72,8 @@ typedef struct {
     const void *theta;            /* [W] */
     const void *wt;               /* [W, F] */
     int32_t policy_ms, refractory, barrier, stop_output, eager_first, detach_reset;
+    int32_t input_random;         /* MS: pending inputs in the pass's random order (SPEC 6) */
+    int32_t fill;                 /* fill_slots (SPEC 8): free slots take fillers, -1 - column */
     double noise, p_ref, p_net, alpha;
     int64_t max_steps, steps_after_output;
     uint32_t seed;
@@ -77,7 +88,11 @@ typedef struct {
     uint8_t *done;                /* [B] */
     int64_t hist_bins;            /* currents-to-spike histogram (0: not recorded) */
     int64_t *hist;                /* [hist_bins], in place */
+    uint8_t *fillable;            /* [B, W] fill candidates: outbox holds gradient (fill only) */
 } Ctx;
+
+/* A recorded slot: fillers are -1 - column */
+#define DEC(i) ((i) < 0 ? -1 - (int64_t)(i) : (int64_t)(i))
 
 /* Eight bool bytes at once (pending rows are mostly zero: skip them a word at a time). */
 static inline uint64_t word8(const uint8_t *p) {

@@ -62,12 +62,14 @@ class Ctx(ctypes.Structure):
                 ("is_source", _p),
                 ("is_input", _p), ("sync", _p), ("theta", _p), ("wt", _p),
                 ("policy_ms", _i32), ("refractory", _i32), ("barrier", _i32), ("stop_output", _i32),
-                ("eager_first", _i32), ("detach_reset", _i32),
+                ("eager_first", _i32), ("detach_reset", _i32), ("input_random", _i32),
+                ("fill", _i32),
                 ("noise", _dbl), ("p_ref", _dbl), ("p_net", _dbl), ("alpha", _dbl),
                 ("max_steps", _i64), ("steps_after_output", _i64), ("seed", _u32),
                 ("v", _p), ("o", _p), ("acc", _p), ("refr", _p), ("n_in", _p),
                 ("pending", _p), ("pre_spike", _p), ("spike_sum", _p), ("steps", _p),
-                ("first_out", _p), ("done", _p), ("hist_bins", _i64), ("hist", _p)]
+                ("first_out", _p), ("done", _p), ("hist_bins", _i64), ("hist", _p),
+                ("fillable", _p)]
 
 
 def _cache_dir() -> Path:
@@ -143,6 +145,7 @@ class CpuSteps:
     (all contiguous, on the CPU, in the call's dtype; they are kept referenced here
     while bound)."""
 
+    fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = True  # the currents-to-spike histogram (bind_pass(hist=...))
 
     def __init__(self, engine) -> None:
@@ -179,6 +182,8 @@ class CpuSteps:
         c.refractory, c.barrier = int(cfg.refractory), int(cfg.barrier_messages)
         c.stop_output = c.eager_first = int(cfg.stop == "output")
         c.detach_reset = int(cfg.detach_reset)
+        c.input_random = int(engine.random_inputs)
+        c.fill = int(engine.fill)
         c.noise, c.p_ref, c.p_net, c.alpha = engine.noise, engine.p_ref, engine.p_net, engine.alpha
         c.max_steps, c.steps_after_output = cfg.max_steps, cfg.steps_after_output
         c.seed = engine.seed
@@ -213,6 +218,11 @@ class CpuSteps:
         self._bound["hist"] = hist
         self.ctx.hist_bins = 0 if hist is None else hist.numel()
         self.ctx.hist = None if hist is None else _ptr(hist)
+        if self.ctx.fill:
+            fl = ps.fillable
+            assert fl is not None and fl.is_contiguous() and fl.dtype == torch.bool, "fillable"
+            self._bound["fillable"] = fl
+            self.ctx.fillable = _ptr(fl)
 
     def forward_step(self, t: int, k: int):
         """One forward step of the bound state and pass. Returns (sel, sel_deliv int32

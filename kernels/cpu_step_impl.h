@@ -6,6 +6,9 @@
 
 /* Deliver the K slots of sample b and evaluate its receivers (SPEC 5.2-5.4).
  * Record pointers (v_pre .. gate) may be NULL; `bk` (forward bookkeeping) 0 or 1.
+ * Fillers (fill_slots: entries -1 - column) are delivered but not counted: `cnt`
+ * holds 2 n_slots counters, [0, n_slots) every delivered entry per source layer
+ * (which layers receive), [n_slots, 2 n_slots) the counted ones (n_in).
  * Returns 1 if an output neuron fired. */
 static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *sel,
                         const int32_t *sd, SCALAR *vals, SCALAR *cur, int32_t *cnt,
@@ -17,10 +20,14 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
     uint8_t *refr = c->refr + b * W;
     int32_t *n_in = c->n_in + b * W;
     const SCALAR *wt = (const SCALAR *)c->wt, *theta = (const SCALAR *)c->theta;
-    for (int64_t j = 0; j < K; j++) vals[j] = o[sd[j]];
-    for (int64_t j = 0; j < K; j++) o[sel[j]] = 0;
-    memset(cnt, 0, sizeof(int32_t) * c->n_slots);
-    for (int64_t j = 0; j < K; j++) cnt[c->source_slot[sd[j]]]++;
+    int32_t *counted = cnt + c->n_slots;
+    for (int64_t j = 0; j < K; j++) vals[j] = o[DEC(sd[j])];
+    for (int64_t j = 0; j < K; j++) o[DEC(sel[j])] = 0;
+    memset(cnt, 0, sizeof(int32_t) * 2 * c->n_slots);
+    for (int64_t j = 0; j < K; j++) {
+        cnt[c->source_slot[DEC(sd[j])]]++;
+        if (sd[j] >= 0) counted[c->source_slot[sd[j]]]++;
+    }
     /* Only the layers a delivered source reaches change (fully connected: layer l + 1
      * for a source of layer l). */
     for (int64_t l = 0; l < c->n_slots; l++)
@@ -29,13 +36,14 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
      * the contiguous columns of layer l + 1 with row entries 0 .. n - 1; the rest of the
      * row is padding (zero weights the twin sends to the dump column, never read). */
     for (int64_t j = 0; j < K; j++) {
-        const int64_t s = sd[j], l = c->source_slot[s], lo = c->slot_lo[l], n = c->slot_hi[l] - lo;
+        const int64_t s = DEC(sd[j]), l = c->source_slot[s], lo = c->slot_lo[l], n = c->slot_hi[l] - lo;
         const SCALAR x = vals[j], *w = wt + s * F;
         SCALAR *dst = cur + lo;
         for (int64_t f = 0; f < n; f++) dst[f] += w[f] * x;
     }
     const float p_ref = (float)c->p_ref;
     uint8_t *pending = bk ? c->pending + b * W : NULL;
+    uint8_t *fillable = bk && c->fill ? c->fillable + b * W : NULL;
     SCALAR *pre = bk ? (SCALAR *)c->pre_spike + b * W : NULL;
     SCALAR *ssum = bk ? (SCALAR *)c->spike_sum + b * W : NULL;
     if (received) {  /* the record is defined at receivers; elsewhere only the masks */
@@ -44,8 +52,8 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
     }
     int out_any = 0;
     for (int64_t l = 0; l < c->n_slots; l++) {
-      const int32_t nadd = cnt[l];
-      if (!nadd) continue;
+      const int32_t nadd = counted[l];
+      if (!cnt[l]) continue;
       for (int64_t col = c->slot_lo[l]; col < c->slot_hi[l]; col++) {
         const int32_t nb = n_in[col], ni = nb + nadd;
         n_in[col] = ni;
@@ -71,6 +79,8 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
             if (c->is_source[col] && (s || (c->barrier && nb < c->sync[col] && ni >= c->sync[col])))
                 pending[col] = 1;
             if (c->policy_ms && s) pre[col] = vp;
+            /* fill_slots: the outbox holds surrogate gradient (synced, not clamped) */
+            if (fillable && g && !rf && c->is_source[col]) fillable[col] = 1;
             ssum[col] = ssum[col] + sf;
             if (s && out) out_any = 1;
             if (s && c->hist_bins) c->hist[ni < c->hist_bins - 1 ? ni : c->hist_bins - 1]++;
@@ -92,8 +102,10 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
                                         (uint32_t)t, (uint32_t)k);
     const uint32_t h_drop = counter_hash(seed, STREAM_NETWORK_DROPOUT, (uint32_t)t, (uint32_t)k);
     const uint32_t h_ref = counter_hash(seed, STREAM_REFRACTORY_DROPOUT, (uint32_t)t, (uint32_t)k);
+    const uint32_t h_order = counter_hash(seed, STREAM_INPUT_ORDER, (uint32_t)t, 0);
+    const uint32_t h_fill = counter_hash(seed, STREAM_FILL, (uint32_t)t, (uint32_t)k);
     const float noise = (float)c->noise, p_net = (float)c->p_net;
-    int32_t cnt[c->n_slots];
+    int32_t cnt[2 * c->n_slots];
     for (int64_t b = 0; b < B; b++) {
         int32_t *s = sel + b * K, *sd = sel_deliv + b * K;
         SCALAR *vb = vals + b * K;
@@ -110,6 +122,12 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
             if (!pend[col]) continue;
             float key;
             if (!c->policy_ms) key = uniform_at(h_key, b, col);
+            else if (c->is_input[col] && c->input_random) {
+                /* above every float key (+inf maps to 0x7F800000), by the order key */
+                cand[m++] = (int64_t)(((uint64_t)(0x7F800000 + order_key_at(h_order, b, col)) << 32)
+                                      | (uint64_t)(W - 1 - col));
+                continue;
+            }
             else if (c->is_input[col]) key = INFINITY;
             else {
                 key = (float)pre[col];
@@ -122,9 +140,26 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
         qsort(cand, (size_t)n, sizeof(int64_t), cmp_desc);
         for (int64_t j = 0; j < K; j++)
             s[j] = (int32_t)(j < n ? W - 1 - (int64_t)((uint64_t)cand[j] & 0xFFFFFFFFu) : dump);
+        if (c->fill && n < K) {  /* fill_slots: the free slots take the best fillers */
+            const uint8_t *fl = c->fillable + b * W;
+            const SCALAR *vb_ = (const SCALAR *)c->v + b * W;
+            int64_t mf = 0;
+            for (int64_t col = 0; col < W; col++) {
+                if (!(col & 7) && col + 8 <= W && !word8(fl + col)) { col += 7; continue; }
+                if (!fl[col] || pend[col]) continue;
+                const float key = c->policy_ms ? (float)vb_[col] : uniform_at(h_fill, b, col);
+                cand[mf++] = packed_key(key, col, W);
+            }
+            const int64_t nf = mf < K - n ? mf : K - n;
+            top_n(cand, mf, nf);
+            qsort(cand, (size_t)nf, sizeof(int64_t), cmp_desc);
+            for (int64_t j = 0; j < nf; j++)
+                s[n + j] = (int32_t)(-1 - (W - 1 - (int64_t)((uint64_t)cand[j] & 0xFFFFFFFFu)));
+        }
         for (int64_t j = 0; j < K; j++)
-            sd[j] = (c->p_net > 0 && uniform_at(h_drop, b, s[j]) < p_net) ? (int32_t)dump : s[j];
-        for (int64_t j = 0; j < K; j++) pend[s[j]] = 0;
+            sd[j] = (c->p_net > 0 && uniform_at(h_drop, b, DEC(s[j])) < p_net) ? (int32_t)dump : s[j];
+        for (int64_t j = 0; j < K; j++) if (s[j] >= 0) pend[s[j]] = 0;
+        if (c->fill) for (int64_t j = 0; j < K; j++) c->fillable[b * W + DEC(s[j])] = 0;
         const int out_any = FN(evaluate)(c, b, h_ref, s, sd, vb, cur, cnt, NULL, NULL, NULL, NULL, 1);
         c->steps[b] += 1;
         if (c->eager_first && c->first_out[b] < 0 && out_any) c->first_out[b] = c->steps[b];
@@ -170,7 +205,7 @@ void FN(at_replay_step)(const Ctx *c, int64_t t, int64_t k, const int32_t *sel,
                         uint8_t *received, uint8_t *gate, SCALAR *cur) {
     const int64_t B = c->B, W = c->W, K = c->K;
     const uint32_t h_ref = counter_hash(c->seed, STREAM_REFRACTORY_DROPOUT, (uint32_t)t, (uint32_t)k);
-    int32_t cnt[c->n_slots];
+    int32_t cnt[2 * c->n_slots];
     for (int64_t b = 0; b < B; b++)
         FN(evaluate)(c, b, h_ref, sel + b * K, sel_deliv + b * K, vals + b * K, cur, cnt,
                      v_pre + b * W, refr_before + b * W, received + b * W, gate + b * W, 0);
@@ -193,7 +228,7 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
         const uint8_t *rf = refr + b * W, *rc = received + b * W, *gt = gate + b * W;
         const int32_t *s = sel + b * K, *sd = sel_deliv + b * K;
         memset(cnt, 0, sizeof(int32_t) * c->n_slots);
-        for (int64_t j = 0; j < K; j++) cnt[c->source_slot[sd[j]]]++;
+        for (int64_t j = 0; j < K; j++) cnt[c->source_slot[DEC(sd[j])]]++;  /* fillers included */
         for (int64_t l = 0; l < c->n_slots; l++) {
           if (!cnt[l]) continue;
           for (int64_t col = c->slot_lo[l]; col < c->slot_hi[l]; col++) {
@@ -219,15 +254,15 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
         const SCALAR *x = vals + b * K;
         SCALAR gvals[K];
         for (int64_t j = 0; j < K; j++) {  /* padding entries: zero weight, zero adjoint */
-            const int64_t src = sd[j], l = c->source_slot[src], lo = c->slot_lo[l], n = c->slot_hi[l] - lo;
+            const int64_t src = DEC(sd[j]), l = c->source_slot[src], lo = c->slot_lo[l], n = c->slot_hi[l] - lo;
             const SCALAR *w = wt + src * F, *g = gcur + lo, xj = x[j];
             SCALAR *gw = grad_wt + src * F, a = 0;
             for (int64_t f = 0; f < n; f++) a += g[f] * w[f];
             for (int64_t f = 0; f < n; f++) gw[f] += g[f] * xj;
             gvals[j] = a;
         }
-        for (int64_t j = 0; j < K; j++) go[s[j]] = 0;
-        for (int64_t j = 0; j < K; j++) go[sd[j]] += gvals[j];
+        for (int64_t j = 0; j < K; j++) go[DEC(s[j])] = 0;
+        for (int64_t j = 0; j < K; j++) go[DEC(sd[j])] += gvals[j];
     }
 }
 

@@ -34,6 +34,13 @@ STREAM_MOMENTUM_NOISE = 2
 STREAM_NETWORK_DROPOUT = 3
 STREAM_REFRACTORY_DROPOUT = 4
 STREAM_INPUT_DROPOUT = 5
+STREAM_INPUT_ORDER = 6   # MS, queued input: the order among input entries (step 0 for a whole pass)
+STREAM_FILL = 7          # RS fill_slots: the ranking of the fillers
+
+# Bits of the input-order key: a pending input's packed selection key is
+# (0x7F800000 + q) << 32 | (W - 1 - column), above every float32 neuron key
+# (+inf is 0x7F800000), so q < 2**23.
+INPUT_ORDER_BITS = 23
 
 
 def _fmix32_int(h: int) -> int:
@@ -106,13 +113,27 @@ def uniform_at(seed: int, stream: int, timestep: int | torch.Tensor, step: int, 
     return _finish(hb ^ (mix_index(index) if mixed is None else mixed))
 
 
+def input_order_key(seed: int, timestep: int, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2**23) of input entries at (sample, index) pairs: under MS the
+    pending inputs of a pass are taken by decreasing key, ties to the lower index
+    (SPEC 6, ``input_order="random"``). Keyed by (seed, timestep, sample, index) and
+    not by the forward step: one permutation per pass, replayed exactly."""
+    h0 = counter_hash(seed, STREAM_INPUT_ORDER, timestep, 0)
+    hb = _fmix32(((rows * _GOLDEN) & _MASK32) ^ h0)
+    return _finish_bits(hb ^ mix_index(index)) >> (32 - INPUT_ORDER_BITS)
+
+
 def mix_index(index: torch.Tensor) -> torch.Tensor:
     """fmix32 of each index: the per-index half of the hash (int64)."""
     return _fmix32(index.to(torch.int64) & _MASK32)
 
 
-def _finish(h: torch.Tensor) -> torch.Tensor:
-    # one multiply-xorshift round over two well-mixed halves, keep the top 24 bits
+def _finish_bits(h: torch.Tensor) -> torch.Tensor:
+    # one multiply-xorshift round over two well-mixed halves (32 bits, int64)
     h = (h * _C1) & _MASK32
-    h = h ^ (h >> 15)
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return h ^ (h >> 15)
+
+
+def _finish(h: torch.Tensor) -> torch.Tensor:
+    # keep the top 24 bits
+    return (_finish_bits(h) >> 8).to(torch.float32) * (1.0 / (1 << 24))

@@ -33,13 +33,20 @@ def _fmix32(h):
 
 
 @jit
-def _uniform_at_from_hash(h0, rows, index):
+def _bits_at_from_hash(h0, rows, index):
     """uint32 scalar `h0` (the host-side counter hash), int tensors `rows`, `index` ->
-    float32 uniforms in [0, 1) with 24 bits, as `rng.uniform_at`."""
+    the finished uint32 hash (`rng._finish_bits`)."""
     hb = _fmix32((rows.to(tl.uint32) * 0x9E3779B9) ^ h0)
     h = (hb ^ _fmix32(index.to(tl.uint32))) * 0x85EBCA6B
     h ^= h >> 15
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return h
+
+
+@jit
+def _uniform_at_from_hash(h0, rows, index):
+    """uint32 scalar `h0` (the host-side counter hash), int tensors `rows`, `index` ->
+    float32 uniforms in [0, 1) with 24 bits, as `rng.uniform_at`."""
+    return (_bits_at_from_hash(h0, rows, index) >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
 # Constants: BLOCK. Per launch (not specialised on): the hash h0 (i64, `hash_arg`) and

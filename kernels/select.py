@@ -59,7 +59,7 @@ def select_torch(pending: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Ten
 
 
 def select_pending_torch(rows: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor, batch: int,
-                         width: int, k: int) -> torch.Tensor:
+                         width: int, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
     """`select_torch` from the pending entries alone: the same selected sets, with work
     O(pending) instead of O(B x W) (the engine's torch path, where the pending entries
     are listed anyway for their random keys; a VGG-7 state is 229,387 columns wide and
@@ -71,6 +71,11 @@ def select_pending_torch(rows: torch.Tensor, cols: torch.Tensor, keys: torch.Ten
         keys: float32 ``[P]`` their priorities (no NaN; ``inf`` allowed).
         batch, width: B and W of the state.
         k: forward group size K >= 1.
+        order: optional int64 ``[P]``: entries with ``order >= 0`` (< 2**23) rank
+            above every float key, by decreasing order (ties: lower index); their
+            `keys` are ignored (MS input entries in random order, SPEC 6: the packed
+            key's high half is 0x7F800000 + order, above +inf's 0x7F800000, as in
+            the fused steps).
 
     Returns:
         int64 ``[B, min(k, W)]`` as `select_torch`, but in a defined order: highest
@@ -82,7 +87,10 @@ def select_pending_torch(rows: torch.Tensor, cols: torch.Tensor, keys: torch.Ten
     start = torch.cumsum(counts, 0) - counts
     pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
     packed = torch.full((batch, n_max), _INT64_MIN, dtype=torch.int64, device=keys.device)
-    packed[rows, pos] = (sortable_key(keys) << 32) | (width - 1 - cols)
+    high = sortable_key(keys)
+    if order is not None:
+        high = torch.where(order >= 0, 0x7F800000 + order, high)
+    packed[rows, pos] = (high << 32) | (width - 1 - cols)
     top, _ = packed.topk(kk, dim=1, sorted=True)
     return torch.where(top != _INT64_MIN, width - 1 - (top & 0xFFFFFFFF), width - 1)
 

@@ -51,7 +51,7 @@ import torch
 from . import rng
 from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
-from .rng_triton import _fmix32, _uniform_at_from_hash
+from .rng_triton import _bits_at_from_hash, _fmix32, _uniform_at_from_hash
 from .select import _radix_threshold
 
 _SUFFIX = (torch.float32, torch.float64)
@@ -83,11 +83,13 @@ def _step_hash(h_t, k):
 
 
 @jit
-def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, noise,
-              POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, h_order, noise,
+              POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, INPUT_RANDOM: tl.constexpr,
+              BLOCK: tl.constexpr):
     """Mapped keys (uint32 order held in int64, -1 where not pending) of one row into
     `keys_row`; returns the number of pending entries. The key is the C's
-    `packed_key` high half: -0.0 as +0.0, negative floats with their low bits flipped."""
+    `packed_key` high half: -0.0 as +0.0, negative floats with their low bits flipped;
+    (INPUT_RANDOM) inputs 0x7F800000 + their order key (above +inf, as the C)."""
     n_pending = 0
     for start in range(0, W, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -104,6 +106,10 @@ def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, noise,
         bits = key.to(tl.int32, bitcast=True)
         bits = tl.where(bits == -2147483648, 0, bits)
         s = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        if POLICY_MS:
+            if INPUT_RANDOM:
+                q = (_bits_at_from_hash(h_order, b, cols) >> 9).to(tl.int32)
+                s = tl.where(inp, 0x7F800000 + q, s)
         u = tl.where(pend, s.to(tl.int64) + 2147483648, -1)
         tl.store(keys_row + cols, u, mask=inside)
         n_pending += tl.sum(pend.to(tl.int32))
@@ -230,9 +236,9 @@ def _slot_counts(sd, kmask, source_slot_ptr, NS: tl.constexpr):
 # Specialised on (fixed for an engine: one compile per dtype, K and network): W, K, F,
 # n_slots, out_lo, out_hi and the constexprs. Not specialised on (they change between
 # launches or calls and add nothing to the code): the batch B, the first step k0, the
-# step budget n_max, the three per-timestep hashes (i64, `hash_arg`), max_steps and
+# step budget n_max, the four per-timestep hashes (i64, `hash_arg`), max_steps and
 # steps_after_output.
-@jit(do_not_specialize=("B", "k0", "n_max", "h_key_t", "h_drop_t", "h_ref_t", "max_steps",
+@jit(do_not_specialize=("B", "k0", "n_max", "h_key_t", "h_drop_t", "h_ref_t", "h_order", "max_steps",
                         "steps_after_output"))
 def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is_input_ptr, sync_ptr,
                     theta_ptr, wt_ptr,
@@ -240,8 +246,9 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
                     pend_ptr, pre_ptr, ssum_ptr, steps_ptr, first_ptr, done_ptr,
                     sel_ptr, sd_ptr, vals_ptr, fired_ptr, taken_ptr, keys_ptr, cand_ptr,
                     B, W, K, F, n_slots, out_lo, out_hi, k0, n_max, h_key_t, h_drop_t, h_ref_t,
-                    noise, p_ref, p_net, max_steps, steps_after_output,
-                    POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PNET: tl.constexpr,
+                    h_order, noise, p_ref, p_net, max_steps, steps_after_output,
+                    POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, INPUT_RANDOM: tl.constexpr,
+                    HAS_PNET: tl.constexpr,
                     REFRACTORY: tl.constexpr, HAS_PREF: tl.constexpr, BARRIER: tl.constexpr,
                     STOP_OUTPUT: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
                     NS: tl.constexpr, DIGIT_BITS: tl.constexpr):
@@ -269,8 +276,8 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
         else:
             k = k0 + i
             h_key = _step_hash(h_key_t, k)
-            n_pending = _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, noise,
-                                  POLICY_MS, HAS_NOISE, BLOCK)
+            n_pending = _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key,
+                                  h_order.to(tl.uint32), noise, POLICY_MS, HAS_NOISE, INPUT_RANDOM, BLOCK)
             tl.debug_barrier()
             sel = _select_row(W, K, keys_row, cand_row, n_pending, BLOCK, KB, DIGIT_BITS)
             sd = sel
@@ -431,6 +438,7 @@ class TritonSteps:
     updated in place; scratch rows ([B, W] keys, [B, next_pow2(K)] candidates) are
     this object's."""
 
+    fills_slots = False  # fill_slots: the engine runs the per-op path
     records_histogram = False  # record_currents=True runs the per-op kernels
 
     def __init__(self, engine) -> None:
@@ -455,6 +463,7 @@ class TritonSteps:
         out = net.output_slice
         self.out_lo, self.out_hi = out.start, out.stop
         self.policy_ms = cfg.policy == "MS"
+        self.input_random = engine.random_inputs
         self.refractory, self.barrier = bool(cfg.refractory), bool(cfg.barrier_messages)
         self.stop_output = cfg.stop == "output"
         self.detach_reset = bool(cfg.detach_reset)
@@ -526,8 +535,10 @@ class TritonSteps:
             s["pending"], s["pre_spike"], s["spike_sum"], s["steps"], s["first_out"], s["done"],
             sel, sd, vals, fired.view(torch.uint8), taken, self._keys, self._cand,
             B, self.W, K, self.F, self.n_slots, self.out_lo, self.out_hi, k0, n_max, *map(hash_arg, h),
+            hash_arg(rng.counter_hash(self.seed, rng.STREAM_INPUT_ORDER, t, 0)),
             float(self.noise), float(self.p_ref), float(self.p_net), self.max_steps, self.steps_after_output,
-            POLICY_MS=self.policy_ms, HAS_NOISE=self.noise > 0, HAS_PNET=self.p_net > 0,
+            POLICY_MS=self.policy_ms, HAS_NOISE=self.noise > 0, INPUT_RANDOM=self.input_random,
+            HAS_PNET=self.p_net > 0,
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
             STOP_OUTPUT=self.stop_output, KB=self.KB, NS=self.NS, **self._launch_opts(forward=True))
         n = max(1, int(taken.max()))

@@ -21,8 +21,10 @@ Conventions where SPEC is silent (the project's choices, followed exactly):
 - Prioritized input step (SPEC 4.1): ``I = x @ W0^T``; every layer-1 neuron receives and
   gets ``n_in += n_inputs``; synops += nnz(x) * n_1; spikes_processed += nnz(x); no
   network dropout. Otherwise inputs enter the queue: ``O += x``, ``P |= x != 0``.
-- MS key (SPEC 6): S (+ momentum_noise * U for neurons); pending inputs get +inf.
-  RS key: U. The min(K, #pending) highest keys are selected.
+- MS key (SPEC 6): S (+ momentum_noise * U for neurons); pending inputs rank above
+  every neuron: ``input_order="index"`` lower index first; ``"random"`` by decreasing
+  ``rng.input_order_key(seed, t, b, i)`` (no step k: one permutation per pass), ties
+  to the lower index. RS key: U. The min(K, #pending) highest keys are selected.
 - Network dropout applies to every selected entry (inputs included when queued):
   dropped entries are emptied and reach nobody.
 - Evaluation (SPEC 5.4), receivers only: ``V1 = (V + I) * (1 - R)``;
@@ -33,6 +35,12 @@ Conventions where SPEC is silent (the project's choices, followed exactly):
   surrogate term in the gradient, as the layered baseline does for every neuron.
   Barrier messages: a hidden neuron whose n_in crossed sync_threshold this step and did
   not fire becomes pending (outbox unchanged).
+- fill_slots (SPEC 8, training): after the selection, the K - #selected unused slots
+  take the best candidates: hidden, not pending, and holding surrogate gradient (an
+  evaluation since their last delivery in this pass that was synced and not
+  refractory; `E`), MS: highest V (as float32), RS: ``uniform(seed, STREAM_FILL, t, k,
+  idx)``, ties to the lower index. They are delivered (network dropout included) and
+  emptied like outboxes; their targets are evaluated but their n_in does not grow.
 - Stop (SPEC 4.2), checked before each step per sample: nothing pending; or
   stop=="output" and steps >= q + steps_after_output (q = 1-based step of the first
   output spike of the pass); or steps >= max_steps (capped if still pending and the
@@ -56,7 +64,7 @@ from types import SimpleNamespace
 
 import torch
 
-from asynctrain.rng import (STREAM_INPUT_DROPOUT, STREAM_MOMENTUM_NOISE, STREAM_NETWORK_DROPOUT,
+from asynctrain.rng import (STREAM_FILL, STREAM_INPUT_DROPOUT, input_order_key, STREAM_MOMENTUM_NOISE, STREAM_NETWORK_DROPOUT,
                             STREAM_REFRACTORY_DROPOUT, STREAM_RS_KEY, uniform)
 
 
@@ -137,6 +145,8 @@ def _new_stats(T, B, n_neu, dtype):
 
 def _evaluate(g, st, cfg, I, recv, add_n, t, k, training, seed):
     """SPEC 5.4 for the receivers `recv` [B, N] of one step; updates `st` in place."""
+    if st.E is not None:  # fill_slots: synced, not clamped: the outbox holds gradient
+        st.E = st.E | (recv & (st.n_in + add_n >= g.sync) & ~st.R & g.hidden)
     before = st.n_in
     st.n_in = st.n_in + add_n
     V1 = (st.V + I) * (1 - st.R.to(g.dtype))
@@ -174,14 +184,39 @@ def _select(g, st, cfg, active, t, k, training):
         if training and cfg.momentum_noise > 0:
             key = key + cfg.momentum_noise * uniform(st.seed, STREAM_MOMENTUM_NOISE, t, k, st.idx).to(g.dtype)
         key[:, :g.sizes[0]] = math.inf
+    n0 = g.sizes[0]
+    random_inputs = cfg.policy == "MS" and cfg.input_order == "random"
     sel = torch.zeros_like(st.P)
     for b in range(st.P.shape[0]):
         if not active[b]:
             continue
         cand = st.P[b].nonzero().flatten()  # ascending flat index
-        order = torch.sort(-key[b, cand], stable=True).indices[:cfg.forward_group_size]
-        sel[b, cand[order]] = True
+        order = cand[torch.sort(-key[b, cand], stable=True).indices]
+        if random_inputs:  # pending inputs first, by decreasing order key (ties: lower index)
+            inp = cand[cand < n0]
+            q = input_order_key(st.seed, t, torch.full_like(inp, b), inp)
+            order = torch.cat([inp[torch.sort(-q, stable=True).indices], order[order >= n0]])
+        sel[b, order[:cfg.forward_group_size]] = True
     return sel
+
+
+def _fillers(g, st, cfg, sel, active, t, k):
+    """[B, N] bool: fill_slots (SPEC 8): the K - #selected best candidates (hidden, not
+    pending, outbox holding gradient: `st.E`), MS: highest V (float32), RS: U of
+    STREAM_FILL; ties to the lower index."""
+    if cfg.policy == "RS":
+        key = uniform(st.seed, STREAM_FILL, t, k, st.idx).to(torch.float64)
+    else:
+        key = st.V.detach().to(torch.float32).to(torch.float64)
+    fill = torch.zeros_like(st.P)
+    for b in range(st.P.shape[0]):
+        free = cfg.forward_group_size - int(sel[b].sum())
+        if not active[b] or free <= 0:
+            continue
+        cand = (st.E[b] & ~st.P[b] & g.hidden).nonzero().flatten()
+        order = cand[torch.sort(-key[b, cand], stable=True).indices]
+        fill[b, order[:free]] = True
+    return fill
 
 
 def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=None):
@@ -198,6 +233,7 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=No
     g = _setup(weights, frames, cfg, adjacency)
     T, B = g.frames.shape[:2]
     N, n0 = g.N, g.sizes[0]
+    fill_slots = training and cfg.fill_slots
     stats = _new_stats(T, B, N - n0, g.dtype)
     st = SimpleNamespace(seed=seed, idx=torch.arange(N).expand(B, N),
                          V=torch.zeros(B, N, dtype=g.dtype), O=torch.zeros(B, N, dtype=g.dtype),
@@ -213,6 +249,7 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=No
         st.acc = torch.zeros(B, g.sizes[-1], dtype=g.dtype)
         st.first = torch.full((B,), -1, dtype=torch.int64)
         st.neuron_spikes = torch.zeros(B, N, dtype=torch.int64)
+        st.E = torch.zeros(B, N, dtype=torch.bool) if fill_slots else None
         steps = torch.zeros(B, dtype=torch.int64)
         synops = torch.zeros(B, dtype=torch.int64)
         processed = torch.zeros(B, dtype=torch.int64)
@@ -245,15 +282,20 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=No
             active = ~done
             assert (steps[active] == k).all()
             sel = _select(g, st, cfg, active, t, k, training)
-            D = sel
+            fill = _fillers(g, st, cfg, sel, active, t, k) if fill_slots else torch.zeros_like(sel)
+            D, Df = sel, fill
             if training and cfg.network_dropout > 0:
-                D = sel & ~(uniform(seed, STREAM_NETWORK_DROPOUT, t, k, st.idx) < cfg.network_dropout)
-            vals = torch.where(D, st.O, 0.0)
-            st.O = torch.where(sel, 0.0, st.O)
+                kept = ~(uniform(seed, STREAM_NETWORK_DROPOUT, t, k, st.idx) < cfg.network_dropout)
+                D, Df = sel & kept, fill & kept
+            vals = torch.where(D | Df, st.O, 0.0)
+            st.O = torch.where(sel | fill, 0.0, st.O)
             st.P = st.P & ~sel
+            if fill_slots:
+                st.E = st.E & ~(sel | fill)
             I = vals @ g.Wbig
             add_n = (D.double() @ g.adj).round().long()
-            _evaluate(g, st, cfg, I, add_n > 0, add_n, t, k, training, seed)
+            recv = ((D | Df).double() @ g.adj) > 0  # fillers' targets are evaluated, uncounted
+            _evaluate(g, st, cfg, I, recv, add_n, t, k, training, seed)
             synops += ((D & (vals != 0)).long() * g.fanout).sum(1)
             processed += (D & (vals != 0)).sum(1)
             steps += active.long()

@@ -30,7 +30,8 @@ def _hand_net() -> nn.Sequential:
     return nn.Sequential(_lin([[1.0, 0.5], [0.6, 0.6]]), _lin([[0.5, 1.0]]))
 
 
-HAND = dict(forward_group_size=1, policy="MS", theta=1.0, tau=math.inf)
+# hand-computed numbers: inputs in index order (SPEC 6 `input_order="index"`)
+HAND = dict(forward_group_size=1, policy="MS", theta=1.0, tau=math.inf, input_order="index")
 
 
 # --- stop conditions -----------------------------------------------------------------

@@ -18,7 +18,9 @@ def _hand(T=1, **kw):
     ws = [torch.tensor(W0), torch.tensor(W1)]
     frames = torch.zeros(T, 1, 2)
     frames[0] = 1.0
-    cfg = SimConfig(**dict(dict(forward_group_size=1, policy="MS", theta=1.0, tau=math.inf), **kw))
+    # hand-computed numbers: inputs in index order (SPEC 6 `input_order="index"`)
+    cfg = SimConfig(**dict(dict(forward_group_size=1, policy="MS", theta=1.0, tau=math.inf,
+                                input_order="index"), **kw))
     out, st = dense_simulate(ws, frames, cfg)
     return out, {k: v.squeeze(1) if k not in ("hidden_spikes",) else v for k, v in st.items()}
 
@@ -166,11 +168,11 @@ def test_large_k_async_gives_layered_spikes(policy):
     assert torch.allclose(st_a["V"], st_l["V"], atol=1e-12)
 
 
-def _busy(policy, seed, training=True):
+def _busy(policy, seed, training=True, **kw):
     ws = _net([12, 10, 8, 3], scale=0.5)
     frames = _frames(3, 4, 12, p=0.6)
     cfg = SimConfig(policy=policy, forward_group_size=2, theta=0.3, refractory_dropout=0.5, input_dropout=0.2,
-                    network_dropout=0.1, momentum_noise=0.1)
+                    network_dropout=0.1, momentum_noise=0.1, **kw)
     return dense_simulate(ws, frames, cfg, seed=seed, training=training)
 
 
@@ -182,7 +184,11 @@ def test_deterministic_and_seed_dependent(policy):
     assert st1["hidden_spikes"].sum() > 20
     _, st3 = _busy(policy, 4)
     assert not torch.equal(st1["V"], st3["V"])
-    if policy == "MS":  # no random draw at all when not training and no noise
+    if policy == "MS":  # no random draw at all when not training, no noise, index order
+        _, a = _busy(policy, 3, training=False, input_order="index")
+        _, b = _busy(policy, 4, training=False, input_order="index")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        # the random input order (the default) is the seed's, in inference too
         _, a = _busy(policy, 3, training=False)
         _, b = _busy(policy, 4, training=False)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not torch.equal(a["V"], b["V"])

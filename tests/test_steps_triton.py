@@ -105,6 +105,7 @@ def _assert_forward_equal(a, b):
 
 FORWARD = {
     "MS-K1": (dict(policy="MS", forward_group_size=1), {}),
+    "MS-K3-index-order": (dict(policy="MS", forward_group_size=3, input_order="index"), {}),
     "MS-K3-ties-noise": (dict(policy="MS", forward_group_size=3, momentum_noise=0.1), {}),
     "MS-K40-more-than-pending": (dict(policy="MS", forward_group_size=40), {}),
     "RS-K3": (dict(policy="RS", forward_group_size=3), {}),
@@ -237,7 +238,7 @@ def _sig(kernel, fp: str) -> dict:
                 is_input_ptr="*u8", sync_ptr="*i32", refr_ptr="*u8", n_in_ptr="*i32", pend_ptr="*u8",
                 steps_ptr="*i64", first_ptr="*i64", done_ptr="*u8", sel_ptr="*i32", sd_ptr="*i32",
                 fired_ptr="*u8", taken_ptr="*i32", keys_ptr="*i64", cand_ptr="*i64", refrb_ptr="*u8",
-                recv_ptr="*u8", gate_ptr="*u8", h_key_t="i64", h_drop_t="i64", h_ref_t="i64", h_ref="i64",
+                recv_ptr="*u8", gate_ptr="*u8", h_key_t="i64", h_order="i64", h_drop_t="i64", h_ref_t="i64", h_ref="i64",
                 noise="fp32", p_ref="fp32", p_net="fp32")
     sig = {}
     for name in kernel.arg_names:
@@ -250,7 +251,7 @@ def _sig(kernel, fp: str) -> dict:
     return sig
 
 
-_FLAGS = dict(POLICY_MS=True, HAS_NOISE=True, HAS_PNET=True, REFRACTORY=True, HAS_PREF=True, BARRIER=True,
+_FLAGS = dict(POLICY_MS=True, HAS_NOISE=True, INPUT_RANDOM=True, HAS_PNET=True, REFRACTORY=True, HAS_PREF=True, BARRIER=True,
               STOP_OUTPUT=True)
 _C = steps_triton._config
 COMPILE = {  # case -> (kernel, dtype, constexprs and warps as the launcher picks them)
