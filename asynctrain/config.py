@@ -71,7 +71,8 @@ class SimConfig:
             are not pending and hold surrogate gradient (an evaluation since their last
             delivery that was synced and not refractory), ranked MS: highest V, RS:
             random. Fillers change no spike, potential, stat or synop; only the gradient
-            (silent neurons get some). Inference never fills.
+            (silent neurons get some). Inference never fills; no effect under
+            "layered" (it delivers every outbox anyway).
         surrogate_steepness: alpha of the arctan surrogate (paper 2 N-MNIST, 10 SHD/DVS).
         detach_reset: stop the gradient through the reset V <- V * (1 - s).
         readout: "counts" (output spike counts per pass) or "potential" (output
@@ -121,6 +122,16 @@ class SimConfig:
         return True
 
     __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        # per-neuron knobs can hold 200k values: summarise them, never print them
+        from .checkpoint import short  # late: checkpoint imports this module's users
+
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            parts.append(f"{f.name}={short(v) if isinstance(v, torch.Tensor) else repr(v)}")
+        return f"SimConfig({', '.join(parts)})"
 
     @property
     def K(self) -> int:  # noqa: N802 - the paper's name

@@ -42,11 +42,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .datacheck import DataFileError, check_events, first_line
+
 __all__ = ["EventFramer", "EventFrames", "TensorFrames", "collate_time_major", "nmnist",
-           "shd", "dvs_gesture", "cifar10", "digits", "CIFAR10_FOLDER"]
+           "shd", "dvs_gesture", "cifar10", "digits", "CIFAR10_FOLDER", "DataFileError"]
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 _DOWNLOAD_HINT = "Pass --download (download=True) where internet is available."
+
+
 
 
 # ----------------------------------------------------------------------- framing
@@ -135,8 +139,29 @@ class EventFrames(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        events, label = self.events[index]
+        where = self.where(index)
+        try:
+            events, label = self.events[index]
+        except DataFileError as err:
+            raise DataFileError(f"{where}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - tonic / numpy / h5py raise many kinds
+            raise DataFileError(f"{where}: unreadable ({type(err).__name__}: "
+                                f"{first_line(err)})") from err
+        check_events(events, getattr(self.events, "sensor_size", None), where)
+        if not 0 <= int(label) < self.num_classes:
+            raise DataFileError(f"{where}: label {int(label)} outside 0..{self.num_classes - 1}")
         return self.framer(events), int(label)
+
+    def where(self, index: int) -> str:
+        """The file (and sample) behind item `index`, for error messages."""
+        files = getattr(self.events, "data", None)
+        if isinstance(files, list) and 0 <= index < len(files) and isinstance(files[index], str):
+            return f"{files[index]} (sample {index})"
+        loc = getattr(self.events, "location_on_system", None)
+        name = getattr(self.events, "data_filename", None)
+        if loc and name:
+            return f"{os.path.join(loc, name)}, sample {index}"
+        return f"{type(self.events).__name__} sample {index}"
 
 
 class TensorFrames(Dataset):
@@ -226,9 +251,26 @@ def _build_tonic_classes() -> dict[str, type]:
     class _OfflineNMNIST(_Offline, td.NMNIST):
         _ext, _layout, _pretty, _tonic_min_files = ".bin", "<digit>/<id>.bin", "N-MNIST", 10000
 
+        def __getitem__(self, index: int) -> Any:
+            size = os.path.getsize(self.data[index])
+            if size % 5:
+                raise DataFileError(f"{size} bytes, not a whole number of 5-byte events "
+                                    f"(truncated?)")
+            return super().__getitem__(index)
+
     class _OfflineDVSGesture(_Offline, td.DVSGesture):
         _ext, _layout, _pretty = ".npy", "userNN_<lighting>/<label>.npy", "DVS Gesture"
         _tonic_min_files = 100
+
+        def __getitem__(self, index: int) -> Any:
+            try:
+                arr = np.load(self.data[index], allow_pickle=False, mmap_mode="r")
+            except Exception as err:  # noqa: BLE001 - numpy raises many kinds
+                raise DataFileError(f"not a numpy .npy array ({first_line(err)})") from err
+            if arr.ndim != 2 or arr.shape[1] != 4:
+                raise DataFileError(f"array of shape {arr.shape}, expected (N, 4) columns "
+                                    f"x, y, p, t")
+            return super().__getitem__(index)
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
@@ -300,10 +342,26 @@ def shd(data_dir: str | os.PathLike, train: bool = True, dt: float = 10.0,
     import h5py
 
     T = _timesteps(dt, duration_ms)
-    base = __getattr__("_OfflineSHD")(os.fspath(data_dir), train, allow_download=download)
-    with h5py.File(os.path.join(base.location_on_system, base.data_filename), "r") as f:
-        targets = f["labels"][()].astype(np.int64)
-        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["extra/keys"][()]]
+    try:
+        base = __getattr__("_OfflineSHD")(os.fspath(data_dir), train, allow_download=download)
+    except OSError as err:  # tonic opens the HDF5 file in its constructor
+        if isinstance(err, FileNotFoundError):
+            raise
+        name = f"shd_{'train' if train else 'test'}.h5"
+        raise DataFileError(f"{Path(data_dir, 'SHD', name)}: not a readable HDF5 file "
+                            f"(truncated or corrupt?): {first_line(err)}") from err
+    path = os.path.join(base.location_on_system, base.data_filename)
+    try:
+        with h5py.File(path, "r") as f:
+            targets = f["labels"][()].astype(np.int64)
+            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["extra/keys"][()]]
+            n_times, n_units = len(f["spikes/times"]), len(f["spikes/units"])
+    except (OSError, KeyError) as err:
+        raise DataFileError(f"{path}: not a readable SHD HDF5 file (needs spikes/times, "
+                            f"spikes/units, labels, extra/keys): {first_line(err)}") from err
+    if not len(targets) == n_times == n_units:
+        raise DataFileError(f"{path}: {len(targets)} labels but {n_times} spike-time and "
+                            f"{n_units} unit lists")
     framer = EventFramer((350, 1, 1), dt, T, spatial_factor=0.5)
     return EventFrames(base, framer, keys, targets)
 
@@ -348,26 +406,26 @@ def _load_pickle(path: Path) -> Any:
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="latin1").load()
     except Exception as err:
-        raise ValueError(f"{path}: not a CIFAR-10 python pickle ({err})") from err
+        raise DataFileError(f"{path}: not a CIFAR-10 python pickle ({err})") from err
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (images uint8 [N, 3072], labels int64 [N]), validated."""
     batch = _load_pickle(path)
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path}: expected a dict with 'data' and 'labels', got "
+        raise DataFileError(f"{path}: expected a dict with 'data' and 'labels', got "
                          f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
     data = batch["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data)
-        raise ValueError(f"{path}: 'data' must be uint8 (N, 3072), got {desc}")
+        raise DataFileError(f"{path}: 'data' must be uint8 (N, 3072), got {desc}")
     labels = np.asarray(batch["labels"])
     if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-        raise ValueError(f"{path}: 'labels' must be {len(data)} ints, got "
+        raise DataFileError(f"{path}: 'labels' must be {len(data)} ints, got "
                          f"{labels.dtype} {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: labels must lie in 0..9, got "
+        raise DataFileError(f"{path}: labels must lie in 0..9, got "
                          f"{labels.min()}..{labels.max()}")
     return data, labels.astype(np.int64)
 
@@ -398,7 +456,7 @@ def cifar10(data_dir: str | os.PathLike, train: bool = True, download: bool = Fa
     meta = _load_pickle(root / "batches.meta")
     classes = meta.get("label_names") if isinstance(meta, dict) else None
     if not isinstance(classes, list) or len(classes) != 10:
-        raise ValueError(f"{root / 'batches.meta'}: expected 'label_names', 10 names")
+        raise DataFileError(f"{root / 'batches.meta'}: expected 'label_names', 10 names")
     batches = [_read_cifar_batch(root / n) for n in names]
     images = np.concatenate([b[0] for b in batches]).reshape(-1, 1, 3, 32, 32)
     labels = np.concatenate([b[1] for b in batches])

@@ -4,7 +4,8 @@ A call runs T passes (timesteps). The timeline of a call is a flat list of ops::
 
     ("start", t)  ("input", t)  ("step", t, k, sel, sel_delivered) ...  ("end", t)
 
-Only "step" ops need a record: the [B, K] indices they selected (int32). The
+Only "step" ops need a record: the [B, K] indices they selected (int32; fillers of
+`fill_slots` as -1 - column, `Engine.decode`, so a record stays [B, K]). The
 differentiable state is (V, O, acc) -- membrane, outbox values, output accumulator
 of the pass -- plus two non-differentiable tensors the replay needs (refractory
 flag, received-current count). The pending flag and the pre-spike potential only

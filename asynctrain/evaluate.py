@@ -43,7 +43,9 @@ repeat exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -51,11 +53,13 @@ import numpy as np
 import torch
 
 from . import rng
+from .config import SimConfig
 from .module import AsyncSNN
+from .guards import SILENT_FRACTION
 from .train import logits_of
 
-__all__ = ["Execution", "ExecutionResult", "evaluate", "UBRAIN_ENERGY_PER_SO",
-           "DEFAULT_STEPS_AFTER_OUTPUT"]
+__all__ = ["Execution", "ExecutionResult", "evaluate", "inference_config", "TRAINING_ONLY",
+           "UBRAIN_ENERGY_PER_SO", "DEFAULT_STEPS_AFTER_OUTPUT"]
 
 UBRAIN_ENERGY_PER_SO = 0.26
 """Energy per synaptic operation on µBrain (Stuijt et al., "µBrain: an event-driven
@@ -74,6 +78,30 @@ _OVERRIDE_KEYS = {"K": "forward_group_size", "F": "steps_after_output",
                   "forward_group_size": "forward_group_size",
                   "prioritize_input": "prioritize_input", "carry_pending": "carry_pending",
                   "max_steps": "max_steps"}
+
+
+TRAINING_ONLY = {"input_dropout": 0.0, "network_dropout": 0.0, "refractory_dropout": 0.0,
+                 "momentum_noise": 0.0, "fill_slots": False}
+"""SimConfig fields that only shape training (SPEC 8), with their inference value.
+Fields this version of SimConfig lacks are skipped. `barrier_messages` is a
+training-only workaround only when every sync threshold is 1 (gradient fill, see
+`inference_config`); with sync thresholds above 1 it is the barrier hardware's
+synchronisation (SPEC 7) and stays."""
+
+
+def inference_config(cfg: SimConfig) -> SimConfig:
+    """`cfg` without its training-only settings (`TRAINING_ONLY` set to their
+    inference values; barrier messages off when every sync threshold is 1, where
+    they only serve to route gradients to silent neurons). `evaluate` runs every
+    execution from this, so a model trained with dropouts, noise, fillers or gradient
+    fill is evaluated as the paper does, whoever calls it."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {k: v for k, v in TRAINING_ONLY.items() if k in names and getattr(cfg, k) != v}
+    sync = cfg.sync_threshold
+    all_one = bool((sync == 1).all()) if isinstance(sync, torch.Tensor) else sync == 1
+    if cfg.barrier_messages and all_one:
+        changes["barrier_messages"] = False
+    return cfg.replace(**changes) if changes else cfg
 
 
 @dataclass(frozen=True)
@@ -108,9 +136,13 @@ class Execution:
             raise ValueError(f"execution {spec!r}: policy must be layered, RS or MS, got {head!r}")
         kw: dict[str, Any] = {}
         extra = []
+        seen: dict[str, str] = {}
         for part in parts:
             part = part.strip()
             if part == "drain":
+                if "stop" in seen:
+                    raise ValueError(f"execution {spec!r}: {seen['stop']} and drain both set stop")
+                seen["stop"] = "drain"
                 kw["stop"] = "spiking_done"
                 continue
             if "=" not in part:
@@ -120,15 +152,38 @@ class Execution:
                 raise ValueError(f"execution {spec!r}: unknown setting {name!r}; known: "
                                  f"{sorted(_OVERRIDE_KEYS)}")
             key = _OVERRIDE_KEYS[name]
-            if key == "forward_group_size":
-                kw["K"] = int(value)
-            elif key == "steps_after_output":
-                kw["steps_after_output"] = int(value)
-            elif key == "stop":
+            if key in seen:
+                raise ValueError(f"execution {spec!r}: {seen[key]} and {name} both set {key}; "
+                                 f"give it once")
+            seen[key] = name
+            if key == "stop":
+                if value not in ("output", "spiking_done"):
+                    raise ValueError(f"execution {spec!r}: stop must be output or spiking_done, "
+                                     f"got {value!r}")
                 kw["stop"] = value
+            elif key in ("prioritize_input", "carry_pending"):
+                flag = {"1": True, "true": True, "yes": True, "0": False, "false": False,
+                        "no": False}.get(value.lower())
+                if flag is None:
+                    raise ValueError(f"execution {spec!r}: {name} must be true or false, got {value!r}")
+                extra.append((key, flag))
             else:
-                extra.append((key, value.lower() in ("1", "true", "yes") if key in (
-                    "prioritize_input", "carry_pending") else int(value)))
+                lo = 0 if key == "steps_after_output" else 1
+                try:
+                    number = int(value)
+                except ValueError:
+                    number = None
+                if number is None or number < lo:
+                    raise ValueError(f"execution {spec!r}: {name} must be an integer >= {lo}, "
+                                     f"got {value!r}")
+                if key == "forward_group_size":
+                    kw["K"] = number
+                elif key == "steps_after_output":
+                    kw["steps_after_output"] = number
+                else:
+                    extra.append((key, number))
+        if policy == "layered" and (kw or extra):
+            raise ValueError(f"execution {spec!r}: layered execution takes no settings")
         return cls(policy, extra=tuple(extra), **kw)
 
     @property
@@ -226,30 +281,41 @@ def evaluate(snn: AsyncSNN, loader: Iterable, executions: Sequence[str | Executi
     if device is None:
         device = next(snn.parameters()).device
     n_hidden = snn.graph.n_hidden
-    was_training, was_recording = snn.training, snn.record_currents
+    was_training, was_recording, trained_cfg = snn.training, snn.record_currents, snn.cfg
     results: dict[str, ExecutionResult] = {}
+    # one bar over every pass over the data (each execution runs 1 + len(F sweep) + 1
+    # of them), counting batches: it moves as the work does
+    runs = [1 + (len(sweep) + 1 if ex.policy != "layered" and sweep else 0) for ex in execs]
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(execs), desc="evaluate", unit="execution", leave=False)
+        n_batches = _n_batches(loader, max_batches)
+        bar = tqdm(total=None if n_batches is None else sum(runs) * n_batches,
+                   desc=f"evaluate {len(execs)} execution(s), {sum(runs)} passes over the data",
+                   unit="batch", dynamic_ncols=True)
     snn.eval()
     try:
+        # training-only settings (dropouts, noise, fillers, gradient fill) never reach
+        # inference, whoever calls evaluate
+        snn.cfg = inference_config(trained_cfg)
         with torch.no_grad():
             for ex in execs:
                 snn.record_currents = True
-                main = _run(snn, loader, ex.overrides(), seed, max_batches, device)
+                main = _run(snn, loader, ex.overrides(), seed, max_batches, device, bar, ex.name)
                 snn.record_currents = was_recording
                 curve: dict[str, float] = {}
                 if ex.policy != "layered" and sweep:
                     for f in sweep:
                         o = dict(ex.overrides(), stop="output", steps_after_output=f)
-                        curve[str(f)] = _run(snn, loader, o, seed, max_batches, device)["accuracy"]
+                        curve[str(f)] = _run(snn, loader, o, seed, max_batches, device, bar,
+                                             f"{ex.name} F={f}")["accuracy"]
                     o = dict(ex.overrides(), stop="spiking_done")
-                    curve["drain"] = _run(snn, loader, o, seed, max_batches, device)["accuracy"]
+                    curve["drain"] = _run(snn, loader, o, seed, max_batches, device, bar,
+                                          f"{ex.name} drain")["accuracy"]
                 results[ex.name] = _result(ex, main, curve, n_hidden, energy_per_so, energy_unit)
-                if bar is not None:
-                    bar.update(1)
+                _warn_if_silent(results[ex.name], snn.cfg.readout)
     finally:
+        snn.cfg = trained_cfg
         snn.record_currents = was_recording
         snn.train(was_training)
         if bar is not None:
@@ -257,8 +323,25 @@ def evaluate(snn: AsyncSNN, loader: Iterable, executions: Sequence[str | Executi
     return results
 
 
+def _warn_if_silent(r: "ExecutionResult", readout: str) -> None:
+    if readout == "counts" and r.samples and 1.0 - r.passes_with_output >= SILENT_FRACTION:
+        warnings.warn(f"evaluate {r.execution}: no output spike in "
+                      f"{100 * (1 - r.passes_with_output):.0f}% of passes (density "
+                      f"{r.density:.3f}); the network is (nearly) silent, so its predictions "
+                      f"are mostly class 0. Lower theta or train longer.", RuntimeWarning,
+                      stacklevel=3)
+
+
+def _n_batches(loader: Iterable, max_batches: int | None) -> int | None:
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
+
+
 def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
-         max_batches: int | None, device: Any) -> dict[str, Any]:
+         max_batches: int | None, device: Any, bar: Any = None, name: str = "") -> dict[str, Any]:
     """One pass over the data under one execution; per-sample numbers as numpy."""
     keep: dict[str, list] = {k: [] for k in ("correct", "synops", "hidden_spikes", "latency_steps",
                                              "latency_spikes", "first_output_step", "label",
@@ -287,6 +370,9 @@ def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
             if "currents_to_spike" in st:
                 h = st["currents_to_spike"].cpu().to(torch.int64)
                 hist = h if hist is None else _add_hist(hist, h)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(name, refresh=False)
     if not keep["correct"]:
         raise ValueError("the loader yielded no batch")
     arrays = {k: torch.cat(v).numpy() for k, v in keep.items()}
@@ -294,6 +380,16 @@ def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
     arrays["capped"] = capped
     arrays["hist"] = [] if hist is None else hist.tolist()
     return arrays
+
+
+def inference_overrides(cfg: SimConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` on top of the changes `inference_config` makes to `cfg` (for
+    `AsyncSNN.configured`)."""
+    new = inference_config(cfg)
+    out = {f.name: getattr(new, f.name) for f in dataclasses.fields(cfg)
+           if getattr(new, f.name) is not getattr(cfg, f.name)}
+    out.update(overrides)
+    return out
 
 
 def _add_hist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,8 @@ resumed when present; ``--fresh`` starts over) and ``<policy>/train.jsonl`` (log
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
-from dataclasses import asdict, dataclass, field, replace
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,11 +28,10 @@ from .config import SimConfig
 from .data import collate_time_major
 from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, Execution, evaluate
 from .module import AsyncSNN
-from .report import markdown_table, table_rows, write_report
-from .train import LOSSES, fit
+from .train import fit
 
 __all__ = ["Hyper", "TRAIN_LABELS", "PAPER_EXECUTIONS", "build_snn", "train_config",
-           "paper_executions", "run_models", "recipe_main", "subset"]
+           "paper_executions", "run_models", "subset"]
 
 TRAIN_LABELS = {"layered": "Layered", "RS": "Unlayered RS", "MS": "Unlayered MS"}
 PAPER_EXECUTIONS = {"layered": ("layered", "RS", "MS"), "RS": ("RS",), "MS": ("MS",)}
@@ -49,44 +46,81 @@ class Hyper:
     ``hidden``: hidden layer sizes; ``tau`` and ``dt`` in ms; the regularisers apply
     only while training unlayered or layered (input dropout applies to both,
     refractory dropout and momentum noise only to the asynchronous executions).
+    Defaults: the paper's N-MNIST column where it has one, a 2 x 128 hidden MLP.
     """
 
-    hidden: tuple[int, ...]
-    dt: float
-    batch_size: int
-    epochs: int
-    lr: float
-    theta: float
-    weight_decay: float
-    tau: float
-    steepness: float
-    input_dropout: float
-    K: int
-    refractory_dropout: float
-    momentum_noise: float
+    hidden: tuple[int, ...] = (128, 128)
+    dt: float = 10.0
+    batch_size: int = 64
+    epochs: int = 20
+    lr: float = 5e-4
+    theta: float = 0.3
+    weight_decay: float = 1e-5
+    tau: float = 100.0
+    steepness: float = 2.0
+    input_dropout: float = 0.0
+    K: int = 8
+    refractory_dropout: float = 0.8
+    momentum_noise: float = 1e-6
     prioritize_input: bool = False
     loss: str = "counts"
     init_gain: float = 1.0
     gradient_fill: bool = False
-    """Training only, unlayered: a neuron that received currents without firing sends
-    one zero-valued message (SPEC 5's barrier message with sync threshold 1), so the
-    gradient reaches silent neurons (SPEC 8 leaves such a slot-filling option open;
-    the paper's code has it implicitly, this engine has no dedicated one yet). Under
-    MS these messages rank below every spike, fill only slots spikes leave free and
-    change no spike; under RS they compete for slots and delay spikes. Evaluation
-    never sends them."""
+    """Deprecated alias of `fill_slots` (it used to send zero-valued barrier messages
+    during unlayered training, which under RS take slots and change the spikes);
+    `train_config` maps it to ``fill_slots`` with a DeprecationWarning where the
+    engine has that option."""
+    fill_slots: bool = False
+    """Training only, unlayered: fill each forward step's unused slots with the
+    zero-valued outboxes of silent neurons so the gradient reaches them (SPEC 8);
+    changes no spike. Evaluation never fills."""
+    input_order: str | None = None
+    """Order of queued input spikes (SPEC 6: "random" or "index"); None: the engine's
+    default."""
+    train_stop: str = "spiking_done"
+    """Stop condition of the training passes: "spiking_done" (drain, the paper's
+    training default) or "output" (stop `train_F` steps after the first output spike,
+    as at inference)."""
+    train_F: int = 1
+    finetune_epochs: int = 0
+    """> 0: unlayered models start from the layered model's weights (this run's, or
+    `run_models(init_from=...)`) and train this many epochs instead of `epochs`."""
 
 
 def train_config(h: Hyper, policy: str) -> SimConfig:
     """The training execution of `policy` ("layered", "RS", "MS") for `h`: drain every
     pass (stop on spiking done, the paper's training default) with its regularisers."""
     async_ = policy != "layered"
-    return SimConfig(policy=policy, forward_group_size=h.K, theta=h.theta, tau=h.tau, dt=h.dt,
-                     surrogate_steepness=h.steepness, input_dropout=h.input_dropout,
-                     refractory_dropout=h.refractory_dropout if async_ else 0.0,
-                     momentum_noise=h.momentum_noise if policy == "MS" else 0.0,
-                     prioritize_input=h.prioritize_input, stop="spiking_done",
-                     barrier_messages=h.gradient_fill and async_)
+    cfg = SimConfig(policy=policy, forward_group_size=h.K, theta=h.theta, tau=h.tau, dt=h.dt,
+                    surrogate_steepness=h.steepness, input_dropout=h.input_dropout,
+                    refractory_dropout=h.refractory_dropout if async_ else 0.0,
+                    momentum_noise=h.momentum_noise if policy == "MS" else 0.0,
+                    prioritize_input=h.prioritize_input, stop=h.train_stop,
+                    steps_after_output=h.train_F)
+    return cfg.replace(**_engine_options(h, async_))
+
+
+def _engine_options(h: Hyper, async_: bool) -> dict[str, Any]:
+    """fill_slots / input_order where the engine has them; `gradient_fill` is the
+    deprecated alias of fill_slots (barrier messages where the engine lacks it)."""
+    fields = set(SimConfig.__dataclass_fields__)
+    out: dict[str, Any] = {}
+    if h.input_order is not None:
+        if "input_order" not in fields:
+            raise ValueError(f"input_order={h.input_order!r}: this engine has no input_order option")
+        out["input_order"] = h.input_order
+    fill = h.fill_slots or h.gradient_fill
+    if h.gradient_fill:
+        warnings.warn("Hyper.gradient_fill / --gradient-fill is deprecated: use fill_slots / "
+                      "--fill-slots", DeprecationWarning, stacklevel=3)
+    if fill and async_:
+        if "fill_slots" in fields:
+            out["fill_slots"] = True
+        elif h.fill_slots:
+            raise ValueError("fill_slots=True: this engine has no fill_slots option yet")
+        else:  # the old workaround, until the engine fills slots itself
+            out["barrier_messages"] = True
+    return out
 
 
 def build_snn(n_inputs: int, n_classes: int, h: Hyper, policy: str, seed: int) -> AsyncSNN:
@@ -127,33 +161,51 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
                energy_per_so: float = UBRAIN_ENERGY_PER_SO, energy_unit: str = "uBrain, rel.",
                device: str | torch.device = "cpu", workers: int = 0, progress: bool = True,
                resume: bool = True, max_batches: int | None = None,
-               log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+               log: Callable[[str], None] = print, val_ds: Dataset | None = None,
+               on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
+               init_from: str | Path | None = None,
+               recipe_args: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Train one model per policy (checkpoint ``out/<policy>/model.pt``) and evaluate
     it on `test_ds`; returns ``{training label: {execution name: ExecutionResult}}``.
-    `h` is one `Hyper` for all, or one per policy."""
+    `h` is one `Hyper` for all, or one per policy; `recipe_args` are stored in every
+    checkpoint (``meta["args"]``).
+
+    `val_ds`: evaluated after every epoch under the model's own execution
+    (``val_accuracy`` in the log and the history; choose settings on it, not on
+    `test_ds`). `on_epoch(policy, record)`: called after every epoch.
+    Warm start: a policy whose `Hyper.finetune_epochs` is > 0 starts from the
+    layered weights (`init_from`, a layered checkpoint, or else this call's layered
+    model, which then trains first) and trains that many epochs."""
     hypers = {p: (h[p] if isinstance(h, Mapping) else h) for p in policies}
     batch = max(x.batch_size for x in hypers.values())
     # No generator: `fit` seeds torch's RNG per epoch, which fixes the shuffle order
     # whether or not the run was resumed.
     test_dl = DataLoader(test_ds, batch_size=max(batch, 64), shuffle=False,
                          collate_fn=collate_time_major, num_workers=workers)
+    val_dl = None if val_ds is None else DataLoader(
+        val_ds, batch_size=max(batch, 64), shuffle=False, collate_fn=collate_time_major,
+        num_workers=workers)
     results: dict[str, dict[str, Any]] = {}
-    for policy in policies:
+    for policy in _training_order(policies, hypers, init_from):
         h = hypers[policy]
         train_dl = DataLoader(train_ds, batch_size=h.batch_size, shuffle=True,
                               collate_fn=collate_time_major, num_workers=workers)
         snn = build_snn(n_inputs, n_classes, h, policy, seed).to(device)
         folder = out / policy
-        history = fit(snn, train_dl, h.epochs, h.lr, h.weight_decay, seed=seed,
+        warm = policy != "layered" and h.finetune_epochs > 0
+        callback = None if on_epoch is None else (lambda rec, p=policy: on_epoch(p, rec))
+        history = fit(snn, train_dl, h.finetune_epochs if warm else h.epochs, h.lr,
+                      h.weight_decay, seed=seed,
                       log_path=folder / "train.jsonl", checkpoint_path=folder / "model.pt",
                       resume=resume, progress=progress, loss=h.loss, device=device,
-                      desc=f"train {TRAIN_LABELS[policy]} (seed {seed})", max_batches=max_batches)
+                      desc=f"train {TRAIN_LABELS[policy]} (seed {seed})", max_batches=max_batches,
+                      init_from=(init_from or out / "layered" / "model.pt") if warm else None,
+                      val_loader=val_dl, on_epoch_end=callback, recipe_args=recipe_args)
         if history:
             last = history[-1]
             log(f"{TRAIN_LABELS[policy]:13s} seed {seed}: {len(history)} epochs, loss "
                 f"{last['loss']:.3f}, train accuracy {last['train_accuracy']:.3f}, "
                 f"{sum(r['seconds'] for r in history):.0f} s")
-        snn.cfg = snn.cfg.replace(barrier_messages=False)  # gradient_fill is training-only
         execs = paper_executions(policy, eval_specs)
         results[TRAIN_LABELS[policy]] = evaluate(
             snn, test_dl, execs, steps_after_output=steps_after_output,
@@ -162,116 +214,23 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
     return results
 
 
+def _training_order(policies: Sequence[str], hypers: Mapping[str, Hyper],
+                    init_from: str | Path | None) -> list[str]:
+    """Layered first when an unlayered model warm-starts from it."""
+    warm = [p for p in policies if p != "layered" and hypers[p].finetune_epochs > 0]
+    if warm and init_from is None:
+        if "layered" not in policies:
+            raise ValueError(f"{warm} fine-tune from the layered model: train 'layered' too "
+                             f"or pass init_from (a layered checkpoint)")
+        return ["layered", *[p for p in policies if p != "layered"]]
+    return list(policies)
+
+
 # ------------------------------------------------------------------- recipes' CLI
-@dataclass
-class DataSpec:
-    """What a recipe knows about its data set."""
+def __getattr__(name: str) -> Any:
+    # the recipes' command line lives in asynctrain.recipe (which imports this module)
+    if name in ("DataSpec", "recipe_main"):
+        from . import recipe
 
-    name: str                       # "nmnist"
-    title: str                      # "N-MNIST"
-    n_inputs: int
-    n_classes: int
-    hyper: Hyper
-    load: Callable[[argparse.Namespace, bool], Dataset]  # (args, train) -> dataset
-    extra_args: Callable[[argparse.ArgumentParser], None] | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def _parser(spec: DataSpec) -> argparse.ArgumentParser:
-    h = spec.hyper
-    ap = argparse.ArgumentParser(
-        prog=f"recipes/{spec.name}.py",
-        description=f"{spec.title}: train the paper's models (layered, unlayered RS / MS) and "
-                    f"evaluate them under layered and asynchronous execution (tables 2-3, "
-                    f"figures 4-6 of Koopman et al.). Defaults are the paper's (table 6).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--data-dir", default="data", help="root holding tonic's data set folder")
-    ap.add_argument("--download", action="store_true", help="download missing files (internet)")
-    ap.add_argument("--out", default=f"runs/{spec.name}", help="output folder")
-    ap.add_argument("--train", nargs="+", choices=list(TRAIN_LABELS),
-                    default=list(TRAIN_LABELS), help="training executions")
-    ap.add_argument("--K", type=int, default=h.K, help="forward group size (train and inference)")
-    ap.add_argument("--epochs", type=int, default=h.epochs)
-    ap.add_argument("--batch-size", type=int, default=h.batch_size)
-    ap.add_argument("--lr", type=float, default=h.lr)
-    ap.add_argument("--loss", choices=sorted(LOSSES), default=h.loss)
-    ap.add_argument("--gradient-fill", action="store_true",
-                    help="unlayered training: silent neurons send one zero-valued message so "
-                         "gradients reach them (see Hyper.gradient_fill); changes no spike under MS")
-    ap.add_argument("--eval", nargs="+", default=["paper"], metavar="EXECUTION",
-                    help="executions for every model, e.g. layered RS MS:K=4 RS:drain MS:F=2; "
-                         "'paper' = table 2's rows (layered model: layered, RS, MS; each "
-                         "unlayered model: its own policy)")
-    ap.add_argument("--steps-after-output", type=int, nargs="*",
-                    default=list(DEFAULT_STEPS_AFTER_OUTPUT),
-                    help="F values of the accuracy-vs-F curve (none: skip)")
-    ap.add_argument("--energy-per-so", type=float, default=UBRAIN_ENERGY_PER_SO,
-                    help="energy per synaptic operation (default: uBrain, paper's relative units)")
-    ap.add_argument("--energy-unit", default="uBrain, rel.")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-train", type=int, default=None, help="use a random subset")
-    ap.add_argument("--max-test", type=int, default=None, help="use a random subset")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 64 train / 64 test samples, 1 epoch, batch 16, F in {0, 1}")
-    ap.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--no-progress", action="store_true")
-    if spec.extra_args is not None:
-        spec.extra_args(ap)
-    return ap
-
-
-def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
-    """Command line of a recipe; returns the exit status (2: data missing or bad
-    arguments)."""
-    ap = _parser(spec)
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.max_train = min(args.max_train or 64, 64)
-        args.max_test = min(args.max_test or 64, 64)
-        args.epochs = min(args.epochs, 1)
-        args.batch_size = min(args.batch_size, 16)
-        args.steps_after_output = [f for f in args.steps_after_output if f <= 1]
-    for name in ("K", "epochs", "batch_size"):
-        if getattr(args, name) < (0 if name == "epochs" else 1):
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:
-        for s in args.eval:
-            if s != "paper":
-                Execution.parse(s)
-    except ValueError as err:
-        ap.error(str(err))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    h = replace(spec.hyper, K=args.K, epochs=args.epochs, batch_size=args.batch_size,
-                lr=args.lr, loss=args.loss, gradient_fill=args.gradient_fill or spec.hyper.gradient_fill)
-    try:
-        train_ds = spec.load(args, True)
-        test_ds = spec.load(args, False)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    train_ds = subset(train_ds, args.max_train, args.seed)
-    test_ds = subset(test_ds, args.max_test, args.seed + 1)
-    out = Path(args.out)
-    if args.fresh:
-        for policy in args.train:
-            shutil.rmtree(out / policy, ignore_errors=True)
-    print(f"{spec.title}: {len(train_ds)} train / {len(test_ds)} test samples, network "
-          f"{[spec.n_inputs, *h.hidden, spec.n_classes]}, K={h.K}, {h.epochs} epochs; out: {out}")
-    results = run_models(train_ds, test_ds, spec.n_inputs, spec.n_classes, h, args.train, out,
-                         seed=args.seed, eval_specs=args.eval,
-                         steps_after_output=args.steps_after_output,
-                         energy_per_so=args.energy_per_so, energy_unit=args.energy_unit,
-                         device=args.device, workers=args.workers,
-                         progress=not args.no_progress, resume=not args.fresh)
-    title = f"{spec.title} (K={h.K}, {len(test_ds)} test samples)"
-    write_report(out, results, title, extra=dict(hyper=asdict(h), args=vars(args),
-                                                 notes=spec.notes))
-    print()
-    print(markdown_table(table_rows(results), title))
-    print(f"written under {out}/: table.md, results.json, latency.png, accuracy_vs_steps.png, "
-          f"currents_to_spike.png")
-    return 0
+        return getattr(recipe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

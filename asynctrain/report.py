@@ -37,7 +37,8 @@ Results = Mapping[str, "Mapping[str, ExecutionResult] | Sequence[Mapping[str, Ex
 COLUMNS = (("accuracy", "Acc.", "{:.3f}"), ("density", "Density", "{:.3f}"),
            ("synops", "SOs", "{:,.0f}"), ("energy", "Energy", "auto"),
            ("latency_steps", "Latency (fwd steps)", "{:.1f}"),
-           ("latency_spikes", "Latency (spikes)", "{:,.0f}"))
+           ("latency_spikes", "Latency (spikes)", "{:,.0f}"),
+           ("passes_with_output", "Passes with output", "{:.2f}"))
 
 
 def _per_seed(results: Results) -> dict[str, list[Mapping[str, ExecutionResult]]]:
@@ -49,9 +50,11 @@ def _per_seed(results: Results) -> dict[str, list[Mapping[str, ExecutionResult]]
     return out
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; the std of one seed is undefined: None
+    (null in results.json), never 0."""
     v = np.asarray(values, dtype=float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 def table_rows(results: Results) -> list[dict[str, Any]]:
@@ -66,6 +69,7 @@ def table_rows(results: Results) -> list[dict[str, Any]]:
             for key, _, _ in COLUMNS:
                 row[key] = _mean_std([getattr(r, key) for r in per])
             row["capped_passes"] = sum(r.capped_passes for r in per)
+            row["passes_with_output"] = _mean_std([r.passes_with_output for r in per])
             rows.append(row)
     return rows
 
@@ -76,7 +80,7 @@ def _cell(value: tuple[float, float], fmt: str, seeds: int) -> str:
         return "n/a"
     if fmt == "auto":  # energy: any unit, so any magnitude
         fmt = "{:,.0f}" if abs(mean) >= 1000 else "{:.4g}"
-    return fmt.format(mean) + (f" ± {fmt.format(std)}" if seeds > 1 else "")
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if seeds > 1 and std is not None else "")
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> str:
@@ -114,63 +118,95 @@ def _row_label(train: str, res: ExecutionResult) -> str:
 
 def plot_latency(results: Results, path: str | os.PathLike) -> Path:
     """Distribution over samples of the latency until the decision, in spikes
-    processed (left; the paper's figure 6) and in forward steps (right); one curve
-    per (training, execution), samples of all seeds pooled."""
+    processed (left; the paper's figure 6; every execution) and in forward steps
+    (right; asynchronous executions only: a layered forward step integrates a whole
+    layer, so its count is not comparable and is written in the panel instead); one
+    curve per (training, execution), samples of all seeds pooled."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    curves = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    curves, layered_steps = {}, {}
     for train, seeds in _per_seed(results).items():
         for name in seeds[0]:
             label = _row_label(train, seeds[0][name])
             curves[label] = {key: np.concatenate([np.asarray(s[name].per_sample[key], float)
                                                   for s in seeds if name in s])
                              for key in ("latency_spikes", "latency_steps")}
+            curves[label]["layered"] = name == "layered"
     for ax, key in zip(axes, ("latency_spikes", "latency_steps")):
-        allv = np.concatenate([c[key] for c in curves.values()])
+        shown = {k: c for k, c in curves.items() if key == "latency_spikes" or not c["layered"]}
+        if key == "latency_steps":
+            layered_steps = {k: float(c[key].mean()) for k, c in curves.items() if c["layered"]}
+        if not shown:
+            ax.text(0.5, 0.5, "no asynchronous execution evaluated", ha="center",
+                    transform=ax.transAxes)
+            continue
+        allv = np.concatenate([c[key] for c in shown.values()])
         bins = np.linspace(allv.min(), allv.max() + 1, 31)  # shared bins: comparable bars
-        for label, c in curves.items():
-            ax.hist(c[key], bins=bins, histtype="step", linewidth=1.5, label=label,
+        for label, c in shown.items():
+            i = list(curves).index(label)  # one colour and style per curve in both panels
+            ax.hist(c[key], bins=bins, histtype="step", linewidth=1.6, label=label,
+                    color=f"C{i % 10}", linestyle=_STYLES[i % len(_STYLES)],
                     weights=np.full(len(c[key]), 1.0 / len(c[key])))
         ax.set_ylabel("fraction of samples")
     axes[0].set_xlabel("spikes processed until the decision (per sample)")
     axes[1].set_xlabel("forward steps until the decision (per sample)")
-    axes[0].legend(fontsize=7)
+    axes[0].set_title("all executions", fontsize=9)
+    axes[1].set_title("asynchronous executions" + ("".join(
+        f"\n{k}: {v:.0f} layer steps per sample (not comparable)" for k, v in layered_steps.items())),
+        fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8,
+               frameon=False)
     fig.suptitle("Inference latency")
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) + 0.02, 1, 1))
+    return _save(fig, path, layout=False)
+
+
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def plot_accuracy_vs_steps(results: Results, path: str | os.PathLike) -> Path:
     """Accuracy as a function of the forward steps F allowed after a pass's first
     output spike (the paper's figure 5); "drain" = run until nothing is pending.
-    Asynchronous executions only; mean ± std over seeds as a band."""
+    Asynchronous executions only; mean ± std over seeds as a band. Curves that
+    coincide are told apart by marker and line style and a small sideways offset;
+    the legend sits below the axes, off the data."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     keys: list[str] = []
+    n_async = 0
+    series = []
     for train, seeds in _per_seed(results).items():
         for name in seeds[0]:
+            n_async += name != "layered"
             curve = seeds[0][name].accuracy_vs_steps_after_output
-            if not curve:
-                continue
-            keys = list(curve)
-            acc = np.array([[s[name].accuracy_vs_steps_after_output[k] for k in keys]
-                            for s in seeds if name in s])
-            x = np.arange(len(keys))
-            mean = acc.mean(0)
-            ax.plot(x, mean, marker="o", label=_row_label(train, seeds[0][name]))
-            if len(acc) > 1:
-                std = acc.std(0, ddof=1)
-                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            if curve:
+                series.append((train, name, seeds, list(curve)))
+    for i, (train, name, seeds, k) in enumerate(series):
+        keys = k
+        acc = np.array([[s[name].accuracy_vs_steps_after_output[q] for q in keys]
+                        for s in seeds if name in s])
+        offset = (i - (len(series) - 1) / 2) * min(0.06, 0.3 / max(len(series), 1))
+        x = np.arange(len(keys)) + offset
+        mean = acc.mean(0)
+        ax.plot(x, mean, marker=_MARKERS[i % len(_MARKERS)], linestyle=_STYLES[i % len(_STYLES)],
+                markersize=6, markerfacecolor="none", label=_row_label(train, seeds[0][name]))
+        if len(acc) > 1:
+            std = acc.std(0, ddof=1)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
     if keys:
         ax.set_xticks(np.arange(len(keys)))
-        ax.set_xticklabels([k if k != "drain" else "drain" for k in keys])
+        ax.set_xticklabels(keys)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncol=2, frameon=False)
     else:
-        ax.text(0.5, 0.5, "no asynchronous execution evaluated", ha="center",
+        ax.text(0.5, 0.5, "accuracy-vs-F sweep not run (no --steps-after-output values)"
+                if n_async else "no asynchronous execution evaluated", ha="center",
                 transform=ax.transAxes)
     ax.set_xlabel("forward steps allowed after the first output spike (F)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
-    if keys:
-        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -192,7 +228,13 @@ def plot_currents_to_spike(results: Results, path: str | os.PathLike) -> Path:
             ax.bar(np.arange(n), h / total, width=1.0)
             mean = float((np.arange(n) * h).sum() / total)
             ax.axvline(mean, color="k", linestyle="--", linewidth=1)
-            ax.text(0.97, 0.9, f"mean {mean:.1f}", transform=ax.transAxes, ha="right", fontsize=8)
+            lo, hi, beyond = _x_range(h)
+            ax.set_xlim(lo - 0.5, hi + 0.5)
+            note = f"mean {mean:.1f}" + (f"\n{100 * beyond:.1f}% of spikes beyond {hi}"
+                                         if beyond > 0 else "")
+            ax.text(0.97, 0.85, note, transform=ax.transAxes, ha="right", va="top", fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no spikes", ha="center", transform=ax.transAxes)
         ax.set_title(_row_label(train, seeds[0][name]), fontsize=9)
         ax.set_xlabel("currents integrated before the spike")
         ax.set_ylabel("fraction of spikes")
@@ -201,10 +243,23 @@ def plot_currents_to_spike(results: Results, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def _x_range(h: np.ndarray, keep: float = 0.995) -> tuple[int, int, float]:
+    """x range of a histogram that holds `keep` of its mass: (first bin, last bin,
+    fraction beyond the last). The axis spans the data, not the fan-in: a layered
+    panel sits at n = fan-in, an asynchronous one below ten."""
+    nz = np.flatnonzero(h)
+    c = np.cumsum(h) / h.sum()
+    hi = int(min(np.searchsorted(c, keep), nz[-1]))
+    lo = int(nz[0])
+    lo = 0 if lo <= max(10, hi - lo) else lo  # start at 0 unless the data sit far from it
+    return lo, max(hi, lo + 1), float(1.0 - c[hi])
+
+
+def _save(fig: Any, path: str | os.PathLike, layout: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 

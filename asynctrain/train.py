@@ -29,18 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from . import rng
+from .checkpoint import config_diff, load_into, read_checkpoint, save_model, short
 from .config import describe
+from .guards import (TrainingDiverged, check_batch, check_before_training, check_finite,
+                     run_settings, warn_if_silent)
 from .module import AsyncSNN
 
 __all__ = ["fit", "logits_of", "LOSSES", "TrainingDiverged", "save_checkpoint", "load_checkpoint",
-           "call_seed"]
+           "call_seed", "check_finite"]
 
-CHECKPOINT_VERSION = 1
 _STREAM_FIT = 101  # counter-hash stream of fit's seeds (the engine uses 1-5)
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the message says where and what to try."""
 
 
 def logits_of(out: torch.Tensor, readout: str) -> torch.Tensor:
@@ -88,6 +86,9 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         device: str | torch.device | None = None,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         loss: str | Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] = "counts",
+        stop: str | None = None, steps_after_output: int | None = None,
+        init_from: str | os.PathLike | dict | None = None, val_loader: Iterable | None = None,
+        val_execution: str | None = None, recipe_args: dict[str, Any] | None = None,
         ) -> list[dict[str, Any]]:
     """Train `snn` with Adam and cross-entropy on its logits (`logits_of`).
 
@@ -104,19 +105,49 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             spikes per sample, capped passes, seconds), plus "start", "resume" and
             "abort" lines. Appended to, so a resumed run continues its log.
         checkpoint_path: written atomically (temporary file + rename) after every
-            epoch: weights, Adam state, epoch, history, seed. With `resume` and an
-            existing file, training continues from it.
+            epoch in the `asynctrain.checkpoint` format: model, weights, SimConfig,
+            Adam state, epoch, history, seed, lr, weight decay, loss, `recipe_args`.
+            With `resume` and an existing file, training continues from it (after
+            checking that it was made with the same model and settings; a difference
+            is named). Checked writable before training.
         max_batches: stop each epoch after this many batches (smoke runs).
         device: move frames and labels there (default: where the weights are).
         on_epoch_end: called with each epoch's record (e.g. to evaluate).
         loss: a name of `LOSSES` ("counts", "rate", "per_pass") or a callable
             ``(out [T, B, C], labels [B], readout) -> scalar``.
+        stop, steps_after_output: the stop condition of the *training* passes
+            ("spiking_done", or "output" with F = `steps_after_output`); None keeps
+            ``snn.cfg``'s. Applied for the call only (``snn.cfg`` is unchanged after).
+        init_from: warm start: a checkpoint path (of `save_checkpoint`, e.g. a layered
+            run's ``model.pt``) or a ``net`` state dict; its weights are loaded before
+            the first epoch (not its optimizer state, epoch or history). Ignored when
+            training resumes from `checkpoint_path`. Fine-tuning a layered model
+            unlayered: ``fit(unlayered_snn, loader, 5, lr, init_from="layered/model.pt")``.
+        recipe_args: stored in the checkpoint as ``args`` (a recipe's command line), so
+            ``--eval-only`` and ``--resume`` can rebuild the run from the file alone.
+        val_loader: evaluated after every epoch under `val_execution` (default: the
+            trained policy with the paper's inference stop, or "layered"); adds
+            ``val_accuracy`` and ``val_density`` to the epoch record.
 
     Returns: the history, one record per completed epoch (the resumed ones included).
 
-    Raises: TrainingDiverged when a loss is NaN or infinite; nothing of that epoch
-    is saved, so the last checkpoint holds the last finite state.
+    Raises: TrainingDiverged at the first NaN or infinite loss, gradient or weight
+    (naming epoch, batch and tensor); nothing of that epoch is saved, so the last
+    checkpoint holds the last finite state. ValueError before the first epoch for an
+    empty or batch-first loader or an unwritable path, during it for a batch whose
+    frames are not ``[T, B, ...]``. `asynctrain.checkpoint.CheckpointError` for a
+    checkpoint that cannot be resumed. Warns (RuntimeWarning) after an epoch in which
+    at least 90% of the passes had no output spike.
     """
+    if stop is not None or steps_after_output is not None:
+        # the training stop condition: run the whole call under it, then restore
+        with snn.configured(**_stop_changes(snn, stop, steps_after_output)):
+            return fit(snn, train_loader, epochs, lr, weight_decay, seed=seed, log_path=log_path,
+                       checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+                       desc=desc, max_batches=max_batches, device=device,
+                       on_epoch_end=on_epoch_end, loss=loss, init_from=init_from,
+                       val_loader=val_loader, val_execution=val_execution,
+                       recipe_args=recipe_args)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -128,6 +159,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
     if not params:
         raise ValueError("snn has no trainable parameters")
     device = torch.device(device) if device is not None else params[0].device
+    settings = run_settings(seed, lr, weight_decay, loss)
+    check_before_training(train_loader, checkpoint_path, log_path)
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
@@ -137,19 +170,12 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
     log = _JsonLines(log_path)
     start = 0
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
-        ck = load_checkpoint(checkpoint_path, snn, opt)
-        start, history = ck["epoch"], list(ck.get("history", []))
-        mine = dict(seed=seed, lr=lr, weight_decay=weight_decay, cfg=describe(snn.cfg))
-        theirs = {k: ck.get(k) for k in mine}
-        if theirs != mine:
-            diff = ", ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} here"
-                             for k in mine if theirs[k] != mine[k])
-            raise ValueError(f"{checkpoint_path} was trained with other settings ({diff}); "
-                             f"use the same settings, another checkpoint path or resume=False")
-        log.write(event="resume", epoch=start, checkpoint=str(checkpoint_path))
+        start, history = _resume(checkpoint_path, snn, opt, settings, epochs, log)
     else:
         log.write(event="start", epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                   layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg))
+        if init_from is not None:
+            log.write(event="init_from", source=_load_init(snn, init_from))
     if start >= epochs:
         return history
 
@@ -166,11 +192,13 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         for epoch in range(start, epochs):
             record = _one_epoch(snn, opt, train_loader, epoch, seed, device, max_batches,
                                 bar, log, loss)
+            if val_loader is not None:
+                record.update(_validate(snn, val_loader, val_execution, seed))
             history.append(record)
             log.write(event="epoch", **record)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, snn, opt, epoch=epoch + 1, history=history,
-                                seed=seed, lr=lr, weight_decay=weight_decay)
+                                **settings, args=dict(recipe_args or {}))
             if on_epoch_end is not None:
                 on_epoch_end(record)
     finally:
@@ -187,11 +215,12 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
     torch.manual_seed(call_seed(seed, epoch, 2**31 - 1))
     t0 = time.perf_counter()
     sums = dict(loss=0.0, correct=0, samples=0, steps=0.0, passes=0, synops=0.0,
-                hidden=0.0, capped=0, batches=0)
+                hidden=0.0, capped=0, batches=0, with_output=0)
     last_loss = None
     for b, (frames, labels) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
+        check_batch(loader, frames, labels, epoch, b)
         frames, labels = frames.to(device), labels.to(device)
         out = snn(frames, seed=call_seed(seed, epoch, b))
         logits = logits_of(out, snn.cfg.readout)
@@ -205,9 +234,13 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
             raise TrainingDiverged(msg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _check_finite(snn, "gradient", epoch, b, log, opt)
         opt.step()
+        _check_finite(snn, "weight", epoch, b, log, opt)
         last_loss = loss.item()
         st = snn.stats
+        fo = st["first_output_step"]
+        sums["with_output"] += int((fo > 0).sum())
         B = labels.numel()
         sums["loss"] += last_loss * B
         sums["correct"] += int((logits.argmax(1) == labels).sum())
@@ -222,47 +255,94 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.3f}",
                             acc=f"{sums['correct'] / sums['samples']:.3f}", refresh=False)
+    if sums["batches"] == 0:
+        raise ValueError(f"train_loader yielded no batch in epoch {epoch + 1}; nothing was "
+                         f"trained or saved (an empty data set, or a sampler with nothing left?)")
+    warn_if_silent(sums["with_output"] / max(sums["passes"], 1), snn.cfg.readout, epoch,
+                    sums["loss"] / sums["samples"])
     n = max(sums["samples"], 1)
     return dict(epoch=epoch + 1, loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
+                passes_with_output=sums["with_output"] / max(sums["passes"], 1),
                 forward_steps_per_pass=sums["steps"] / max(sums["passes"], 1),
                 synops_per_sample=sums["synops"] / n, hidden_spikes_per_sample=sums["hidden"] / n,
                 capped_passes=sums["capped"], batches=sums["batches"], samples=sums["samples"],
                 seconds=time.perf_counter() - t0)
 
 
+def _stop_changes(snn: AsyncSNN, stop: str | None, steps_after_output: int | None) -> dict:
+    changes: dict[str, Any] = {}
+    if stop is not None:
+        changes["stop"] = stop
+    if steps_after_output is not None:
+        changes["steps_after_output"] = steps_after_output
+    snn.cfg.replace(**changes)  # raises on a bad value, naming it
+    return changes
+
+
+def _load_init(snn: AsyncSNN, source: str | os.PathLike | dict) -> str:
+    """Warm start: weights only, from a checkpoint path or a state dict."""
+    if isinstance(source, dict):
+        snn.net.load_state_dict(source.get("net", source))
+        return "<state dict>"
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"init_from={str(source)!r}: no such checkpoint")
+    load_checkpoint(source, snn)
+    return str(source)
+
+
+def _validate(snn: AsyncSNN, loader: Iterable, execution: str | None, seed: int) -> dict:
+    from .evaluate import evaluate  # late: evaluate imports this module
+
+    ex = execution or ("layered" if snn.cfg.policy == "layered" else snn.cfg.policy)
+    r = next(iter(evaluate(snn, loader, [ex], steps_after_output=None, seed=seed).values()))
+    return dict(val_execution=r.execution, val_accuracy=r.accuracy, val_density=r.density)
+
+
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: str | os.PathLike, snn: AsyncSNN, opt: torch.optim.Optimizer | None,
                     **extra: Any) -> None:
-    """Write weights (+ optimizer state and `extra`) atomically: a crash mid-write
-    leaves the previous checkpoint intact (temporary file in the same folder, then
-    ``os.replace``, which is atomic on POSIX and Windows)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = dict(version=CHECKPOINT_VERSION, net=snn.net.state_dict(),
-                 layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg),
-                 optimizer=None if opt is None else opt.state_dict(), **extra)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """`checkpoint.save_model` with the optimizer state (the one format of the
+    project: model description, config, version, `extra`); atomic."""
+    save_model(path, snn, optimizer=None if opt is None else opt.state_dict(), **extra)
 
 
 def load_checkpoint(path: str | os.PathLike, snn: AsyncSNN,
                     opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a checkpoint of `save_checkpoint` into `snn` (and `opt`); returns it."""
-    ck = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not an asynctrain checkpoint (version {CHECKPOINT_VERSION})")
-    if list(ck["layers"]) != list(snn.graph.layer_sizes):
-        raise ValueError(f"{path} holds layers {ck['layers']}, the model has "
-                         f"{list(snn.graph.layer_sizes)}")
-    snn.net.load_state_dict(ck["net"])
-    if opt is not None and ck.get("optimizer") is not None:
-        opt.load_state_dict(ck["optimizer"])
-    return ck
+    """Load a checkpoint into `snn` (and `opt`); returns what the writer stored
+    (``epoch``, ``history``, ...) plus ``config`` (the stored `SimConfig`).
+    `CheckpointError` (naming the file) for anything unusable."""
+    ck = load_into(path, snn, opt)
+    return dict(ck["meta"], config=ck["config"], version=ck.get("asynctrain_version"))
+
+
+# ----------------------------------------------------------- checks of fit's run
+def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines",
+                  opt: torch.optim.Optimizer) -> None:
+    try:
+        check_finite(snn, what, epoch, b, lr=opt.param_groups[0]["lr"])
+    except TrainingDiverged as err:
+        log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=str(err))
+        raise
+
+
+def _resume(path: Any, snn: AsyncSNN, opt: torch.optim.Optimizer, settings: dict[str, Any],
+            epochs: int, log: "_JsonLines") -> tuple[int, list[dict[str, Any]]]:
+    """Load `path` into `snn` and `opt` after checking it was made by the same run:
+    a differing setting is named, with the ways to start over."""
+    ck = read_checkpoint(path)
+    diffs = [f"{k}: {short(ck['meta'].get(k))} there, {short(v)} here"
+             for k, v in settings.items() if ck["meta"].get(k) != v]
+    diffs += [f"{n}: {a} there, {b} here" for n, a, b in config_diff(ck["config"], snn.cfg)]
+    if diffs:
+        raise ValueError(f"checkpoint {path} was trained with other settings ({'; '.join(diffs)}); "
+                         f"use the same settings to resume it, or start over: --fresh in the "
+                         f"recipes, resume=False for fit, or another --out / checkpoint_path")
+    load_into(path, snn, opt, ck=ck)
+    start, history = int(ck["meta"].get("epoch") or 0), list(ck["meta"].get("history") or [])
+    print(f"resumed from {path} at epoch {start}" + (
+        f" (already {start} >= epochs={epochs}: nothing to train)" if start >= epochs else ""))
+    log.write(event="resume", epoch=start, checkpoint=str(path))
+    return start, history
 
 
 # ---------------------------------------------------------------------- helpers
@@ -287,4 +367,5 @@ def _progress(enabled: bool, desc: str, total: int | None) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    # leave=True: the finished bar stays on screen as the record of the run
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=True)

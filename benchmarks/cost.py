@@ -7,8 +7,10 @@ Models (input Bernoulli spikes, xavier init, the paper's hyper-parameters, SPEC 
   tiny         20 -> 16-16 -> 5, batch 2, T=2 (a smoke test: `gpu_check.sh --dry-run`)
 Implementations: `layered` (AsyncSNN policy="layered"), `engine` (AsyncSNN, RS/MS at
 several K, default backend: on a CPU the fused C steps of backend="cpu"),
-`engine-torch` (the same with backend="torch", per-op tensor ops, at K=8) and
-`dense` (benchmarks/dense_baseline.py: the paper's per-step algorithm, batched: a
+`engine-torch` (the same with backend="torch", per-op tensor ops, at K=8),
+`engine-fill` / `engine-torch-fill` (the same with ``fill_slots=True``: the cost of
+slot filling, SPEC 8; `--fill-slots` measures only those against their plain
+points) and `dense` (benchmarks/dense_baseline.py: the paper's per-step algorithm, batched: a
 dense matmul over the whole network and a full argsort per step).
 
 Each point runs in two fresh subprocesses, one thread. Time: the median of --repeat
@@ -20,6 +22,7 @@ JSON line per point, then a table of ratios measured in this run.
 
     python benchmarks/cost.py                 # all points (~5 min on 2 cores)
     python benchmarks/cost.py --quick         # fewer points
+    python benchmarks/cost.py --fill-slots    # fill_slots=True against plain, shd-like
     python benchmarks/cost.py --device cuda   # on a GPU (peak = max_memory_allocated)
     python benchmarks/cost.py --points shd:layered:-:1,shd:engine:MS:8 --width-pairs 0
 """
@@ -54,7 +57,7 @@ MODELS = {
                  cfg=dict(theta=0.3, tau=100.0, dt=10.0, refractory_dropout=0.5, momentum_noise=0.1), lr=1e-3,
                  wd=0.0),
 }
-IMPLS = ("layered", "engine", "engine-torch", "dense")
+IMPLS = ("layered", "engine", "engine-torch", "engine-fill", "engine-torch-fill", "dense")
 
 
 def parse_points(text: str) -> list[tuple[str, str, str, int]]:
@@ -93,9 +96,10 @@ def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: s
     for m in net:
         torch.nn.init.xavier_uniform_(m.weight)
     net = net.to(device)
+    fill = impl.endswith("-fill")
     cfg = at.SimConfig(forward_group_size=k, policy="layered" if impl == "layered" else policy,
-                       **spec["cfg"])
-    backend = "torch" if impl == "engine-torch" else "auto"
+                       fill_slots=fill, **spec["cfg"])
+    backend = "torch" if impl.startswith("engine-torch") else "auto"
     mod = DenseSNN(net, cfg) if impl == "dense" else at.AsyncSNN(net, cfg, backend=backend)
     mod.train()
     opt = torch.optim.Adam(net.parameters(), lr=spec["lr"], weight_decay=spec["wd"])
@@ -140,7 +144,11 @@ def run_point(model: str, impl: str, policy: str, k: int, repeat: int, device: s
                 repeat=repeat, device=device)
 
 
-def points(quick: bool) -> list[tuple[str, str, str, int]]:
+def points(quick: bool, fill: bool = False) -> list[tuple[str, str, str, int]]:
+    if fill:  # fill_slots against the plain engine (fused C steps), and on the torch ops
+        pts = [("shd", impl, pol, k) for pol in ("RS", "MS") for k in (64, 8)
+               for impl in ("engine", "engine-fill")]
+        return pts + [("shd", "engine-torch", "MS", 8), ("shd", "engine-torch-fill", "MS", 8)]
     ks = (64, 8) if quick else (64, 32, 16, 8)
     pts = []
     for model in ("shd", "nmnist"):
@@ -198,6 +206,13 @@ def ratios(rows: list[dict]) -> list[tuple[str, float | None]]:
         get("shd", "engine", "MS", 8), "time_per_step_ms")
     add("dense time/step 700 / 350 inputs", get("shd700", "dense", "MS", 8),
         get("shd", "dense", "MS", 8), "time_per_step_ms")
+    for pol, k, impl in (("RS", 64, "engine"), ("RS", 8, "engine"), ("MS", 64, "engine"), ("MS", 8, "engine"),
+                         ("MS", 8, "engine-torch")):
+        if get("shd", impl + "-fill", pol, k) is None:
+            continue
+        for key, what in (("time_s", "time"), ("mem_growth_mb", "memory")):
+            add(f"shd {pol} K={k} {impl}: fill_slots / plain {what}", get("shd", impl + "-fill", pol, k),
+                get("shd", impl, pol, k), key)
     return out
 
 
@@ -215,6 +230,8 @@ def main() -> None:
                     help="mlp: the models below; vgg7: benchmarks/cost_vgg7.py (see its --help)")
     ap.add_argument("--quick", action="store_true", help="K in {64, 8} only")
     ap.add_argument("--points", help="only these points: model:impl:policy:K,... (overrides --quick)")
+    ap.add_argument("--fill-slots", action="store_true",
+                    help="only fill_slots=True against plain (shd-like, K in {64, 8}); no width pairs")
     ap.add_argument("--repeat", type=int, default=5, help="timed iterations per point (median)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
@@ -228,7 +245,7 @@ def main() -> None:
     if a.width_pairs < 0:
         ap.error(f"--width-pairs must be >= 0, got {a.width_pairs}")
     try:
-        chosen_points = parse_points(a.points) if a.points else points(a.quick)
+        chosen_points = parse_points(a.points) if a.points else points(a.quick, a.fill_slots)
     except ValueError as e:
         ap.error(str(e))
     if a.point:
@@ -247,6 +264,8 @@ def main() -> None:
             with open(a.out, "a") as f:
                 f.write(line + "\n")
 
+    if a.fill_slots:
+        a.width_pairs = 0
     for model, impl, policy, k in chosen_points:
         row = dict(info)
         for what, env in (("time", env_time), ("memory", env_mem)):
@@ -280,6 +299,8 @@ def main() -> None:
               f"{r['mem_growth_mb']:8.1f} {r['steps_per_pass']:10.2f} {r['time_per_step_ms']:8.2f}")
     print()
     for name, v in ratios(rows):
+        if a.fill_slots and v is None:
+            continue
         print(f"{name:60} {'n/a' if v is None else f'{v:.2f}'}")
     if pair_ratios:
         print(f"{'engine time/step 700 / 350, median of ' + str(len(pair_ratios)) + ' alternating pairs':60} "

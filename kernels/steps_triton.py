@@ -117,6 +117,36 @@ def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, h_order, n
 
 
 @jit
+def _fill_keys(b, W, fill_row, pend_row, v_row, keys_row, h_fill, POLICY_MS: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """fill_slots: mapped keys (as `_row_keys`) of the fill candidates (outbox holds
+    gradient, not pending) into `keys_row`, MS: V as float32, RS: the STREAM_FILL
+    uniform; returns the number of candidates."""
+    n_cand = 0
+    for start in range(0, W, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < W
+        cand = (tl.load(fill_row + cols, mask=inside, other=0) != 0) & \
+            (tl.load(pend_row + cols, mask=inside, other=0) == 0)
+        if POLICY_MS:
+            key = tl.load(v_row + cols, mask=inside, other=0.0).to(tl.float32)
+        else:
+            key = _uniform_at_from_hash(h_fill, b, cols)
+        bits = key.to(tl.int32, bitcast=True)
+        bits = tl.where(bits == -2147483648, 0, bits)
+        sk = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        tl.store(keys_row + cols, tl.where(cand, sk.to(tl.int64) + 2147483648, -1), mask=inside)
+        n_cand += tl.sum(cand.to(tl.int32))
+    return n_cand
+
+
+@jit
+def _dec(sel):
+    """Recorded slots -> columns (fill_slots records a filler as -1 - column)."""
+    return tl.where(sel < 0, -1 - sel, sel)
+
+
+@jit
 def _select_row(W, K, keys_row, cand_row, n_pending, BLOCK: tl.constexpr, KB: tl.constexpr,
                 DIGIT_BITS: tl.constexpr):
     """int32 [KB]: the top-K columns by packed key, highest first, the dump after the
@@ -156,21 +186,23 @@ def _select_row(W, K, keys_row, cand_row, n_pending, BLOCK: tl.constexpr, KB: tl
 def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr, slot_hi_ptr,
               is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_row, o_row, acc_row, refr_row, n_in_row,
               pend_row, pre_row, ssum_row, vpre_row, refrb_row, recv_row, gate_row,
-              sd_row, vals_row, cnt, h_ref, p_ref,
+              sd_row, vals_row, cnt, counted, fill_row, h_ref, p_ref,
               REFRACTORY: tl.constexpr, HAS_PREF: tl.constexpr, BARRIER: tl.constexpr,
-              POLICY_MS: tl.constexpr, BK: tl.constexpr, RECORD: tl.constexpr, BLOCK: tl.constexpr,
-              NS: tl.constexpr):
+              POLICY_MS: tl.constexpr, BK: tl.constexpr, RECORD: tl.constexpr, FILL: tl.constexpr,
+              BLOCK: tl.constexpr, NS: tl.constexpr):
     """Deliver the K slots (`sd_row`, `vals_row`, already in global memory) and
     evaluate the receivers (the C's `evaluate`): per receiving layer and column
     block, the current is summed in registers over the slots of that layer in slot
     order, then LIF, refractoriness, outboxes, acc, and (BK) pending flags, barrier
-    messages, pre-spike potentials, spike sums; (RECORD) the sweep's record.
+    messages, pre-spike potentials, spike sums; (RECORD) the sweep's record;
+    (BK and FILL) the fill candidates. `cnt`: delivered slots per source layer (which
+    layers receive), `counted`: those that count (fillers do not: n_in).
     Returns 1 if an output neuron fired."""
     ns = tl.arange(0, NS)
     out_any = tl.zeros((), tl.int32)
     for l in range(n_slots):
-        nadd = tl.sum(tl.where(ns == l, cnt, 0))
-        if nadd > 0:
+        nadd = tl.sum(tl.where(ns == l, counted, 0))
+        if tl.sum(tl.where(ns == l, cnt, 0)) > 0:
             lo = tl.load(slot_lo_ptr + l).to(tl.int32)  # int32 loop bounds: an int64 trip
             hi = tl.load(slot_hi_ptr + l).to(tl.int32)  # count costs a division call (stack)
             for start in range(lo, hi, BLOCK):
@@ -179,6 +211,7 @@ def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
                 cur = tl.zeros([BLOCK], wt_ptr.dtype.element_ty)
                 for j in range(K):
                     s = tl.load(sd_row + j).to(tl.int64)
+                    s = tl.where(s < 0, -1 - s, s)  # a filler's column
                     if tl.load(source_slot_ptr + s) == l:
                         x = tl.load(vals_row + j)
                         w = tl.load(wt_ptr + s * F + (cols - lo), mask=inside, other=0.0)
@@ -220,13 +253,16 @@ def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
                         tl.store(pre_row + cols, vp, mask=inside & fired)
                     ss = tl.load(ssum_row + cols, mask=inside, other=0.0)
                     tl.store(ssum_row + cols, ss + sf, mask=inside)
+                    if FILL:  # the outbox holds surrogate gradient: synced, not clamped
+                        tl.store(fill_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=inside & g & ~rf & src)
                     out_any = tl.maximum(out_any, tl.max((fired & out).to(tl.int32)))
     return out_any
 
 
 @jit
 def _slot_counts(sd, kmask, source_slot_ptr, NS: tl.constexpr):
-    """int32 [NS]: delivered slots per source layer (the dump's included)."""
+    """int32 [NS]: slots per source layer (the dump's included) of the columns `sd`
+    where `kmask`."""
     slot = tl.load(source_slot_ptr + sd.to(tl.int64), mask=kmask, other=-1)
     ns = tl.arange(0, NS)
     return tl.sum((slot[:, None] == ns[None, :]).to(tl.int32), axis=0)
@@ -236,19 +272,19 @@ def _slot_counts(sd, kmask, source_slot_ptr, NS: tl.constexpr):
 # Specialised on (fixed for an engine: one compile per dtype, K and network): W, K, F,
 # n_slots, out_lo, out_hi and the constexprs. Not specialised on (they change between
 # launches or calls and add nothing to the code): the batch B, the first step k0, the
-# step budget n_max, the four per-timestep hashes (i64, `hash_arg`), max_steps and
+# step budget n_max, the five per-timestep hashes (i64, `hash_arg`), max_steps and
 # steps_after_output.
-@jit(do_not_specialize=("B", "k0", "n_max", "h_key_t", "h_drop_t", "h_ref_t", "h_order", "max_steps",
+@jit(do_not_specialize=("B", "k0", "n_max", "h_key_t", "h_drop_t", "h_ref_t", "h_order", "h_fill_t", "max_steps",
                         "steps_after_output"))
 def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is_input_ptr, sync_ptr,
                     theta_ptr, wt_ptr,
                     v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr,
                     pend_ptr, pre_ptr, ssum_ptr, steps_ptr, first_ptr, done_ptr,
-                    sel_ptr, sd_ptr, vals_ptr, fired_ptr, taken_ptr, keys_ptr, cand_ptr,
+                    sel_ptr, sd_ptr, vals_ptr, fired_ptr, taken_ptr, keys_ptr, cand_ptr, fill_ptr,
                     B, W, K, F, n_slots, out_lo, out_hi, k0, n_max, h_key_t, h_drop_t, h_ref_t,
-                    h_order, noise, p_ref, p_net, max_steps, steps_after_output,
+                    h_order, h_fill_t, noise, p_ref, p_net, max_steps, steps_after_output,
                     POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, INPUT_RANDOM: tl.constexpr,
-                    HAS_PNET: tl.constexpr,
+                    FILL: tl.constexpr, HAS_PNET: tl.constexpr,
                     REFRACTORY: tl.constexpr, HAS_PREF: tl.constexpr, BARRIER: tl.constexpr,
                     STOP_OUTPUT: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
                     NS: tl.constexpr, DIGIT_BITS: tl.constexpr):
@@ -257,7 +293,7 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
     v_row, o_row, refr_row, n_in_row = v_ptr + b * W, o_ptr + b * W, refr_ptr + b * W, n_in_ptr + b * W
     acc_row = acc_ptr + b * n_out
     pend_row, pre_row, ssum_row = pend_ptr + b * W, pre_ptr + b * W, ssum_ptr + b * W
-    keys_row, cand_row = keys_ptr + b * W, cand_ptr + b * KB
+    keys_row, cand_row, fill_row = keys_ptr + b * W, cand_ptr + b * KB, fill_ptr + b * W
     jj = tl.arange(0, KB)
     kmask = jj < K
     dump = W - 1
@@ -280,25 +316,54 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
                                   h_order.to(tl.uint32), noise, POLICY_MS, HAS_NOISE, INPUT_RANDOM, BLOCK)
             tl.debug_barrier()
             sel = _select_row(W, K, keys_row, cand_row, n_pending, BLOCK, KB, DIGIT_BITS)
+            if FILL:  # the free slots (after the n_real entries) take the best fillers
+                n_real = tl.sum(((sel != dump) & kmask).to(tl.int32))
+                # parked in the record while the filler search needs the registers
+                tl.store(sel_ptr + at + jj, sel, mask=kmask)
+                if n_real < K:
+                    tl.debug_barrier()
+                    n_cand = _fill_keys(b, W, fill_row, pend_row, v_row, keys_row, _step_hash(h_fill_t, k),
+                                        POLICY_MS, BLOCK)
+                    tl.debug_barrier()
+                    fsel = _select_row(W, K - n_real, keys_row, cand_row, n_cand, BLOCK, KB, DIGIT_BITS)
+                    tl.debug_barrier()
+                    tl.store(cand_row + jj, fsel.to(tl.int64))
+                    tl.debug_barrier()
+                    free = (jj >= n_real) & kmask
+                    f = tl.load(cand_row + (jj - n_real), mask=free, other=0).to(tl.int32)
+                    tl.store(sel_ptr + at + jj, -1 - f, mask=free & (f != dump))
+                tl.debug_barrier()
+                sel = tl.load(sel_ptr + at + jj, mask=kmask, other=0)
+            # fillers decoded only when there can be any (the registers of fp64 at 8 warps)
+            col = _dec(sel) if FILL else sel
             sd = sel
             if HAS_PNET:
-                drop = _uniform_at_from_hash(_step_hash(h_drop_t, k), b, sel) < p_net
+                drop = _uniform_at_from_hash(_step_hash(h_drop_t, k), b, col) < p_net
                 sd = tl.where(drop, dump, sel).to(tl.int32)
-            vals = tl.load(o_row + sd, mask=kmask, other=0.0)
+            vals = tl.load(o_row + (_dec(sd) if FILL else sd), mask=kmask, other=0.0)
             tl.store(sel_ptr + at + jj, sel, mask=kmask)
             tl.store(sd_ptr + at + jj, sd, mask=kmask)
             tl.store(vals_ptr + at + jj, vals, mask=kmask)
-            cnt = _slot_counts(sd, kmask, source_slot_ptr, NS)
+            if FILL:
+                cnt = _slot_counts(_dec(sd), kmask, source_slot_ptr, NS)
+                counted = _slot_counts(sd, kmask & (sd >= 0), source_slot_ptr, NS)
+            else:
+                cnt = _slot_counts(sd, kmask, source_slot_ptr, NS)
+                counted = cnt
             tl.debug_barrier()
-            tl.store(pend_row + sel, tl.zeros([KB], tl.uint8), mask=kmask)
-            tl.store(o_row + sel, tl.zeros([KB], vals.dtype), mask=kmask)
+            if FILL:
+                tl.store(pend_row + sel, tl.zeros([KB], tl.uint8), mask=kmask & (sel >= 0))
+                tl.store(fill_row + col, tl.zeros([KB], tl.uint8), mask=kmask)
+            else:
+                tl.store(pend_row + sel, tl.zeros([KB], tl.uint8), mask=kmask)
+            tl.store(o_row + col, tl.zeros([KB], vals.dtype), mask=kmask)
             tl.debug_barrier()
             out_any = _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
                                 slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_row, o_row,
                                 acc_row, refr_row, n_in_row, pend_row, pre_row, ssum_row,
                                 v_row, refr_row, refr_row, refr_row,  # no record
-                                sd_ptr + at, vals_ptr + at, cnt, _step_hash(h_ref_t, k), p_ref,
-                                REFRACTORY, HAS_PREF, BARRIER, POLICY_MS, True, False, BLOCK, NS)
+                                sd_ptr + at, vals_ptr + at, cnt, counted, fill_row, _step_hash(h_ref_t, k),
+                                p_ref, REFRACTORY, HAS_PREF, BARRIER, POLICY_MS, True, False, FILL, BLOCK, NS)
             steps += 1
             taken += 1
             if STOP_OUTPUT:
@@ -336,23 +401,24 @@ def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, syn
     row = b * W
     sel = tl.load(sel_ptr + b * K + jj, mask=kmask, other=0)
     sd = tl.load(sd_ptr + b * K + jj, mask=kmask, other=0)
-    vals = tl.load(o_ptr + row + sd, mask=kmask, other=0.0)
+    vals = tl.load(o_ptr + row + _dec(sd), mask=kmask, other=0.0)
     tl.store(vals_ptr + b * K + jj, vals, mask=kmask)
-    cnt = _slot_counts(sd, kmask, source_slot_ptr, NS)
+    cnt = _slot_counts(_dec(sd), kmask, source_slot_ptr, NS)
+    counted = _slot_counts(sd, kmask & (sd >= 0), source_slot_ptr, NS)
     for start in range(0, W, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         tl.store(recv_ptr + row + cols, tl.zeros([BLOCK], tl.uint8), mask=cols < W)
         tl.store(gate_ptr + row + cols, tl.zeros([BLOCK], tl.uint8), mask=cols < W)
     tl.debug_barrier()
-    tl.store(o_ptr + row + sel, tl.zeros([KB], vals.dtype), mask=kmask)
+    tl.store(o_ptr + row + _dec(sel), tl.zeros([KB], vals.dtype), mask=kmask)
     tl.debug_barrier()
     _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr, slot_hi_ptr,
               is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_ptr + row, o_ptr + row,
               acc_ptr + b * (out_hi - out_lo), refr_ptr + row, n_in_ptr + row,
               refr_ptr, vpre_ptr, vpre_ptr,  # no bookkeeping
               vpre_ptr + row, refrb_ptr + row, recv_ptr + row, gate_ptr + row,
-              sd_ptr + b * K, vals_ptr + b * K, cnt, h_ref.to(tl.uint32), p_ref,
-              REFRACTORY, HAS_PREF, False, False, False, True, BLOCK, NS)
+              sd_ptr + b * K, vals_ptr + b * K, cnt, counted, refrb_ptr, h_ref.to(tl.uint32), p_ref,
+              REFRACTORY, HAS_PREF, False, False, False, True, False, BLOCK, NS)
 
 
 # Every int argument (W, K, F, n_slots, out_lo, out_hi) is fixed for an engine: one
@@ -369,9 +435,8 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
     kmask = jj < K
     row = b * W
     n_out = out_hi - out_lo
-    sel = tl.load(sel_ptr + b * K + jj, mask=kmask, other=0)
-    sd = tl.load(sd_ptr + b * K + jj, mask=kmask, other=0)
-    cnt = _slot_counts(sd, kmask, source_slot_ptr, NS)
+    # fillers (-1 - column) as their columns; sel and sd are read again at the end
+    cnt = _slot_counts(_dec(tl.load(sd_ptr + b * K + jj, mask=kmask, other=0)), kmask, source_slot_ptr, NS)
     ns = tl.arange(0, NS)
     half_alpha = tl.load(const_ptr)
     scale = tl.load(const_ptr + 1)
@@ -406,15 +471,17 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
                 gp = tl.where(rf | ~rc, 0.0, gp)
                 tl.store(gv_ptr + row + cols, gp, mask=rc)
                 for j in range(K):
-                    s_j = tl.load(sd_ptr + b * K + j).to(tl.int64)
+                    s_j = _dec(tl.load(sd_ptr + b * K + j).to(tl.int64))
                     if tl.load(source_slot_ptr + s_j) == l:
                         w = tl.load(wt_ptr + s_j * F + (cols - lo), mask=cols < hi, other=0.0)
                         gvals += tl.where(jj == j, tl.sum(gp * w), 0.0)
                         x = tl.load(vals_ptr + b * K + j)
                         tl.atomic_add(gwt_ptr + s_j * F + (cols - lo), gp * x, mask=cols < hi, sem="relaxed")
     tl.debug_barrier()
+    sel = _dec(tl.load(sel_ptr + b * K + jj, mask=kmask, other=0))
     tl.store(go_ptr + row + sel, tl.zeros([KB], gvals.dtype), mask=kmask)
     tl.debug_barrier()
+    sd = _dec(tl.load(sd_ptr + b * K + jj, mask=kmask, other=0))
     g = tl.load(go_ptr + row + sd, mask=kmask, other=0.0)
     tl.store(go_ptr + row + sd, g + gvals, mask=kmask)
 
@@ -438,7 +505,7 @@ class TritonSteps:
     updated in place; scratch rows ([B, W] keys, [B, next_pow2(K)] candidates) are
     this object's."""
 
-    fills_slots = False  # fill_slots: the engine runs the per-op path
+    fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = False  # record_currents=True runs the per-op kernels
 
     def __init__(self, engine) -> None:
@@ -464,6 +531,7 @@ class TritonSteps:
         self.out_lo, self.out_hi = out.start, out.stop
         self.policy_ms = cfg.policy == "MS"
         self.input_random = engine.random_inputs
+        self.fill = engine.fill
         self.refractory, self.barrier = bool(cfg.refractory), bool(cfg.barrier_messages)
         self.stop_output = cfg.stop == "output"
         self.detach_reset = bool(cfg.detach_reset)
@@ -507,6 +575,9 @@ class TritonSteps:
                         ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
+        if self.fill:
+            assert ps.fillable is not None and ps.fillable.is_contiguous(), "fillable"
+            self._bound["fillable"] = _u8(ps.fillable)
 
     def forward_step(self, t: int, k: int):
         """One forward step of the bound state and pass. Returns (sel, sel_deliv int32
@@ -534,11 +605,13 @@ class TritonSteps:
             tb["theta"], s["wt"], s["v"], s["o"], s["acc"], s["refr"], s["n_in"],
             s["pending"], s["pre_spike"], s["spike_sum"], s["steps"], s["first_out"], s["done"],
             sel, sd, vals, fired.view(torch.uint8), taken, self._keys, self._cand,
+            s["fillable"] if self.fill else s["pending"],  # the latter never read (FILL off)
             B, self.W, K, self.F, self.n_slots, self.out_lo, self.out_hi, k0, n_max, *map(hash_arg, h),
             hash_arg(rng.counter_hash(self.seed, rng.STREAM_INPUT_ORDER, t, 0)),
+            hash_arg(_partial_hash(self.seed, rng.STREAM_FILL, t)),
             float(self.noise), float(self.p_ref), float(self.p_net), self.max_steps, self.steps_after_output,
             POLICY_MS=self.policy_ms, HAS_NOISE=self.noise > 0, INPUT_RANDOM=self.input_random,
-            HAS_PNET=self.p_net > 0,
+            FILL=self.fill, HAS_PNET=self.p_net > 0,
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
             STOP_OUTPUT=self.stop_output, KB=self.KB, NS=self.NS, **self._launch_opts(forward=True))
         n = max(1, int(taken.max()))

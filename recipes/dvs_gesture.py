@@ -17,7 +17,9 @@ from __future__ import annotations
 import sys
 
 from asynctrain import data
-from asynctrain.experiment import DataSpec, Hyper, recipe_main
+from asynctrain import cli
+from asynctrain.experiment import Hyper
+from asynctrain.recipe import DataSpec, recipe_main
 
 HYPER = Hyper(hidden=(128, 128, 128), dt=20.0, batch_size=32, epochs=70, lr=1e-4, theta=0.3,
               weight_decay=1e-5, tau=100.0, steepness=10.0, input_dropout=0.2, K=8,
@@ -25,11 +27,11 @@ HYPER = Hyper(hidden=(128, 128, 128), dt=20.0, batch_size=32, epochs=70, lr=1e-4
 
 
 def _args(ap) -> None:
-    ap.add_argument("--duration-ms", type=float, default=1500.0,
-                    help="recording time used (frames of dt; longer ones are cropped)")
-    ap.add_argument("--min-files", type=int, default=None,
-                    help="accept a partial copy with at least this many .npy files "
-                         "(tonic wants 100)")
+    ap.add_argument("--duration-ms", type=cli.positive(float), default=1500.0,
+                    help=f"recording time used, in ms, a whole number of dt = {HYPER.dt:g} ms frames; longer recordings are cropped")
+    ap.add_argument("--min-files", type=cli.positive(int), default=None,
+                    help="accept a partial copy of the data set with at least this many "
+                         ".npy files (default: tonic's 100)")
 
 
 def _load(args, train: bool):

@@ -14,7 +14,9 @@ from __future__ import annotations
 import sys
 
 from asynctrain import data
-from asynctrain.experiment import DataSpec, Hyper, recipe_main
+from asynctrain import cli
+from asynctrain.experiment import Hyper
+from asynctrain.recipe import DataSpec, recipe_main
 
 HYPER = Hyper(hidden=(64, 64, 64), dt=10.0, batch_size=256, epochs=50, lr=5e-4, theta=0.3,
               weight_decay=1e-5, tau=1.0, steepness=2.0, input_dropout=0.25, K=8,
@@ -22,11 +24,11 @@ HYPER = Hyper(hidden=(64, 64, 64), dt=10.0, batch_size=256, epochs=50, lr=5e-4, 
 
 
 def _args(ap) -> None:
-    ap.add_argument("--duration-ms", type=float, default=100.0,
-                    help="recording time used (paper: the first 100 ms saccade)")
-    ap.add_argument("--min-files", type=int, default=None,
-                    help="accept a partial copy with at least this many .bin files "
-                         "(tonic wants 10000)")
+    ap.add_argument("--duration-ms", type=cli.positive(float), default=100.0,
+                    help="recording time used, in ms, a whole number of dt = 10 ms frames (paper: the first 100 ms saccade)")
+    ap.add_argument("--min-files", type=cli.positive(int), default=None,
+                    help="accept a partial copy of the data set with at least this many "
+                         ".bin files (default: tonic's 10000)")
 
 
 def _load(args, train: bool):

@@ -15,7 +15,9 @@ from __future__ import annotations
 import sys
 
 from asynctrain import data
-from asynctrain.experiment import DataSpec, Hyper, recipe_main
+from asynctrain import cli
+from asynctrain.experiment import Hyper
+from asynctrain.recipe import DataSpec, recipe_main
 
 HYPER = Hyper(hidden=(128, 128, 128), dt=10.0, batch_size=32, epochs=100, lr=7e-4, theta=0.3,
               weight_decay=1e-4, tau=100.0, steepness=10.0, input_dropout=0.2, K=8,
@@ -23,8 +25,8 @@ HYPER = Hyper(hidden=(128, 128, 128), dt=10.0, batch_size=32, epochs=100, lr=7e-
 
 
 def _args(ap) -> None:
-    ap.add_argument("--duration-ms", type=float, default=1000.0,
-                    help="recording time used (frames of dt; longer ones are cropped)")
+    ap.add_argument("--duration-ms", type=cli.positive(float), default=1000.0,
+                    help=f"recording time used, in ms, a whole number of dt = {HYPER.dt:g} ms frames; longer recordings are cropped")
 
 
 def _load(args, train: bool):

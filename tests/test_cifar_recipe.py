@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from asynctrain.checkpoint import read_checkpoint
 from fixtures import write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,12 @@ def data(tmp_path_factory):
     return root
 
 
+def _ck(path):
+    """Run state and weights of a checkpoint (asynctrain.checkpoint format)."""
+    ck = read_checkpoint(path)
+    return dict(ck["meta"], model=ck["weights"])
+
+
 def _torchrun(args, cwd):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
@@ -55,7 +63,7 @@ def test_torchrun_two_ranks_resume_and_equal_weights(data, tmp_path):
     out = tmp_path / "run"
     common = ["--K", "64", "--data-dir", str(data), "--out", str(out), "--eval-K", "64", *TINY]
     _torchrun([*common, "--max-steps", "2", "--no-eval"], tmp_path)
-    first = torch.load(out / "last.pt", weights_only=False)
+    first = _ck(out / "last.pt")
     assert first["step"] == 2 and first["world_size"] == 2 and first["batch"] == 2
     log = json.loads((out / "log.json").read_text())
     assert log[0]["train"]["samples"] == 8 and log[-1]["rank_weight_max_abs_diff"] == 0.0
@@ -63,7 +71,7 @@ def test_torchrun_two_ranks_resume_and_equal_weights(data, tmp_path):
         assert key in log[0]["train"]
     assert log[0]["train"]["density"] > 0 and log[0]["train"]["forward_steps"] > 0
     r = _torchrun([*common, "--max-steps", "3", "--resume"], tmp_path)
-    resumed = torch.load(out / "last.pt", weights_only=False)
+    resumed = _ck(out / "last.pt")
     assert resumed["step"] == 3
     assert any(not torch.equal(a, b) for a, b in zip(first["model"].values(), resumed["model"].values()))
     log = json.loads((out / "log.json").read_text())
@@ -74,7 +82,7 @@ def test_torchrun_two_ranks_resume_and_equal_weights(data, tmp_path):
     straight = tmp_path / "straight"
     _torchrun([*common[:-6], "--out", str(straight), "--eval-K", "64", *TINY, "--max-steps", "3",
                "--no-eval"], tmp_path)
-    ref = torch.load(straight / "last.pt", weights_only=False)
+    ref = _ck(straight / "last.pt")
     for k, v in ref["model"].items():
         assert torch.equal(v, resumed["model"][k]), f"{k} differs after resume"
 
@@ -98,7 +106,7 @@ def test_layered_model_evaluates_async_from_checkpoint(data, tmp_path, capsys):
     (["--K", "eight"], "K must be an integer >= 1, got 'eight'"),
     (["--eval-K", "64,x"], "K must be an integer >= 1, got 'x'"),
     (["--eval-K", ","], "--eval-K must list integers"),
-    (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--eval-only"], "--eval-only needs a checkpoint"),
     (["--policy", "ZZ"], "invalid choice: 'ZZ'"),
 ])
 def test_bad_arguments(argv, match, capsys):
@@ -108,18 +116,130 @@ def test_bad_arguments(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_missing_data_is_a_clear_error(data, tmp_path):
+def _exit(rec, argv, capsys, code=2):
+    with pytest.raises(SystemExit) as ex:
+        rec.main(argv)
+    assert ex.value.code == code
+    return capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(data, tmp_path, capsys):
     rec = _recipe()
-    with pytest.raises(SystemExit, match=r"train split.*cifar-10-batches-py: data_batch_1, .*data_batch_5, batches.meta"):
-        rec.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *TINY])
+    err = _exit(rec, ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *TINY],
+                capsys)
+    assert re.search(r"train split.*cifar-10-batches-py: data_batch_1, .*data_batch_5, "
+                     r"batches.meta", err)
     partial = tmp_path / "partial"
     shutil.copytree(data, partial)
     (partial / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(SystemExit, match=r"missing: data_batch_3"):
-        rec.main(["--data-dir", str(partial), "--out", str(tmp_path / "o"), *TINY])
+    assert "missing: data_batch_3" in _exit(rec, ["--data-dir", str(partial), "--out",
+                                                  str(tmp_path / "o"), *TINY], capsys)
     (partial / "cifar-10-batches-py" / "data_batch_4").write_bytes(b"not a pickle")
     shutil.copy(data / "cifar-10-batches-py" / "data_batch_1", partial / "cifar-10-batches-py" / "data_batch_3")
-    with pytest.raises(SystemExit, match=r"data_batch_4.*not a CIFAR-10 python pickle"):
-        rec.main(["--data-dir", str(partial), "--out", str(tmp_path / "o"), *TINY])
-    with pytest.raises(SystemExit, match=r"--resume: no checkpoint at"):
-        rec.main(["--data-dir", str(data), "--out", str(tmp_path / "o"), "--resume", *TINY])
+    assert re.search(r"data_batch_4.*not a CIFAR-10 python pickle",
+                     _exit(rec, ["--data-dir", str(partial), "--out", str(tmp_path / "o"), *TINY], capsys))
+    assert "--resume: no checkpoint at" in _exit(
+        rec, ["--data-dir", str(data), "--out", str(tmp_path / "o"), "--resume", *TINY], capsys)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lr", "-1"], "--lr: expected a number > 0, got '-1'"),
+    (["--weight-decay", "-1"], "--weight-decay: expected a number >= 0, got '-1'"),
+    (["--momentum-noise", "-1"], "--momentum-noise: expected a number >= 0, got '-1'"),
+    (["--refractory-dropout", "2"], "--refractory-dropout: expected a probability in [0, 1]"),
+    (["--epochs", "0"], "--epochs: expected an integer > 0, got '0'"),
+    (["--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["--workers", "-1"], "--workers: expected an integer >= 0, got '-1'"),
+    (["--max-steps", "-1"], "--max-steps: expected an integer >= 0"),
+    (["--output-threshold", "-3"], "--output-threshold: expected a number > 0, got '-3'"),
+    (["--eval-only", "nope.pt"], "--eval-only: no checkpoint file at nope.pt"),
+    (["--resume", "--fresh"], "--resume and --fresh contradict each other"),
+])
+def test_more_bad_arguments_fail_before_data(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _recipe().parse_args(argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_out_under_a_file_and_help(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(["--out", str(tmp_path / "f" / "run")])
+    assert "is a file, so no folder can be made there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "SPEC.md" not in text and "docs/semantics.md" in text
+    assert text.count("(default:") >= 25 and "Adam learning rate (default: 0.0002)" in text
+
+
+def test_checkpoints_rebuild_the_model_and_refuse_contradictions(data, tmp_path, capsys):
+    rec = _recipe()
+    out = tmp_path / "run"
+    base = ["--data-dir", str(data), "--out", str(out), "--no-progress"]
+    rec.main([*base, "--policy", "layered", "--max-steps", "1", "--no-eval", "--theta", "0.3", *TINY])
+    ck = out / "last.pt"
+    assert json.loads((out / "log.json").read_text())[0]["epoch"] == 1  # epochs count from 1
+    # --eval-only CKPT alone: width and theta come from the file (no size-mismatch traceback,
+    # no silently different numbers)
+    rec.main(["--eval-only", str(ck), "--data-dir", str(data), "--out", str(tmp_path / "e1"),
+              "--limit-test", "4", "--eval-K", "64", "--no-progress"])
+    rec.main(["--eval-only", str(ck), "--data-dir", str(data), "--out", str(tmp_path / "e2"),
+              "--limit-test", "4", "--eval-K", "64", "--no-progress", "--width", "0.125",
+              "--theta", "0.3"])
+    a = json.loads((tmp_path / "e1" / "eval.json").read_text())["eval"]
+    b = json.loads((tmp_path / "e2" / "eval.json").read_text())["eval"]
+    assert a == b
+    err = _exit(rec, ["--eval-only", str(ck), "--data-dir", str(data), "--width", "0.25"], capsys)
+    assert "--width 0.25 (the checkpoint has 0.125)" in err
+    err = _exit(rec, ["--eval-only", str(ck), "--data-dir", str(data), "--theta", "0.2"], capsys)
+    assert "--theta 0.2 (the checkpoint has 0.3)" in err
+    # garbage, empty and fit()-of-an-MLP checkpoints: named, exit 2
+    for content in (b"", b"garbage"):
+        (tmp_path / "bad.pt").write_bytes(content)
+        err = _exit(rec, ["--eval-only", str(tmp_path / "bad.pt"), "--data-dir", str(data)], capsys)
+        assert f"checkpoint {tmp_path / 'bad.pt'}: " in err
+    import asynctrain as at
+    from asynctrain.checkpoint import save_model
+    from asynctrain.models import mlp
+
+    save_model(tmp_path / "mlp.pt", at.AsyncSNN(mlp(sizes=[4, 3, 2])), epoch=1)
+    err = _exit(rec, ["--eval-only", str(tmp_path / "mlp.pt"), "--data-dir", str(data)], capsys)
+    assert "CIFAR-10 needs 3072 inputs" in err
+    # an existing run is neither overwritten nor resumed silently
+    err = _exit(rec, [*base, "--policy", "layered", "--no-eval", *TINY], capsys)
+    assert "last.pt exists: --resume to continue it, --fresh to start over" in err
+    # resume: a changed setting names both values and --fresh; no flags: taken from the file
+    err = _exit(rec, [*base, "--resume", "--lr", "0.1"], capsys)
+    assert "--lr 0.1 (the checkpoint has 0.0002)" in err and "--fresh" in err
+    rec.main([*base, "--resume", "--max-steps", "2", "--no-eval", "--epochs", "2"])
+    assert f"resumed from {ck} at epoch 0, batch 1" in capsys.readouterr().out
+    meta = read_checkpoint(ck)["meta"]
+    assert meta["step"] == 2 and meta["args"]["policy"] == "layered" and meta["args"]["theta"] == 0.3
+
+
+def test_nan_weight_stops_the_recipe_naming_the_tensor(data, tmp_path, capsys, monkeypatch):
+    rec = _recipe()
+    build = rec.build
+
+    def poisoned(args, device):
+        net, snn = build(args, device)
+        with torch.no_grad():
+            net[0].weight[0, 0, 0, 0] = float("nan")
+        return net, snn
+
+    monkeypatch.setattr(rec, "build", poisoned)
+    err = _exit(rec, ["--data-dir", str(data), "--out", str(tmp_path / "n"), "--no-progress",
+                      "--no-eval", *TINY], capsys, code=1)
+    assert re.search(r"(gradient|loss) .*at epoch 1, batch 1", err)
+    assert not (tmp_path / "n" / "last.pt").exists()
+
+
+def test_resume_from_an_unusable_checkpoint_names_it(data, tmp_path, capsys):
+    rec = _recipe()
+    bad = tmp_path / "bad.pt"
+    for content in (b"", b"\x80\x02garbage"):
+        bad.write_bytes(content)
+        err = _exit(rec, ["--data-dir", str(data), "--out", str(tmp_path / "o"), "--resume",
+                          str(bad), *TINY], capsys)
+        assert f"checkpoint {bad}: " in err

@@ -1,5 +1,5 @@
-"""`make demo` in its smoke-run form: trains the three models on a digits subset,
-prints the table and the verdict, writes every file."""
+"""`make demo` in its smoke-run form: trains the three models in both input modes on
+a digits subset, prints both tables and the verdicts, writes every file."""
 
 from __future__ import annotations
 
@@ -14,15 +14,22 @@ def test_demo_quick(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("demo", DEMO)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    assert demo.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert demo.main(["--quick", "--out", str(tmp_path.parent / tmp_path.name), "--no-progress"]) == 0
+    tmp_path = tmp_path / "quick"  # --quick writes to its own folder
     text = capsys.readouterr().out
     for row in ("| Layered | Layered |", "| Layered | Async RS |", "| Layered | Async MS |",
                 "| Unlayered RS | Async RS |", "| Unlayered MS | Async MS |"):
-        assert row in text
-    assert "Verdict RS:" in text and "Verdict MS:" in text and "Wall time" in text
+        assert text.count(row) == 2, row  # one table per input mode
+    for mode in demo.MODES.values():
+        assert f"[{mode}]" in text
+    assert text.count("Verdict RS:") == 2 and "Training accuracy" in text and "Wall time" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["shows"]) == {"RS", "MS"} and summary["seeds"] == 1
-    assert summary["numbers"]["layered_RS"][0] == summary["table"][1]["accuracy"][0]
-    for name in ("table.md", "results.json", "latency.png", "accuracy_vs_steps.png",
-                 "currents_to_spike.png", "seed0/MS/model.pt", "seed0/RS/train.jsonl"):
-        assert (tmp_path / name).is_file(), name
+    assert set(summary["modes"]) == {"frame", "queued"} and summary["seeds"] == 1
+    for mode, m in summary["modes"].items():
+        assert set(m["shows"]) == {"RS", "MS"}
+        assert m["numbers"]["layered_RS"][0] == m["table"][1]["accuracy"][0]
+        assert 0 <= m["numbers"]["train_accuracy_MS"][0] <= 1
+        assert m["hyper"]["layered"]["prioritize_input"] == (mode == "frame")
+        for name in ("table.md", "results.json", "latency.png", "accuracy_vs_steps.png",
+                     "currents_to_spike.png", "seed0/MS/model.pt", "seed0/RS/train.jsonl"):
+            assert (tmp_path / mode / name).is_file(), name

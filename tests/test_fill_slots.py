@@ -11,7 +11,9 @@ highest V, RS: random. Rules checked here:
 - fillers are recorded in the int32 [B, K] step record as -1 - column and replayed;
 - inference never fills; edge cases: K above the pending count, no input spikes,
   every neuron refractory, max_steps reached, network dropout on fillers.
-Backends: torch, cpu (fused C steps) here; triton in tests/test_fill_slots_triton.py.
+Backends: torch, cpu (fused C steps) here; triton (interpreted) against the C steps in
+tests/test_steps_triton.py (fused steps, `*fill*` cases) and against torch in
+tests/test_kernels_triton_conv.py (per-op kernels, conv, `*-fill*` model cases).
 """
 
 from __future__ import annotations

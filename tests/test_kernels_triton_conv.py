@@ -317,6 +317,8 @@ MODEL_CASES = {
     "RS-K4-autograd": ("RS", 4, {}, False, 0),
     "MS-K1-deterministic": ("MS", 1, dict(momentum_noise=0.1), True, None),
     "MS-K4": ("MS", 4, dict(refractory_dropout=0.5), False, None),
+    "RS-K6-fill": ("RS", 6, dict(fill_slots=True), False, None),
+    "MS-K6-fill-autograd": ("MS", 6, dict(fill_slots=True), True, 0),
 }
 
 

@@ -72,6 +72,7 @@ def test_recipe_one_short_epoch(tmp_path, name, make, rows):
                              "--train", "layered", "MS", "--steps-after-output", "0",
                              "--no-progress", "--batch-size", "8", *extra])
     assert rc == 0
+    out = out / "quick"  # --quick writes to its own folder
     table = (out / "table.md").read_text().strip().splitlines()
     body = [l for l in table if l.startswith("| ") and not l.startswith("| Training")]
     # layered model under layered, RS, MS; the MS model under MS
@@ -93,12 +94,13 @@ def test_recipe_resumes_and_evaluates_other_executions(tmp_path, capsys):
             "--train", "layered", "--no-progress", "--steps-after-output", *extra]
     mod = _recipe("nmnist")
     assert mod.main(argv) == 0
-    first = (tmp_path / "out" / "layered" / "model.pt").read_bytes()
+    first = (tmp_path / "out" / "quick" / "layered" / "model.pt").read_bytes()
     capsys.readouterr()
     assert mod.main(argv + ["--eval", "layered", "RS:K=2", "MS:drain"]) == 0
     text = capsys.readouterr().out
     assert "| Layered | Async RS (K=2) |" in text and "| Layered | Async MS (drain) |" in text
-    assert (tmp_path / "out" / "layered" / "model.pt").read_bytes() == first  # not retrained
+    assert (tmp_path / "out" / "quick" / "layered" / "model.pt").read_bytes() == first  # not retrained
+    assert "resumed from" in text
 
 
 @pytest.mark.parametrize("name, expected", [

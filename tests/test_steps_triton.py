@@ -73,6 +73,8 @@ def _state(eng: Engine, seed: int, p_pending: float = 0.5):
                torch.randint(0, 3, (B, W), generator=g, dtype=torch.int32))
     ps = _Pass(B, W, dt, CPU, pending, eager_first=eng.cfg.stop == "output")
     ps.pre_spike = torch.randint(0, 3, (B, W), generator=g).to(dt) * 0.25
+    if eng.fill:  # fill_slots: outboxes holding gradient, some of them pending
+        ps.fillable = (torch.rand(B, W, generator=g) < 0.5) & eng.tables.is_hidden
     return st, ps
 
 
@@ -81,6 +83,8 @@ def _forward(cls, eng, wt, st, ps, t, k0, n_max, steps0=None):
     st = st.clone()
     p = _Pass(eng.batch, eng.width, eng.dtype, CPU, ps.pending.clone(), ps.eager_first)
     p.pre_spike = ps.pre_spike.clone()
+    if ps.fillable is not None:
+        p.fillable = ps.fillable.clone()
     if steps0 is not None:
         p.steps += steps0
     done = p.done(eng.cfg).contiguous()
@@ -98,8 +102,9 @@ def _assert_forward_equal(a, b):
         assert x.dtype == y.dtype and torch.equal(x, y), f"{n}:\n{x}\nvs\n{y}"
     for n in ("v", "o", "acc", "refr", "n_in"):
         assert torch.equal(getattr(a[1], n), getattr(b[1], n)), n
-    for n in ("pending", "pre_spike", "spike_sum", "steps", "first_out"):
-        assert torch.equal(getattr(a[2], n), getattr(b[2], n)), n
+    for n in ("pending", "pre_spike", "spike_sum", "steps", "first_out", "fillable"):
+        assert (getattr(a[2], n) is None and getattr(b[2], n) is None) or \
+            torch.equal(getattr(a[2], n), getattr(b[2], n)), n
     assert torch.equal(a[3], b[3]), "done"
 
 
@@ -115,17 +120,19 @@ FORWARD = {
     "RS-max-steps": (dict(policy="RS", forward_group_size=1, max_steps=6), dict(steps0=[0, 3, 5])),
     "MS-nothing-pending": (dict(policy="MS", forward_group_size=2), dict(p_pending=0.0)),
     "MS-n-max-short": (dict(policy="MS", forward_group_size=1, refractory=False), dict(n_max=3)),
+    "MS-fill-K5": (dict(policy="MS", forward_group_size=5, fill_slots=True), {}),
+    "RS-fill-K40-dropout": (dict(policy="RS", forward_group_size=40, fill_slots=True, network_dropout=0.3), {}),
 }
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name", list(FORWARD))
 def test_forward_steps_match_c(name, dtype):
-    if dtype == F64 and name not in ("MS-K3-ties-noise", "RS-dropouts", "MS-barrier-sync"):
+    if dtype == F64 and name not in ("MS-K3-ties-noise", "RS-dropouts", "MS-barrier-sync", "MS-fill-K5"):
         pytest.skip("fp64: three configurations (the kernels are dtype-generic)")
     kw, opt = FORWARD[name]
     cfg = SimConfig(**{**BASE, **kw})
-    training = any(x in kw for x in ("momentum_noise", "network_dropout", "refractory_dropout"))
+    training = any(x in kw for x in ("momentum_noise", "network_dropout", "refractory_dropout", "fill_slots"))
     eng, wt = _engine(cfg, dtype, batch=3, training=training)
     st, ps = _state(eng, seed=2, p_pending=opt.get("p_pending", 0.5))
     steps0 = torch.tensor(opt["steps0"]) if "steps0" in opt else None
@@ -139,6 +146,8 @@ def test_forward_steps_match_c(name, dtype):
         assert n == 3 and not a[3].all(), "n_max must cut the batch short"
     else:
         assert n > 1 and a[3].all() and a[2].spike_sum.sum() > 0, "vacuous"
+    if "fill" in name:
+        assert (a[0][0] < 0).any(), "vacuous: no filler"
     if name == "RS-max-steps":
         assert (a[2].steps <= 6).all() and (a[2].steps == 6).any()
     if name == "MS-stop-output":
@@ -165,14 +174,16 @@ def test_forward_step_reports_all_done():
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("name", ["MS-refr-dropout", "RS-net-dropout-detach"])
+@pytest.mark.parametrize("name", ["MS-refr-dropout", "RS-net-dropout-detach", "MS-fill-K6"])
 def test_replay_and_backward_match_c(name, dtype):
-    kw = dict(policy="MS", forward_group_size=3, refractory_dropout=0.5) if name.startswith("MS") else \
-        dict(policy="RS", forward_group_size=2, network_dropout=0.3, detach_reset=True)
+    kw = {"MS-refr-dropout": dict(policy="MS", forward_group_size=3, refractory_dropout=0.5),
+          "RS-net-dropout-detach": dict(policy="RS", forward_group_size=2, network_dropout=0.3, detach_reset=True),
+          "MS-fill-K6": dict(policy="MS", forward_group_size=6, fill_slots=True, network_dropout=0.2)}[name]
     cfg = SimConfig(**{**BASE, **kw})
     eng, wt = _engine(cfg, dtype, batch=3, training=True)
     st0, ps = _state(eng, seed=5)
     (sel, sd, _, _), _, _, _ = _forward(CpuSteps, eng, wt, st0, ps, 1, 1, 6)
+    assert "fill" not in name or (sel < 0).any(), "vacuous: no filler"
     B, W = eng.batch, eng.width
     g = torch.Generator().manual_seed(9)
     adj = [torch.randn(B, W, generator=g, dtype=F64).to(dtype) for _ in range(2)]
@@ -202,14 +213,15 @@ def test_replay_and_backward_match_c(name, dtype):
         torch.testing.assert_close(y, x, **TOL[dtype], msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("fill", [False, True], ids=["", "fill"])
 @pytest.mark.parametrize("policy", ["MS", "RS"])
-def test_model_triton_matches_cpu(policy):
+def test_model_triton_matches_cpu(policy, fill):
     """AsyncSNN on backend='triton' (the fused Triton steps, interpreted) against
     backend='cpu' (the fused C steps): counts and stats exact, gradients close."""
     assert backends.triton_ops(False).fused is TritonSteps
     kw = dict(policy="MS", forward_group_size=3, momentum_noise=0.1, refractory_dropout=0.5) \
         if policy == "MS" else dict(policy="RS", forward_group_size=2, network_dropout=0.2)
-    cfg = SimConfig(**{**BASE, **kw})
+    cfg = SimConfig(**{**BASE, **kw}, fill_slots=fill)
     net = make_net(SIZES)
     frames = make_frames(2, 3, SIZES[0])
     w = torch.randn(2, 3, SIZES[-1], generator=torch.Generator().manual_seed(3))
@@ -238,7 +250,7 @@ def _sig(kernel, fp: str) -> dict:
                 is_input_ptr="*u8", sync_ptr="*i32", refr_ptr="*u8", n_in_ptr="*i32", pend_ptr="*u8",
                 steps_ptr="*i64", first_ptr="*i64", done_ptr="*u8", sel_ptr="*i32", sd_ptr="*i32",
                 fired_ptr="*u8", taken_ptr="*i32", keys_ptr="*i64", cand_ptr="*i64", refrb_ptr="*u8",
-                recv_ptr="*u8", gate_ptr="*u8", h_key_t="i64", h_order="i64", h_drop_t="i64", h_ref_t="i64", h_ref="i64",
+                recv_ptr="*u8", gate_ptr="*u8", fill_ptr="*u8", h_key_t="i64", h_order="i64", h_fill_t="i64", h_drop_t="i64", h_ref_t="i64", h_ref="i64",
                 noise="fp32", p_ref="fp32", p_net="fp32")
     sig = {}
     for name in kernel.arg_names:
@@ -251,21 +263,28 @@ def _sig(kernel, fp: str) -> dict:
     return sig
 
 
-_FLAGS = dict(POLICY_MS=True, HAS_NOISE=True, INPUT_RANDOM=True, HAS_PNET=True, REFRACTORY=True, HAS_PREF=True, BARRIER=True,
+_FLAGS = dict(POLICY_MS=True, HAS_NOISE=True, INPUT_RANDOM=True, FILL=False, HAS_PNET=True, REFRACTORY=True, HAS_PREF=True, BARRIER=True,
               STOP_OUTPUT=True)
 _C = steps_triton._config
 COMPILE = {  # case -> (kernel, dtype, constexprs and warps as the launcher picks them)
     "forward_ms_k8_w755": ("_forward_kernel", dict(_FLAGS, KB=8, NS=8)),
     "forward_rs_k512_w20000": ("_forward_kernel", dict(_FLAGS, POLICY_MS=False, KB=512, NS=8)),
     "forward_k1_w40": ("_forward_kernel", dict(_FLAGS, KB=2, NS=4)),
+    "forward_fill_ms_k8_w755": ("_forward_kernel", dict(_FLAGS, FILL=True, KB=8, NS=8)),
+    "forward_fill_rs_k512_w20000": ("_forward_kernel", dict(_FLAGS, FILL=True, POLICY_MS=False, KB=512, NS=8)),
     "replay_k8": ("_replay_kernel", dict(REFRACTORY=True, HAS_PREF=True, KB=8, NS=8)),
     "backward_k8": ("_backward_kernel", dict(DETACH_RESET=False, KB=8, NS=8)),
     "backward_k512": ("_backward_kernel", dict(DETACH_RESET=True, KB=512, NS=8)),
 }
-_WIDTH = {"forward_ms_k8_w755": 755, "forward_rs_k512_w20000": 20000, "forward_k1_w40": 40}
+_WIDTH = {"forward_ms_k8_w755": 755, "forward_fill_ms_k8_w755": 755, "forward_fill_rs_k512_w20000": 20000, "forward_rs_k512_w20000": 20000, "forward_k1_w40": 40}
 # fp64 on sm_90: the three kernels at the shape of the shd-like network (W = 755, K = 8).
+# fp64 with fill_slots: the filler search (a second radix select in the step) leaves
+# a 16-byte stack frame on sm_90 at the 128 registers ptxas allots; a known cost,
+# checked to stay (strict: the mark fails once it compiles spill-free).
+_FP64_FILL = pytest.param("forward_fill_ms_k8_w755", "sm90", "fp64", marks=pytest.mark.xfail(
+    strict=True, reason="fp64 forward with fill_slots: 16-byte stack frame on sm_90"))
 _PARAMS = [(c, a, "fp32") for c in COMPILE for a in ("sm90", "sm80")] + \
-          [(c, "sm90", "fp64") for c in ("forward_ms_k8_w755", "replay_k8", "backward_k8")]
+          [(c, "sm90", "fp64") for c in ("forward_ms_k8_w755", "replay_k8", "backward_k8")] + [_FP64_FILL]
 
 
 @pytest.mark.parametrize("case,arch,fp", _PARAMS)

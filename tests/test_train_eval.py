@@ -14,6 +14,7 @@ import asynctrain as at
 from asynctrain.data import collate_time_major
 from asynctrain import report
 from asynctrain.evaluate import UBRAIN_ENERGY_PER_SO, Execution, evaluate
+from asynctrain.checkpoint import load_model
 from asynctrain.train import TrainingDiverged, fit, load_checkpoint, save_checkpoint
 
 
@@ -53,8 +54,8 @@ def test_fit_runs_logs_and_checkpoints(tmp_path, policy):
     assert [l["event"] for l in lines] == ["start", "epoch", "epoch", "epoch"]
     assert {"loss", "train_accuracy", "synops_per_sample", "forward_steps_per_pass",
             "capped_passes", "seconds"} <= set(lines[-1])
-    ck = torch.load(tmp_path / "m.pt", weights_only=False)
-    assert ck["epoch"] == 3 and len(ck["history"]) == 3
+    _, ck = load_model(tmp_path / "m.pt")
+    assert ck["epoch"] == 3 and len(ck["history"]) == 3 and ck["config"] == snn.cfg
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left nothing behind
 
 
@@ -91,7 +92,7 @@ def test_nan_loss_aborts_with_a_clear_message(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, batch 1 .*smaller lr"):
         fit(snn, _toy_loader(), epochs=3, lr=1e-2, progress=False, loss=nan_on_second_epoch,
             checkpoint_path=tmp_path / "m.pt", log_path=tmp_path / "log.jsonl")
-    assert torch.load(tmp_path / "m.pt", weights_only=False)["epoch"] == 1  # last finite state
+    assert load_model(tmp_path / "m.pt")[1]["epoch"] == 1  # last finite state
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["event"] == "abort"
 
 

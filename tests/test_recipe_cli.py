@@ -1,0 +1,146 @@
+"""The recipes' command line validates everything before loading data: each bad
+input below used to end in a traceback after loading (or training); now argparse (or
+the checks right after it) names the option and the value. Also: --help shows every
+default, --quick has its own folder, --eval-only rebuilds the model from the file."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from asynctrain.checkpoint import save_model
+from test_recipes import _nmnist
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", RECIPES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Recipes whose data loading fails the test: checks must come first."""
+    mods = {}
+    for name in ("nmnist", "shd", "dvs_gesture"):
+        mod = _recipe(name)
+        monkeypatch.setattr(mod.SPEC, "load", lambda *a: pytest.fail("data loaded before the check"))
+        mods[name] = mod
+    return mods
+
+
+BAD = [
+    ("nmnist", ["--lr", "-1"], "--lr: expected a number > 0, got '-1'"),
+    ("nmnist", ["--lr", "nan"], "--lr: expected a number > 0, got 'nan'"),
+    ("nmnist", ["--duration-ms", "0"], "--duration-ms: expected a number > 0"),
+    ("nmnist", ["--duration-ms", "15"], "--duration-ms: duration_ms=15.0 is not a whole number"),
+    ("nmnist", ["--min-files", "0"], "--min-files: expected an integer > 0, got '0'"),
+    ("nmnist", ["--max-train", "0"], "--max-train: expected an integer > 0"),
+    ("nmnist", ["--max-test", "-3"], "--max-test: expected an integer > 0"),
+    ("nmnist", ["--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N, got 'foo'"),
+    ("nmnist", ["--workers", "-1"], "--workers: expected an integer >= 0, got '-1'"),
+    ("nmnist", ["--threads", "-2"], "--threads: expected an integer in [1,"),
+    ("nmnist", ["--epochs", "0"], "--epochs: expected an integer > 0, got '0'"),
+    ("nmnist", ["--batch-size", "0"], "--batch-size: expected an integer > 0"),
+    ("nmnist", ["--K", "0"], "--K: expected an integer > 0"),
+    ("nmnist", ["--seed", "-1"], "--seed: expected an integer >= 0"),
+    ("shd", ["--steps-after-output", "-1"], "--steps-after-output: expected an integer >= 0"),
+    ("shd", ["--energy-per-so", "-1"], "--energy-per-so: expected a number >= 0"),
+    ("shd", ["--eval", "paper", "RS:K=4"], "'paper' stands for table 2's rows and cannot be combined"),
+    ("shd", ["--eval", "MS:K=4:K=8"], "K and K both set forward_group_size"),
+    ("shd", ["--eval", "MS:Q=1"], "unknown setting 'Q'"),
+    ("dvs_gesture", ["--min-files", "x"], "--min-files: expected an integer > 0, got 'x'"),
+    ("dvs_gesture", ["--eval-only", "nope.pt"], "--eval-only: no checkpoint file at nope.pt"),
+]
+
+
+@pytest.mark.parametrize("name, argv, needle", BAD, ids=[" ".join(a) for _, a, _ in BAD])
+def test_bad_arguments_fail_before_data(no_data, capsys, name, argv, needle):
+    with pytest.raises(SystemExit) as ex:
+        no_data[name].main(argv)
+    assert ex.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_out_under_a_file_fails_before_data(no_data, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        no_data["shd"].main(["--out", str(tmp_path / "f" / "run")])
+    assert "is a file, so no folder can be made there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["nmnist", "shd", "dvs_gesture"])
+def test_help_shows_defaults_and_units(name, capsys):
+    with pytest.raises(SystemExit):
+        _recipe(name).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for piece in ("Adam learning rate (default:", "in ms", "(default: 0.26)", "no progress bars",
+                  "docs/semantics.md", "Exit status"):
+        assert piece in text, piece
+    assert text.count("0.26") == 1  # the energy default once, not twice
+    assert "SPEC.md" not in text.replace("docs/semantics.md", "")
+
+
+def _args(tmp_path):
+    return ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--train",
+            "layered", "--no-progress", "--steps-after-output", *_nmnist(tmp_path / "data")]
+
+
+def test_quick_and_full_runs_do_not_share_checkpoints(tmp_path, capsys):
+    mod = _recipe("nmnist")
+    assert mod.main(_args(tmp_path) + ["--quick"]) == 0
+    assert (tmp_path / "out" / "quick" / "layered" / "model.pt").is_file()
+    assert not (tmp_path / "out" / "layered").exists()
+    # a changed data subset is named, with --fresh
+    assert mod.main(_args(tmp_path) + ["--quick", "--max-train", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-train 5 (the checkpoint has 64)" in err and "--fresh" in err
+    # a changed training setting is named by fit, with --fresh
+    assert mod.main(_args(tmp_path) + ["--quick", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the checkpoint has 0.0005)" in err and "--fresh" in err
+    # not given: taken from the checkpoint, and said so
+    assert mod.main(_args(tmp_path) + ["--K", "4"]) == 0  # a full run in <out>
+    capsys.readouterr()
+    assert mod.main(_args(tmp_path)) == 0
+    assert "with its settings: --K 4" in capsys.readouterr().out
+    # a garbage checkpoint where a run would resume: named, with --fresh
+    (tmp_path / "out" / "layered" / "model.pt").write_bytes(b"junk")
+    assert mod.main(_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "out/layered/model.pt: not a readable torch file" in err and "--fresh" in err
+
+
+def test_eval_only_rebuilds_the_model_from_the_checkpoint(tmp_path, capsys):
+    mod = _recipe("nmnist")
+    assert mod.main(_args(tmp_path) + ["--quick"]) == 0
+    ck = tmp_path / "out" / "quick" / "layered" / "model.pt"
+    capsys.readouterr()
+    base = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "ev"), "--no-progress",
+            "--min-files", "6", "--max-test", "6", "--steps-after-output"]
+    assert mod.main(base + ["--eval-only", str(ck), "--eval", "layered", "RS:K=2"]) == 0
+    out = capsys.readouterr().out
+    assert "| Layered (" in out and "| Async RS (K=2) |" in out
+    assert (tmp_path / "ev" / "eval" / "table.md").is_file()
+    # a flag that contradicts the stored model: both values named
+    assert mod.main(base + ["--eval-only", str(ck), "--K", "3"]) == 2
+    assert "--K 3 (the checkpoint has 8)" in capsys.readouterr().err
+    # unusable files: named, exit 2
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    assert mod.main(base + ["--eval-only", str(bad)]) == 2
+    assert f"checkpoint {bad}: not a readable torch file" in capsys.readouterr().err
+    # a model of another data set
+    torch.manual_seed(0)
+    import asynctrain as at
+    from asynctrain.models import mlp
+
+    save_model(tmp_path / "shd.pt", at.AsyncSNN(mlp("shd")))
+    assert mod.main(base + ["--eval-only", str(tmp_path / "shd.pt")]) == 2
+    assert "N-MNIST needs 2312 inputs and 10 outputs" in capsys.readouterr().err
