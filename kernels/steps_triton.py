@@ -476,7 +476,7 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
                         w = tl.load(wt_ptr + s_j * F + (cols - lo), mask=cols < hi, other=0.0)
                         gvals += tl.where(jj == j, tl.sum(gp * w), 0.0)
                         x = tl.load(vals_ptr + b * K + j)
-                        tl.atomic_add(gwt_ptr + s_j * F + (cols - lo), gp * x, mask=cols < hi)
+                        tl.atomic_add(gwt_ptr + s_j * F + (cols - lo), gp * x, mask=cols < hi, sem="relaxed")
     tl.debug_barrier()
     sel = _dec(tl.load(sel_ptr + b * K + jj, mask=kmask, other=0))
     tl.store(go_ptr + row + sel, tl.zeros([KB], gvals.dtype), mask=kmask)
