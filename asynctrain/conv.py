@@ -15,8 +15,8 @@ of ``nn.Flatten`` and of frames ``[T, B, C, H, W]`` flattened.
 
 `ImageSynapses` delivers one forward step of such a network: the [B, K] selection is
 split per source layer (one sort, one host sync per step), each layer's entries go
-through its kernel (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`: the Triton
-kernel when the call's backend is "triton", else the torch twin), and the received
+through its kernel (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`: the
+entries of the call's `backends.Ops.image`, Triton kernels or their torch twins), and the received
 counts come from the same targets. The parameters travel as one flat vector
 (the engine's "weight table" of these networks), so one autograd node per step
 carries every layer's gradient.
@@ -24,7 +24,6 @@ carries every layer's gradient.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,10 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.conv_deliver import (conv_deliver_backward_torch, conv_deliver_backward_triton,
-                                   conv_deliver_torch, conv_deliver_triton)
-from .kernels.rows_deliver import (rows_deliver_backward_torch, rows_deliver_backward_triton,
-                                   rows_deliver_torch, rows_deliver_triton)
+from .backends import TORCH_IMAGE
 
 
 @dataclass(frozen=True)
@@ -247,24 +243,11 @@ def needs_image_path(maps: list[SynapticMap]) -> bool:
 
 
 # --------------------------------------------------------------------- per-step delivery
-# map kind -> (deliver, deliver_backward); "fc" covers pooled and flattened linear maps
-_TORCH_KERNELS = {"conv": (conv_deliver_torch, conv_deliver_backward_torch),
-                  "fc": (rows_deliver_torch, rows_deliver_backward_torch)}
-
-
-@functools.lru_cache(maxsize=2)
-def _triton_kernels(deterministic: bool) -> dict:
-    return {"conv": (conv_deliver_triton,
-                     functools.partial(conv_deliver_backward_triton, deterministic=deterministic)),
-            "fc": (rows_deliver_triton,
-                   functools.partial(rows_deliver_backward_triton, deterministic=deterministic))}
-
-
 def _kernels(ops) -> dict:
-    """The conv/rows kernels of the call's backend (`backends.Ops`; None: torch)."""
-    if ops is None or ops.name != "triton":
-        return _TORCH_KERNELS
-    return _triton_kernels(ops.deterministic)
+    """The conv/rows kernels of the call's backend (`backends.Ops.image`; None: the
+    torch twins): map kind -> (deliver, deliver_backward); "fc" covers pooled and
+    flattened linear maps."""
+    return TORCH_IMAGE if ops is None else ops.image
 
 
 class ImageSynapses:
@@ -329,8 +312,7 @@ class ImageSynapses:
                 source_slot: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
         differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
-        `backends.Ops`; "triton" runs the Triton kernels, anything else (None too) the
-        torch twins."""
+        `backends.Ops` (its `image` kernels; None: the torch twins)."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
             return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops)
         return self._forward(vals, sel, flat, source_slot, ops)

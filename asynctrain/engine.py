@@ -37,7 +37,7 @@ from .retain import ChunkStore, identity
 from .backends import TORCH, Ops
 from .ops import deliver, lif
 from .kernels.lif import lif_torch
-from .kernels.select import select_pending_torch, select_torch
+from .kernels.select import select_pending_torch
 
 
 # Conv steps without autograd run at their receivers when at most this fraction of
@@ -379,8 +379,8 @@ class Engine:
         cfg = self.cfg
         # Keys matter at pending entries only: random numbers are drawn there (the same
         # numbers as a draw over every column), not over the whole [B, N + 1] state.
-        # The torch ops also select from that list (`select_pending_torch`); a
-        # backend's select kernel takes the keys over the whole state.
+        # The torch ops also select from that list (`backends.select_listed`); a
+        # backend's select kernel takes the keys over the whole state (`select_dense`).
         rs = cfg.policy == "RS"
         at = pending.nonzero(as_tuple=True)
         if rs or self.noise > 0:
@@ -396,19 +396,7 @@ class Engine:
         if self.random_inputs:  # SPEC 6: inputs above every neuron, in the pass's order
             is_in = at[1] < self.net.n_inputs
             order = torch.where(is_in, rng.input_order_key(self.seed, t, *at), -1)
-        if self.ops.select is select_torch:
-            sel = select_pending_torch(*at, keys, self.batch, self.width, self.k, order=order)
-        else:  # a kernel reads keys over the whole state (only pending entries count)
-            if order is not None:
-                # its float keys cannot order the inputs: it sees only the K inputs at
-                # the front (all at +inf, above every neuron: it takes exactly them)
-                front = select_pending_torch(at[0][is_in], at[1][is_in], keys[is_in], self.batch,
-                                             self.width, self.k, order=order[is_in])
-                keep = ~is_in | torch.zeros_like(pending).scatter_(1, front, True)[at]
-                at, keys = (at[0][keep], at[1][keep]), keys[keep]
-                pending = torch.zeros_like(pending).index_put_(at, torch.ones_like(keys, dtype=torch.bool))
-            dense = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device)
-            sel = self.ops.select(pending, dense.index_put_(at, keys), self.k)
+        sel = self.ops.select_at(pending, at, keys, self.k, order)
         if fill is not None:
             sel = self._add_fillers(sel, *fill, t, k)
         sel_deliv = sel
