@@ -38,6 +38,7 @@ from .backends import TORCH, Ops
 from .ops import deliver, lif
 from .kernels.lif import lif_torch
 from .kernels.select import select_pending_torch
+from .kernels.step_spec import StepSpec
 
 
 # Conv steps without autograd run at their receivers when at most this fraction of
@@ -199,10 +200,30 @@ class Engine:
         self.noise = cfg.momentum_noise if t else 0.0
         # A backend's fused steps (`Ops.fused`, e.g. kernels/cpu_step.py): fully connected
         # networks; they update states in place.
-        self.fused = ops.fused(self) if (ops.fused is not None and self.syn is None
+        self.fused = ops.fused(self.step_spec()) if (ops.fused is not None and self.syn is None
                                          and dtype in (torch.float32, torch.float64)
                                          and (not histogram or ops.fused.records_histogram)
                                          and (not self.fill or ops.fused.fills_slots)) else None
+
+    def step_spec(self) -> StepSpec:
+        """What a backend's fused steps read (`kernels/step_spec.py`)."""
+        net, cfg, tab = self.net, self.cfg, self.tables
+        # slot l (the sources of layer l) reaches layer l + 1; outputs and the dump nobody
+        n_slots = net.n_layers + 2
+        lo = torch.zeros(n_slots, dtype=torch.int64)
+        hi = torch.zeros(n_slots, dtype=torch.int64)
+        for l in range(net.n_layers):
+            lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
+        out = net.output_slice
+        return StepSpec(
+            batch=self.batch, width=self.width, k=self.k, fan_out=tab.targets.shape[1], dtype=self.dtype,
+            device=self.device, source_slot=tab.source_slot, slot_lo=lo, slot_hi=hi,
+            is_source=tab.is_source, is_input=tab.is_input, sync=self.sync, theta=self.theta,
+            out_lo=out.start, out_hi=out.stop, policy_ms=cfg.policy == "MS", input_random=self.random_inputs,
+            fill=self.fill, refractory=bool(cfg.refractory), barrier=bool(cfg.barrier_messages),
+            stop_output=cfg.stop == "output", detach_reset=bool(cfg.detach_reset), noise=float(self.noise),
+            p_ref=float(self.p_ref), p_net=float(self.p_net), alpha=self.alpha, max_steps=int(cfg.max_steps),
+            steps_after_output=int(cfg.steps_after_output), seed=int(self.seed))
 
     def sub_segment(self, n_ops: int) -> int | None:
         """Ops between the states the backward keeps inside a segment of `n_ops` ops

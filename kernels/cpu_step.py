@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from .step_spec import as_spec
+
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("cpu_step.c", "cpu_step_impl.h")
 _FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-fPIC", "-shared")
@@ -140,7 +142,7 @@ def _ptr(x: torch.Tensor) -> int:
 
 
 class CpuSteps:
-    """The fused steps of one engine call. Holds the tables, config and the pointers
+    """The fused steps of one engine call. Holds the tables, knobs (`StepSpec`) and the pointers
     of the state it works on; `bind_state` / `bind_pass` point it at other tensors
     (all contiguous, on the CPU, in the call's dtype; they are kept referenced here
     while bound)."""
@@ -148,45 +150,40 @@ class CpuSteps:
     fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = True  # the currents-to-spike histogram (bind_pass(hist=...))
 
-    def __init__(self, engine) -> None:
-        if engine.dtype not in _SUFFIX:
-            raise TypeError(f"backend='cpu' supports float32 and float64, got {engine.dtype}")
+    def __init__(self, spec) -> None:
+        """`spec`: a `step_spec.StepSpec` (or an engine, through its ``step_spec()``)."""
+        spec = as_spec(spec)
+        if spec.dtype not in _SUFFIX:
+            raise TypeError(f"backend='cpu' supports float32 and float64, got {spec.dtype}")
         dll = load()
-        sfx = _SUFFIX[engine.dtype]
+        sfx = _SUFFIX[spec.dtype]
         self._fwd = getattr(dll, f"at_forward_step_{sfx}")
         self._fwd_n = getattr(dll, f"at_forward_steps_{sfx}")
         self._replay = getattr(dll, f"at_replay_step_{sfx}")
         self._bwd = getattr(dll, f"at_backward_step_{sfx}")
-        net, cfg, tab = engine.net, engine.cfg, engine.tables
-        self.B, self.W, self.K, self.dtype = engine.batch, engine.width, engine.k, engine.dtype
-        self.F = tab.targets.shape[1]
+        self.B, self.W, self.K, self.dtype = spec.batch, spec.width, spec.k, spec.dtype
+        self.F = spec.fan_out
         u8 = lambda x: x.to(torch.uint8).contiguous()  # noqa: E731
-        # slot l (the sources of layer l) reaches layer l + 1; outputs and the dump nobody
-        n_slots = int(tab.source_slot[-1]) + 1
-        lo = torch.zeros(n_slots, dtype=torch.int64)
-        hi = torch.zeros(n_slots, dtype=torch.int64)
-        for l in range(net.n_layers):
-            lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
-        self._keep = dict(source_slot=tab.source_slot.contiguous(),
-                          slot_lo=lo, slot_hi=hi, is_source=u8(tab.is_source),
-                          is_input=u8(tab.is_input), sync=engine.sync.contiguous(),
-                          theta=engine.theta.contiguous())
-        out = net.output_slice
+        i64 = lambda x: x.to(torch.int64).contiguous()  # noqa: E731
+        self._keep = dict(source_slot=i64(spec.source_slot), slot_lo=i64(spec.slot_lo),
+                          slot_hi=i64(spec.slot_hi), is_source=u8(spec.is_source),
+                          is_input=u8(spec.is_input), sync=spec.sync.to(torch.int32).contiguous(),
+                          theta=spec.theta.contiguous())
         c = self.ctx = Ctx()
         c.B, c.W, c.K, c.F = self.B, self.W, self.K, self.F
-        c.n_slots = n_slots
-        c.out_lo, c.out_hi = out.start, out.stop
+        c.n_slots = spec.n_slots
+        c.out_lo, c.out_hi = spec.out_lo, spec.out_hi
         for name, t in self._keep.items():
             setattr(c, name, _ptr(t))
-        c.policy_ms = int(cfg.policy == "MS")
-        c.refractory, c.barrier = int(cfg.refractory), int(cfg.barrier_messages)
-        c.stop_output = c.eager_first = int(cfg.stop == "output")
-        c.detach_reset = int(cfg.detach_reset)
-        c.input_random = int(engine.random_inputs)
-        c.fill = int(engine.fill)
-        c.noise, c.p_ref, c.p_net, c.alpha = engine.noise, engine.p_ref, engine.p_net, engine.alpha
-        c.max_steps, c.steps_after_output = cfg.max_steps, cfg.steps_after_output
-        c.seed = engine.seed
+        c.policy_ms = int(spec.policy_ms)
+        c.refractory, c.barrier = int(spec.refractory), int(spec.barrier)
+        c.stop_output = c.eager_first = int(spec.stop_output)
+        c.detach_reset = int(spec.detach_reset)
+        c.input_random = int(spec.input_random)
+        c.fill = int(spec.fill)
+        c.noise, c.p_ref, c.p_net, c.alpha = spec.noise, spec.p_ref, spec.p_net, spec.alpha
+        c.max_steps, c.steps_after_output = spec.max_steps, spec.steps_after_output
+        c.seed = spec.seed
         self.ref = ctypes.byref(c)
         self._cur = torch.empty(self.W, dtype=self.dtype)
         self._cand = torch.empty(self.W, dtype=torch.int64)

@@ -53,6 +53,7 @@ from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
 from .rng_triton import _bits_at_from_hash, _fmix32, _uniform_at_from_hash
 from .select import _radix_threshold
+from .step_spec import as_spec
 
 _SUFFIX = (torch.float32, torch.float64)
 _K_MAX = 4096
@@ -508,41 +509,38 @@ class TritonSteps:
     fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = False  # record_currents=True runs the per-op kernels
 
-    def __init__(self, engine) -> None:
-        if engine.dtype not in _SUFFIX:
-            raise TypeError(f"backend='triton' fused steps support float32 and float64, got {engine.dtype}")
-        if engine.k > _K_MAX:
-            raise ValueError(f"backend='triton' fused steps support K <= {_K_MAX}, got {engine.k}")
-        net, cfg, tab = engine.net, engine.cfg, engine.tables
-        dev = self.device = engine.device
-        self.B, self.W, self.K, self.dtype = engine.batch, engine.width, engine.k, engine.dtype
-        self.F = tab.targets.shape[1]
-        n_slots = int(tab.source_slot[-1]) + 1
-        lo = torch.zeros(n_slots, dtype=torch.int64)
-        hi = torch.zeros(n_slots, dtype=torch.int64)
-        for l in range(net.n_layers):  # slot l (sources of layer l) reaches layer l + 1
-            lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
+    def __init__(self, spec) -> None:
+        """`spec`: a `step_spec.StepSpec` (or an engine, through its ``step_spec()``)."""
+        spec = as_spec(spec)
+        if spec.dtype not in _SUFFIX:
+            raise TypeError(f"backend='triton' fused steps support float32 and float64, got {spec.dtype}")
+        if spec.k > _K_MAX:
+            raise ValueError(f"backend='triton' fused steps support K <= {_K_MAX}, got {spec.k}")
+        dev = self.device = spec.device
+        self.B, self.W, self.K, self.dtype = spec.batch, spec.width, spec.k, spec.dtype
+        self.F = spec.fan_out
         u8 = lambda x: x.to(device=dev, dtype=torch.uint8).contiguous()  # noqa: E731
-        self._tables = dict(source_slot=tab.source_slot.to(dev).contiguous(), slot_lo=lo.to(dev),
-                            slot_hi=hi.to(dev), is_source=u8(tab.is_source), is_input=u8(tab.is_input),
-                            sync=engine.sync.to(dev).contiguous(), theta=engine.theta.to(dev).contiguous())
-        self.n_slots = n_slots
-        out = net.output_slice
-        self.out_lo, self.out_hi = out.start, out.stop
-        self.policy_ms = cfg.policy == "MS"
-        self.input_random = engine.random_inputs
-        self.fill = engine.fill
-        self.refractory, self.barrier = bool(cfg.refractory), bool(cfg.barrier_messages)
-        self.stop_output = cfg.stop == "output"
-        self.detach_reset = bool(cfg.detach_reset)
-        self.noise, self.p_ref, self.p_net = engine.noise, engine.p_ref, engine.p_net
-        self.max_steps, self.steps_after_output = cfg.max_steps, cfg.steps_after_output
-        self.seed = engine.seed
+        i64 = lambda x: x.to(device=dev, dtype=torch.int64).contiguous()  # noqa: E731
+        self._tables = dict(source_slot=i64(spec.source_slot), slot_lo=i64(spec.slot_lo),
+                            slot_hi=i64(spec.slot_hi), is_source=u8(spec.is_source), is_input=u8(spec.is_input),
+                            sync=spec.sync.to(device=dev, dtype=torch.int32).contiguous(),
+                            theta=spec.theta.to(dev).contiguous())
+        self.n_slots = spec.n_slots
+        self.out_lo, self.out_hi = spec.out_lo, spec.out_hi
+        self.policy_ms = spec.policy_ms
+        self.input_random = spec.input_random
+        self.fill = spec.fill
+        self.refractory, self.barrier = spec.refractory, spec.barrier
+        self.stop_output = spec.stop_output
+        self.detach_reset = spec.detach_reset
+        self.noise, self.p_ref, self.p_net = spec.noise, spec.p_ref, spec.p_net
+        self.max_steps, self.steps_after_output = spec.max_steps, spec.steps_after_output
+        self.seed = spec.seed
         self.KB = max(2, triton.next_power_of_2(self.K))
-        self.NS = max(2, triton.next_power_of_2(n_slots))
+        self.NS = max(2, triton.next_power_of_2(self.n_slots))
         self._fwd_cfg = _config(self.W, self.dtype, forward=True)
         self._step_cfg = _config(self.W, self.dtype, forward=False)
-        self._const = torch.tensor([engine.alpha / 2, math.pi / 2 * engine.alpha], dtype=self.dtype,
+        self._const = torch.tensor([spec.alpha / 2, math.pi / 2 * spec.alpha], dtype=self.dtype,
                                    device=dev)
         self._keys = torch.empty(self.B, self.W, dtype=torch.int64, device=dev)
         self._cand = torch.empty(self.B, self.KB, dtype=torch.int64, device=dev)
