@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .engine import Engine, PackedState, State, StepInfo, StepInfoAt
+from .engine import Engine
+from .state import PackedState, State, StepInfo, StepInfoAt
 from .kernels.cpu_step import FusedRecord
 from .kernels.lif import lif_backward_torch
 from .retain import ChunkStore, FlatStore

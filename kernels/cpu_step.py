@@ -17,7 +17,7 @@ phases in one call over the whole batch:
   outboxes, weight-table rows of the K sources).
 
 The twin is the torch path itself (`Engine.select`, `Engine.op_step`,
-`Engine._after_eval`, `backward._evaluation_backward` with `deliver_backward_torch`):
+`passes.after_eval`, `backward._evaluation_backward` with `deliver_backward_torch`):
 same counter hash, same float operations in the same order, compiled without FMA
 contraction, so selections and spikes are identical and potentials bitwise equal
 when the K slots are added in the same order (here: highest key first; the torch
@@ -26,7 +26,7 @@ selections and potentials to fp tolerance). Gradients match to fp rounding (sums
 in another order). Tests: tests/test_cpu_backend.py.
 
 State tensors are updated in place; a checkpoint is a packed copy
-(`engine.PackedState`), so the steps never touch one. The library is built from the C source on
+(`state.PackedState`), so the steps never touch one. The library is built from the C source on
 first use with the system C compiler (``$CC``, else ``cc``) into
 ``$ASYNCTRAIN_CACHE`` (default ``~/.cache/asynctrain``, or a folder in the
 temporary directory when the home is not writable), keyed by a hash of the source, and loaded with ctypes: no torch headers, a build takes about a second.
@@ -197,7 +197,7 @@ class CpuSteps:
         self.ctx.wt = _ptr(wt)
 
     def bind_state(self, st) -> None:
-        """Point at `st` (an `engine.State` whose tensors this object may modify)."""
+        """Point at `st` (a `state.State` whose tensors this object may modify)."""
         for name in ("v", "o", "acc", "refr", "n_in"):
             t = getattr(st, name)
             assert t.is_contiguous(), name
@@ -205,7 +205,7 @@ class CpuSteps:
             setattr(self.ctx, name, _ptr(t))
 
     def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
-        """Point at a pass's bookkeeping (`engine._Pass`), its bool [B] done flags and,
+        """Point at a pass's bookkeeping (`passes._Pass`), its bool [B] done flags and,
         when recorded, its int64 currents-to-spike histogram (added to in place)."""
         for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
                         ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):

@@ -557,14 +557,14 @@ class TritonSteps:
         self._bound["wt"] = wt
 
     def bind_state(self, st) -> None:
-        """Point at `st` (an `engine.State` whose tensors this object may modify)."""
+        """Point at `st` (a `state.State` whose tensors this object may modify)."""
         for name in ("v", "o", "acc", "refr", "n_in"):
             t = getattr(st, name)
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
 
     def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
-        """Point at a pass's bookkeeping (`engine._Pass`) and its bool [B] done flags.
+        """Point at a pass's bookkeeping (`passes._Pass`) and its bool [B] done flags.
         No currents-to-spike histogram here (`records_histogram` is False)."""
         if hist is not None:
             raise NotImplementedError("the fused Triton steps do not record the currents-to-spike "
