@@ -48,6 +48,17 @@ from .segments import Checkpoints  # noqa: F401
 from .state import PackedState, State, StepInfo, StepInfoAt  # noqa: F401
 
 
+# Devices where the step loop reads nothing on the host but its stop test
+# (kernels/host.py): checkpoints packed dense, dropout drawn at every column (the same
+# numbers). A CPU reads for free (tests set this to ("cpu",) to check the loop).
+SYNC_FREE_DEVICES = ("cuda",)
+# The per-op step loop tests its stop condition before every N-th step, N by device
+# type (default 1): on CUDA N = 8, each test being a host sync; up to N - 1 no-op steps
+# (every sample done: all dump slots) run after the last sample is done and are
+# recorded, changing no spike, stat or gradient. Elsewhere before every step, so the
+# ops and step counts are those of N = 1.
+STOP_EVERY = {"cuda": 8}
+
 # Conv steps without autograd run at their receivers when at most this fraction of
 # the [B, W] columns received, else over the whole state (`Engine._evaluate_at`).
 SPARSE_BELOW = 0.5
@@ -64,6 +75,9 @@ class Engine:
         # bins 0 .. max fan-in of the currents-to-spike histogram (0 = not recorded)
         self.histogram_bins = (max(net.layer_sizes[:-1]) + 1) if histogram else 0
         self.batch, self.device, self.dtype = batch, device, dtype
+        dev_type = torch.device(device).type
+        self.sync_free = dev_type in SYNC_FREE_DEVICES
+        self.stop_every = STOP_EVERY.get(dev_type, 1)
         self.checkpoint_every = checkpoint_every
         self.tables = net.tables(device)
         w = net.width + 1
@@ -250,7 +264,13 @@ class Engine:
         refr = st.refr
         if self.cfg.refractory:
             fired = spikes > 0
-            if self.p_ref > 0:
+            if self.p_ref > 0 and self.sync_free:  # every column's draw: no nonzero
+                b, w = fired.shape
+                u = self.ops.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k,
+                                        torch.arange(b, device=fired.device)[:, None],
+                                        torch.arange(w, device=fired.device)[None, :])
+                fired = fired & (u >= self.p_ref)
+            elif self.p_ref > 0:
                 # draw only at the neurons that fired: a handful, not [B, N]
                 at = fired.nonzero(as_tuple=True)
                 u = self.ops.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k, *at)

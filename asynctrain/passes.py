@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import SimConfig
+from .kernels import host
 from .retain import ChunkStore, identity
 from .segments import Checkpoints, _offer
 from .state import State, StepInfo, StepInfoAt
@@ -29,8 +30,8 @@ def run(eng: "Engine", frames: torch.Tensor, wt: torch.Tensor, *, keep_checkpoin
         fused = None  # plain autograd through every step: the torch ops
     if fused is not None:
         fused.bind_weights(wt)
-    ckpt = Checkpoints(eng.checkpoint_every, eng.record_ratio, nested=eng.nested) \
-        if keep_checkpoints else None
+    ckpt = Checkpoints(eng.checkpoint_every, eng.record_ratio, nested=eng.nested,
+                       sync_free=eng.sync_free) if keep_checkpoints else None
     # conv networks: wide steps; kept per-step tensors go to chunks (retain.py)
     keep = ChunkStore().keep if eng.syn is not None else identity
     stats = new_stats(T, B, eng.device, eng.histogram_bins)
@@ -65,10 +66,14 @@ def run(eng: "Engine", frames: torch.Tensor, wt: torch.Tensor, *, keep_checkpoin
             after_eval(eng, st, info, ps)
         if fused is not None:
             st = _fused_pass(eng, fused, st, ps, ckpt, ops, t, k)
+        every, i = eng.stop_every, 0
         while fused is None:
             done = ps.done(cfg)
-            if bool(done.all()):
+            # the stop test, before every `every`-th step: a step after every sample is
+            # done is a no-op (nothing pending: all dump slots), recorded, changing nothing
+            if i % every == 0 and host.read(done.all()):
                 break
+            i += 1
             active = ~done[:, None]
             fill = (ps.fillable & ~ps.pending & active, st.v) if eng.fill else None
             sel, sel_deliv = eng.select(ps.pending & active, ps.pre_spike, t, k, fill)
@@ -93,6 +98,7 @@ def run(eng: "Engine", frames: torch.Tensor, wt: torch.Tensor, *, keep_checkpoin
     stats["final_v"] = st.v[:, net.neuron_slice].detach()
     return torch.stack(outs), stats, ops, (ckpt.saved if ckpt else None)
 
+
 def _fused_pass(eng: "Engine", fused, st: State, ps: _Pass, ckpt: Checkpoints | None, ops: list,
                 t: int, k: int) -> State:
     """The event steps of one pass through the backend's fused steps (same ops,
@@ -110,11 +116,13 @@ def _fused_pass(eng: "Engine", fused, st: State, ps: _Pass, ckpt: Checkpoints | 
     dropout = eng.p_net > 0
     # Steps run in batches up to the next op index a checkpoint may be taken at
     # (or a bounded buffer: ~1 MB of selections), one C call per batch.
+    # The stop test: once here, then one read per batch (`forward_batch`).
     cap = max(1, 2**18 // (eng.batch * eng.k))
-    while not bool(done.all()):
+    all_done = host.read(done.all())
+    while not all_done:
         _offer(ckpt, ops, st)
         n_max = cap if ckpt is None else min(cap, ckpt.c - len(ops) % ckpt.c)
-        sel, sel_deliv, vals, out_fired = fused.forward_steps(t, k, n_max)
+        sel, sel_deliv, vals, out_fired, all_done = fused.forward_batch(t, k, n_max)
         for i in range(sel.shape[0]):  # no checkpoint is due inside a batch
             ops.append(("step", t, k, sel[i], sel_deliv[i] if dropout else None))
             ps.delivered.append(sel_deliv[i])

@@ -22,10 +22,14 @@ class Checkpoints:
     `nested` (the backward splits each segment again, `Engine.sub_segment`): C doubles
     whenever more than sqrt(C r) are kept, so C ~ ops^(2/3) r^(-1/3): the kept states
     then weigh half of what one split segment holds at once, the minimum of their sum:
-    ~3 (ops r)^(1/3) states in all."""
+    ~3 (ops r)^(1/3) states in all.
 
-    def __init__(self, every: int | None, ratio: float = 1.0, nested: bool = False):
+    `sync_free` (CUDA): states are packed without host reads (`PackedState.of`)."""
+
+    def __init__(self, every: int | None, ratio: float = 1.0, nested: bool = False,
+                 sync_free: bool = False):
         self.adaptive = every is None
+        self.sync_free = sync_free  # pack without reading the state on the host
         self.c = 1 if every is None else every
         self.ratio = ratio
         self.nested = nested
@@ -34,7 +38,7 @@ class Checkpoints:
     def offer(self, i: int, st: State) -> None:
         if i % self.c:
             return
-        self.saved[i] = st.pack()
+        self.saved[i] = st.pack(sync_free=True) if self.sync_free else st.pack()
         cap = math.sqrt(self.c * self.ratio) if self.nested else self.c * self.ratio
         if self.adaptive and len(self.saved) > cap:
             self.c *= 2

@@ -25,9 +25,9 @@ class State:
         return State(self.v.clone(), self.o.clone(), self.acc.clone(), self.refr.clone(),
                      self.n_in.clone())
 
-    def pack(self) -> "PackedState":
+    def pack(self, sync_free: bool = False) -> "PackedState":
         """A copy in fewer bytes for a checkpoint (`PackedState`)."""
-        return PackedState.of(self)
+        return PackedState.of(self, sync_free)
 
 
 @dataclass
@@ -35,7 +35,9 @@ class PackedState:
     """A kept state in ~8 bytes per column instead of 13: the outboxes as their nonzero
     entries when under half are nonzero (pending spikes: a few percent at small K),
     the received counts as int16 when they fit. A copy: the state may go on being
-    updated in place (fused steps)."""
+    updated in place (fused steps). `sync_free` (CUDA, inside the step loop): the
+    outboxes stay dense and the counts int32, so packing reads nothing on the host
+    (13 bytes per column; the sparse choice needs the number of nonzero entries)."""
 
     v: torch.Tensor
     o: torch.Tensor                # [B, W], or the values at `o_at`
@@ -46,7 +48,10 @@ class PackedState:
     n_in_dtype: torch.dtype
 
     @staticmethod
-    def of(st: State) -> "PackedState":
+    def of(st: State, sync_free: bool = False) -> "PackedState":
+        if sync_free:
+            return PackedState(st.v.clone(), st.o.clone(), None, st.acc.clone(), st.refr.clone(),
+                               st.n_in.clone(), st.n_in.dtype)
         at = st.o.reshape(-1).nonzero().squeeze(1)
         sparse = 2 * at.numel() < st.o.numel() < 2**31
         o, o_at = (st.o.reshape(-1)[at], at.to(torch.int32)) if sparse else (st.o.clone(), None)

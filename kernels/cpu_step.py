@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from . import host
 from .step_spec import as_spec
 
 _HERE = Path(__file__).resolve().parent
@@ -245,6 +246,12 @@ class CpuSteps:
         if 2 * n <= n_max:  # do not keep the unused tail alive through the views
             return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone()
         return sel[:n], sd[:n], vals[:n], fired[:n]
+
+    def forward_batch(self, t: int, k0: int, n_max: int):
+        """`forward_steps` and whether every sample is done after them (the stop
+        test: `host.read`)."""
+        out = self.forward_steps(t, k0, n_max)
+        return (*out, bool(host.read(self._bound["done"].all())))
 
     def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
         """Replay a recorded step on the bound state. Returns the sweep's record

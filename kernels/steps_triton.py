@@ -53,6 +53,7 @@ from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
 from .rng_triton import _bits_at_from_hash, _fmix32, _uniform_at_from_hash
 from .select import _radix_threshold
+from . import host
 from .step_spec import as_spec
 
 _SUFFIX = (torch.float32, torch.float64)
@@ -580,14 +581,19 @@ class TritonSteps:
     def forward_step(self, t: int, k: int):
         """One forward step of the bound state and pass. Returns (sel, sel_deliv int32
         [B, K], vals [B, K], out_fired bool [B], all_done)."""
-        sel, sd, vals, fired = self.forward_steps(t, k, 1)
-        return sel[0], sd[0], vals[0], fired[0], bool(self._bound["done"].all())
+        sel, sd, vals, fired, all_done = self.forward_batch(t, k, 1)
+        return sel[0], sd[0], vals[0], fired[0], all_done
 
     def forward_steps(self, t: int, k0: int, n_max: int):
         """Up to `n_max` forward steps (k0, k0 + 1, ...) in one launch, stopping after
         the step that leaves every sample done (the caller checks that one is not
         done first). Returns (sel, sel_deliv int32 [n, B, K], vals [n, B, K],
         out_fired bool [n, B])."""
+        return self.forward_batch(t, k0, n_max)[:4]
+
+    def forward_batch(self, t: int, k0: int, n_max: int):
+        """`forward_steps` and whether every sample is done after them: one host read
+        per launch (`host.read`: the steps taken and the done flags together)."""
         B, K, dev, s = self.B, self.K, self.device, self._bound
         sel = torch.empty(n_max, B, K, dtype=torch.int32, device=dev)
         sd = torch.empty(n_max, B, K, dtype=torch.int32, device=dev)
@@ -612,10 +618,12 @@ class TritonSteps:
             FILL=self.fill, HAS_PNET=self.p_net > 0,
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
             STOP_OUTPUT=self.stop_output, KB=self.KB, NS=self.NS, **self._launch_opts(forward=True))
-        n = max(1, int(taken.max()))
+        n, all_done = host.read(torch.stack([taken.max().to(torch.int64),
+                                             self._bound["done"].view(torch.bool).all().to(torch.int64)]))
+        n = max(1, n)
         if 2 * n <= n_max:  # do not keep the unused tail alive through the views
-            return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone()
-        return sel[:n], sd[:n], vals[:n], fired[:n]
+            return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone(), bool(all_done)
+        return sel[:n], sd[:n], vals[:n], fired[:n], bool(all_done)
 
     def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
         """Replay a recorded step on the bound state. Returns the sweep's record

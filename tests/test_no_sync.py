@@ -1,0 +1,236 @@
+"""No host sync inside the step loop (CUDA), and what makes that possible changes nothing.
+
+- The per-op loop's stop test every N steps (`engine.STOP_EVERY`, N = 8 on CUDA): on
+  the CPU with N = 3 and 8 against N = 1, outputs, every stat and the gradients are
+  bitwise equal (the extra steps after the last sample is done are recorded no-ops,
+  replayed by the backward too), fully connected (MS with noise and both dropouts,
+  RS with fill_slots) and conv.
+- A CPU guard that can fail: with the loop in its sync-free mode (as on CUDA,
+  `engine.SYNC_FREE_DEVICES`), one training iteration of the fused `cpu` steps calls
+  no tensor-to-host conversion (item, tolist, bool, int, float, nonzero, boolean-mask
+  indexing, ...) inside the forward's step loop (`passes.run`) or the backward's
+  segment sweeps, except the stop test (`kernels/host.py`). The same run in the
+  default CPU mode does call them (packing checkpoints sparsely): the guard sees them.
+- On a GPU (skipped without one): the same iteration with the triton backend under
+  ``torch.cuda.set_sync_debug_mode("error")``, the stop test's reads excepted and
+  counted (at most one per launch of the fused steps, plus one per pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import asynctrain as at
+from asynctrain import backward, engine, passes
+from asynctrain.kernels import host
+from conftest import BASE, STAT_KEYS, make_frames, make_net
+from test_conv_engine import conv_net, image_frames
+
+SIZES = [40, 24, 24, 6]
+
+
+def _iteration(net, cfg, frames, backend: str, seed: int = 5):
+    """One training iteration; returns (out, stats, grads)."""
+    snn = at.AsyncSNN(net, cfg, backend=backend).train()
+    out = snn(frames, seed=seed)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    grads = torch.autograd.grad((out * w).sum(), [p for p in net.parameters()])
+    return out.detach(), {k: v.clone() for k, v in snn.stats.items() if isinstance(v, torch.Tensor)}, grads
+
+
+def _fc(policy, **kw):
+    cfg = at.SimConfig(**BASE, policy=policy, forward_group_size=3, **kw)
+    return make_net(SIZES, scale=0.5, shift=0.1), cfg, make_frames(4, 5, SIZES[0], p=0.3)
+
+
+CASES = {
+    "fc-MS-noise-dropout": lambda: _fc("MS", momentum_noise=0.1, refractory_dropout=0.3, network_dropout=0.2),
+    "fc-RS-fill": lambda: _fc("RS", fill_slots=True, refractory_dropout=0.3),
+    "conv-MS": lambda: (conv_net("pool"), at.SimConfig(**BASE, policy="MS", forward_group_size=4,
+                                                        refractory_dropout=0.3),
+                        image_frames(3, 3, (2, 6, 6), p=0.4)),
+}
+
+
+@pytest.mark.parametrize("every", [3, 8])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stop_every_n_steps_changes_nothing(case, every, monkeypatch):
+    net, cfg, frames = CASES[case]()
+    n_ops = []
+    run = passes.run
+
+    def counting_run(*a, **kw):
+        res = run(*a, **kw)
+        n_ops.append(len(res[2]))
+        return res
+
+    monkeypatch.setattr(passes, "run", counting_run)
+    want = _iteration(net, cfg, frames, "torch")
+    monkeypatch.setattr(engine, "STOP_EVERY", {"cpu": every})
+    got = _iteration(net, cfg, frames, "torch")
+    assert n_ops[1] > n_ops[0], "vacuous: no step ran after every sample was done"
+    assert torch.equal(got[0], want[0])
+    assert want[1].keys() == got[1].keys() and set(STAT_KEYS) <= set(want[1])
+    for k in want[1]:
+        assert torch.equal(got[1][k], want[1][k]), k
+    assert int(want[1]["forward_steps"].sum()) > 0 and any(g.abs().sum() > 0 for g in want[2]), "vacuous"
+    for a, b in zip(got[2], want[2]):
+        assert torch.equal(a, b)
+
+
+# --- the guard: tensor-to-host conversions inside the loop --------------------------
+_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy",
+            "masked_select", "argwhere", "unique", "bincount", "repeat_interleave")
+
+
+class _Conversions:
+    """Counts, while `on`, the calls of `_METHODS` and boolean-mask indexing on tensors."""
+
+    def __init__(self, monkeypatch):
+        self.on, self.seen = False, []
+        for name in _METHODS:
+            self._wrap(monkeypatch, torch.Tensor, name)
+        self._wrap(monkeypatch, torch, "nonzero")
+        for name in ("__getitem__", "__setitem__", "index_put", "index_put_"):
+            self._wrap(monkeypatch, torch.Tensor, name, bool_index=True)
+
+    def _wrap(self, monkeypatch, owner, name, bool_index=False):
+        orig = getattr(owner, name)
+
+        def wrapper(*a, **kw):
+            if self.on and (not bool_index or _has_bool_index(a[1:])):
+                self.seen.append(name)
+            return orig(*a, **kw)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    @contextlib.contextmanager
+    def watching(self):
+        was, self.on = self.on, True
+        try:
+            yield
+        finally:
+            self.on = was
+
+    @contextlib.contextmanager
+    def allowed(self):
+        was, self.on = self.on, False
+        try:
+            yield
+        finally:
+            self.on = was
+
+
+def _has_bool_index(args) -> bool:
+    def is_bool(x):
+        if isinstance(x, torch.Tensor):
+            return x.dtype == torch.bool
+        if isinstance(x, (tuple, list)):
+            return any(is_bool(y) for y in x)
+        return False
+    return bool(args) and is_bool(args[0])
+
+
+def _watch_loops(monkeypatch, region, allow):
+    """Run `passes.run` and `backward.sweep_segment` inside `region()`, the stop test's
+    `host.read` inside `allow()`; returns the list of reads (their values)."""
+    reads = []
+    run, sweep, read = passes.run, backward.sweep_segment, host.read
+
+    def in_region(fn):
+        def wrapped(*a, **kw):
+            with region():
+                return fn(*a, **kw)
+        return wrapped
+
+    def counted_read(x):
+        with allow():
+            v = read(x)
+        reads.append(v)
+        return v
+
+    monkeypatch.setattr(passes, "run", in_region(run))
+    monkeypatch.setattr(backward, "sweep_segment", in_region(sweep))
+    monkeypatch.setattr(host, "read", counted_read)
+    return reads
+
+
+@pytest.mark.parametrize("policy", ["MS", "RS"])
+def test_fused_step_loop_converts_nothing_but_the_stop_test(policy, monkeypatch):
+    net, cfg, frames = _fc(policy, momentum_noise=0.1, refractory_dropout=0.3, network_dropout=0.2,
+                           prioritize_input=True)
+    conv = _Conversions(monkeypatch)
+    reads = _watch_loops(monkeypatch, conv.watching, conv.allowed)
+    _iteration(net, cfg, frames, "cpu")  # default CPU mode: checkpoints packed sparsely
+    assert "nonzero" in conv.seen, "the guard saw nothing in the default mode: it cannot fail"
+    conv.seen.clear()
+    reads.clear()
+    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
+    out, stats, grads = _iteration(net, cfg, frames, "cpu")
+    assert conv.seen == []
+    T = frames.shape[0]
+    assert T <= len(reads) <= T + int(stats["forward_steps"].max(1).values.sum()), reads
+    assert int(stats["forward_steps"].sum()) > 0 and any(g.abs().sum() > 0 for g in grads), "vacuous"
+
+
+# --- on a GPU -------------------------------------------------------------------------------
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    from asynctrain.kernels import steps_triton
+    from asynctrain.kernels._triton import is_interpreted
+    if is_interpreted(steps_triton._forward_kernel):
+        pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
+    return torch.device("cuda")
+
+
+@contextlib.contextmanager
+def _sync_mode(mode):
+    was = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(was)
+
+
+@pytest.mark.parametrize("policy", ["MS", "RS"])
+def test_cuda_fc_step_loop_has_no_sync(policy, monkeypatch):
+    """shd-like MLP (700 -> 128 -> 128 -> 20, smaller hidden layers), K = 8, training
+    with noise and both dropouts, prioritized and queued input."""
+    dev = _cuda_or_skip()
+    net = make_net([700, 64, 64, 20], scale=0.15, shift=0.02).to(dev)
+    frames = make_frames(6, 16, 700, p=0.05).to(dev)
+    cfgs = [at.SimConfig(**BASE, policy=policy, forward_group_size=8, momentum_noise=0.1,
+                         refractory_dropout=0.3, network_dropout=0.1, prioritize_input=prioritize)
+            for prioritize in (False, True)]
+    for cfg in cfgs:
+        _iteration(net, cfg, frames, "triton")  # compile outside the check
+    reads = _watch_loops(monkeypatch, lambda: _sync_mode("error"), lambda: _sync_mode("default"))
+    for cfg in cfgs:
+        reads.clear()
+        out, stats, grads = _iteration(net, cfg, frames, "triton")
+        assert int(stats["forward_steps"].max()) > 4 and any(float(g.abs().sum()) > 0 for g in grads), "vacuous"
+        # one read per pass, then one per launch of the fused steps (>= 1 step each)
+        T = frames.shape[0]
+        assert T <= len(reads) <= T + int(stats["forward_steps"].max(1).values.sum()), reads
+
+
+@pytest.mark.xfail(strict=True, reason="the per-op conv loop still syncs: the selection lists the "
+                   "pending entries (nonzero), ImageSynapses.entries reads the per-layer counts "
+                   "(tolist), _evaluate_at lists the receivers (nonzero, boolean masks), the stop "
+                   "test is not the only read")
+def test_cuda_conv_step_loop_has_no_sync(monkeypatch):
+    """A narrow VGG-7 (width 1/16, 16x16 images), K = 8, the triton backend."""
+    dev = _cuda_or_skip()
+    from asynctrain.models import vgg7
+    net = vgg7(width=1 / 16, image_size=16).to(dev)
+    frames = image_frames(3, 4, (3, 16, 16), p=0.3).to(dev)
+    cfg = at.SimConfig(**BASE, policy="MS", forward_group_size=8, refractory_dropout=0.3)
+    _iteration(net, cfg, frames, "triton")
+    reads = _watch_loops(monkeypatch, lambda: _sync_mode("error"), lambda: _sync_mode("default"))
+    _iteration(net, cfg, frames, "triton")
+    assert len(reads) > 0
