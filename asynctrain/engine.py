@@ -36,7 +36,7 @@ import torch
 from . import passes, rng
 from .config import SimConfig, per_neuron
 from .network import Network
-from .backends import TORCH, Ops
+from .backends import TORCH, Ops, select_keys_torch
 from .ops import deliver, lif
 from .kernels.lif import lif_torch
 from .kernels.select import select_pending_torch
@@ -78,6 +78,7 @@ class Engine:
         dev_type = torch.device(device).type
         self.sync_free = dev_type in SYNC_FREE_DEVICES
         self.stop_every = STOP_EVERY.get(dev_type, 1)
+        self._grid = None
         self.checkpoint_every = checkpoint_every
         self.tables = net.tables(device)
         w = net.width + 1
@@ -265,10 +266,7 @@ class Engine:
         if self.cfg.refractory:
             fired = spikes > 0
             if self.p_ref > 0 and self.sync_free:  # every column's draw: no nonzero
-                b, w = fired.shape
-                u = self.ops.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k,
-                                        torch.arange(b, device=fired.device)[:, None],
-                                        torch.arange(w, device=fired.device)[None, :])
+                u = self.ops.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k, *self.grid())
                 fired = fired & (u >= self.p_ref)
             elif self.p_ref > 0:
                 # draw only at the neurons that fired: a handful, not [B, N]
@@ -329,6 +327,14 @@ class Engine:
         return st.acc.clone()
 
     # --- selection (forward only; recorded) -----------------------------------------
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows int64 [B, 1], columns int64 [1, W]): every (sample, column) pair, in
+        place of a ``nonzero(as_tuple=True)`` list (sync-free selection)."""
+        if self._grid is None:
+            self._grid = (torch.arange(self.batch, device=self.device)[:, None],
+                          torch.arange(self.width, device=self.device)[None, :])
+        return self._grid
+
     def select(self, pending: torch.Tensor, pre_spike: torch.Tensor, t: int, k: int,
                fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sel, sel_deliv) int64 [B, K] of one step from the pending entries (bool [B, W],
@@ -338,9 +344,12 @@ class Engine:
         # Keys matter at pending entries only: random numbers are drawn there (the same
         # numbers as a draw over every column), not over the whole [B, N + 1] state.
         # The torch ops also select from that list (`backends.select_listed`); a
-        # backend's select kernel takes the keys over the whole state (`select_dense`).
+        # backend's select kernel takes the keys over the whole state (`select_listed_kernel`).
+        # Sync-free (CUDA): `at` is the whole [B, W] grid, so the same expressions give the
+        # keys of every column (the same numbers at the pending ones) and `select_keys`
+        # selects from them: no list, no data-dependent shape.
         rs = cfg.policy == "RS"
-        at = pending.nonzero(as_tuple=True)
+        at = self.grid() if self.sync_free else pending.nonzero(as_tuple=True)
         if rs or self.noise > 0:
             u = rng.uniform_at(self.seed, rng.STREAM_RS_KEY if rs else rng.STREAM_MOMENTUM_NOISE, t, k, *at)
         if rs:
@@ -354,7 +363,10 @@ class Engine:
         if self.random_inputs:  # SPEC 6: inputs above every neuron, in the pass's order
             is_in = at[1] < self.net.n_inputs
             order = torch.where(is_in, rng.input_order_key(self.seed, t, *at), -1)
-        sel = self.ops.select_at(pending, at, keys, self.k, order)
+        if self.sync_free:
+            sel = self.ops.select_keys(pending, keys, self.k, order)
+        else:
+            sel = self.ops.select_at(pending, at, keys, self.k, order)
         if fill is not None:
             sel = self._add_fillers(sel, *fill, t, k)
         sel_deliv = sel
@@ -370,12 +382,15 @@ class Engine:
         recorded as -1 - column."""
         dump = self.net.dump
         free = sel == dump
-        if not bool((free.any(1) & cand.any(1)).any()):
-            return sel
-        at = cand.nonzero(as_tuple=True)
+        if not self.sync_free and not bool((free.any(1) & cand.any(1)).any()):
+            return sel  # (sync-free: computed anyway, nothing changes then)
+        at = self.grid() if self.sync_free else cand.nonzero(as_tuple=True)
         keys = rng.uniform_at(self.seed, rng.STREAM_FILL, t, k, *at) if self.cfg.policy == "RS" \
             else v[at].to(torch.float32)
-        best = select_pending_torch(*at, keys, self.batch, self.width, self.k)  # best first
+        if self.sync_free:  # best first, as from the list
+            best = select_keys_torch(cand, keys, self.k)
+        else:
+            best = select_pending_torch(*at, keys, self.batch, self.width, self.k)  # best first
         rank = (free.cumsum(1) - 1).clamp(min=0)  # the j-th free slot takes the j-th best
         filler = best.gather(1, rank)
         return torch.where(free & (filler != dump), -1 - filler, sel)

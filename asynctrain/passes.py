@@ -151,7 +151,12 @@ def after_eval(eng: "Engine", st: State, info: StepInfo | StepInfoAt, ps: _Pass)
     if ps.eager_first:  # the output stop needs the first output step now
         ps.first_out = torch.where((ps.first_out < 0) & out_fired, ps.steps, ps.first_out)
     ps.out_fired.append(ps.keep(out_fired))
-    if eng.histogram_bins:
+    if eng.histogram_bins and eng.sync_free:  # the same counts, no boolean mask
+        if not isinstance(ps.currents, torch.Tensor):
+            ps.currents = torch.zeros(eng.histogram_bins, dtype=torch.int64, device=fired.device)
+        counts = st.n_in.clamp(max=eng.histogram_bins - 1).long()
+        ps.currents.scatter_add_(0, counts.view(-1), fired.view(-1).long())
+    elif eng.histogram_bins:
         # currents integrated before each spike (SPEC 9), hidden and output neurons
         counts = st.n_in[fired].clamp(max=eng.histogram_bins - 1).long()
         ps.currents += torch.bincount(counts, minlength=eng.histogram_bins)
