@@ -111,7 +111,8 @@ class Engine:
         # sample, 10 B each, backward.CompactInfo) over those of a checkpoint (~8 B per
         # column, PackedState): the adaptive checkpoints keep fewer states when records
         # are smaller.
-        self.record_ratio = 1.0 if self.syn is None else \
+        # Sync-free (CUDA): records stay dense (no receiver list), as big as a state.
+        self.record_ratio = 1.0 if self.syn is None or self.sync_free else \
             min(1.0, 10 * min(cfg.forward_group_size, w) * self.syn.mean_fan_out / (8 * w))
         # Conv networks, adaptive checkpoints: the backward splits each segment again
         # (`sub_segment`), so the memory of the backward grows as ops^(1/3), not sqrt(ops),
@@ -205,8 +206,9 @@ class Engine:
             return self._op_step_filled(st, sel, sel_deliv, wt, t, k)
         vals = st.o.gather(1, sel_deliv)
         if self.syn is not None:  # the conv/rows kernels of self.ops (ImageSynapses picks Triton or the twins)
-            current, n_add = self.syn.deliver(vals, sel_deliv, wt, self.tables.source_slot, self.ops)
-            if not self._autograd(st, wt):
+            current, n_add = self.syn.deliver(vals, sel_deliv, wt, self.tables.source_slot, self.ops,
+                                              self.sync_free)
+            if not self._autograd(st, wt) and not self.sync_free:  # (sync-free: dense, no receiver list)
                 return self._evaluate_at(st, sel, current, n_add, t, k, vals)
         else:
             current = deliver(vals, sel_deliv, wt, self.tables.targets, self.ops)
@@ -240,11 +242,11 @@ class Engine:
             filler = sel_deliv < 0
             dump = self.net.dump
             current, n_add = self.syn.deliver(vals.masked_fill(filler, 0.0), d_real, wt,
-                                              self.tables.source_slot, self.ops)
+                                              self.tables.source_slot, self.ops, self.sync_free)
             c_fill, n_fill = self.syn.deliver(vals.masked_fill(~filler, 0.0), d_all.masked_fill(~filler, dump),
-                                              wt, self.tables.source_slot, self.ops)
+                                              wt, self.tables.source_slot, self.ops, self.sync_free)
             current, n_recv = current + c_fill, n_add + n_fill
-            if not self._autograd(st, wt):
+            if not self._autograd(st, wt) and not self.sync_free:
                 return self._evaluate_at(st, sel_all, current, n_add, t, k, vals, n_recv)
             received = n_recv > 0
         else:
