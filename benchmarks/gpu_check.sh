@@ -134,8 +134,10 @@ print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"numpy\", n
 print(\"cuda available\", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"(no CUDA device)\")
 import asynctrain, asynctrain.kernels.steps_triton as s, asynctrain.models as m
-print(\"asynctrain from\", asynctrain.__file__, \"kernels from\", s.__file__, \"models from\", m.__file__)"
-' "$PY"
+print(\"asynctrain from\", asynctrain.__file__, \"kernels from\", s.__file__, \"models from\", m.__file__)
+if sys.argv[1] == \"0\" and not torch.cuda.is_available():
+    sys.exit(\"no CUDA device: the CUDA tests would all skip (use --dry-run on a CPU)\")" "$1"
+' "$PY" "$DRY"
 run_stage pytest-fused "$(limit pytest-fused)" "${PYTEST[@]}" --junitxml="$OUT_DIR/pytest-fused.xml" \
     tests/test_steps_triton.py tests/test_gpu_runs.py tests/test_compile_once.py
 run_stage pytest-kernels "$(limit pytest-kernels)" "${PYTEST[@]}" --junitxml="$OUT_DIR/pytest-kernels.xml" \
