@@ -111,7 +111,7 @@ for s in "${LIMITS[@]}"; do total=$(( total + ${s#*:} * SCALE + GRACE )); done
 [[ $SCALE -ne 1 || $total -lt 420 ]] || { echo "stage limits add up to ${total}s >= 420s" >&2; exit 2; }
 limit() { local s; for s in "${LIMITS[@]}"; do [[ ${s%%:*} == "$1" ]] && echo "${s#*:}"; done; }
 
-PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs -k cuda)
+PYTEST=("$PY" -m pytest -v --tb=short -p no:cacheprovider -rs -k cuda)  # -v: a killed stage still shows which tests passed
 if [[ $DRY -eq 1 ]]; then
     COST_ARGS=(--points tiny:layered:-:1,tiny:engine:MS:8 --repeat 1 --width-pairs 0)
     KERNEL_ARGS=(--batch 2 --width 129 --ks 1,8 --fanouts 64 --repeat 1)
