@@ -68,4 +68,4 @@ def test_gpu_check_dry_run_with_a_bare_python(tmp_path):
         rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
         assert rows and not any("error" in row for row in rows), name
     cost = {(row["impl"], row["K"]) for row in map(json.loads, (out / "cost.jsonl").read_text().splitlines())}
-    assert cost == {("layered", 1), ("engine", 8)}
+    assert cost == {("engine", 8)}
