@@ -318,8 +318,9 @@ wrap_tests(globals(), interpreted=INTERPRETED, keep=('test_compile', 'test_cuda'
 
 
 # --- on a GPU (make gpu-check runs these with -k cuda) --------------------------------------
-@pytest.mark.parametrize("policy,k", [("MS", 8), ("RS", 8), ("MS", 64)])
-def test_cuda_model_fused_steps_match_cpu(policy, k):
+@pytest.mark.parametrize("policy,k,fill", [("MS", 8, False), ("RS", 8, False), ("MS", 64, False),
+                                           ("MS", 8, True), ("RS", 64, True)])
+def test_cuda_model_fused_steps_match_cpu(policy, k, fill):
     """The compiled fused Triton steps (persistent forward, replay, backward with
     atomics) on CUDA tensors against backend='cpu' on a copy: counts and stats exact,
     potentials and weight gradients to fp32 tolerance. What the interpreter cannot
@@ -329,7 +330,7 @@ def test_cuda_model_fused_steps_match_cpu(policy, k):
     if INTERPRETED:
         pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
     cfg = SimConfig(**BASE, policy=policy, forward_group_size=k, momentum_noise=0.1, refractory_dropout=0.5,
-                    network_dropout=0.1)
+                    network_dropout=0.1, fill_slots=fill)
     sizes = [350, 128, 128, 128, 20]
     net = make_net(sizes, scale=0.15, shift=0.02)
     frames = make_frames(6, 16, sizes[0], p=0.05)
