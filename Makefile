@@ -27,9 +27,10 @@ bench: $(STAMP)
 
 # On a CUDA machine whose python3 has torch and triton: CUDA tests, cost.py, kernel
 # microbenchmarks, the VGG-7 point (< 7 min); installs nothing and needs no venv (the
-# package is imported from this checkout); GPU_PYTHON picks another interpreter.
-# Results into $OUT if set, else ./gpu-results/ (benchmarks/gpu_check.sh).
-GPU_PYTHON ?= python3
+# package is imported from this checkout). Python: GPU_PYTHON if given, else .venv's if
+# there is one, else python3. Results into $OUT if set, else ./gpu-results/
+# (benchmarks/gpu_check.sh).
+GPU_PYTHON ?=
 gpu-check:
 	PYTHON=$(GPU_PYTHON) bash benchmarks/gpu_check.sh
 

@@ -389,8 +389,10 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
 
 
 # Specialised on: W, K, F, n_slots, out_lo, out_hi (fixed for an engine). Not
-# specialised on: the per-step hash h_ref (i64, `hash_arg`).
-@jit(do_not_specialize=("h_ref",))
+# specialised on: the per-step hash h_ref (i64, `hash_arg`) and the alignment of the
+# step's selection rows sel / sd (rows of a [n, B, K] int32 record: 16-byte aligned
+# or not by step when B x K is not a multiple of 4).
+@jit(do_not_specialize=("h_ref", "sel_ptr", "sd_ptr"))
 def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr,
                    v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr, sel_ptr, sd_ptr, vals_ptr,
                    vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
@@ -424,8 +426,9 @@ def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, syn
 
 
 # Every int argument (W, K, F, n_slots, out_lo, out_hi) is fixed for an engine: one
-# compile per dtype, K and network.
-@jit
+# compile per dtype, K and network. Not specialised on: the alignment of the step's
+# selection rows sel / sd (as in `_replay_kernel`).
+@jit(do_not_specialize=("sel_ptr", "sd_ptr"))
 def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, theta_ptr, wt_ptr,
                      const_ptr, sel_ptr, sd_ptr, vals_ptr, vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
                      gv_ptr, go_ptr, gacc_ptr, gwt_ptr,

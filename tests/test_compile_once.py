@@ -7,10 +7,12 @@ the kernels interpreted on CPU tensors, keys computed for sm_90; ``test_cuda_*``
 the same with the compiled kernels on a GPU (skipped without one).
 
 What is demanded:
-- shd-like MLP (fused steps, MS and RS, K = 8): at most 2 variants of each kernel
-  (there is 1); the same launches keyed with every int specialised give more, so the
-  count is not vacuous (without `do_not_specialize` the persistent forward kernel
-  needed 7-8 variants in this iteration, the replay 4);
+- shd-like MLP (fused steps, MS and RS, K = 8; and the per-op kernels of
+  ``deterministic=True``): at most 2 variants of each kernel (there is 1); the same
+  launches keyed with every argument specialised give more, so the count is not
+  vacuous (without `do_not_specialize` the persistent forward kernel needed 7-8
+  variants in this iteration, the replay 4, the uniform draws 2: index views at
+  varying alignment);
 - narrow VGG-7 (per-op select, conv and rows deliver, uniform draws, K = 8): within a
   layer's shape class (its constexprs: POOL and the tile, fixed per layer) exactly 1
   variant, so the entry counts, hashes and step counters that change every step never
@@ -35,6 +37,9 @@ from specialization import all_kernels, record_variants  # noqa: E402
 
 INTERPRETED = is_interpreted(steps_triton._forward_kernel)
 FUSED = ("steps_triton._forward_kernel", "steps_triton._replay_kernel", "steps_triton._backward_kernel")
+PER_OP = ("select._select_kernel", "deliver._deliver_kernel", "deliver._deliver_backward_kernel",
+          "deliver._deliver_table_grad_kernel", "lif._lif_kernel", "lif._lif_backward_kernel",
+          "rng_triton._uniform_at_kernel")
 
 
 def _mlp(sizes, seed=0):
@@ -53,24 +58,30 @@ def _train_step(net, cfg, frames, **kw):
     return snn.stats
 
 
-def _mlp_iteration(policy, dev, sizes=(40, 24, 24, 10), batch=3, T=3):
+def _mlp_iteration(policy, dev, sizes=(40, 24, 24, 10), batch=3, T=3, deterministic=False):
     """One shd-like training iteration (MS with momentum noise, RS; both with network
-    and refractory dropout, so every hash stream is drawn)."""
+    and refractory dropout, so every hash stream is drawn); `deterministic`: the
+    per-op kernels instead of the fused steps."""
     net = _mlp(list(sizes)).to(dev)
     cfg = at.SimConfig(policy=policy, K=8, theta=0.3, tau=100.0, dt=10.0, refractory_dropout=0.5,
                        network_dropout=0.1, momentum_noise=0.1 if policy == "MS" else 0.0)
     frames = (torch.rand(T, batch, sizes[0], generator=torch.Generator().manual_seed(1)) < 0.15).float()
     with record_variants(all_kernels()) as seen:
-        stats = _train_step(net, cfg, frames.to(dev))
+        stats = _train_step(net, cfg, frames.to(dev), deterministic=deterministic)
     return seen, stats
 
 
-def _check_mlp(seen, stats):
+def _check_mlp(seen, stats, deterministic=False):
     assert int(stats["forward_steps"].max()) > 3, "vacuous: too few forward steps"
-    assert set(seen.keys) == set(FUSED), f"kernels launched: {sorted(seen.keys)}"
-    for name in FUSED:
+    expected = PER_OP if deterministic else FUSED
+    assert set(seen.keys) == set(expected), f"kernels launched: {sorted(seen.keys)}"
+    for name in expected:
         assert len(seen.keys[name]) <= 2, f"{name}: {len(seen.keys[name])} variants:\n" + \
             "\n".join(sorted(seen.keys[name]))
+    if deterministic:
+        assert len(seen.all_specialised["rng_triton._uniform_at_kernel"]) > \
+            len(seen.keys["rng_triton._uniform_at_kernel"])
+        return
     assert seen.launches["steps_triton._forward_kernel"] > 2
     # the launches did vary: with every int specialised they need more variants
     assert len(seen.all_specialised["steps_triton._forward_kernel"]) > len(seen.keys["steps_triton._forward_kernel"])
@@ -80,6 +91,10 @@ def _check_mlp(seen, stats):
 @pytest.mark.parametrize("policy", ["MS", "RS"])
 def test_mlp_training_iteration_compiles_each_kernel_once(policy):
     _check_mlp(*_mlp_iteration(policy, torch.device("cpu")))
+
+
+def test_mlp_deterministic_iteration_compiles_each_kernel_once():
+    _check_mlp(*_mlp_iteration("MS", torch.device("cpu"), deterministic=True), deterministic=True)
 
 
 def _vgg_iteration(dev):
@@ -144,3 +159,9 @@ def test_cuda_mlp_training_iteration_compiles_each_kernel_once(policy):
 
 def test_cuda_narrow_vgg7_compiles_once_per_layer_class():
     _check_vgg(*_vgg_iteration(_cuda_or_skip()))
+
+
+def test_cuda_mlp_deterministic_iteration_compiles_each_kernel_once():
+    dev = _cuda_or_skip()
+    _check_mlp(*_mlp_iteration("MS", dev, sizes=(350, 128, 128, 128, 20), batch=16, T=6, deterministic=True),
+               deterministic=True)

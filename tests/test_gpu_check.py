@@ -3,9 +3,10 @@ TRITON_INTERPRET=1 at tiny sizes, with a bare python like the GPU machine's (tor
 triton, numpy, pytest importable, nothing installed: no asynctrain on its path, so the
 script must import the package from the checkout).
 
-The bare python is a fresh venv (no pip) whose one .pth names the site-packages
-folders that hold torch, triton, numpy and pytest; .pth files inside those folders
-are not run, so an editable install of asynctrain there stays invisible.
+The bare python is a fresh venv (no pip) that sees only torch, triton, numpy, pytest
+and what they require (links to their installed files in one folder, named by the
+venv's one .pth): no asynctrain, and none of the optional packages (tqdm, tonic,
+scikit-learn, matplotlib, h5py) that a stage must not need.
 """
 
 from __future__ import annotations
@@ -25,32 +26,60 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["env", "pytest-fused", "pytest-kernels", "cost", "kernels", "vgg7"]
 
 
+def _closure(roots) -> list:
+    """The installed distributions `roots` need (requirements without extras, markers
+    evaluated for this interpreter)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    seen, todo, dists = set(), list(roots), []
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # an optional or platform-specific requirement that is not installed
+        dists.append(dist)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return dists
+
+
 def _bare_python(where: Path) -> str:
-    import numpy
-    import torch
-    import triton
-    dirs = []
-    for mod in (torch, triton, numpy, pytest):
-        d = str(Path(mod.__file__).resolve().parent.parent)
-        if d not in dirs:
-            dirs.append(d)
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=120)
-    py = where / "bin" / "python"
+    lib = where / "lib-bare"
+    lib.mkdir(parents=True)
+    for dist in _closure(["torch", "triton", "numpy", "pytest"]):
+        for f in dist.files or []:
+            top = Path(str(f)).parts[0]
+            if top == ".." or top.endswith(".pth") or top == "__pycache__" or (lib / top).exists():
+                continue
+            src = Path(dist.locate_file(top))
+            if src.exists():
+                (lib / top).symlink_to(src)
+    assert not (lib / "asynctrain").exists() and not (lib / "tqdm").exists(), sorted(p.name for p in lib.iterdir())
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where / "venv")], check=True, timeout=120)
+    py = where / "venv" / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "zz_bare.pth").write_text("\n".join(dirs) + "\n")
+    Path(site, "zz_bare.pth").write_text(f"{lib}\n")
     return str(py)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils' timeout")
 def test_gpu_check_dry_run_with_a_bare_python(tmp_path):
-    py = _bare_python(tmp_path / "venv")
+    py = _bare_python(tmp_path / "bare")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "PYTHON")}
-    probe = subprocess.run([py, "-c", "import torch, triton, numpy, pytest; import asynctrain"], cwd=tmp_path,
-                           capture_output=True, text=True, env=env)
-    assert "No module named 'asynctrain'" in probe.stderr, \
-        f"the bare python must have torch etc. but no asynctrain:\n{probe.stderr[-2000:]}"
+    for missing in ("asynctrain", "tqdm"):
+        probe = subprocess.run([py, "-c", f"import torch, triton, numpy, pytest; import {missing}"], cwd=tmp_path,
+                               capture_output=True, text=True, env=env)
+        assert f"No module named '{missing}'" in probe.stderr, \
+            f"the bare python must have torch etc. but no {missing}:\n{probe.stderr[-2000:]}"
     out = tmp_path / "out"
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path,
                        env=dict(env, PYTHON=py, OUT=str(out), OMP_NUM_THREADS="1"), capture_output=True,
@@ -68,4 +97,4 @@ def test_gpu_check_dry_run_with_a_bare_python(tmp_path):
         rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
         assert rows and not any("error" in row for row in rows), name
     cost = {(row["impl"], row["K"]) for row in map(json.loads, (out / "cost.jsonl").read_text().splitlines())}
-    assert cost == {("layered", 1), ("engine", 8)}
+    assert cost == {("engine", 8)}
