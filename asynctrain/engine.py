@@ -24,6 +24,17 @@ and sweeps it in reverse by hand. Randomness that changes values in the recomput
 
 Per step the work is K x F_max (gather, scatter) plus O(N) elementwise and one
 topk over [B, N + 1]; nothing is N x N.
+
+Host syncs (`SYNC_FREE_DEVICES`, CUDA): a value read on the host waits for the
+queued kernels, so there the step loops read nothing but their stop test
+(`kernels/host.py`; the per-op loop every `STOP_EVERY` steps, the fused steps once
+per launch). What the CPU path lists (pending entries, receivers, a step's layers,
+nonzero outboxes of a checkpoint) is computed over the whole state instead: keys at
+every column (`grid`, `Ops.select_keys`), steps evaluated densely, each conv layer's
+kernel over all K entries (`conv.ImageSynapses.masked_entries`), records and
+checkpoints dense. The same numbers and operations on the entries that count, so
+the same spikes, stats and gradients (tests/test_no_sync.py); on a CPU, where a
+read costs nothing, the listed path runs as before.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ per-pass bookkeeping (`_Pass`) and the stats it reduces to (`new_stats`).
 
 The engine (`engine.Engine`) holds the constants and the ops; `run` executes them,
 selects, records the ops for the backward and offers states to the checkpoints.
+The loop's only host read is its stop test (`kernels/host.py`): before every
+`Engine.stop_every`-th per-op step, once per batch of fused steps.
 """
 
 from __future__ import annotations

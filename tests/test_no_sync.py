@@ -43,10 +43,10 @@ SIZES = [40, 24, 24, 6]
 
 
 def _iteration(net, cfg, frames, backend: str, seed: int = 5, record_currents: bool = False,
-               deterministic: bool = False):
+               deterministic: bool = False, checkpoint_every: int | None = None):
     """One training iteration; returns (out, stats, grads)."""
     snn = at.AsyncSNN(net, cfg, backend=backend, record_currents=record_currents,
-                      deterministic=deterministic).train()
+                      deterministic=deterministic, checkpoint_every=checkpoint_every).train()
     out = snn(frames, seed=seed)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
     grads = torch.autograd.grad((out * w).sum(), [p for p in net.parameters()])
@@ -214,6 +214,22 @@ def test_sync_free_mode_changes_nothing(name, monkeypatch):
     for a, b in zip(got[2], want[2]):
         assert torch.equal(a, b)
     assert int(want[1]["forward_steps"].sum()) > 0 and any(g.abs().sum() > 0 for g in want[2]), "vacuous"
+
+
+@pytest.mark.parametrize("name", ["per-op-MS-fill-prioritized", "conv-RS-fill-odd"])
+def test_sync_free_mode_changes_nothing_under_plain_autograd(name, monkeypatch):
+    """``checkpoint_every=0``: autograd through every step (the Functions of ops.py and
+    conv._ImageDeliver) in the sync-free mode, against the default mode."""
+    backend, (net, cfg, frames) = _loop_case(name)
+    want = _iteration(net, cfg, frames, backend, checkpoint_every=0)
+    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
+    got = _iteration(net, cfg, frames, backend, checkpoint_every=0)
+    assert torch.equal(got[0], want[0])
+    for k in want[1]:
+        assert torch.equal(got[1][k], want[1][k]), k
+    for a, b in zip(got[2], want[2]):
+        assert torch.equal(a, b)
+    assert any(g.abs().sum() > 0 for g in want[2]), "vacuous"
 
 
 @pytest.mark.parametrize("name", sorted(LOOPS))
