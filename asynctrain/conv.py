@@ -338,7 +338,8 @@ class ImageSynapses:
             flat_sel, flat_vals = sel.reshape(-1), vals.reshape(-1)
             for l, mine in self.masked_entries(sel, source_slot):
                 m = self.maps[l]
-                kernels[m.kind][0](flat_vals, torch.where(mine, sample, b),
+                # zero values: the Triton kernels skip their current atomics
+                kernels[m.kind][0](torch.where(mine, flat_vals, 0.0), torch.where(mine, sample, b),
                                    torch.where(mine, flat_sel - self.offsets[l], 0), self.weight(flat, l),
                                    m.in_shape, m.pool, self.offsets[l + 1], current, counts)
             return current[:b], counts[:b]
