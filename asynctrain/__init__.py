@@ -4,9 +4,13 @@
     snn = at.AsyncSNN(net, at.SimConfig(forward_group_size=8, policy="MS"))
 """
 
-from .config import SimConfig
-from .module import AsyncSNN
-from .network import Network
+from . import _layout
+
+_layout.install()  # a checkout on sys.path: asynctrain.kernels / .models are ../kernels, ../models
+
+from .config import SimConfig  # noqa: E402
+from .module import AsyncSNN  # noqa: E402
+from .network import Network  # noqa: E402
 
 __all__ = ["AsyncSNN", "Network", "SimConfig"]
 __version__ = "0.1.0"

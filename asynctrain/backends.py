@@ -6,7 +6,10 @@ TRITON_INTERPRET=1) and `cpu` (the torch ops plus the fused C steps of
 `kernels/cpu_step.py` for fully connected networks on CPU tensors; built on first
 use with the system C compiler). The per-op entries share their signatures, so the
 engine, its autograd Functions and the backward sweep never branch on the backend;
-`fused` (cpu: kernels/cpu_step.py; triton: kernels/steps_triton.py, a persistent
+`select_at` selects from the listed pending entries (the engine lists them for
+their random keys), `select_keys` the same from keys over the whole state (no
+host sync: CUDA), `image` holds the conv and rows deliveries of convolutional
+networks (`conv.ImageSynapses`). `fused` (cpu: kernels/cpu_step.py; triton: kernels/steps_triton.py, a persistent
 forward kernel running many steps per launch) replaces whole forward steps, replays
 and backward steps of the checkpointed path; `triton` with ``deterministic=True``
 keeps the per-op kernels (the fused backward sums the weight-table gradient with
@@ -25,14 +28,19 @@ import torch
 
 from . import rng
 from .kernels import _triton
+from .kernels.conv_deliver import (conv_deliver_backward_torch, conv_deliver_backward_triton,
+                                   conv_deliver_torch, conv_deliver_triton)
+from .kernels.rows_deliver import (rows_deliver_backward_torch, rows_deliver_backward_triton,
+                                   rows_deliver_torch, rows_deliver_triton)
 from .kernels.deliver import deliver_backward_torch, deliver_backward_triton, deliver_torch, deliver_triton
 from .kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton
 from .kernels.rng_triton import uniform_at_triton
-from .kernels.select import _select_kernel, select_torch, select_triton
+from .kernels.select import _select_kernel, select_pending_torch, select_torch, select_triton, sortable_key
 from .kernels import cpu_step
 from .kernels.steps_triton import TritonSteps
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
+_INT64_MIN = torch.iinfo(torch.int64).min
 
 
 @dataclass(frozen=True)
@@ -44,23 +52,96 @@ class Ops:
     lif: Callable
     lif_backward: Callable
     uniform_at: Callable
+    # (pending bool [B, W], (rows, cols) int64 [P], keys float32 [P], k, order int64 [P] | None)
+    # -> int64 [B, k]: the selection from the listed pending entries (`select_listed`)
+    select_at: Callable
+    # (pending bool [B, W], keys float32 [B, W], k, order int64 [B, W] | None) -> int64 [B, k]:
+    # the same selection from keys over the whole state (no list: no host sync, CUDA)
+    select_keys: Callable
+    # conv networks: map kind ("conv", "fc") -> (deliver, deliver_backward), conv.ImageSynapses
+    image: dict
     fused: type | None = None  # CpuSteps / TritonSteps: whole steps (fully connected networks)
     deterministic: bool = False  # weight gradients without float atomics (triton)
 
 
+def select_listed(pending: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor,
+                  k: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch ops' selection: from the pending list (`select_pending_torch`, work
+    O(pending)); `pending` is not read."""
+    b, w = pending.shape
+    return select_pending_torch(*at, keys, b, w, k, order=order)
+
+
+def select_listed_kernel(select: Callable, pending: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor],
+                 keys: torch.Tensor, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """A select kernel's selection: it reads float32 keys over the whole [B, W] state
+    (only pending entries count). Its float keys cannot order the inputs of a random
+    input order (``order >= 0``): the K inputs at the front are found from the list
+    first (all at +inf, above every neuron: the kernel then takes exactly them)."""
+    b, w = pending.shape
+    if order is not None:
+        is_in = order >= 0
+        front = select_pending_torch(at[0][is_in], at[1][is_in], keys[is_in], b, w, k, order=order[is_in])
+        keep = ~is_in | torch.zeros_like(pending).scatter_(1, front, True)[at]
+        at, keys = (at[0][keep], at[1][keep]), keys[keep]
+        pending = torch.zeros_like(pending).index_put_(at, torch.ones_like(keys, dtype=torch.bool))
+    dense = torch.zeros(pending.shape, dtype=torch.float32, device=pending.device)
+    return select(pending, dense.index_put_(at, keys), k)
+
+
+def select_keys_torch(pending: torch.Tensor, keys: torch.Tensor, k: int,
+                      order: torch.Tensor | None = None) -> torch.Tensor:
+    """`select_listed` from keys over the whole state: the same packed keys and one
+    sorted topk per row, so the same selection in the same order (highest key first,
+    ties to the lower index, the dump in unused slots), with shapes that do not depend
+    on the data. `order` as in `select_pending_torch` (entries with ``order >= 0``)."""
+    b, w = keys.shape
+    cols = torch.arange(w, device=keys.device, dtype=torch.int64)
+    high = sortable_key(keys)
+    if order is not None:
+        high = torch.where(order >= 0, 0x7F800000 + order, high)
+    packed = ((high << 32) | (w - 1 - cols)).masked_fill(~pending, _INT64_MIN)
+    top, _ = packed.topk(min(k, w), dim=1, sorted=True)
+    return torch.where(top != _INT64_MIN, w - 1 - (top & 0xFFFFFFFF), w - 1)
+
+
+def select_keys_kernel(select: Callable, pending: torch.Tensor, keys: torch.Tensor, k: int,
+                       order: torch.Tensor | None = None) -> torch.Tensor:
+    """`select_listed_kernel` from keys over the whole state: the K inputs at the front
+    of a random input order by one topk over their packed order keys, then the kernel."""
+    if order is not None:
+        b, w = keys.shape
+        is_in = order >= 0
+        cols = torch.arange(w, device=keys.device, dtype=torch.int64)
+        packed = ((order << 32) | (w - 1 - cols)).masked_fill(~(pending & is_in), _INT64_MIN)
+        top, _ = packed.topk(min(k, w), dim=1, sorted=True)
+        front = torch.where(top != _INT64_MIN, w - 1 - (top & 0xFFFFFFFF), w - 1)
+        pending = pending & (~is_in | torch.zeros_like(pending).scatter_(1, front, True))
+    return select(pending, keys, k)
+
+
+TORCH_IMAGE = {"conv": (conv_deliver_torch, conv_deliver_backward_torch),
+               "fc": (rows_deliver_torch, rows_deliver_backward_torch)}
+
 TORCH = Ops("torch", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
-            rng.uniform_at)
+            rng.uniform_at, select_listed, select_keys_torch, TORCH_IMAGE)
 CPU = Ops("cpu", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
-          rng.uniform_at, cpu_step.CpuSteps)
+          rng.uniform_at, select_listed, select_keys_torch, TORCH_IMAGE, cpu_step.CpuSteps)
 
 
 @functools.lru_cache(maxsize=2)
 def triton_ops(deterministic: bool) -> Ops:
     """Triton ops; `deterministic` sums the weight-table gradient without float atomics
     (per-op kernels only: the fused steps' backward uses atomics)."""
+    image = {"conv": (conv_deliver_triton,
+                      functools.partial(conv_deliver_backward_triton, deterministic=deterministic)),
+             "fc": (rows_deliver_triton,
+                    functools.partial(rows_deliver_backward_triton, deterministic=deterministic))}
     return Ops("triton", select_triton, deliver_triton,
                functools.partial(deliver_backward_triton, deterministic=deterministic),
                lif_triton, lif_backward_triton, uniform_at_triton,
+               functools.partial(select_listed_kernel, select_triton),
+               functools.partial(select_keys_kernel, select_triton), image,
                None if deterministic else TritonSteps, deterministic)
 
 

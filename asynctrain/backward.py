@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .engine import Engine, PackedState, State, StepInfo, StepInfoAt
+from .engine import Engine
+from .state import PackedState, State, StepInfo, StepInfoAt
 from .kernels.cpu_step import FusedRecord
 from .kernels.lif import lif_backward_torch
 from .retain import ChunkStore, FlatStore
@@ -59,6 +60,8 @@ def _record(engine: Engine, info: StepInfo | StepInfoAt, small: ChunkStore, flat
     if engine.syn is None:
         return info
     vals = small.keep(info.vals)
+    if engine.sync_free:  # no receiver list (a host read): the full record (`StepInfo`)
+        return replace(info, vals=vals, spikes=None, n_before=None)
     shape = (engine.batch, engine.width)
     at = isinstance(info, StepInfoAt)  # the receivers' values already
     idx = info.idx if at else info.received.reshape(-1).nonzero().squeeze(1)
@@ -84,7 +87,7 @@ def _recompute(engine: Engine, ops: list[tuple], st: State, frames: torch.Tensor
     fused, owned = engine.fused, False
     for i, op in enumerate(ops):
         if not keep and i % states_every == 0:
-            states[i] = st.pack()  # a copy: the fused steps go on in place
+            states[i] = st.pack(engine.sync_free)  # a copy: the fused steps go on in place
         kind, t = op[0], op[1]
         if kind == "step" and fused is not None:  # in place on a state of its own
             if not owned:
@@ -197,7 +200,8 @@ def _sweep(engine: Engine, ops: list[tuple], st0: State, frames: torch.Tensor, w
                 g_v, g_current = _evaluation_backward(engine, info, g_v, g_o, g_acc, out)
             if engine.syn is not None:  # adds its weight gradient into grad_wt itself
                 g_vals, _ = engine.syn.deliver_backward(g_current, info.vals, sel_deliv, wt,
-                                                        engine.tables.source_slot, grad_wt, engine.ops)
+                                                        engine.tables.source_slot, grad_wt, engine.ops,
+                                                        engine.sync_free)
             else:
                 g_vals, g_table = engine.ops.deliver_backward(g_current, info.vals, sel_deliv, wt,
                                                               engine.tables.targets)

@@ -15,8 +15,8 @@ of ``nn.Flatten`` and of frames ``[T, B, C, H, W]`` flattened.
 
 `ImageSynapses` delivers one forward step of such a network: the [B, K] selection is
 split per source layer (one sort, one host sync per step), each layer's entries go
-through its kernel (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`: the Triton
-kernel when the call's backend is "triton", else the torch twin), and the received
+through its kernel (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`: the
+entries of the call's `backends.Ops.image`, Triton kernels or their torch twins), and the received
 counts come from the same targets. The parameters travel as one flat vector
 (the engine's "weight table" of these networks), so one autograd node per step
 carries every layer's gradient.
@@ -24,7 +24,6 @@ carries every layer's gradient.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,10 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.conv_deliver import (conv_deliver_backward_torch, conv_deliver_backward_triton,
-                                   conv_deliver_torch, conv_deliver_triton)
-from .kernels.rows_deliver import (rows_deliver_backward_torch, rows_deliver_backward_triton,
-                                   rows_deliver_torch, rows_deliver_triton)
+from .backends import TORCH_IMAGE
 
 
 @dataclass(frozen=True)
@@ -247,24 +243,11 @@ def needs_image_path(maps: list[SynapticMap]) -> bool:
 
 
 # --------------------------------------------------------------------- per-step delivery
-# map kind -> (deliver, deliver_backward); "fc" covers pooled and flattened linear maps
-_TORCH_KERNELS = {"conv": (conv_deliver_torch, conv_deliver_backward_torch),
-                  "fc": (rows_deliver_torch, rows_deliver_backward_torch)}
-
-
-@functools.lru_cache(maxsize=2)
-def _triton_kernels(deterministic: bool) -> dict:
-    return {"conv": (conv_deliver_triton,
-                     functools.partial(conv_deliver_backward_triton, deterministic=deterministic)),
-            "fc": (rows_deliver_triton,
-                   functools.partial(rows_deliver_backward_triton, deterministic=deterministic))}
-
-
 def _kernels(ops) -> dict:
-    """The conv/rows kernels of the call's backend (`backends.Ops`; None: torch)."""
-    if ops is None or ops.name != "triton":
-        return _TORCH_KERNELS
-    return _triton_kernels(ops.deterministic)
+    """The conv/rows kernels of the call's backend (`backends.Ops.image`; None: the
+    torch twins): map kind -> (deliver, deliver_backward); "fc" covers pooled and
+    flattened linear maps."""
+    return TORCH_IMAGE if ops is None else ops.image
 
 
 class ImageSynapses:
@@ -326,20 +309,42 @@ class ImageSynapses:
             start += n
 
     def deliver(self, vals: torch.Tensor, sel: torch.Tensor, flat: torch.Tensor,
-                source_slot: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+                source_slot: torch.Tensor, ops=None, sync_free: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
         differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
-        `backends.Ops`; "triton" runs the Triton kernels, anything else (None too) the
-        torch twins."""
+        `backends.Ops` (its `image` kernels; None: the torch twins). `sync_free`: the
+        per-layer split without a host read (`masked_entries`)."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
-            return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops)
-        return self._forward(vals, sel, flat, source_slot, ops)
+            return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops, sync_free)
+        return self._forward(vals, sel, flat, source_slot, ops, sync_free)
 
-    def _forward(self, vals, sel, flat, source_slot, ops=None):
+    def masked_entries(self, sel: torch.Tensor, source_slot: torch.Tensor):
+        """`entries` without a host read (CUDA): yields (l, bool [B * K] the entries of
+        layer l) for every source layer; each layer's kernel then runs over all B x K
+        entries, the others routed where they change nothing (more work per step for
+        no sync: L launches of B x K entries)."""
+        slot = source_slot[sel].view(-1)
+        for l in range(len(self.maps)):
+            yield l, slot == l
+
+    def _forward(self, vals, sel, flat, source_slot, ops=None, sync_free=False):
         b, k = sel.shape
+        kernels = _kernels(ops)
+        if sync_free:  # entries of other layers go to a scratch row b, sliced off
+            current = vals.new_zeros(b + 1, self.width)
+            counts = torch.zeros(b + 1, self.width, dtype=torch.int32, device=vals.device)
+            sample = torch.arange(b * k, device=sel.device) // k
+            flat_sel, flat_vals = sel.reshape(-1), vals.reshape(-1)
+            for l, mine in self.masked_entries(sel, source_slot):
+                m = self.maps[l]
+                # zero values: the Triton kernels skip their current atomics
+                kernels[m.kind][0](torch.where(mine, flat_vals, 0.0), torch.where(mine, sample, b),
+                                   torch.where(mine, flat_sel - self.offsets[l], 0), self.weight(flat, l),
+                                   m.in_shape, m.pool, self.offsets[l + 1], current, counts)
+            return current[:b], counts[:b]
         current = vals.new_zeros(b, self.width)
         counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
-        kernels = _kernels(ops)
         for l, pos in self.entries(sel, source_slot):
             m = self.maps[l]
             fn = kernels[m.kind][0]
@@ -349,18 +354,32 @@ class ImageSynapses:
 
     def deliver_backward(self, grad_current: torch.Tensor, vals: torch.Tensor, sel: torch.Tensor,
                          flat: torch.Tensor, source_slot: torch.Tensor,
-                         grad_flat: torch.Tensor | None = None, ops=None
+                         grad_flat: torch.Tensor | None = None, ops=None, sync_free: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of `deliver`'s current w.r.t. vals ``[B, K]`` and the flat weights.
         With `grad_flat` given, the weight gradient is added into it in place (only the
         layers the step delivered from: a VGG-7 step at small K touches one or two of
         seven, and a fresh 1.2 M-float vector per step cost as much as the step) and
-        returned. `ops` as in `deliver`."""
+        returned. `ops`, `sync_free` as in `deliver`."""
         b, k = sel.shape
         grad_vals = torch.zeros_like(vals).view(-1)
         kernels = _kernels(ops)
         grads = [None] * len(self.maps)
-        for l, pos in self.entries(sel, source_slot):
+        if sync_free:  # every layer over all entries, the others' values zero (adding 0)
+            sample = torch.arange(b * k, device=sel.device) // k
+            flat_sel, flat_vals = sel.reshape(-1), vals.reshape(-1)
+            for l, mine in self.masked_entries(sel, source_slot):
+                m = self.maps[l]
+                gv, gw = kernels[m.kind][1](grad_current, torch.where(mine, flat_vals, 0.0),
+                                            torch.where(mine, sample, 0),
+                                            torch.where(mine, flat_sel - self.offsets[l], 0),
+                                            self.weight(flat, l), m.in_shape, m.pool, self.offsets[l + 1])
+                grad_vals = torch.where(mine, gv, grad_vals)
+                if grad_flat is not None:
+                    self.weight(grad_flat, l).add_(gw)
+                else:
+                    grads[l] = gw
+        for l, pos in ([] if sync_free else self.entries(sel, source_slot)):
             m = self.maps[l]
             gv, gw = kernels[m.kind][1](grad_current, vals.reshape(-1)[pos], pos // k,
                                         sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l),
@@ -399,11 +418,11 @@ class ImageSynapses:
 
 class _ImageDeliver(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vals, sel, flat, syn, source_slot, ops):
+    def forward(ctx, vals, sel, flat, syn, source_slot, ops, sync_free=False):
         # [B, K] values and indices only: the windows are recomputed in the backward.
         ctx.save_for_backward(vals, sel, flat, source_slot)
-        ctx.syn, ctx.ops = syn, ops
-        current, counts = syn._forward(vals, sel, flat, source_slot, ops)
+        ctx.syn, ctx.ops, ctx.sync_free = syn, ops, sync_free
+        current, counts = syn._forward(vals, sel, flat, source_slot, ops, sync_free)
         ctx.mark_non_differentiable(counts)
         return current, counts
 
@@ -411,5 +430,5 @@ class _ImageDeliver(torch.autograd.Function):
     def backward(ctx, grad_current, _grad_counts):
         vals, sel, flat, source_slot = ctx.saved_tensors
         grad_vals, grad_flat = ctx.syn.deliver_backward(grad_current, vals, sel, flat, source_slot,
-                                                        ops=ctx.ops)
-        return grad_vals, None, grad_flat, None, None, None
+                                                        ops=ctx.ops, sync_free=ctx.sync_free)
+        return grad_vals, None, grad_flat, None, None, None, None

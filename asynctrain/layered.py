@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import rng
-from .engine import new_stats
+from .passes import new_stats
 from .network import Network
 from .ops import lif
 

@@ -201,13 +201,14 @@ class IndexTables:
     columns: torch.Tensor
     source_slot: torch.Tensor
     receive_slot: torch.Tensor
+    n_slots: int = 0  # L + 2 (the dump's source slot + 1): known here, never read off a device
 
     def received_counts(self, sel: torch.Tensor) -> torch.Tensor:
         """int32 ``[B, N + 1]``: delivered sources that reached each column in one step.
         Fully connected: every neuron of layer l + 1 hears every delivered source of
         layer l, so a count per layer ([B, L + 2], from the [B, K] selection) gathered
         back to the columns replaces a [B, K x F] scatter."""
-        b, n_slots = sel.shape[0], int(self.source_slot[-1]) + 1
+        b, n_slots = sel.shape[0], self.n_slots or int(self.source_slot[-1]) + 1
         per_layer = torch.zeros(b, n_slots, dtype=torch.int32, device=sel.device)
         ones = torch.ones((), dtype=torch.int32, device=sel.device).expand(sel.shape)
         per_layer.scatter_add_(1, self.source_slot[sel], ones)
@@ -235,7 +236,8 @@ class IndexTables:
         source_slot = layer.clone()
         receive_slot = torch.where((layer >= 1) & (layer <= net.n_layers), layer - 1, net.n_layers)
         return IndexTables(*(t.to(device) for t in (targets, fan_out, is_source, is_input,
-                                                     is_hidden, cols, source_slot, receive_slot)))
+                                                     is_hidden, cols, source_slot, receive_slot)),
+                           n_slots=net.n_layers + 2)
 
 
 def _linear_sizes(net: nn.Module) -> list[int]:

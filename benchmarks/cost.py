@@ -4,6 +4,7 @@ Models (input Bernoulli spikes, xavier init, the paper's hyper-parameters, SPEC 
   shd-like     350 -> 128-128-128 -> 20, batch 32, T=20, p=0.03 (SHD settings)
   shd700-like  the same with 700 inputs (time per step vs network width)
   nmnist-like  2312 -> 64-64-64 -> 10, batch 64, T=10, p=0.02 (N-MNIST settings)
+  tiny         20 -> 16-16 -> 5, batch 2, T=2 (a smoke test: `gpu_check.sh --dry-run`)
 Implementations: `layered` (AsyncSNN policy="layered"), `engine` (AsyncSNN, RS/MS at
 several K, default backend: on a CPU the fused C steps of backend="cpu"),
 `engine-torch` (the same with backend="torch", per-op tensor ops, at K=8),
@@ -23,6 +24,7 @@ JSON line per point, then a table of ratios measured in this run.
     python benchmarks/cost.py --quick         # fewer points
     python benchmarks/cost.py --fill-slots    # fill_slots=True against plain, shd-like
     python benchmarks/cost.py --device cuda   # on a GPU (peak = max_memory_allocated)
+    python benchmarks/cost.py --points shd:layered:-:1,shd:engine:MS:8 --width-pairs 0
 """
 
 from __future__ import annotations
@@ -51,7 +53,25 @@ MODELS = {
     "nmnist": dict(sizes=[2312, 64, 64, 64, 10], batch=64, T=10, p=0.02,
                    cfg=dict(theta=0.3, tau=1.0, dt=10.0, surrogate_steepness=2.0, input_dropout=0.25,
                             refractory_dropout=0.8, momentum_noise=1e-6), lr=5e-4, wd=1e-5),
+    "tiny": dict(sizes=[20, 16, 16, 5], batch=2, T=2, p=0.3,
+                 cfg=dict(theta=0.3, tau=100.0, dt=10.0, refractory_dropout=0.5, momentum_noise=0.1), lr=1e-3,
+                 wd=0.0),
 }
+IMPLS = ("layered", "engine", "engine-torch", "engine-fill", "engine-torch-fill", "dense")
+
+
+def parse_points(text: str) -> list[tuple[str, str, str, int]]:
+    """``model:impl:policy:K,...`` (policy ``-`` for layered) -> point tuples."""
+    pts = []
+    for item in text.split(","):
+        parts = item.split(":")
+        ok = len(parts) == 4 and parts[0] in MODELS and parts[1] in IMPLS and parts[3].isdigit() \
+            and int(parts[3]) >= 1 and (parts[2] in ("RS", "MS") or parts[1] == "layered")
+        if not ok:
+            raise ValueError(f"--points entries are model:impl:policy:K with model in {sorted(MODELS)}, impl "
+                             f"in {IMPLS}, policy RS or MS (- for layered), K >= 1; got {item!r}")
+        pts.append((parts[0], parts[1], parts[2], int(parts[3])))
+    return pts
 
 
 def _rss_bytes() -> int:
@@ -209,6 +229,7 @@ def main() -> None:
     ap.add_argument("--model", choices=("mlp", "vgg7"), default="mlp",
                     help="mlp: the models below; vgg7: benchmarks/cost_vgg7.py (see its --help)")
     ap.add_argument("--quick", action="store_true", help="K in {64, 8} only")
+    ap.add_argument("--points", help="only these points: model:impl:policy:K,... (overrides --quick)")
     ap.add_argument("--fill-slots", action="store_true",
                     help="only fill_slots=True against plain (shd-like, K in {64, 8}); no width pairs")
     ap.add_argument("--repeat", type=int, default=5, help="timed iterations per point (median)")
@@ -223,6 +244,10 @@ def main() -> None:
         ap.error(f"--repeat must be >= 1, got {a.repeat}")
     if a.width_pairs < 0:
         ap.error(f"--width-pairs must be >= 0, got {a.width_pairs}")
+    try:
+        chosen_points = parse_points(a.points) if a.points else points(a.quick, a.fill_slots)
+    except ValueError as e:
+        ap.error(str(e))
     if a.point:
         model, impl, policy, k = a.point.split(":")
         print(json.dumps(run_point(model, impl, policy, int(k), a.repeat, a.device, a.what)))
@@ -241,7 +266,7 @@ def main() -> None:
 
     if a.fill_slots:
         a.width_pairs = 0
-    for model, impl, policy, k in points(a.quick, a.fill_slots):
+    for model, impl, policy, k in chosen_points:
         row = dict(info)
         for what, env in (("time", env_time), ("memory", env_mem)):
             r = subprocess.run([sys.executable, __file__, "--point", f"{model}:{impl}:{policy}:{k}",

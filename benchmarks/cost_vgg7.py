@@ -20,6 +20,7 @@ it (a few ms against seconds per iteration).
     python benchmarks/cost_vgg7.py                      # engine K=512,64,8 + dense K=512
     python benchmarks/cost_vgg7.py --points engine:512,engine:64 --batch 4
     python benchmarks/cost_vgg7.py --width 0.25         # a narrower VGG-7 (quick look)
+    python benchmarks/cost_vgg7.py --width 0.0625 --image-size 8 --points engine:8 --single  # smoke test
 
 Targets (issue): peak memory at K=8 at most 2x that at K=512.
 """
@@ -49,7 +50,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_point(impl: str, k: int, batch: int, width: float, device: str, seed: int) -> dict:
+def run_point(impl: str, k: int, batch: int, width: float, device: str, seed: int,
+              image_size: int = 32) -> dict:
     import torch
 
     import asynctrain as at
@@ -59,7 +61,7 @@ def run_point(impl: str, k: int, batch: int, width: float, device: str, seed: in
 
     warnings.simplefilter("ignore", RuntimeWarning)  # capped passes are reported below
     torch.manual_seed(seed)
-    net = vgg7(width=width).to(device)
+    net = vgg7(width=width, image_size=image_size).to(device)
     graph = at.Network.from_module(net)
     theta = torch.full((graph.n_neurons,), 0.2)
     theta[-graph.n_outputs:] = 1e9  # the recipe's non-spiking readout
@@ -71,7 +73,7 @@ def run_point(impl: str, k: int, batch: int, width: float, device: str, seed: in
     mod.train()
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
     g = torch.Generator().manual_seed(seed)
-    frames = torch.nn.functional.interpolate(torch.rand(batch, 3, 8, 8, generator=g), size=32,
+    frames = torch.nn.functional.interpolate(torch.rand(batch, 3, 8, 8, generator=g), size=image_size,
                                              mode="bilinear").reshape(1, batch, -1).to(device)
     labels = torch.randint(0, 10, (batch,), generator=g).to(device)
     cuda = device.startswith("cuda")
@@ -94,7 +96,7 @@ def run_point(impl: str, k: int, batch: int, width: float, device: str, seed: in
     peak = torch.cuda.max_memory_allocated() if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steps = mod.stats["forward_steps"]
-    row = dict(impl=impl, K=k, batch=batch, width=width, device=device,
+    row = dict(impl=impl, K=k, batch=batch, width=width, image_size=image_size, device=device,
                time_s=t2 - t0, forward_s=t1 - t0, backward_s=t2 - t1,
                peak_mem_mb=(peak - base) / 2**20, steps_per_pass=float(steps.float().mean()),
                batch_steps=int(steps.max(1).values.sum()), n_neurons=graph.n_neurons)
@@ -125,6 +127,7 @@ def main() -> None:
     ap.add_argument("--points", default=DEFAULT_POINTS, help="impl:K list, impl in {engine, dense}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--width", type=float, default=1.0, help="VGG-7 channel multiplier")
+    ap.add_argument("--image-size", type=int, default=32, help="image side (a multiple of 8; CIFAR-10: 32)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
@@ -136,7 +139,7 @@ def main() -> None:
         ap.error("--batch must be >= 1 and --width > 0")
     if a.point:
         impl, k = a.point.split(":")
-        print(json.dumps(run_point(impl, int(k), a.batch, a.width, a.device, a.seed)))
+        print(json.dumps(run_point(impl, int(k), a.batch, a.width, a.device, a.seed, a.image_size)))
         return
     points = []
     for p in a.points.split(","):
@@ -151,7 +154,8 @@ def main() -> None:
         row = dict(info, single_process=a.single)
         for what, env in (("time", os.environ),) if a.single else (("time", os.environ), ("memory", env_mem)):
             r = subprocess.run([sys.executable, __file__, "--point", f"{impl}:{k}", "--batch", str(a.batch),
-                                "--width", str(a.width), "--device", a.device, "--seed", str(a.seed)],
+                                "--width", str(a.width), "--device", a.device, "--seed", str(a.seed),
+                                "--image-size", str(a.image_size)],
                                capture_output=True, text=True, env=env)
             if r.returncode:
                 sys.exit(f"point {impl}:{k} ({what}) failed:\n{r.stderr[-4000:]}")

@@ -139,6 +139,7 @@ def points(a, dev):
     g = torch.Generator(device=dev).manual_seed(0)
     b, w = a.batch, a.width
     ks, fans = ((1, 8, 64), (64, 1024)) if a.quick else (KS, FANOUTS)
+    ks, fans = a.ks or ks, a.fanouts or fans
     pending, keys = select_inputs(b, w, dev, g)
     for k in ks:
         kk = min(k, w)
@@ -274,7 +275,11 @@ def fused_rows(a, dev) -> list[dict]:
     net = torch.nn.Sequential(*[torch.nn.Linear(n, m, bias=False) for n, m in zip(sizes[:-1], sizes[1:])])
     with torch.no_grad():
         for m in net:
-            m.weight.copy_(0.3 * torch.randn(m.weight.shape, generator=g) + 0.05)
+            # multiples of 2**-10: backend='torch' adds currents with float atomics on CUDA
+            # (scatter_add_), in an order that changes; dyadic sums are exact in any order,
+            # so `check` (equal counts) is not a matter of luck
+            w = 0.3 * torch.randn(m.weight.shape, generator=g) + 0.05
+            m.weight.copy_(torch.round(w * 1024) / 1024)
     net = net.to(dev)
     frames = (torch.rand(5, a.batch, sizes[0], generator=g) < 0.05).float().to(dev)
     rows = []
@@ -310,12 +315,24 @@ def fused_rows(a, dev) -> list[dict]:
     return rows
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of ints >= 1, got {text!r}")
+    return vals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--width", type=int, default=8193, help="W = N + 1 (neurons and inputs, plus the dump)")
     ap.add_argument("--quick", action="store_true", help="K in {1, 8, 64}, F in {64, 1024}")
+    ap.add_argument("--ks", type=_int_list, help="K values (overrides --quick), e.g. 8,512")
+    ap.add_argument("--fanouts", type=_int_list, help="deliver fan-outs F (overrides --quick), e.g. 1024,4096")
     ap.add_argument("--repeat", type=int, default=5, help="CPU: timed calls per point")
     ap.add_argument("--max-cpu-elems", type=int, default=2**24,
                     help="CPU: skip deliver points with B*K*F (the twin gathers [B, K, F]) or the "

@@ -10,6 +10,17 @@ rule, argument checks.
   CPU tensors (the tests). Setting the variable later has no effect on Triton, so a
   launcher that sees it set with compiled kernels says so instead of failing inside
   the interpreter.
+
+Versions: the kernels build and the interpreted tests pass with triton 3.6 (the GPU
+machine's, with torch 2.11) and 3.8 (torch 2.14). Kept to what both have: plain
+`triton.jit(do_not_specialize=...)` by parameter name (no parameter annotations to
+force an int type, no `tl.range` unroll options); `tl.static_range`, `tl.sort`,
+`tl.debug_barrier`, `atomic_add(sem="relaxed")`. Triton 3.6's interpreter converts a
+scalar argument used as a loop bound with ``int()`` of a 1-element array, which
+numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"): interpreting on
+3.6 needs numpy < 2.4 (3.8 squeezes first). Built with triton 3.6's bundled ptxas,
+the fused backward and the fp64 fused forward keep 16-48 byte stack frames (no
+spilled registers) that 3.8's do not.
 """
 
 from __future__ import annotations

@@ -208,6 +208,7 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
         tl.atomic_add(cnt_ptr + tgt, ones, mask=m, sem="relaxed")
 
 
+# As `_conv_deliver_kernel`, and n_ob (channel blocks) by layer.
 @jit(do_not_specialize=_NOT_SPECIALISED + ("n_ob",))
 def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e,
                                   c_out, c_in, h, w, width, out_offset, n_ob, POOL: tl.constexpr,
@@ -246,6 +247,8 @@ def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
     tl.store(part_ptr + es * n_ob + pid_o, acc, mask=live_e)
 
 
+# The layer geometry is not specialised on (one variant per layer otherwise); the
+# segments come in tensors.
 @jit(do_not_specialize=("c_out", "c_in", "h", "w", "width", "out_offset"))
 def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, order_ptr, seg_end_ptr,
                              gw_ptr, c_out, c_in, h, w, width, out_offset, POOL: tl.constexpr,

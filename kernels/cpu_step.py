@@ -17,7 +17,7 @@ phases in one call over the whole batch:
   outboxes, weight-table rows of the K sources).
 
 The twin is the torch path itself (`Engine.select`, `Engine.op_step`,
-`Engine._after_eval`, `backward._evaluation_backward` with `deliver_backward_torch`):
+`passes.after_eval`, `backward._evaluation_backward` with `deliver_backward_torch`):
 same counter hash, same float operations in the same order, compiled without FMA
 contraction, so selections and spikes are identical and potentials bitwise equal
 when the K slots are added in the same order (here: highest key first; the torch
@@ -26,7 +26,7 @@ selections and potentials to fp tolerance). Gradients match to fp rounding (sums
 in another order). Tests: tests/test_cpu_backend.py.
 
 State tensors are updated in place; a checkpoint is a packed copy
-(`engine.PackedState`), so the steps never touch one. The library is built from the C source on
+(`state.PackedState`), so the steps never touch one. The library is built from the C source on
 first use with the system C compiler (``$CC``, else ``cc``) into
 ``$ASYNCTRAIN_CACHE`` (default ``~/.cache/asynctrain``, or a folder in the
 temporary directory when the home is not writable), keyed by a hash of the source, and loaded with ctypes: no torch headers, a build takes about a second.
@@ -44,6 +44,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from . import host
+from .step_spec import as_spec
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("cpu_step.c", "cpu_step_impl.h")
@@ -140,7 +143,7 @@ def _ptr(x: torch.Tensor) -> int:
 
 
 class CpuSteps:
-    """The fused steps of one engine call. Holds the tables, config and the pointers
+    """The fused steps of one engine call. Holds the tables, knobs (`StepSpec`) and the pointers
     of the state it works on; `bind_state` / `bind_pass` point it at other tensors
     (all contiguous, on the CPU, in the call's dtype; they are kept referenced here
     while bound)."""
@@ -148,45 +151,40 @@ class CpuSteps:
     fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = True  # the currents-to-spike histogram (bind_pass(hist=...))
 
-    def __init__(self, engine) -> None:
-        if engine.dtype not in _SUFFIX:
-            raise TypeError(f"backend='cpu' supports float32 and float64, got {engine.dtype}")
+    def __init__(self, spec) -> None:
+        """`spec`: a `step_spec.StepSpec` (or an engine, through its ``step_spec()``)."""
+        spec = as_spec(spec)
+        if spec.dtype not in _SUFFIX:
+            raise TypeError(f"backend='cpu' supports float32 and float64, got {spec.dtype}")
         dll = load()
-        sfx = _SUFFIX[engine.dtype]
+        sfx = _SUFFIX[spec.dtype]
         self._fwd = getattr(dll, f"at_forward_step_{sfx}")
         self._fwd_n = getattr(dll, f"at_forward_steps_{sfx}")
         self._replay = getattr(dll, f"at_replay_step_{sfx}")
         self._bwd = getattr(dll, f"at_backward_step_{sfx}")
-        net, cfg, tab = engine.net, engine.cfg, engine.tables
-        self.B, self.W, self.K, self.dtype = engine.batch, engine.width, engine.k, engine.dtype
-        self.F = tab.targets.shape[1]
+        self.B, self.W, self.K, self.dtype = spec.batch, spec.width, spec.k, spec.dtype
+        self.F = spec.fan_out
         u8 = lambda x: x.to(torch.uint8).contiguous()  # noqa: E731
-        # slot l (the sources of layer l) reaches layer l + 1; outputs and the dump nobody
-        n_slots = int(tab.source_slot[-1]) + 1
-        lo = torch.zeros(n_slots, dtype=torch.int64)
-        hi = torch.zeros(n_slots, dtype=torch.int64)
-        for l in range(net.n_layers):
-            lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
-        self._keep = dict(source_slot=tab.source_slot.contiguous(),
-                          slot_lo=lo, slot_hi=hi, is_source=u8(tab.is_source),
-                          is_input=u8(tab.is_input), sync=engine.sync.contiguous(),
-                          theta=engine.theta.contiguous())
-        out = net.output_slice
+        i64 = lambda x: x.to(torch.int64).contiguous()  # noqa: E731
+        self._keep = dict(source_slot=i64(spec.source_slot), slot_lo=i64(spec.slot_lo),
+                          slot_hi=i64(spec.slot_hi), is_source=u8(spec.is_source),
+                          is_input=u8(spec.is_input), sync=spec.sync.to(torch.int32).contiguous(),
+                          theta=spec.theta.contiguous())
         c = self.ctx = Ctx()
         c.B, c.W, c.K, c.F = self.B, self.W, self.K, self.F
-        c.n_slots = n_slots
-        c.out_lo, c.out_hi = out.start, out.stop
+        c.n_slots = spec.n_slots
+        c.out_lo, c.out_hi = spec.out_lo, spec.out_hi
         for name, t in self._keep.items():
             setattr(c, name, _ptr(t))
-        c.policy_ms = int(cfg.policy == "MS")
-        c.refractory, c.barrier = int(cfg.refractory), int(cfg.barrier_messages)
-        c.stop_output = c.eager_first = int(cfg.stop == "output")
-        c.detach_reset = int(cfg.detach_reset)
-        c.input_random = int(engine.random_inputs)
-        c.fill = int(engine.fill)
-        c.noise, c.p_ref, c.p_net, c.alpha = engine.noise, engine.p_ref, engine.p_net, engine.alpha
-        c.max_steps, c.steps_after_output = cfg.max_steps, cfg.steps_after_output
-        c.seed = engine.seed
+        c.policy_ms = int(spec.policy_ms)
+        c.refractory, c.barrier = int(spec.refractory), int(spec.barrier)
+        c.stop_output = c.eager_first = int(spec.stop_output)
+        c.detach_reset = int(spec.detach_reset)
+        c.input_random = int(spec.input_random)
+        c.fill = int(spec.fill)
+        c.noise, c.p_ref, c.p_net, c.alpha = spec.noise, spec.p_ref, spec.p_net, spec.alpha
+        c.max_steps, c.steps_after_output = spec.max_steps, spec.steps_after_output
+        c.seed = spec.seed
         self.ref = ctypes.byref(c)
         self._cur = torch.empty(self.W, dtype=self.dtype)
         self._cand = torch.empty(self.W, dtype=torch.int64)
@@ -200,7 +198,7 @@ class CpuSteps:
         self.ctx.wt = _ptr(wt)
 
     def bind_state(self, st) -> None:
-        """Point at `st` (an `engine.State` whose tensors this object may modify)."""
+        """Point at `st` (a `state.State` whose tensors this object may modify)."""
         for name in ("v", "o", "acc", "refr", "n_in"):
             t = getattr(st, name)
             assert t.is_contiguous(), name
@@ -208,7 +206,7 @@ class CpuSteps:
             setattr(self.ctx, name, _ptr(t))
 
     def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
-        """Point at a pass's bookkeeping (`engine._Pass`), its bool [B] done flags and,
+        """Point at a pass's bookkeeping (`passes._Pass`), its bool [B] done flags and,
         when recorded, its int64 currents-to-spike histogram (added to in place)."""
         for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
                         ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
@@ -248,6 +246,12 @@ class CpuSteps:
         if 2 * n <= n_max:  # do not keep the unused tail alive through the views
             return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone()
         return sel[:n], sd[:n], vals[:n], fired[:n]
+
+    def forward_batch(self, t: int, k0: int, n_max: int):
+        """`forward_steps` and whether every sample is done after them (the stop
+        test: `host.read`)."""
+        out = self.forward_steps(t, k0, n_max)
+        return (*out, bool(host.read(self._bound["done"].all())))
 
     def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
         """Replay a recorded step on the bound state. Returns the sweep's record

@@ -95,6 +95,7 @@ def _deliver_kernel(vals_ptr, sel_ptr, table_ptr, targets_ptr, out_ptr, k, f, wi
     tl.atomic_add(out_ptr + b * width + tgt, w * v[:, None], mask=live, sem="relaxed")
 
 
+# k, f, width, n_fb: fixed for a network (as `_deliver_kernel`), specialised.
 @jit
 def _deliver_backward_kernel(grad_ptr, vals_ptr, sel_ptr, table_ptr, targets_ptr, part_ptr,
                              gtable_ptr, k, f, width, n_fb,
@@ -116,6 +117,7 @@ def _deliver_backward_kernel(grad_ptr, vals_ptr, sel_ptr, table_ptr, targets_ptr
         tl.atomic_add(gtable_ptr + at, g * v[:, None], mask=inside & (v != 0)[:, None], sem="relaxed")
 
 
+# k, f, width, n_rows: fixed for a network, specialised (the segments come in tensors).
 @jit
 def _deliver_table_grad_kernel(grad_ptr, vals_ptr, targets_ptr, rows_ptr, order_ptr, seg_end_ptr,
                                gtable_ptr, k, f, width, n_rows, BLOCK_F: tl.constexpr):

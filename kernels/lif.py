@@ -90,6 +90,7 @@ def _lif_kernel(v_ptr, cur_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
     tl.store(v_pre_ptr + at, v_pre, mask=inside)
 
 
+# As `_lif_kernel`: `width` specialised (fixed for a network).
 @jit
 def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
                          const_ptr, grad_v_ptr, grad_cur_ptr, width, BLOCK: tl.constexpr,

@@ -49,9 +49,10 @@ def _uniform_at_from_hash(h0, rows, index):
     return (_bits_at_from_hash(h0, rows, index) >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
-# Constants: BLOCK. Per launch (not specialised on): the hash h0 (i64, `hash_arg`) and
-# the number of draws n.
-@jit(do_not_specialize=("h0", "n"))
+# Constants: BLOCK. Per launch (not specialised on): the hash h0 (i64, `hash_arg`), the
+# number of draws n, and the 16-byte alignment of `rows` / `index` (callers pass views
+# at varying offsets: a second variant per pointer otherwise).
+@jit(do_not_specialize=("h0", "n", "rows_ptr", "index_ptr"))
 def _uniform_at_kernel(rows_ptr, index_ptr, out_ptr, h0, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n

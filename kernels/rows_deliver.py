@@ -137,6 +137,7 @@ def _rows_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
     tl.atomic_add(cnt_ptr + tgt, tl.full([BLOCK_E, BLOCK_M], 1, tl.int32), mask=mask, sem="relaxed")
 
 
+# As `_rows_deliver_kernel`, and n_mb (target blocks) by layer.
 @jit(do_not_specialize=_NOT_SPECIALISED + ("n_mb",))
 def _rows_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e, m, f,
                                   h, w, width, out_offset, n_mb, POOL: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -162,6 +163,8 @@ def _rows_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
         tl.atomic_add(gw_ptr + at, g * v[:, None], mask=mask & (v != 0)[:, None], sem="relaxed")
 
 
+# The layer sizes are not specialised on (one variant per layer otherwise); the
+# segments come in tensors.
 @jit(do_not_specialize=("m", "f", "width", "out_offset"))
 def _rows_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, rows_ptr, order_ptr, seg_end_ptr, gw_ptr, m, f,
                              width, out_offset, POOL: tl.constexpr, BLOCK_M: tl.constexpr):

@@ -53,6 +53,8 @@ from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
 from .rng_triton import _bits_at_from_hash, _fmix32, _uniform_at_from_hash
 from .select import _radix_threshold
+from . import host
+from .step_spec import as_spec
 
 _SUFFIX = (torch.float32, torch.float64)
 _K_MAX = 4096
@@ -387,8 +389,10 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
 
 
 # Specialised on: W, K, F, n_slots, out_lo, out_hi (fixed for an engine). Not
-# specialised on: the per-step hash h_ref (i64, `hash_arg`).
-@jit(do_not_specialize=("h_ref",))
+# specialised on: the per-step hash h_ref (i64, `hash_arg`) and the alignment of the
+# step's selection rows sel / sd (rows of a [n, B, K] int32 record: 16-byte aligned
+# or not by step when B x K is not a multiple of 4).
+@jit(do_not_specialize=("h_ref", "sel_ptr", "sd_ptr"))
 def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr,
                    v_ptr, o_ptr, acc_ptr, refr_ptr, n_in_ptr, sel_ptr, sd_ptr, vals_ptr,
                    vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
@@ -422,8 +426,9 @@ def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, syn
 
 
 # Every int argument (W, K, F, n_slots, out_lo, out_hi) is fixed for an engine: one
-# compile per dtype, K and network.
-@jit
+# compile per dtype, K and network. Not specialised on: the alignment of the step's
+# selection rows sel / sd (as in `_replay_kernel`).
+@jit(do_not_specialize=("sel_ptr", "sd_ptr"))
 def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, theta_ptr, wt_ptr,
                      const_ptr, sel_ptr, sd_ptr, vals_ptr, vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
                      gv_ptr, go_ptr, gacc_ptr, gwt_ptr,
@@ -476,7 +481,7 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
                         w = tl.load(wt_ptr + s_j * F + (cols - lo), mask=cols < hi, other=0.0)
                         gvals += tl.where(jj == j, tl.sum(gp * w), 0.0)
                         x = tl.load(vals_ptr + b * K + j)
-                        tl.atomic_add(gwt_ptr + s_j * F + (cols - lo), gp * x, mask=cols < hi)
+                        tl.atomic_add(gwt_ptr + s_j * F + (cols - lo), gp * x, mask=cols < hi, sem="relaxed")
     tl.debug_barrier()
     sel = _dec(tl.load(sel_ptr + b * K + jj, mask=kmask, other=0))
     tl.store(go_ptr + row + sel, tl.zeros([KB], gvals.dtype), mask=kmask)
@@ -508,41 +513,38 @@ class TritonSteps:
     fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = False  # record_currents=True runs the per-op kernels
 
-    def __init__(self, engine) -> None:
-        if engine.dtype not in _SUFFIX:
-            raise TypeError(f"backend='triton' fused steps support float32 and float64, got {engine.dtype}")
-        if engine.k > _K_MAX:
-            raise ValueError(f"backend='triton' fused steps support K <= {_K_MAX}, got {engine.k}")
-        net, cfg, tab = engine.net, engine.cfg, engine.tables
-        dev = self.device = engine.device
-        self.B, self.W, self.K, self.dtype = engine.batch, engine.width, engine.k, engine.dtype
-        self.F = tab.targets.shape[1]
-        n_slots = int(tab.source_slot[-1]) + 1
-        lo = torch.zeros(n_slots, dtype=torch.int64)
-        hi = torch.zeros(n_slots, dtype=torch.int64)
-        for l in range(net.n_layers):  # slot l (sources of layer l) reaches layer l + 1
-            lo[l], hi[l] = net.offsets[l + 1], net.offsets[l + 1] + net.layer_sizes[l + 1]
+    def __init__(self, spec) -> None:
+        """`spec`: a `step_spec.StepSpec` (or an engine, through its ``step_spec()``)."""
+        spec = as_spec(spec)
+        if spec.dtype not in _SUFFIX:
+            raise TypeError(f"backend='triton' fused steps support float32 and float64, got {spec.dtype}")
+        if spec.k > _K_MAX:
+            raise ValueError(f"backend='triton' fused steps support K <= {_K_MAX}, got {spec.k}")
+        dev = self.device = spec.device
+        self.B, self.W, self.K, self.dtype = spec.batch, spec.width, spec.k, spec.dtype
+        self.F = spec.fan_out
         u8 = lambda x: x.to(device=dev, dtype=torch.uint8).contiguous()  # noqa: E731
-        self._tables = dict(source_slot=tab.source_slot.to(dev).contiguous(), slot_lo=lo.to(dev),
-                            slot_hi=hi.to(dev), is_source=u8(tab.is_source), is_input=u8(tab.is_input),
-                            sync=engine.sync.to(dev).contiguous(), theta=engine.theta.to(dev).contiguous())
-        self.n_slots = n_slots
-        out = net.output_slice
-        self.out_lo, self.out_hi = out.start, out.stop
-        self.policy_ms = cfg.policy == "MS"
-        self.input_random = engine.random_inputs
-        self.fill = engine.fill
-        self.refractory, self.barrier = bool(cfg.refractory), bool(cfg.barrier_messages)
-        self.stop_output = cfg.stop == "output"
-        self.detach_reset = bool(cfg.detach_reset)
-        self.noise, self.p_ref, self.p_net = engine.noise, engine.p_ref, engine.p_net
-        self.max_steps, self.steps_after_output = cfg.max_steps, cfg.steps_after_output
-        self.seed = engine.seed
+        i64 = lambda x: x.to(device=dev, dtype=torch.int64).contiguous()  # noqa: E731
+        self._tables = dict(source_slot=i64(spec.source_slot), slot_lo=i64(spec.slot_lo),
+                            slot_hi=i64(spec.slot_hi), is_source=u8(spec.is_source), is_input=u8(spec.is_input),
+                            sync=spec.sync.to(device=dev, dtype=torch.int32).contiguous(),
+                            theta=spec.theta.to(dev).contiguous())
+        self.n_slots = spec.n_slots
+        self.out_lo, self.out_hi = spec.out_lo, spec.out_hi
+        self.policy_ms = spec.policy_ms
+        self.input_random = spec.input_random
+        self.fill = spec.fill
+        self.refractory, self.barrier = spec.refractory, spec.barrier
+        self.stop_output = spec.stop_output
+        self.detach_reset = spec.detach_reset
+        self.noise, self.p_ref, self.p_net = spec.noise, spec.p_ref, spec.p_net
+        self.max_steps, self.steps_after_output = spec.max_steps, spec.steps_after_output
+        self.seed = spec.seed
         self.KB = max(2, triton.next_power_of_2(self.K))
-        self.NS = max(2, triton.next_power_of_2(n_slots))
+        self.NS = max(2, triton.next_power_of_2(self.n_slots))
         self._fwd_cfg = _config(self.W, self.dtype, forward=True)
         self._step_cfg = _config(self.W, self.dtype, forward=False)
-        self._const = torch.tensor([engine.alpha / 2, math.pi / 2 * engine.alpha], dtype=self.dtype,
+        self._const = torch.tensor([spec.alpha / 2, math.pi / 2 * spec.alpha], dtype=self.dtype,
                                    device=dev)
         self._keys = torch.empty(self.B, self.W, dtype=torch.int64, device=dev)
         self._cand = torch.empty(self.B, self.KB, dtype=torch.int64, device=dev)
@@ -559,14 +561,14 @@ class TritonSteps:
         self._bound["wt"] = wt
 
     def bind_state(self, st) -> None:
-        """Point at `st` (an `engine.State` whose tensors this object may modify)."""
+        """Point at `st` (a `state.State` whose tensors this object may modify)."""
         for name in ("v", "o", "acc", "refr", "n_in"):
             t = getattr(st, name)
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
 
     def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
-        """Point at a pass's bookkeeping (`engine._Pass`) and its bool [B] done flags.
+        """Point at a pass's bookkeeping (`passes._Pass`) and its bool [B] done flags.
         No currents-to-spike histogram here (`records_histogram` is False)."""
         if hist is not None:
             raise NotImplementedError("the fused Triton steps do not record the currents-to-spike "
@@ -582,14 +584,19 @@ class TritonSteps:
     def forward_step(self, t: int, k: int):
         """One forward step of the bound state and pass. Returns (sel, sel_deliv int32
         [B, K], vals [B, K], out_fired bool [B], all_done)."""
-        sel, sd, vals, fired = self.forward_steps(t, k, 1)
-        return sel[0], sd[0], vals[0], fired[0], bool(self._bound["done"].all())
+        sel, sd, vals, fired, all_done = self.forward_batch(t, k, 1)
+        return sel[0], sd[0], vals[0], fired[0], all_done
 
     def forward_steps(self, t: int, k0: int, n_max: int):
         """Up to `n_max` forward steps (k0, k0 + 1, ...) in one launch, stopping after
         the step that leaves every sample done (the caller checks that one is not
         done first). Returns (sel, sel_deliv int32 [n, B, K], vals [n, B, K],
         out_fired bool [n, B])."""
+        return self.forward_batch(t, k0, n_max)[:4]
+
+    def forward_batch(self, t: int, k0: int, n_max: int):
+        """`forward_steps` and whether every sample is done after them: one host read
+        per launch (`host.read`: the steps taken and the done flags together)."""
         B, K, dev, s = self.B, self.K, self.device, self._bound
         sel = torch.empty(n_max, B, K, dtype=torch.int32, device=dev)
         sd = torch.empty(n_max, B, K, dtype=torch.int32, device=dev)
@@ -614,10 +621,12 @@ class TritonSteps:
             FILL=self.fill, HAS_PNET=self.p_net > 0,
             REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, BARRIER=self.barrier,
             STOP_OUTPUT=self.stop_output, KB=self.KB, NS=self.NS, **self._launch_opts(forward=True))
-        n = max(1, int(taken.max()))
+        n, all_done = host.read(torch.stack([taken.max().to(torch.int64),
+                                             self._bound["done"].view(torch.bool).all().to(torch.int64)]))
+        n = max(1, n)
         if 2 * n <= n_max:  # do not keep the unused tail alive through the views
-            return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone()
-        return sel[:n], sd[:n], vals[:n], fired[:n]
+            return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone(), bool(all_done)
+        return sel[:n], sd[:n], vals[:n], fired[:n], bool(all_done)
 
     def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
         """Replay a recorded step on the bound state. Returns the sweep's record

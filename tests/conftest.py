@@ -48,6 +48,17 @@ def make_net(sizes, *, scale: float = 0.6, shift: float = 0.15, seed: int = 0,
     return nn.Sequential(*layers)
 
 
+def dyadic_(net: nn.Module, bits: int = 10) -> nn.Module:
+    """Round every weight to a multiple of 2**-bits (in place): sums of a few hundred
+    such currents (|w| < 4, spike values 1 or 2, pooled x 0.25) need far fewer than
+    24 mantissa bits, so fp32 adds them exactly in any order. Tests that demand equal
+    spikes from float-atomic deliveries (whose order changes from run to run) use it."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.round(p * 2**bits) / 2**bits)
+    return net
+
+
 def make_frames(T: int, B: int, n: int, *, p: float = 0.5, seed: int = 1,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Binary spike frames ``[T, B, n]`` with spike probability p."""

@@ -31,6 +31,7 @@ triton = pytest.importorskip("triton")
 
 from asynctrain.kernels import conv_deliver as conv_mod  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
+from conftest import dyadic_  # noqa: E402
 from interpreter_child import wrap_tests  # noqa: E402
 from asynctrain.kernels.conv_deliver import (conv_deliver_backward_torch,  # noqa: E402
                                              conv_deliver_backward_triton, conv_deliver_torch,
@@ -326,11 +327,13 @@ def test_conv_model_triton_equals_torch(case):
     _compare_model(case, torch.device("cpu"))
 
 
-def _compare_model(case, dev):
+def _compare_model(case, dev, dyadic=False):
     import asynctrain as at
     policy, k, knobs, det, ckpt = MODEL_CASES[case]
     cfg = at.SimConfig(K=k, policy=policy, theta=0.3, tau=20.0, **knobs)
     net, frames = _model()
+    if dyadic:
+        dyadic_(net)
     net, frames = net.to(dev), frames.to(dev)
     lw = torch.linspace(-1, 1, 3, device=dev)
     runs = []
@@ -404,7 +407,10 @@ def test_cuda_conv_and_rows_deliver(kind, in_shape, out, pool, dtype):
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_cuda_conv_model_triton_equals_torch(case):
-    _compare_model(case, _cuda_or_skip())
+    # Both backends add currents with float atomics on CUDA (the kernels, torch's
+    # index_add_), in an order that changes from run to run; with dyadic weights every
+    # sum is exact in any order, so equal spike counts cannot be a matter of luck.
+    _compare_model(case, _cuda_or_skip(), dyadic=True)
 
 
 wrap_tests(globals(), interpreted=INTERPRETED, keep=('test_cuda',))

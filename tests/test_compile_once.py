@@ -1,0 +1,167 @@
+"""The Triton kernels compile once per dtype, K and network (ARCHITECTURE: per-launch
+integers are never specialised on), counted with Triton's own rules
+(tests/specialization.py) over one training iteration on backend="triton".
+
+Where the tests run: as in tests/test_kernels_triton.py (tests/interpreter_child.py),
+the kernels interpreted on CPU tensors, keys computed for sm_90; ``test_cuda_*`` do
+the same with the compiled kernels on a GPU (skipped without one).
+
+What is demanded:
+- shd-like MLP (fused steps, MS and RS, K = 8; and the per-op kernels of
+  ``deterministic=True``): at most 2 variants of each kernel (there is 1); the same
+  launches keyed with every argument specialised give more, so the count is not
+  vacuous (without `do_not_specialize` the persistent forward kernel needed 7-8
+  variants in this iteration, the replay 4, the uniform draws 2: index views at
+  varying alignment);
+- narrow VGG-7 (per-op select, conv and rows deliver, uniform draws, K = 8): within a
+  layer's shape class (its constexprs: POOL and the tile, fixed per layer) exactly 1
+  variant, so the entry counts, hashes and step counters that change every step never
+  add one; kernels launched for one class only have 1 in all.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import asynctrain as at  # noqa: E402
+from asynctrain.kernels import steps_triton  # noqa: E402
+from asynctrain.kernels._triton import is_interpreted  # noqa: E402
+from asynctrain.models import vgg7  # noqa: E402
+from interpreter_child import wrap_tests  # noqa: E402
+from specialization import all_kernels, record_variants  # noqa: E402
+
+INTERPRETED = is_interpreted(steps_triton._forward_kernel)
+FUSED = ("steps_triton._forward_kernel", "steps_triton._replay_kernel", "steps_triton._backward_kernel")
+PER_OP = ("select._select_kernel", "deliver._deliver_kernel", "deliver._deliver_backward_kernel",
+          "deliver._deliver_table_grad_kernel", "lif._lif_kernel", "lif._lif_backward_kernel",
+          "rng_triton._uniform_at_kernel")
+
+
+def _mlp(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(*[torch.nn.Linear(n, m, bias=False) for n, m in zip(sizes[:-1], sizes[1:])])
+    with torch.no_grad():
+        for m in net:
+            m.weight.copy_(0.3 * torch.randn(m.weight.shape, generator=g) + 0.05)
+    return net
+
+
+def _train_step(net, cfg, frames, **kw):
+    snn = at.AsyncSNN(net, cfg, backend="triton", **kw).train()
+    out = snn(frames, seed=3)
+    out.sum().backward()
+    return snn.stats
+
+
+def _mlp_iteration(policy, dev, sizes=(40, 24, 24, 10), batch=3, T=3, deterministic=False):
+    """One shd-like training iteration (MS with momentum noise, RS; both with network
+    and refractory dropout, so every hash stream is drawn); `deterministic`: the
+    per-op kernels instead of the fused steps."""
+    net = _mlp(list(sizes)).to(dev)
+    cfg = at.SimConfig(policy=policy, K=8, theta=0.3, tau=100.0, dt=10.0, refractory_dropout=0.5,
+                       network_dropout=0.1, momentum_noise=0.1 if policy == "MS" else 0.0)
+    frames = (torch.rand(T, batch, sizes[0], generator=torch.Generator().manual_seed(1)) < 0.15).float()
+    with record_variants(all_kernels()) as seen:
+        stats = _train_step(net, cfg, frames.to(dev), deterministic=deterministic)
+    return seen, stats
+
+
+def _check_mlp(seen, stats, deterministic=False):
+    assert int(stats["forward_steps"].max()) > 3, "vacuous: too few forward steps"
+    expected = PER_OP if deterministic else FUSED
+    assert set(seen.keys) == set(expected), f"kernels launched: {sorted(seen.keys)}"
+    for name in expected:
+        assert len(seen.keys[name]) <= 2, f"{name}: {len(seen.keys[name])} variants:\n" + \
+            "\n".join(sorted(seen.keys[name]))
+    if deterministic:
+        assert len(seen.all_specialised["rng_triton._uniform_at_kernel"]) > \
+            len(seen.keys["rng_triton._uniform_at_kernel"])
+        return
+    assert seen.launches["steps_triton._forward_kernel"] > 2
+    # the launches did vary: with every int specialised they need more variants
+    assert len(seen.all_specialised["steps_triton._forward_kernel"]) > len(seen.keys["steps_triton._forward_kernel"])
+    assert len(seen.all_specialised["steps_triton._replay_kernel"]) > len(seen.keys["steps_triton._replay_kernel"])
+
+
+@pytest.mark.parametrize("policy", ["MS", "RS"])
+def test_mlp_training_iteration_compiles_each_kernel_once(policy):
+    _check_mlp(*_mlp_iteration(policy, torch.device("cpu")))
+
+
+def test_mlp_deterministic_iteration_compiles_each_kernel_once():
+    _check_mlp(*_mlp_iteration("MS", torch.device("cpu"), deterministic=True), deterministic=True)
+
+
+def _vgg_iteration(dev):
+    torch.manual_seed(0)
+    net = vgg7(width=0.0625, image_size=8).to(dev)
+    # a low threshold: spikes reach the linear layer within the 60 steps kept for time
+    cfg = at.SimConfig(policy="MS", K=8, theta=0.1, tau=float("inf"), momentum_noise=0.1,
+                       refractory_dropout=0.5, network_dropout=0.1, max_steps=60)
+    frames = torch.rand(1, 2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with record_variants(all_kernels()) as seen, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "2 of 2 passes reached max_steps", RuntimeWarning)
+        stats = _train_step(net, cfg, frames.to(dev))
+    return seen, stats
+
+
+def _check_vgg(seen, stats):
+    assert int(stats["forward_steps"].max()) > 5, "vacuous: too few forward steps"
+    for name in ("select._select_kernel", "conv_deliver._conv_deliver_kernel",
+                 "conv_deliver._conv_deliver_backward_kernel", "rows_deliver._rows_deliver_kernel",
+                 "rng_triton._uniform_at_kernel"):
+        assert seen.launches[name] > 3, f"{name} launched {seen.launches[name]} times"
+    for name, classes in seen.by_class.items():
+        for cls, keys in classes.items():
+            assert len(keys) == 1, f"{name}: {len(keys)} variants within one layer class {cls}:\n" + \
+                "\n".join(sorted(keys))
+    for name in ("select._select_kernel", "rng_triton._uniform_at_kernel", "rows_deliver._rows_deliver_kernel"):
+        assert len(seen.keys[name]) == 1, name
+    assert len(seen.all_specialised["conv_deliver._conv_deliver_kernel"]) > \
+        len(seen.keys["conv_deliver._conv_deliver_kernel"])
+
+
+def test_narrow_vgg7_training_iteration_compiles_once_per_layer_class():
+    _check_vgg(*_vgg_iteration(torch.device("cpu")))
+
+
+def test_jit_rejects_an_unknown_do_not_specialize_name():
+    from asynctrain.kernels._triton import jit
+
+    def f(x_ptr, n):
+        pass
+    with pytest.raises(ValueError, match=r"\['m'\] are not parameters"):
+        jit(f, do_not_specialize=("n", "m"))
+
+
+wrap_tests(globals(), interpreted=INTERPRETED, keep=("test_cuda", "test_jit"))
+
+
+# --- on a GPU (gpu_check.sh, stage pytest-fused) ------------------------------------------------
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if INTERPRETED:
+        pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
+    return torch.device("cuda")
+
+
+@pytest.mark.parametrize("policy", ["MS", "RS"])
+def test_cuda_mlp_training_iteration_compiles_each_kernel_once(policy):
+    dev = _cuda_or_skip()
+    _check_mlp(*_mlp_iteration(policy, dev, sizes=(350, 128, 128, 128, 20), batch=16, T=6))
+
+
+def test_cuda_narrow_vgg7_compiles_once_per_layer_class():
+    _check_vgg(*_vgg_iteration(_cuda_or_skip()))
+
+
+def test_cuda_mlp_deterministic_iteration_compiles_each_kernel_once():
+    dev = _cuda_or_skip()
+    _check_mlp(*_mlp_iteration("MS", dev, sizes=(350, 128, 128, 128, 20), batch=16, T=6, deterministic=True),
+               deterministic=True)
