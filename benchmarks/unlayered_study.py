@@ -261,9 +261,11 @@ def summary(paths) -> str:
     validation accuracy under the model's own execution (mean of the last 5
     epochs, less noisy than one epoch on 300 samples; and the last epoch), density,
     the fraction of hidden neurons reached by gradient and the cosine with the
-    layered gradient (per layer, after training)."""
+    layered gradient (per layer, after training), and the final evaluation over
+    EVAL_SEEDS orders (mean accuracy, majority vote in brackets)."""
     lines = ["| variant | mode | run | policy | train acc | train acc, inference | val acc (last 5) | val acc (last) "
-             "| density | reached | cos vs layered |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| density | reached | cos vs layered | final own (vote) | final MS K=8 (vote) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for path in paths:
         for text in open(path):
             r = json.loads(text)
@@ -274,8 +276,13 @@ def summary(paths) -> str:
                 f"{r['last_train']:.3f} | {r.get('train_inference_acc', float('nan')):.3f} | "
                 f"{sum(va[-5:]) / len(va[-5:]):.3f} | {r['last_val']:.3f} | "
                 f"{r['val_density'][-1]:.2f} | {' '.join(f'{x:.2f}' for x in g['reached'])} | "
-                f"{' '.join(f'{x:.2f}' for x in g['cosine_layered'])} |")
+                f"{' '.join(f'{x:.2f}' for x in g['cosine_layered'])} | "
+                + " | ".join(_final(r.get("final", {}).get(k)) for k in ("own", "MS8")) + " |")
     return "\n".join(lines)
+
+
+def _final(f: dict | None) -> str:
+    return "" if not f else f"{f['acc']:.3f} ({f['vote']:.3f})"
 
 
 def main(argv=None) -> int:
