@@ -106,10 +106,13 @@ def make_model(h: Hyper, policy: str, mode: str, seed: int, engine: dict):
 
 
 def layered_checkpoint(cache: Path, h: Hyper, seed: int, train_dl, epochs: int) -> Path:
-    path = cache / f"layered_seed{seed}_e{epochs}.pt"
+    """The layered start model of a warm start: `h`'s network, trained at the demo's
+    learning rate and weight decay (not the fine-tuning's), cached per seed."""
+    base = base_hyper()
+    path = cache / f"layered_seed{seed}_e{epochs}_lr{base.lr:g}.pt"
     if not path.is_file():
         snn = build_snn(64, 10, replace(h, epochs=epochs), "layered", seed)
-        fit(snn, train_dl, epochs, h.lr, h.weight_decay, seed=seed, progress=False)
+        fit(snn, train_dl, epochs, base.lr, base.weight_decay, seed=seed, progress=False)
         save_checkpoint(path, snn, None, epoch=epochs)
     return path
 
