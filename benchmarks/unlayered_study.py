@@ -23,7 +23,8 @@ fixed training batch before and after training (norm per layer, fraction of hidd
 neurons reached, cosine with the layered gradient). After training, ``final``: the
 validation accuracy under the model's own policy at ``infer_K`` and under queued MS at
 K = 8 (the ceiling question), over EVAL_SEEDS input orders (mean, and the accuracy of
-the majority vote of those orders: how much of the error is the order's chance).
+the majority vote of those orders: how much of the error is the order's chance), and
+``final_train``: the same on N_VAL training samples.
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
                 grad_after={k: _round(v) for k, v in after.items()},
                 train_inference_acc=round(train_inf, 4), async_val=async_val,
                 final=final_eval(snn, val_dl, policy, infer_K or h.K, mode == "queued"),
+                # the same on N_VAL training samples: can the inference execution fit them?
+                final_train=final_eval(snn, fit_dl, policy, infer_K or h.K, mode == "queued"),
                 **({"start": start} if start else {}),
                 seconds=round(time.perf_counter() - t0, 1))
 

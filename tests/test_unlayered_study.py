@@ -38,7 +38,8 @@ def test_one_run_and_summary(study, tmp_path):
     assert row["changes"]["input_order"] == "random" and row["epochs"] == 1
     assert 0 <= row["val_acc"][0] <= 1 and 0 <= row["train_inference_acc"] <= 1
     assert len(row["grad_after"]["reached"]) == 1
-    assert set(row["final"]) == {"own", "MS8"} and 0 <= row["final"]["MS8"]["vote"] <= 1
+    assert set(row["final"]) == {"own", "MS8"} == set(row["final_train"])
+    assert 0 <= row["final"]["MS8"]["vote"] <= 1
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(row) + "\n")
     table = study.summary([path])
