@@ -47,6 +47,7 @@ from asynctrain import data  # noqa: E402
 from asynctrain.data import collate_time_major  # noqa: E402
 from asynctrain.diagnostics import gradient_report  # noqa: E402
 from asynctrain.experiment import Hyper, build_snn  # noqa: E402
+# _run: one pass with per-sample predictions (for the vote), which evaluate() does not return
 from asynctrain.evaluate import _run, inference_config  # noqa: E402
 from asynctrain.train import fit, save_checkpoint  # noqa: E402
 
