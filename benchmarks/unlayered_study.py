@@ -166,11 +166,12 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
         async_val = {k: dict(accuracy=round(v.accuracy, 4), density=round(v.density, 4))
                      for k, v in res.items()}
     r = lambda x: round(float(x), 4)  # noqa: E731
-    extra = dict(T=steps, schedule=schedule, infer_K=infer_K)
+    extra = {k: v for k, v in dict(T=steps, schedule=schedule, infer_K=infer_K).items()
+             if v is not None and (k, v) != ("T", T)}  # only what differs from the default
     return dict(variant=name, policy=policy, mode=mode, seed=seed, epochs=ep,
                 changes={**changes, **engine, **({"stop": stop, "F": F} if stop else {}),
                          **({"init": init} if init else {}),
-                         **{k: v for k, v in extra.items() if v is not None and (k, v) != ("T", T)}},
+                         **extra},
                 train_acc=[r(x["train_accuracy"]) for x in hist],
                 val_acc=[r(x["val_accuracy"]) for x in hist],
                 val_density=[r(x["val_density"]) for x in hist],
