@@ -9,7 +9,10 @@ A variant is a name of VARIANTS (a dict of changes to the demo's settings) or
 ``key=value,key=value`` of such changes. Keys: any `Hyper` field, plus ``stop``
 / ``F`` (the training stop condition), ``init`` ("layered": warm-start from the
 layered model of the same seed, trained once and cached under --cache) and
-``fill_slots`` / ``input_order`` (engine options, when the engine has them).
+``fill_slots`` / ``input_order`` (engine options, when the engine has them), and
+(round 2) ``T`` (timesteps of the data), ``schedule`` ("cosine" or "step": the
+learning rate per epoch; step = /10 after 2/3 of the epochs) and ``infer_K`` (the K
+of the final evaluation; train at ``K``, infer at ``infer_K``).
 Modes: "frame" (the whole input frame is one forward step, prioritize_input=True,
 as the paper's code) and "queued" (input spikes queued with the others).
 
@@ -17,7 +20,11 @@ Each line holds: the training accuracy per epoch (training execution, with its
 regularisers), the validation accuracy and density per epoch under the model's own
 asynchronous execution (the paper's inference stop), and gradient diagnostics on one
 fixed training batch before and after training (norm per layer, fraction of hidden
-neurons reached, cosine with the layered gradient).
+neurons reached, cosine with the layered gradient). After training, ``final``: the
+validation accuracy under the model's own policy at ``infer_K`` and under queued MS at
+K = 8 (the ceiling question), over EVAL_SEEDS input orders (mean, and the accuracy of
+the majority vote of those orders: how much of the error is the order's chance), and
+``final_train``: the same on N_VAL training samples.
 """
 
 from __future__ import annotations
@@ -40,10 +47,13 @@ from asynctrain import data  # noqa: E402
 from asynctrain.data import collate_time_major  # noqa: E402
 from asynctrain.diagnostics import gradient_report  # noqa: E402
 from asynctrain.experiment import Hyper, build_snn  # noqa: E402
+# _run: one pass with per-sample predictions (for the vote), which evaluate() does not return
+from asynctrain.evaluate import _run, inference_config  # noqa: E402
 from asynctrain.train import fit, save_checkpoint  # noqa: E402
 
 T = 8
 N_VAL = 300
+EVAL_SEEDS = (0, 1, 2)
 VARIANTS: dict[str, dict] = {
     "base": {},
     "barrier": dict(barrier_messages=True),  # the old gradient-fill workaround
@@ -69,9 +79,9 @@ def base_hyper() -> Hyper:
                  refractory_dropout=0.8, momentum_noise=1e-6)
 
 
-def splits(seed: int = 0):
+def splits(seed: int = 0, steps: int = T):
     """(train, val) of the digits training split: N_VAL samples held out, seeded."""
-    full = data.digits(train=True, T=T, seed=0)
+    full = data.digits(train=True, T=steps, seed=0)
     perm = np.random.default_rng(seed).permutation(len(full))
     return Subset(full, np.sort(perm[N_VAL:]).tolist()), Subset(full, np.sort(perm[:N_VAL]).tolist())
 
@@ -98,10 +108,13 @@ def make_model(h: Hyper, policy: str, mode: str, seed: int, engine: dict):
 
 
 def layered_checkpoint(cache: Path, h: Hyper, seed: int, train_dl, epochs: int) -> Path:
-    path = cache / f"layered_seed{seed}_e{epochs}.pt"
+    """The layered start model of a warm start: `h`'s network, trained at the demo's
+    learning rate and weight decay (not the fine-tuning's), cached per seed."""
+    base = base_hyper()
+    path = cache / f"layered_seed{seed}_e{epochs}_lr{base.lr:g}.pt"
     if not path.is_file():
         snn = build_snn(64, 10, replace(h, epochs=epochs), "layered", seed)
-        fit(snn, train_dl, epochs, h.lr, h.weight_decay, seed=seed, progress=False)
+        fit(snn, train_dl, epochs, base.lr, base.weight_decay, seed=seed, progress=False)
         save_checkpoint(path, snn, None, epoch=epochs)
     return path
 
@@ -112,11 +125,13 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
     stop, F = changes.pop("stop", None), changes.pop("F", None)
     init = changes.pop("init", None)
     ep = int(changes.pop("epochs", epochs))
+    steps, schedule = int(changes.pop("T", T)), changes.pop("schedule", None)
+    infer_K = changes.pop("infer_K", None)
     engine = {k: changes.pop(k) for k in ENGINE_KEYS if k in changes}
     if mode == "queued" and "input_order" not in engine and _has_field("input_order"):
         engine["input_order"] = "random"
     h = replace(base_hyper(), **changes)
-    train_ds, val_ds = splits(0)
+    train_ds, val_ds = splits(0, steps)
     train_dl = DataLoader(train_ds, batch_size=h.batch_size, shuffle=True,
                           collate_fn=collate_time_major)
     val_dl = DataLoader(val_ds, batch_size=150, shuffle=False, collate_fn=collate_time_major)
@@ -130,8 +145,11 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
     if init_from is not None:
         fit(snn, train_dl, 0, h.lr, progress=False, init_from=init_from)
     before = gradient_report(snn, frames, labels, seed=seed, loss=h.loss)
-    hist = fit(snn, train_dl, ep, h.lr, h.weight_decay, seed=seed, progress=False, loss=h.loss,
-               stop=stop, steps_after_output=F, val_loader=val_dl)
+    start = final_eval(snn, val_dl, policy, infer_K or h.K) if init_from is not None else None
+    with lr_schedule(schedule, ep) as on_epoch_end:
+        hist = fit(snn, train_dl, ep, h.lr, h.weight_decay, seed=seed, progress=False,
+                   loss=h.loss, stop=stop, steps_after_output=F, val_loader=val_dl,
+                   on_epoch_end=on_epoch_end)
     after = gradient_report(snn, frames, labels, seed=seed, loss=h.loss)
     from asynctrain.evaluate import evaluate
 
@@ -148,9 +166,12 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
         async_val = {k: dict(accuracy=round(v.accuracy, 4), density=round(v.density, 4))
                      for k, v in res.items()}
     r = lambda x: round(float(x), 4)  # noqa: E731
+    extra = {k: v for k, v in dict(T=steps, schedule=schedule, infer_K=infer_K).items()
+             if v is not None and (k, v) != ("T", T)}  # only what differs from the default
     return dict(variant=name, policy=policy, mode=mode, seed=seed, epochs=ep,
                 changes={**changes, **engine, **({"stop": stop, "F": F} if stop else {}),
-                         **({"init": init} if init else {})},
+                         **({"init": init} if init else {}),
+                         **extra},
                 train_acc=[r(x["train_accuracy"]) for x in hist],
                 val_acc=[r(x["val_accuracy"]) for x in hist],
                 val_density=[r(x["val_density"]) for x in hist],
@@ -158,7 +179,79 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
                 last_val=r(hist[-1]["val_accuracy"]), last_train=r(hist[-1]["train_accuracy"]),
                 grad_before={k: _round(v) for k, v in before.items()},
                 grad_after={k: _round(v) for k, v in after.items()},
-                train_inference_acc=round(train_inf, 4), async_val=async_val, seconds=round(time.perf_counter() - t0, 1))
+                train_inference_acc=round(train_inf, 4), async_val=async_val,
+                final=final_eval(snn, val_dl, policy, infer_K or h.K, mode == "queued"),
+                # the same on N_VAL training samples: can the inference execution fit them?
+                final_train=final_eval(snn, fit_dl, policy, infer_K or h.K, mode == "queued"),
+                **({"start": start} if start else {}),
+                seconds=round(time.perf_counter() - t0, 1))
+
+
+def final_eval(snn, val_dl, policy: str, K: int, ms8: bool = True) -> dict:
+    """Validation accuracy after training over EVAL_SEEDS input orders: under the
+    model's own policy at `K` ("own") and, for queued input, under MS at K = 8 ("MS8",
+    whatever the model was trained for). Per execution: mean accuracy over the orders,
+    and the accuracy of the majority vote of the orders' predictions."""
+    execs = {"own": dict(policy=policy, forward_group_size=K)} if policy != "layered" else {}
+    if ms8:
+        execs["MS8"] = dict(policy="MS", forward_group_size=8)
+    out, trained, was_training = {}, snn.cfg, snn.training
+    n_hidden = sum(snn.graph.layer_sizes[1:-1])
+    snn.eval()
+    snn.cfg = inference_config(trained)  # no training-only setting at inference
+    try:
+        with torch.no_grad():
+            for name, over in execs.items():
+                over = dict(over, stop="output", steps_after_output=1)
+                runs = [_run(snn, val_dl, over, s, None, torch.device("cpu")) for s in EVAL_SEEDS]
+                preds = np.stack([r["prediction"] for r in runs])  # [orders, samples]
+                vote = np.array([np.bincount(col, minlength=10).argmax() for col in preds.T])
+                out[name] = dict(acc=round(float(np.mean([r["accuracy"] for r in runs])), 4),
+                                 vote=round(float((vote == runs[0]["label"]).mean()), 4),
+                                 density=round(float(np.mean([r["hidden_spikes"].mean()
+                                                              for r in runs])) / n_hidden, 4))
+    finally:
+        snn.cfg = trained
+        snn.train(was_training)
+    return out
+
+
+class lr_schedule:
+    """Context: an `on_epoch_end` for `fit` that sets Adam's learning rate for the
+    next epoch ("cosine": lr * (1 + cos(pi e / epochs)) / 2; "step": lr / 10 from
+    epoch 2/3 epochs on; None: constant). `fit` builds its Adam inside, so the
+    optimizer is caught by wrapping torch.optim.Adam for the duration."""
+
+    def __init__(self, kind: str | None, epochs: int):
+        if kind not in (None, "cosine", "step"):
+            raise ValueError(f"schedule must be cosine or step, got {kind!r}")
+        self.kind, self.epochs, self.opts = kind, epochs, []
+
+    def __enter__(self):
+        if self.kind is None:
+            return None
+        self.adam, opts = torch.optim.Adam, self.opts
+
+        class Caught(self.adam):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                opts.append(self)
+        torch.optim.Adam = Caught
+        return self.on_epoch_end
+
+    def factor(self, e: int) -> float:
+        if self.kind == "cosine":
+            return (1 + np.cos(np.pi * e / self.epochs)) / 2
+        return 0.1 if e >= round(2 * self.epochs / 3) else 1.0
+
+    def on_epoch_end(self, record: dict) -> None:
+        for g in self.opts[-1].param_groups:
+            g.setdefault("initial_lr", g["lr"])
+            g["lr"] = g["initial_lr"] * self.factor(record["epoch"])
+
+    def __exit__(self, *exc):
+        if self.kind is not None:
+            torch.optim.Adam = self.adam
 
 
 def _round(v):
@@ -176,9 +269,11 @@ def summary(paths) -> str:
     validation accuracy under the model's own execution (mean of the last 5
     epochs, less noisy than one epoch on 300 samples; and the last epoch), density,
     the fraction of hidden neurons reached by gradient and the cosine with the
-    layered gradient (per layer, after training)."""
+    layered gradient (per layer, after training), and the final evaluation over
+    EVAL_SEEDS orders (mean accuracy, majority vote in brackets)."""
     lines = ["| variant | mode | run | policy | train acc | train acc, inference | val acc (last 5) | val acc (last) "
-             "| density | reached | cos vs layered |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| density | reached | cos vs layered | final own (vote) | final MS K=8 (vote) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for path in paths:
         for text in open(path):
             r = json.loads(text)
@@ -189,8 +284,13 @@ def summary(paths) -> str:
                 f"{r['last_train']:.3f} | {r.get('train_inference_acc', float('nan')):.3f} | "
                 f"{sum(va[-5:]) / len(va[-5:]):.3f} | {r['last_val']:.3f} | "
                 f"{r['val_density'][-1]:.2f} | {' '.join(f'{x:.2f}' for x in g['reached'])} | "
-                f"{' '.join(f'{x:.2f}' for x in g['cosine_layered'])} |")
+                f"{' '.join(f'{x:.2f}' for x in g['cosine_layered'])} | "
+                + " | ".join(_final(r.get("final", {}).get(k)) for k in ("own", "MS8")) + " |")
     return "\n".join(lines)
+
+
+def _final(f: dict | None) -> str:
+    return "" if not f else f"{f['acc']:.3f} ({f['vote']:.3f})"
 
 
 def main(argv=None) -> int:

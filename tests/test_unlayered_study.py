@@ -38,7 +38,21 @@ def test_one_run_and_summary(study, tmp_path):
     assert row["changes"]["input_order"] == "random" and row["epochs"] == 1
     assert 0 <= row["val_acc"][0] <= 1 and 0 <= row["train_inference_acc"] <= 1
     assert len(row["grad_after"]["reached"]) == 1
+    assert set(row["final"]) == {"own", "MS8"} == set(row["final_train"])
+    assert 0 <= row["final"]["MS8"]["vote"] <= 1
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(row) + "\n")
     table = study.summary([path])
     assert "| fill | queued | s0 1 ep | MS |" in table
+
+
+def test_round2_keys_and_schedule(study, tmp_path):
+    row = study.run_one("r2", {"epochs": 2, "hidden": (8,), "K": 4, "infer_K": 8, "T": 4,
+                               "schedule": "step"}, "RS", "queued", 0, 2, tmp_path, 1)
+    assert row["changes"]["infer_K"] == 8 and row["changes"]["T"] == 4
+    sched = study.lr_schedule("cosine", 4)
+    assert [round(sched.factor(e), 3) for e in range(5)] == [1.0, 0.854, 0.5, 0.146, 0.0]
+    assert study.lr_schedule("step", 3).factor(2) == 0.1 == study.lr_schedule("step", 3).factor(3)
+    assert study.lr_schedule("step", 3).factor(1) == 1.0
+    with pytest.raises(ValueError, match="linear"):
+        study.lr_schedule("linear", 3)
