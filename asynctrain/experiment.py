@@ -82,6 +82,14 @@ class Hyper:
     training default) or "output" (stop `train_F` steps after the first output spike,
     as at inference)."""
     train_F: int = 1
+    train_K: int | None = None
+    """Unlayered models only: K of the training passes when it differs from the K they
+    are evaluated at (`K`); None: train at `K`. On the demo data with queued input,
+    training MS at K = 16 and running it at K = 8 was worth +0.03 validation accuracy
+    (docs/unlayered_training.md, round 2). Checkpoints and `fit`'s per-epoch
+    validation keep the training K; `run_models` evaluates at `K`."""
+    lr_schedule: str | None = None
+    """`fit`'s `lr_schedule`: None (constant) or "cosine"."""
     finetune_epochs: int = 0
     """> 0: unlayered models start from the layered model's weights (this run's, or
     `run_models(init_from=...)`) and train this many epochs instead of `epochs`."""
@@ -186,13 +194,17 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
         folder = out / policy
         warm = policy != "layered" and h.finetune_epochs > 0
         callback = None if on_epoch is None else (lambda rec, p=policy: on_epoch(p, rec))
-        history = fit(snn, train_dl, h.finetune_epochs if warm else h.epochs, h.lr,
-                      h.weight_decay, seed=seed,
-                      log_path=folder / "train.jsonl", checkpoint_path=folder / "model.pt",
-                      resume=resume, progress=progress, loss=h.loss, device=device,
-                      desc=f"train {TRAIN_LABELS[policy]} (seed {seed})", max_batches=max_batches,
-                      init_from=(init_from or out / "layered" / "model.pt") if warm else None,
-                      val_loader=val_dl, on_epoch_end=callback, recipe_args=recipe_args)
+        train_k = h.train_K if (h.train_K is not None and policy != "layered") else snn.cfg.K
+        with snn.configured(forward_group_size=train_k):  # evaluated at h.K below
+            history = fit(snn, train_dl, h.finetune_epochs if warm else h.epochs, h.lr,
+                          h.weight_decay, seed=seed,
+                          log_path=folder / "train.jsonl", checkpoint_path=folder / "model.pt",
+                          resume=resume, progress=progress, loss=h.loss, device=device,
+                          desc=f"train {TRAIN_LABELS[policy]} (seed {seed})",
+                          max_batches=max_batches,
+                          init_from=(init_from or out / "layered" / "model.pt") if warm else None,
+                          val_loader=val_dl, on_epoch_end=callback, recipe_args=recipe_args,
+                          lr_schedule=h.lr_schedule)
         if history:
             last = history[-1]
             log(f"{TRAIN_LABELS[policy]:13s} seed {seed}: {len(history)} epochs, loss "

@@ -41,7 +41,7 @@ full run (nor the other way round)."""
 
 RESUME_ARGS = ("K", "batch_size", "lr", "loss", "seed", "max_train", "max_test", "duration_ms",
                "quick", "fill_slots", "gradient_fill", "train_stop", "train_F",
-               "finetune_epochs", "init_from")
+               "finetune_epochs", "init_from", "train_K", "lr_schedule")
 """Recipe arguments a resumed run takes from its checkpoint: not given, they come from
 the file (and are printed); given with another value, they are an error naming both
 values and ``--fresh``. (``--epochs`` may grow; fit checks the model and its
@@ -151,6 +151,11 @@ def _training_args(ap: argparse.ArgumentParser) -> None:
                     help="stop condition of the training passes")
     ap.add_argument("--train-F", type=cli.at_least(0), default=1,
                     help="with --train-stop output: forward steps after the first output spike")
+    ap.add_argument("--train-K", type=cli.at_least(1), default=None,
+                    help="unlayered models: K of the training passes (default: --K); they are "
+                         "evaluated at --K")
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="learning rate over the epochs: constant, or cosine decay to 0")
     ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                     help="layered checkpoint the unlayered models fine-tune from "
                          "(with --finetune-epochs; none: this run's layered model)")
@@ -162,7 +167,9 @@ def _training_args(ap: argparse.ArgumentParser) -> None:
 def _training_hyper(h: Hyper, args: argparse.Namespace) -> Hyper:
     return replace(h, fill_slots=args.fill_slots,
                    gradient_fill=h.gradient_fill or args.gradient_fill, train_stop=args.train_stop,
-                   train_F=args.train_F, finetune_epochs=args.finetune_epochs)
+                   train_F=args.train_F, finetune_epochs=args.finetune_epochs,
+                   train_K=args.train_K,
+                   lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule)
 
 
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: DataSpec) -> None:

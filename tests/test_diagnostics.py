@@ -139,3 +139,62 @@ def test_run_models_validation_callback_and_finetune(tmp_path):
     with pytest.raises(ValueError, match="fine-tune"):
         run_models(ds, ds, 12, 2, replace(h, finetune_epochs=1), ["MS"], tmp_path / "x",
                    progress=False)
+
+
+def test_fit_cosine_lr_schedule_sets_each_epochs_lr_and_resumes_on_it(tmp_path):
+    from asynctrain.train import scheduled_lr
+
+    assert scheduled_lr(1e-2, None, 3, 4) == 1e-2
+    assert [scheduled_lr(1.0, "cosine", e, 4) for e in range(4)] == pytest.approx(
+        [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2])
+    seen = []
+    snn = _toy_snn("MS", seed=3)
+    orig = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+
+    torch.optim.Adam.step = spy
+    try:
+        fit(snn, _toy_loader(), epochs=2, lr=1e-2, progress=False, lr_schedule="cosine",
+            max_batches=1)
+    finally:
+        torch.optim.Adam.step = orig
+    assert seen == pytest.approx([1e-2, 5e-3])
+    with pytest.raises(ValueError, match="lr_schedule.*'linear'"):
+        fit(_toy_snn("MS"), _toy_loader(), epochs=1, lr=1e-2, progress=False, lr_schedule="linear")
+    # 1 + 1 resumed epochs == 2 straight epochs; resuming with another schedule is named
+    a, b = _toy_snn("MS", seed=5), _toy_snn("MS", seed=5)
+    fit(a, _toy_loader(), epochs=2, lr=1e-2, progress=False, lr_schedule="cosine", seed=1)
+    ck = tmp_path / "b.pt"
+    fit(b, _toy_loader(), epochs=1, lr=1e-2, progress=False, lr_schedule="cosine", seed=1,
+        checkpoint_path=ck)
+    fit(b, _toy_loader(), epochs=2, lr=1e-2, progress=False, lr_schedule="cosine", seed=1,
+        checkpoint_path=ck)
+    for x, y in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit(b, _toy_loader(), epochs=3, lr=1e-2, progress=False, seed=1, checkpoint_path=ck)
+
+
+def test_run_models_trains_at_train_K_and_evaluates_at_K(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from asynctrain.experiment import Hyper, run_models
+    from asynctrain.checkpoint import load_model
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(32) % 2
+    ds = TensorDataset((torch.rand(32, 4, 12, generator=g) < 0.4).float(), labels)
+    h = Hyper(hidden=(8,), batch_size=16, epochs=1, lr=1e-2, tau=20.0, K=2, train_K=5)
+    res = run_models(ds, ds, 12, 2, h, ["MS"], tmp_path, eval_specs=["MS"],
+                     steps_after_output=(), progress=False, log=lambda s: None)
+    snn, info = load_model(tmp_path / "MS" / "model.pt")
+    assert snn.cfg.K == 5  # the checkpoint keeps the training K
+    trained_k5 = evaluate(snn, [(ds.tensors[0].transpose(0, 1), labels)], ["MS:K=5"],
+                          steps_after_output=None)["MS:K=5"]
+    at_k2 = evaluate(snn, [(ds.tensors[0].transpose(0, 1), labels)], ["MS:K=2"],
+                     steps_after_output=None)["MS:K=2"]
+    got = res["Unlayered MS"]["MS"]
+    assert got.latency_steps == at_k2.latency_steps != trained_k5.latency_steps
