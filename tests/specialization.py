@@ -10,7 +10,9 @@ for the CUDA backend, honouring each kernel's `do_not_specialize`. Compiled kern
 (a GPU) and interpreted ones (TRITON_INTERPRET=1, CPU tensors) are counted the same
 way, so a CPU test sees the recompiles a GPU run would pay. Each launch's key is also
 computed as if no argument were excluded (`all_specialised`), which shows that the
-recorded launches did vary.
+recorded launches did vary. For compiled kernels the entries Triton's in-memory
+cache gained meanwhile are counted too (`compiled_new`): they cannot outnumber the
+keys, or this count would be wrong.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ class Variants:
         self.by_class = defaultdict(lambda: defaultdict(set))
         self.all_specialised = defaultdict(set)
         self.launches = defaultdict(int)
+        self.compiled_new: dict[str, int] = {}  # compiled kernels only
+
+
+def _cached_keys(kernel) -> set:
+    """Keys of a compiled kernel's in-memory cache (`JITFunction.device_caches`:
+    device -> (kernel_cache, ...)); empty for an interpreted kernel."""
+    caches = getattr(kernel, "device_caches", None) or {}
+    return {key for entry in caches.values() for key in entry[0]}
 
 
 @contextlib.contextmanager
@@ -59,6 +69,7 @@ def record_variants(kernels: dict):
     backend = _backend()
     seen = Variants()
     originals = {}
+    cached_before = {name: _cached_keys(kernel) for name, kernel in kernels.items()}
     for name, kernel in kernels.items():
         binders = [create_function_from_signature(*_params(kernel, honour), backend) for honour in (True, False)]
         originals[name] = kernel.__dict__.get("run")
@@ -79,6 +90,8 @@ def record_variants(kernels: dict):
         yield seen
     finally:
         for name, kernel in kernels.items():
+            if hasattr(kernel, "device_caches"):
+                seen.compiled_new[name] = len(_cached_keys(kernel) - cached_before[name])
             if originals[name] is None:
                 del kernel.run
             else:

@@ -71,8 +71,15 @@ def _mlp_iteration(policy, dev, sizes=(40, 24, 24, 10), batch=3, T=3, determinis
     return seen, stats
 
 
+def _check_compiled(seen):
+    # compiled kernels (a GPU): Triton's own cache gained no more entries than keys seen
+    for name, n in seen.compiled_new.items():
+        assert n <= len(seen.keys[name]), f"{name}: {n} new compiled entries, {len(seen.keys[name])} keys"
+
+
 def _check_mlp(seen, stats, deterministic=False):
     assert int(stats["forward_steps"].max()) > 3, "vacuous: too few forward steps"
+    _check_compiled(seen)
     expected = PER_OP if deterministic else FUSED
     assert set(seen.keys) == set(expected), f"kernels launched: {sorted(seen.keys)}"
     for name in expected:
@@ -112,6 +119,7 @@ def _vgg_iteration(dev):
 
 def _check_vgg(seen, stats):
     assert int(stats["forward_steps"].max()) > 5, "vacuous: too few forward steps"
+    _check_compiled(seen)
     for name in ("select._select_kernel", "conv_deliver._conv_deliver_kernel",
                  "conv_deliver._conv_deliver_backward_kernel", "rows_deliver._rows_deliver_kernel",
                  "rng_triton._uniform_at_kernel"):
