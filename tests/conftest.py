@@ -9,6 +9,7 @@ The test files import these as ``from conftest import ...`` (``tests/`` is on
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -125,3 +126,14 @@ def assert_match(eng, ora, readout: str = "counts") -> None:
     assert_close(st_e["final_v"], st_o["final_v"], "final potentials")
     for l, (a, b) in enumerate(zip(g_e, g_o)):
         assert_close(a, b, f"weight gradient of layer {l}")
+
+
+def cuda_or_skip() -> torch.device:
+    """The CUDA device with compiled Triton kernels, else skip the test (the GPU-only tests)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    from asynctrain.kernels import steps_triton
+    from asynctrain.kernels._triton import is_interpreted
+    if is_interpreted(steps_triton._forward_kernel):
+        pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
+    return torch.device("cuda")

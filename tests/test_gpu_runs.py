@@ -21,20 +21,10 @@ import torch
 
 import asynctrain as at
 from asynctrain import backends
-from conftest import BASE, STAT_KEYS, TOL, dyadic_, make_frames, make_net
+from conftest import BASE, STAT_KEYS, TOL, cuda_or_skip, dyadic_, make_frames, make_net
 
 SIZES = [350, 128, 128, 128, 20]
 RUNS = 10
-
-
-def _cuda_or_skip():
-    if not torch.cuda.is_available():
-        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    from asynctrain.kernels import steps_triton
-    from asynctrain.kernels._triton import is_interpreted
-    if is_interpreted(steps_triton._forward_kernel):
-        pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
-    return torch.device("cuda")
 
 
 def _runs(dev, cfg, net, frames, deterministic: bool):
@@ -52,7 +42,7 @@ def _runs(dev, cfg, net, frames, deterministic: bool):
 
 @pytest.mark.parametrize("policy", ["MS", "RS"])
 def test_cuda_fused_steps_repeat_bitwise(policy):
-    dev = _cuda_or_skip()
+    dev = cuda_or_skip()
     cfg = at.SimConfig(**BASE, policy=policy, forward_group_size=8, momentum_noise=0.1, refractory_dropout=0.5,
                        network_dropout=0.1)
     net = make_net(SIZES, scale=0.15, shift=0.02).to(dev)
@@ -70,7 +60,7 @@ def test_cuda_fused_steps_repeat_bitwise(policy):
 
 
 def test_cuda_deterministic_gradients_repeat_bitwise():
-    dev = _cuda_or_skip()
+    dev = cuda_or_skip()
     cfg = at.SimConfig(**BASE, policy="MS", forward_group_size=8, momentum_noise=0.1, refractory_dropout=0.5)
     net = dyadic_(make_net(SIZES, scale=0.15, shift=0.02)).to(dev)
     frames = make_frames(6, 16, SIZES[0], p=0.05).to(dev)

@@ -36,7 +36,7 @@ import torch
 import asynctrain as at
 from asynctrain import backward, engine, passes
 from asynctrain.kernels import host
-from conftest import BASE, STAT_KEYS, make_frames, make_net
+from conftest import BASE, STAT_KEYS, cuda_or_skip, make_frames, make_net
 from test_conv_engine import conv_net, image_frames
 
 SIZES = [40, 24, 24, 6]
@@ -252,16 +252,6 @@ def test_step_loop_converts_nothing_but_the_stop_test(name, monkeypatch):
 
 
 # --- on a GPU -------------------------------------------------------------------------------
-def _cuda_or_skip():
-    if not torch.cuda.is_available():
-        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    from asynctrain.kernels import steps_triton
-    from asynctrain.kernels._triton import is_interpreted
-    if is_interpreted(steps_triton._forward_kernel):
-        pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
-    return torch.device("cuda")
-
-
 @contextlib.contextmanager
 def _sync_mode(mode):
     was = torch.cuda.get_sync_debug_mode()
@@ -278,7 +268,7 @@ def test_cuda_fc_step_loop_has_no_sync(policy, deterministic, monkeypatch):
     """shd-like MLP (700 -> 64 -> 64 -> 20), K = 8, training with noise and both
     dropouts, prioritized and queued input; the fused steps, and the per-op kernels
     (``deterministic=True``) with fill_slots."""
-    dev = _cuda_or_skip()
+    dev = cuda_or_skip()
     net = make_net([700, 64, 64, 20], scale=0.15, shift=0.02).to(dev)
     frames = make_frames(6, 16, 700, p=0.05).to(dev)
     cfgs = [at.SimConfig(**BASE, policy=policy, forward_group_size=8, momentum_noise=0.1,
@@ -300,7 +290,7 @@ def test_cuda_fc_step_loop_has_no_sync(policy, deterministic, monkeypatch):
 
 def test_cuda_conv_step_loop_has_no_sync(monkeypatch):
     """A narrow VGG-7 (width 1/16, 16x16 images), K = 8, the triton backend."""
-    dev = _cuda_or_skip()
+    dev = cuda_or_skip()
     from asynctrain.models import vgg7
     net = vgg7(width=1 / 16, image_size=16).to(dev)
     frames = image_frames(3, 4, (3, 16, 16), p=0.3).to(dev)
