@@ -85,19 +85,23 @@ def check_batch(loader: Iterable, frames: Any, labels: Any, epoch: int, b: int) 
 
 
 def check_finite(module: torch.nn.Module, what: str, epoch: int, batch: int, *,
-                 loss: torch.Tensor | None = None, lr: float | None = None) -> None:
+                 loss: torch.Tensor | None = None, lr: float | None = None,
+                 last_loss: float | None = None) -> None:
     """Raise `TrainingDiverged` naming the tensor, epoch and batch (both counted from
     0 here, from 1 in the message) when the `what` of one training step is not
     finite: "loss" (`loss`), "gradient" (every parameter's .grad, after backward and
     before the step) or "weight" (every parameter, after the step). One device sync
-    when all is well."""
+    when all is well. `last_loss`: the epoch's last finite batch loss, named with a
+    non-finite loss."""
     where = f"at epoch {epoch + 1}, batch {batch + 1}"
     hint = " Try a smaller lr" + (f" (now {lr:g})" if lr is not None else "") + \
         ", more weight decay, or check the input frames for huge values."
     if what == "loss":
         if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
-            raise TrainingDiverged(f"loss is {loss.detach().flatten()[0].item()} {where}; training "
-                                   f"aborted, nothing of this epoch was saved.{hint}")
+            last = "no finite batch before it in this epoch" if last_loss is None else \
+                f"last finite batch loss: {last_loss}"
+            raise TrainingDiverged(f"loss is {loss.detach().flatten()[0].item()} {where} ({last}); "
+                                   f"training aborted, nothing of this epoch was saved.{hint}")
         return
     named = [(n, p.grad if what == "gradient" else p) for n, p in module.named_parameters()
              if p.requires_grad]

@@ -246,13 +246,7 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
         out = snn(frames, seed=call_seed(seed, epoch, b))
         logits = logits_of(out, snn.cfg.readout)
         loss = loss_fn(out, labels, snn.cfg.readout)
-        if not torch.isfinite(loss):
-            msg = (f"loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
-                   f"(last finite batch loss: {last_loss}); training aborted. Nothing of this "
-                   f"epoch was saved. Try a smaller lr (now {opt.param_groups[0]['lr']:g}), "
-                   f"more weight decay, or check the input frames for huge counts.")
-            log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=msg)
-            raise TrainingDiverged(msg)
+        _check_finite(snn, "loss", epoch, b, log, opt, loss=loss, last_loss=last_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _check_finite(snn, "gradient", epoch, b, log, opt)
@@ -338,9 +332,10 @@ def load_checkpoint(path: str | os.PathLike, snn: AsyncSNN,
 
 # ----------------------------------------------------------- checks of fit's run
 def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines",
-                  opt: torch.optim.Optimizer) -> None:
+                  opt: torch.optim.Optimizer, **loss: Any) -> None:
+    """`guards.check_finite`, the abort logged; `loss`: its loss and last_loss."""
     try:
-        check_finite(snn, what, epoch, b, lr=opt.param_groups[0]["lr"])
+        check_finite(snn, what, epoch, b, lr=opt.param_groups[0]["lr"], **loss)
     except TrainingDiverged as err:
         log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=str(err))
         raise
