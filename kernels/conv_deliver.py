@@ -147,50 +147,51 @@ def conv_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
 # --- Triton ---------------------------------------------------------------------------
 _FLOATS = (torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
-# BLOCK_E x BLOCK_O per tap (4 warps: 4 elements per thread). sm_90 cubins of the forward:
-# 1024-element tiles (8 x 128) took 162 registers (255 + a stack frame with the taps
-# unrolled), 512 take 50; the taps run as a loop for the same reason.
-_TILE = 512
-_MAX_BLOCK_O = 128
+# (BLOCK_E, BLOCK_O) per tap, 4 warps; the two classes of `_blocks`: layers of at most
+# 16 output channels, and all wider ones. sm_90 cubins of the forward (fp32; runtime
+# pool): 4 x 64 takes 48 registers, 16 x 16 48, 8 x 64 72 and 32 x 16 72 (a thread
+# then holds two or four entries' int64 state), 4 x 128 52; with the taps unrolled,
+# 8 x 128 took 162 (255 + a stack frame), so the taps run as a loop.
+_NARROW = (16, 16)
+_WIDE = (4, 64)
 
 
 @jit
-def _source(src, h, w, POOL: tl.constexpr):
-    """(channel, row, column, rows, columns) of the map the conv reads (after pooling)."""
+def _source(src, h, w, pool):
+    """(channel, row, column, rows, columns) of the map the conv reads (after pooling:
+    `pool` is 0 or 1, and halving a non-negative coordinate or size is a shift by it)."""
     hw = h * w
     c = src // hw
-    rem = src - c * hw
+    rem = (src - c * hw).to(tl.int32)
     y = rem // w
     x = rem - y * w
-    if POOL:
-        y = y // 2
-        x = x // 2
-        h = h // 2
-        w = w // 2
-    return c, y, x, h, w
+    return c, y >> pool, x >> pool, h >> pool, w >> pool
 
 
+# Compiled variants: one per dtype (floats, indices) and channel tile, whatever the layer.
 # No int argument is specialised on: the entry count e changes every step, and the
-# layer geometry (c_out, c_in, h, w, out_offset; n_ob) from layer to layer, which would
-# compile one variant per layer and per 1 / multiple-of-16 class of e. Gathers and
-# scatters are per element, so no alignment hint is lost. Constexprs: POOL and the
-# tile (BLOCK_O by C_out, BLOCK_E = _TILE // BLOCK_O, never by e).
-_NOT_SPECIALISED = ("e", "c_out", "c_in", "h", "w", "width", "out_offset")
+# layer geometry (c_out, c_in, h, w, out_offset; n_ob) and the pooling flag `pool`
+# (0 / 1) from layer to layer, which would compile one variant per layer and per
+# 1 / multiple-of-16 class of e. Gathers and scatters are per element, so no alignment
+# hint is lost. `pool` is used branch-free: coordinates and sizes are shifted by it,
+# values scaled by 1 - 0.75 * pool (1.0 or 0.25, both exact, so the products are those
+# of the constexpr branch it replaced, in fp32 and fp64). Constexprs: the tile only,
+# (BLOCK_E, BLOCK_O) in two classes by C_out (`_blocks`; never by e), so a network needs
+# at most 2 variants of each kernel per dtype (VGG-7: 1 at full width, where every C_out
+# is a multiple of 64; 1 for the narrow copies of the tests, C_out <= 16).
+_NOT_SPECIALISED = ("e", "c_out", "c_in", "h", "w", "width", "out_offset", "pool")
 
 
 @jit(do_not_specialize=_NOT_SPECIALISED)
 def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, c_out, c_in, h, w,
-                         width, out_offset, POOL: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_O: tl.constexpr):
+                         width, out_offset, pool, BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr):
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     oc = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     live_e = es < e
     live_o = (oc < c_out)[None, :]
-    v = tl.load(vals_ptr + es, mask=live_e, other=0.0)
-    if POOL:
-        v = v * 0.25
+    v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
-    c, y, x, hp, wp = _source(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, POOL)
+    c, y, x, hp, wp = _source(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, pool)
     inside = live_e & (y < hp) & (x < wp)        # pooled odd sizes drop the last row/col
     base = s * width + out_offset
     chan = (oc.to(tl.int64) * (hp * wp))[None, :]
@@ -211,7 +212,7 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
 # As `_conv_deliver_kernel`, and n_ob (channel blocks) by layer.
 @jit(do_not_specialize=_NOT_SPECIALISED + ("n_ob",))
 def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e,
-                                  c_out, c_in, h, w, width, out_offset, n_ob, POOL: tl.constexpr,
+                                  c_out, c_in, h, w, width, out_offset, n_ob, pool,
                                   BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
                                   ATOMIC_WEIGHT: tl.constexpr):
     pid_o = tl.program_id(1)
@@ -219,11 +220,9 @@ def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
     oc = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     live_e = es < e
     live_o = (oc < c_out)[None, :]
-    v = tl.load(vals_ptr + es, mask=live_e, other=0.0)
-    if POOL:
-        v = v * 0.25
+    v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
-    c, y, x, hp, wp = _source(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, POOL)
+    c, y, x, hp, wp = _source(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, pool)
     inside = live_e & (y < hp) & (x < wp)
     base = s * width + out_offset
     chan = (oc.to(tl.int64) * (hp * wp))[None, :]
@@ -242,17 +241,14 @@ def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
         acc += tl.sum(g * tl.load(w_ptr + at, mask=m, other=0.0), axis=1)
         if ATOMIC_WEIGHT:
             tl.atomic_add(gw_ptr + at, g * v[:, None], mask=m & nonzero, sem="relaxed")
-    if POOL:
-        acc = acc * 0.25
-    tl.store(part_ptr + es * n_ob + pid_o, acc, mask=live_e)
+    tl.store(part_ptr + es * n_ob + pid_o, acc * (1.0 - 0.75 * pool), mask=live_e)
 
 
-# The layer geometry is not specialised on (one variant per layer otherwise); the
-# segments come in tensors.
-@jit(do_not_specialize=("c_out", "c_in", "h", "w", "width", "out_offset"))
+# The layer geometry and `pool` are not specialised on (one variant per layer
+# otherwise); the segments come in tensors. Constexpr: BLOCK_O, as in the kernels above.
+@jit(do_not_specialize=("c_out", "c_in", "h", "w", "width", "out_offset", "pool"))
 def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, order_ptr, seg_end_ptr,
-                             gw_ptr, c_out, c_in, h, w, width, out_offset, POOL: tl.constexpr,
-                             BLOCK_O: tl.constexpr):
+                             gw_ptr, c_out, c_in, h, w, width, out_offset, pool, BLOCK_O: tl.constexpr):
     """Deterministic grad_weight: program i owns the segment of channel-sorted entries
     that starts at i (if one does) and sums it in order into ``W[o-block, c, :]``."""
     i = tl.program_id(0)
@@ -267,11 +263,9 @@ def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, 
         acc = tl.zeros([BLOCK_O, 16], dtype=gw_ptr.dtype.element_ty)
         for j in range(i, end):
             ent = tl.load(order_ptr + j)
-            v = tl.load(vals_ptr + ent)
-            if POOL:
-                v = v * 0.25
+            v = tl.load(vals_ptr + ent) * (1.0 - 0.75 * pool)
             s = tl.load(sample_ptr + ent).to(tl.int64)
-            _c, y, x, hp, wp = _source(tl.load(src_ptr + ent).to(tl.int64), h, w, POOL)
+            _c, y, x, hp, wp = _source(tl.load(src_ptr + ent).to(tl.int64), h, w, pool)
             oy = y + 1 - taps // 3
             ox = x + 1 - taps % 3
             ok = live_t & (y < hp) & (x < wp) & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
@@ -283,11 +277,15 @@ def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, 
 
 
 def _blocks(e: int, c_out: int) -> tuple[int, int]:
-    """(BLOCK_E, BLOCK_O) for a layer. Not a function of the entry count `e`, which
-    changes every step: a tile sized by e compiled one variant per power of two (a
-    step with few entries runs a few masked rows instead)."""
-    block_o = min(triton.next_power_of_2(c_out), _MAX_BLOCK_O)
-    return max(1, _TILE // block_o), block_o
+    """(BLOCK_E, BLOCK_O) for a layer: `_NARROW` (16 x 16) for C_out <= 16, else `_WIDE`
+    (4 x 64). Two classes, not one per power of two of C_out: each class is a compiled
+    variant, and per layer that made 3 at full VGG-7 width. 64 fits the full VGG-7
+    (C_out 64, 128, 256: every lane live, 1, 2 or 4 channel blocks) and BLOCK_E = 4 = the
+    warps gives each warp one entry (the fewest registers, above); 16 x 16 keeps narrow
+    layers (the test nets: C_out 1-16) from running 4-64x masked lanes. Not a function
+    of the entry count `e`, which changes every step: a tile sized by e compiled one
+    variant per power of two (a step with few entries runs a few masked rows instead)."""
+    return _NARROW if c_out <= _NARROW[1] else _WIDE
 
 
 def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, width=None, **buffers):
@@ -343,7 +341,7 @@ def conv_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
     block_e, block_o = _blocks(e, c_out)
     grid = (triton.cdiv(e, block_e), triton.cdiv(c_out, block_o))
     _conv_deliver_kernel[grid](vals, sample, src, weight, current, counts, e, c_out, weight.shape[1], h, w,
-                               width, out_offset, POOL=bool(pool), BLOCK_E=block_e, BLOCK_O=block_o)
+                               width, out_offset, int(bool(pool)), BLOCK_E=block_e, BLOCK_O=block_o)
 
 
 def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
@@ -377,7 +375,7 @@ def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
     part = torch.empty(e, n_ob, dtype=vals.dtype, device=vals.device)
     _conv_deliver_backward_kernel[(triton.cdiv(e, block_e), n_ob)](
         grad_current, vals, sample, src, weight, part, grad_w, e, c_out, c_in, h, w, width, out_offset, n_ob,
-        POOL=bool(pool), BLOCK_E=block_e, BLOCK_O=block_o, ATOMIC_WEIGHT=not deterministic)
+        int(bool(pool)), BLOCK_E=block_e, BLOCK_O=block_o, ATOMIC_WEIGHT=not deterministic)
     grad_vals = part.sum(1) if n_ob > 1 else part.view(e)
     if deterministic:
         # zero-valued entries add nothing: give them a channel past the last so they
@@ -387,5 +385,5 @@ def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
         seg_end = torch.searchsorted(rows, rows, right=True)
         _conv_weight_grad_kernel[(e, n_ob)](
             grad_current, vals, sample, src, rows, order, seg_end, grad_w, c_out, c_in, h, w, width,
-            out_offset, POOL=bool(pool), BLOCK_O=block_o)
+            out_offset, int(bool(pool)), BLOCK_O=block_o)
     return grad_vals, grad_w.view(weight.shape)

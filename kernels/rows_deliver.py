@@ -89,46 +89,50 @@ def rows_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
 # --- Triton ---------------------------------------------------------------------------
 _FLOATS = (torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
-# BLOCK_E x BLOCK_M elements per program (4 warps: 8 per thread). sm_90 cubins of the
-# forward: 2048-element tiles (8 x 256) took 100 registers, 1024 take 48.
-_TILE = 1024
-_MAX_BLOCK_M = 256
+# (BLOCK_E, BLOCK_M) per program, 4 warps; the two classes of `_blocks`: layers of at
+# most 32 neurons, and all wider ones. sm_90 cubins of the forward (fp32; runtime
+# pool): 4 x 256 takes 48 registers, 16 x 32 55, 32 x 32 77 (a thread then holds eight
+# entries' int64 state); 8 x 256 took 100.
+_NARROW = (16, 32)
+_WIDE = (4, 256)
 
 
 @jit
-def _feature(src, h, w, POOL: tl.constexpr):
-    """(input feature of the linear layer, reaches anybody) of flat sources."""
-    if POOL:
-        hw = h * w
-        c = src // hw
-        rem = src - c * hw
-        y = rem // w // 2
-        x = (rem - (rem // w) * w) // 2
-        hp = h // 2
-        wp = w // 2
-        ok = (y < hp) & (x < wp)
-        return tl.where(ok, c * (hp * wp) + y * wp + x, 0), ok
-    else:
-        return src, src >= 0
+def _feature(src, h, w, pool):
+    """(input feature of the linear layer, reaches anybody) of flat sources. `pool` is 0
+    or 1; halving a non-negative coordinate or size is a shift by it. Unpooled, the
+    launcher passes h = w = 1, so the feature is `src` itself (and reaches everybody)."""
+    hw = h * w
+    c = src // hw
+    rem = (src - c * hw).to(tl.int32)
+    row = rem // w
+    y = row >> pool
+    x = (rem - row * w) >> pool
+    hp = h >> pool
+    wp = w >> pool
+    ok = (y < hp) & (x < wp)
+    return tl.where(ok, c * (hp * wp) + y * wp + x, 0), ok
 
 
+# Compiled variants: one per dtype (floats, indices) and target tile, whatever the layer.
 # No int argument is specialised on: e changes every step, the layer sizes (m, f, h, w,
-# out_offset; n_mb) from layer to layer; as in kernels/conv_deliver.py. Constexprs:
-# POOL and the tile (BLOCK_M by M, BLOCK_E = _TILE // BLOCK_M, never by e).
-_NOT_SPECIALISED = ("e", "m", "f", "h", "w", "width", "out_offset")
+# out_offset; n_mb) and the pooling flag `pool` (0 / 1) from layer to layer; as in
+# kernels/conv_deliver.py, `pool` is used branch-free (shifts, and values scaled by
+# 1 - 0.75 * pool: 1.0 or 0.25, exact). Constexprs: the tile only, (BLOCK_E, BLOCK_M)
+# in two classes by M (`_blocks`; never by e), so a network needs at most 2 variants of
+# each kernel per dtype (VGG-7, one 10-way linear layer: 1).
+_NOT_SPECIALISED = ("e", "m", "f", "h", "w", "width", "out_offset", "pool")
 
 
 @jit(do_not_specialize=_NOT_SPECIALISED)
 def _rows_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, m, f, h, w, width,
-                         out_offset, POOL: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+                         out_offset, pool, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     live_e = es < e
-    v = tl.load(vals_ptr + es, mask=live_e, other=0.0)
-    if POOL:
-        v = v * 0.25
+    v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
-    feat, ok = _feature(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, POOL)
+    feat, ok = _feature(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, pool)
     mask = (ok & live_e)[:, None] & (ms < m)[None, :]
     live = mask & (v != 0)[:, None]
     tgt = (s * width + out_offset)[:, None] + ms[None, :]
@@ -140,34 +144,30 @@ def _rows_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
 # As `_rows_deliver_kernel`, and n_mb (target blocks) by layer.
 @jit(do_not_specialize=_NOT_SPECIALISED + ("n_mb",))
 def _rows_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e, m, f,
-                                  h, w, width, out_offset, n_mb, POOL: tl.constexpr, BLOCK_E: tl.constexpr,
+                                  h, w, width, out_offset, n_mb, pool, BLOCK_E: tl.constexpr,
                                   BLOCK_M: tl.constexpr, ATOMIC_WEIGHT: tl.constexpr):
     pid_m = tl.program_id(1)
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     live_e = es < e
-    v = tl.load(vals_ptr + es, mask=live_e, other=0.0)
-    if POOL:
-        v = v * 0.25
+    v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
-    feat, ok = _feature(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, POOL)
+    feat, ok = _feature(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, pool)
     mask = (ok & live_e)[:, None] & (ms < m)[None, :]
     at = ms.to(tl.int64)[None, :] * f + feat[:, None]
     g = tl.load(grad_ptr + (s * width + out_offset)[:, None] + ms[None, :], mask=mask, other=0.0)
     # zero-valued entries still get d/dvals (barrier messages and silent neurons do)
     part = tl.sum(g * tl.load(w_ptr + at, mask=mask, other=0.0), axis=1)
-    if POOL:
-        part = part * 0.25
-    tl.store(part_ptr + es * n_mb + pid_m, part, mask=live_e)
+    tl.store(part_ptr + es * n_mb + pid_m, part * (1.0 - 0.75 * pool), mask=live_e)
     if ATOMIC_WEIGHT:
         tl.atomic_add(gw_ptr + at, g * v[:, None], mask=mask & (v != 0)[:, None], sem="relaxed")
 
 
-# The layer sizes are not specialised on (one variant per layer otherwise); the
-# segments come in tensors.
-@jit(do_not_specialize=("m", "f", "width", "out_offset"))
+# The layer sizes and `pool` are not specialised on (one variant per layer otherwise);
+# the segments come in tensors. Constexpr: BLOCK_M, as in the kernels above.
+@jit(do_not_specialize=("m", "f", "width", "out_offset", "pool"))
 def _rows_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, rows_ptr, order_ptr, seg_end_ptr, gw_ptr, m, f,
-                             width, out_offset, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
+                             width, out_offset, pool, BLOCK_M: tl.constexpr):
     """Deterministic grad_weight: program i owns the segment of feature-sorted entries
     that starts at i (if one does) and sums it in order into ``W[m-block, feature]``."""
     i = tl.program_id(0)
@@ -179,19 +179,18 @@ def _rows_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, rows_ptr, order_ptr
         acc = tl.zeros([BLOCK_M], dtype=gw_ptr.dtype.element_ty)
         for j in range(i, end):
             ent = tl.load(order_ptr + j)
-            v = tl.load(vals_ptr + ent)
-            if POOL:
-                v = v * 0.25
+            v = tl.load(vals_ptr + ent) * (1.0 - 0.75 * pool)
             s = tl.load(sample_ptr + ent).to(tl.int64)
             acc += tl.load(grad_ptr + s * width + out_offset + ms, mask=ms < m, other=0.0) * v
         tl.store(gw_ptr + ms.to(tl.int64) * f + row, acc, mask=ms < m)
 
 
 def _blocks(e: int, m: int) -> tuple[int, int]:
-    """(BLOCK_E, BLOCK_M) for a layer; not a function of the entry count `e` (as in
+    """(BLOCK_E, BLOCK_M) for a layer: `_NARROW` (16 x 32) for M <= 32 (output layers: 10
+    or 20 classes), else `_WIDE` (4 x 256). Two classes, not one per power of two of M
+    (each class is a compiled variant); not a function of the entry count `e` (as in
     kernels/conv_deliver.py)."""
-    block_m = min(triton.next_power_of_2(m), _MAX_BLOCK_M)
-    return max(1, _TILE // block_m), block_m
+    return _NARROW if m <= _NARROW[1] else _WIDE
 
 
 def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, width, **buffers):
@@ -254,7 +253,7 @@ def rows_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
     block_e, block_m = _blocks(e, m)
     grid = (triton.cdiv(e, block_e), triton.cdiv(m, block_m))
     _rows_deliver_kernel[grid](vals, sample, src, weight, current, counts, e, m, f, h, w, width, out_offset,
-                               POOL=bool(pool), BLOCK_E=block_e, BLOCK_M=block_m)
+                               int(bool(pool)), BLOCK_E=block_e, BLOCK_M=block_m)
 
 
 def rows_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
@@ -286,7 +285,7 @@ def rows_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
     part = torch.empty(e, n_mb, dtype=vals.dtype, device=vals.device)
     _rows_deliver_backward_kernel[(triton.cdiv(e, block_e), n_mb)](
         grad_current, vals, sample, src, weight, part, grad_w, e, m, f, h, w, width, out_offset, n_mb,
-        POOL=bool(pool), BLOCK_E=block_e, BLOCK_M=block_m, ATOMIC_WEIGHT=not deterministic)
+        int(bool(pool)), BLOCK_E=block_e, BLOCK_M=block_m, ATOMIC_WEIGHT=not deterministic)
     grad_vals = part.sum(1) if n_mb > 1 else part.view(e)
     if deterministic:
         # zero-valued entries and pooled sources that reach nobody add nothing: give
@@ -296,5 +295,5 @@ def rows_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
         rows, order = torch.sort(rows, stable=True)
         seg_end = torch.searchsorted(rows, rows, right=True)
         _rows_weight_grad_kernel[(e, n_mb)](grad_current, vals, sample, rows, order, seg_end, grad_w, m, f,
-                                            width, out_offset, POOL=bool(pool), BLOCK_M=block_m)
+                                            width, out_offset, int(bool(pool)), BLOCK_M=block_m)
     return grad_vals, grad_w

@@ -164,19 +164,19 @@ def test_conv_deliver_backward(c_in, c_out, h, w, pool, dtype):
 
 
 def test_conv_deliver_several_entry_blocks_and_int32_indices(monkeypatch):
-    # ~300 entries in tiles of 128 entries x 4 channels (3 entry blocks), int64 then int32
+    # ~300 entries in tiles of 16 entries x 16 channels (19 entry blocks), int64 then int32
     # indices (the engine's records); then ~40 entries in tiles of 8 entries x 2 channels
     # (5 entry blocks and two channel-out blocks over C_out = 3, the second half empty).
     vals, sample, src, *rest = _conv_case(3, 3, 5, 7, True, seed=7, dtype=F32, n_random=280)
-    assert conv_mod._blocks(len(vals), 3) == (128, 4)
+    assert conv_mod._blocks(len(vals), 3) == (16, 16)
     _check_forward(conv_deliver_triton, conv_deliver_torch, vals, sample, src, *rest, seed=3)
     _check_backward(conv_deliver_backward_triton, conv_deliver_backward_torch, vals, sample, src, *rest,
                     seed=4, modes=(False, True))
     args = (vals, sample.int(), src.int(), *rest)
     _check_forward(conv_deliver_triton, conv_deliver_torch, *args, seed=3)
     _check_backward(conv_deliver_backward_triton, conv_deliver_backward_torch, *args, seed=4, modes=(False,))
-    monkeypatch.setattr(conv_mod, "_TILE", 16)
-    monkeypatch.setattr(conv_mod, "_MAX_BLOCK_O", 2)
+    monkeypatch.setattr(conv_mod, "_NARROW", (8, 2))
+    monkeypatch.setattr(conv_mod, "_WIDE", (8, 2))
     case = _conv_case(3, 3, 5, 7, True, seed=8, dtype=F32, n_random=20)
     assert conv_mod._blocks(len(case[0]), 3) == (8, 2)
     _check_forward(conv_deliver_triton, conv_deliver_torch, *case, seed=3)

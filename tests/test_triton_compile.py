@@ -65,25 +65,25 @@ def _image_sig(fp: str, idx: str = "i64") -> dict:
     """conv_deliver / rows_deliver forward (`n_a`, `n_b`: C_out, C_in or M, F)."""
     return {"vals_ptr": f"*{fp}", "sample_ptr": f"*{idx}", "src_ptr": f"*{idx}", "w_ptr": f"*{fp}",
             "cur_ptr": f"*{fp}", "cnt_ptr": "*i32", "e": "i32", "n_a": "i32", "n_b": "i32", "h": "i32",
-            "w": "i32", "width": "i32", "out_offset": "i32"}
+            "w": "i32", "width": "i32", "out_offset": "i32", "pool": "i32"}
 
 
 def _image_bwd_sig(fp: str, idx: str = "i64") -> dict:
     return {"grad_ptr": f"*{fp}", "vals_ptr": f"*{fp}", "sample_ptr": f"*{idx}", "src_ptr": f"*{idx}",
             "w_ptr": f"*{fp}", "part_ptr": f"*{fp}", "gw_ptr": f"*{fp}", "e": "i32", "n_a": "i32", "n_b": "i32",
-            "h": "i32", "w": "i32", "width": "i32", "out_offset": "i32", "n_blocks": "i32"}
+            "h": "i32", "w": "i32", "width": "i32", "out_offset": "i32", "n_blocks": "i32", "pool": "i32"}
 
 
 def _conv_wgrad_sig(fp: str) -> dict:
     return {"grad_ptr": f"*{fp}", "vals_ptr": f"*{fp}", "sample_ptr": "*i64", "src_ptr": "*i64",
             "rows_ptr": "*i64", "order_ptr": "*i64", "seg_end_ptr": "*i64", "gw_ptr": f"*{fp}", "c_out": "i32",
-            "c_in": "i32", "h": "i32", "w": "i32", "width": "i32", "out_offset": "i32"}
+            "c_in": "i32", "h": "i32", "w": "i32", "width": "i32", "out_offset": "i32", "pool": "i32"}
 
 
 def _rows_wgrad_sig(fp: str) -> dict:
     return {"grad_ptr": f"*{fp}", "vals_ptr": f"*{fp}", "sample_ptr": "*i64", "rows_ptr": "*i64",
             "order_ptr": "*i64", "seg_end_ptr": "*i64", "gw_ptr": f"*{fp}", "m": "i32", "f": "i32",
-            "width": "i32", "out_offset": "i32"}
+            "width": "i32", "out_offset": "i32", "pool": "i32"}
 
 
 def _named(kernel, sig: dict) -> dict:
@@ -94,6 +94,18 @@ def _named(kernel, sig: dict) -> dict:
 
 def _image_case(kernel, sig: dict, **consts):
     return kernel, _named(kernel, sig), consts, 4
+
+
+def _conv_tile(c_out: int) -> dict:
+    """The conv launchers' tile for a layer of `c_out` output channels."""
+    block_e, block_o = conv_deliver._blocks(0, c_out)
+    return dict(BLOCK_E=block_e, BLOCK_O=block_o)
+
+
+def _rows_tile(m: int) -> dict:
+    """The rows launchers' tile for a linear layer of `m` neurons."""
+    block_e, block_m = rows_deliver._blocks(0, m)
+    return dict(BLOCK_E=block_e, BLOCK_M=block_m)
 
 
 _SELECT_SIG = {"pending_ptr": "*u8", "keys_ptr": "*fp32", "out_ptr": "*i64", "width": "i32", "k": "i32",
@@ -123,28 +135,28 @@ CASES = {
     "lif_bwd": (lif._lif_backward_kernel, _lif_bwd_sig("fp32"),
                 dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=True, DETACH_RESET=False), 4),
     "uniform_at": (rng_triton._uniform_at_kernel, _RNG_SIG, dict(BLOCK=rng_triton._BLOCK), 4),
-    # conv: VGG-7 layers (C_out >= 128: 4 x 128 tiles) and narrow ones (C_out = 3: 128 x 4)
-    "conv_deliver_wide": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"), POOL=False,
-                                     BLOCK_E=4, BLOCK_O=128),
-    "conv_deliver_pool_narrow": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"), POOL=True,
-                                            BLOCK_E=128, BLOCK_O=4),
+    # conv: the launchers' two tiles, wide (C_out > 16, VGG-7: 4 x 64) and narrow
+    # (C_out <= 16: 16 x 16); pool is a runtime argument
+    "conv_deliver_wide": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"), **_conv_tile(256)),
+    "conv_deliver_narrow": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"), **_conv_tile(3)),
     "conv_bwd_atomic": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp32"),
-                                   POOL=True, BLOCK_E=4, BLOCK_O=128, ATOMIC_WEIGHT=True),
+                                   **_conv_tile(128), ATOMIC_WEIGHT=True),
     "conv_bwd_parts": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp32"),
-                                  POOL=False, BLOCK_E=128, BLOCK_O=4, ATOMIC_WEIGHT=False),
-    "conv_wgrad_det": _image_case(conv_deliver._conv_weight_grad_kernel, _conv_wgrad_sig("fp32"), POOL=True,
-                                  BLOCK_O=128),
-    # rows: VGG-7's linear layers (M = 1024: 4 x 256) and a 10-way output (64 x 16)
-    "rows_deliver_wide": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp32"), POOL=True,
-                                     BLOCK_E=4, BLOCK_M=256),
-    "rows_deliver_narrow": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp32"), POOL=False,
-                                       BLOCK_E=64, BLOCK_M=16),
+                                  **_conv_tile(3), ATOMIC_WEIGHT=False),
+    "conv_wgrad_det": _image_case(conv_deliver._conv_weight_grad_kernel, _conv_wgrad_sig("fp32"),
+                                  BLOCK_O=_conv_tile(128)["BLOCK_O"]),
+    "conv_wgrad_det_narrow": _image_case(conv_deliver._conv_weight_grad_kernel, _conv_wgrad_sig("fp32"),
+                                         BLOCK_O=_conv_tile(3)["BLOCK_O"]),
+    # rows: the two tiles, wide (M > 32, a 1024-neuron linear layer: 4 x 256) and narrow
+    # (M <= 32, VGG-7's 10-way output: 16 x 32)
+    "rows_deliver_wide": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp32"), **_rows_tile(1024)),
+    "rows_deliver_narrow": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp32"), **_rows_tile(10)),
     "rows_bwd_atomic": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp32"),
-                                   POOL=True, BLOCK_E=4, BLOCK_M=256, ATOMIC_WEIGHT=True),
+                                   **_rows_tile(1024), ATOMIC_WEIGHT=True),
     "rows_bwd_parts": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp32"),
-                                  POOL=False, BLOCK_E=64, BLOCK_M=16, ATOMIC_WEIGHT=False),
-    "rows_wgrad_det": _image_case(rows_deliver._rows_weight_grad_kernel, _rows_wgrad_sig("fp32"), POOL=True,
-                                  BLOCK_M=256),
+                                  **_rows_tile(10), ATOMIC_WEIGHT=False),
+    "rows_wgrad_det": _image_case(rows_deliver._rows_weight_grad_kernel, _rows_wgrad_sig("fp32"),
+                                  BLOCK_M=_rows_tile(1024)["BLOCK_M"]),
 }
 SM90_ONLY = {
     "deliver_fp64": (deliver._deliver_kernel, _deliver_sig("fp64"), dict(BLOCK_K=8, BLOCK_F=256), 4),
@@ -157,17 +169,19 @@ SM90_ONLY = {
     "uniform_at_h0_i32": (rng_triton._uniform_at_kernel, dict(_RNG_SIG, h0="i32"),
                           dict(BLOCK=rng_triton._BLOCK), 4),
     "conv_deliver_fp64_i32": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp64", "i32"),
-                                         POOL=True, BLOCK_E=4, BLOCK_O=128),
+                                         **_conv_tile(128)),
+    "conv_deliver_fp64_narrow": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp64"),
+                                            **_conv_tile(3)),
     "conv_bwd_fp64": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp64"),
-                                 POOL=False, BLOCK_E=4, BLOCK_O=128, ATOMIC_WEIGHT=True),
+                                 **_conv_tile(128), ATOMIC_WEIGHT=True),
     "conv_wgrad_fp64": _image_case(conv_deliver._conv_weight_grad_kernel, _conv_wgrad_sig("fp64"),
-                                   POOL=False, BLOCK_O=128),
+                                   BLOCK_O=_conv_tile(128)["BLOCK_O"]),
     "rows_deliver_fp64_i32": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp64", "i32"),
-                                         POOL=True, BLOCK_E=4, BLOCK_M=256),
+                                         **_rows_tile(1024)),
     "rows_bwd_fp64": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp64"),
-                                 POOL=True, BLOCK_E=4, BLOCK_M=256, ATOMIC_WEIGHT=True),
+                                 **_rows_tile(1024), ATOMIC_WEIGHT=True),
     "rows_wgrad_fp64": _image_case(rows_deliver._rows_weight_grad_kernel, _rows_wgrad_sig("fp64"),
-                                   POOL=False, BLOCK_M=256),
+                                   BLOCK_M=_rows_tile(1024)["BLOCK_M"]),
 }
 PARAMS = [(c, a) for c in CASES for a in TARGETS] + [(c, "sm90") for c in SM90_ONLY]
 
