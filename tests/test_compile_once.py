@@ -13,10 +13,17 @@ What is demanded:
   vacuous (without `do_not_specialize` the persistent forward kernel needed 7-8
   variants in this iteration, the replay 4, the uniform draws 2: index views at
   varying alignment);
-- narrow VGG-7 (per-op select, conv and rows deliver, uniform draws, K = 8): within a
-  layer's shape class (its constexprs: POOL and the tile, fixed per layer) exactly 1
-  variant, so the entry counts, hashes and step counters that change every step never
-  add one; kernels launched for one class only have 1 in all.
+- narrow VGG-7 (per-op select, conv and rows deliver, uniform draws, K = 8): at most 2
+  variants of each kernel in all, and within a tile class (the constexprs: conv and
+  rows tiles come in two classes by channel / neuron count, the pooling flag is a
+  runtime argument) exactly 1, so neither the layer geometry nor the entry counts,
+  hashes and step counters that change every step add one (there is 1 of each);
+- full-width VGG-7 geometry (every conv / rows map of ``vgg7()``: C_out 64, 128, 256,
+  pooled and not, and the pooled 4096 -> 10 linear layer), each delivery kernel
+  launched once per map with 2 entries, forward and backward, atomic and
+  deterministic weight gradients recorded apart (a run uses one): at most 2 variants
+  of each (there is 1; the per-layer tile and POOL constexprs gave 3 for conv
+  delivery), and keyed with every int specialised the launches need more.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ triton = pytest.importorskip("triton")
 
 import asynctrain as at  # noqa: E402
 from asynctrain.kernels import steps_triton  # noqa: E402
+from asynctrain.kernels.conv_deliver import conv_deliver_backward_triton, conv_deliver_triton  # noqa: E402
+from asynctrain.kernels.rows_deliver import rows_deliver_backward_triton, rows_deliver_triton  # noqa: E402
+from asynctrain.network import Network  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 from asynctrain.models import vgg7  # noqa: E402
 from interpreter_child import wrap_tests  # noqa: E402
@@ -37,6 +47,8 @@ from specialization import all_kernels, record_variants  # noqa: E402
 
 INTERPRETED = is_interpreted(steps_triton._forward_kernel)
 FUSED = ("steps_triton._forward_kernel", "steps_triton._replay_kernel", "steps_triton._backward_kernel")
+IMAGE = ("conv_deliver._conv_deliver_kernel", "conv_deliver._conv_deliver_backward_kernel",
+         "rows_deliver._rows_deliver_kernel", "rows_deliver._rows_deliver_backward_kernel")
 PER_OP = ("select._select_kernel", "deliver._deliver_kernel", "deliver._deliver_backward_kernel",
           "deliver._deliver_table_grad_kernel", "lif._lif_kernel", "lif._lif_backward_kernel",
           "rng_triton._uniform_at_kernel")
@@ -124,18 +136,84 @@ def _check_vgg(seen, stats):
                  "conv_deliver._conv_deliver_backward_kernel", "rows_deliver._rows_deliver_kernel",
                  "rng_triton._uniform_at_kernel"):
         assert seen.launches[name] > 3, f"{name} launched {seen.launches[name]} times"
+    assert set(IMAGE) <= set(seen.keys), f"kernels launched: {sorted(seen.keys)}"
+    for name, keys in seen.keys.items():
+        assert len(keys) <= 2, f"{name}: {len(keys)} variants:\n" + "\n".join(sorted(keys))
     for name, classes in seen.by_class.items():
         for cls, keys in classes.items():
-            assert len(keys) == 1, f"{name}: {len(keys)} variants within one layer class {cls}:\n" + \
+            assert len(keys) == 1, f"{name}: {len(keys)} variants within one tile class {cls}:\n" + \
                 "\n".join(sorted(keys))
     for name in ("select._select_kernel", "rng_triton._uniform_at_kernel", "rows_deliver._rows_deliver_kernel"):
         assert len(seen.keys[name]) == 1, name
-    assert len(seen.all_specialised["conv_deliver._conv_deliver_kernel"]) > \
-        len(seen.keys["conv_deliver._conv_deliver_kernel"])
+    # the launches did vary (layer geometry, entry counts): every int specialised needs more
+    for name in ("conv_deliver._conv_deliver_kernel", "conv_deliver._conv_deliver_backward_kernel"):
+        assert len(seen.all_specialised[name]) > len(seen.keys[name]), name
 
 
-def test_narrow_vgg7_training_iteration_compiles_once_per_layer_class():
+def test_narrow_vgg7_training_iteration_compiles_each_kernel_at_most_twice():
     _check_vgg(*_vgg_iteration(torch.device("cpu")))
+
+
+def _full_width_vgg7_launches(dev, entries=2, batch=2):
+    """Each conv / rows delivery kernel launched once per map of the full-width VGG-7
+    (the engine's maps: kind, source shape, pooling, the target layer's offset in a
+    [batch, all neurons] buffer), `entries` entries each, fp32, int64 indices:
+    forward and atomic backward in one recording, deterministic backward in another."""
+    net = Network.from_module(vgg7())
+    g = torch.Generator().manual_seed(0)
+    width = sum(net.layer_sizes)
+    current = torch.zeros(batch, width, device=dev)
+    counts = torch.zeros(batch, width, dtype=torch.int32, device=dev)
+    grad = torch.randn(batch, width, generator=g).to(dev)
+    launches = []
+    offset = net.layer_sizes[0]
+    for m in net.maps:
+        weight = (0.01 * torch.randn(m.weight_shape, generator=g)).to(dev)
+        src = torch.randint(0, m.n_in, (entries,), generator=g).to(dev)
+        sample = (torch.arange(entries) % batch).to(dev)
+        vals = (torch.rand(entries, generator=g) + 0.5).to(dev)  # nonzero: the deterministic sums run
+        launches.append((m, (vals, sample, src, weight, m.in_shape, m.pool, offset)))
+        offset += m.n_out
+    assert offset == width
+    recorded = []
+    for deterministic in (False, True):
+        with record_variants(all_kernels()) as seen:
+            for m, args in launches:
+                fwd, bwd = ((conv_deliver_triton, conv_deliver_backward_triton) if m.kind == "conv" else
+                            (rows_deliver_triton, rows_deliver_backward_triton))
+                if not deterministic:
+                    fwd(*args, current, counts)
+                gv, gw = bwd(grad, *args, deterministic=deterministic)
+                assert gw.abs().sum() > 0, f"{m}: vacuous: no weight gradient"
+        recorded.append(seen)
+    assert int(counts.sum()) > 0
+    return net, recorded
+
+
+def _check_full_width(net, recorded):
+    conv = [m for m in net.maps if m.kind == "conv"]
+    # the geometry that gave 3 conv classes with per-layer constexprs (POOL x BLOCK_O)
+    assert {(m.pool, m.out_shape[0]) for m in conv} == {(False, 64), (True, 128), (False, 128), (True, 256),
+                                                        (False, 256)}
+    assert [m.kind for m in net.maps].count("fc") == 1 and net.maps[-1].pool
+    atomic, det = recorded
+    expected = [(atomic, IMAGE),
+                (det, ("conv_deliver._conv_deliver_backward_kernel", "conv_deliver._conv_weight_grad_kernel",
+                       "rows_deliver._rows_deliver_backward_kernel", "rows_deliver._rows_weight_grad_kernel"))]
+    for seen, names in expected:
+        _check_compiled(seen)
+        assert set(seen.keys) == set(names), f"kernels launched: {sorted(seen.keys)}"
+        for name in names:
+            assert len(seen.keys[name]) <= 2, f"{name}: {len(seen.keys[name])} variants:\n" + \
+                "\n".join(sorted(seen.keys[name]))
+    for name in ("conv_deliver._conv_deliver_kernel", "conv_deliver._conv_deliver_backward_kernel"):
+        assert len(atomic.all_specialised[name]) > len(atomic.keys[name]), name
+    assert len(det.all_specialised["conv_deliver._conv_weight_grad_kernel"]) > \
+        len(det.keys["conv_deliver._conv_weight_grad_kernel"])
+
+
+def test_full_width_vgg7_geometry_compiles_each_delivery_kernel_once():
+    _check_full_width(*_full_width_vgg7_launches(torch.device("cpu")))
 
 
 def test_jit_rejects_an_unknown_do_not_specialize_name():
@@ -165,8 +243,12 @@ def test_cuda_mlp_training_iteration_compiles_each_kernel_once(policy):
     _check_mlp(*_mlp_iteration(policy, dev, sizes=(350, 128, 128, 128, 20), batch=16, T=6))
 
 
-def test_cuda_narrow_vgg7_compiles_once_per_layer_class():
+def test_cuda_narrow_vgg7_compiles_each_kernel_at_most_twice():
     _check_vgg(*_vgg_iteration(_cuda_or_skip()))
+
+
+def test_cuda_full_width_vgg7_geometry_compiles_each_delivery_kernel_once():
+    _check_full_width(*_full_width_vgg7_launches(_cuda_or_skip(), entries=64, batch=8))
 
 
 def test_cuda_mlp_deterministic_iteration_compiles_each_kernel_once():
