@@ -159,7 +159,8 @@ _WIDE = (4, 64)
 @jit
 def _source(src, h, w, pool):
     """(channel, row, column, rows, columns) of the map the conv reads (after pooling:
-    `pool` is 0 or 1, and halving a non-negative coordinate or size is a shift by it)."""
+    `pool` is 0 or 1, and halving a non-negative coordinate or size is a shift by it;
+    the in-map remainder is below H x W, an int32)."""
     hw = h * w
     c = src // hw
     rem = (src - c * hw).to(tl.int32)
