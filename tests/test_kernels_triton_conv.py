@@ -14,7 +14,7 @@ Comparison rules:
   backend's (measured: at most 1.2e-7).
 
 Cases: odd map sizes (5x7, 1x1, pooled 5x7 -> 2x3 whose last row and column reach
-nobody, 2x2 -> 1x1), channels in/out 1, 3, 8 and 130 (two channel-out blocks), entries
+nobody, 2x2 -> 1x1), channels in/out 1, 3, 8 and 130 (three channel-out blocks), entries
 at every corner, overlapping windows and duplicate sources in one sample, zero values
 (counted, no current), a sample with no entry, several entry blocks, empty entry
 lists, int32 indices, float32 and float64, buffers that already hold currents.
@@ -132,7 +132,7 @@ def _check_backward(tri_fn, twin_fn, vals, sample, src, weight, in_shape, pool, 
 # --- conv deliver ---------------------------------------------------------------------------
 # (C_in, C_out, H, W, pool): one pixel (only the centre tap); 5x7 both ways round the
 # channel counts; pooled 5x7 -> 2x3 (the last row and column reach nobody); 2x2 pooled to
-# 1x1; C_out = 130: two channel-out blocks of 128.
+# 1x1; C_out = 130: three channel-out blocks of 64 (2 live in the last).
 CONV_SHAPES = [(1, 1, 1, 1, False), (3, 8, 5, 7, False), (8, 3, 5, 7, True), (1, 3, 2, 2, True),
                (3, 130, 3, 4, False)]
 
