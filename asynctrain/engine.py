@@ -30,9 +30,12 @@ queued kernels, so there the step loops read nothing but their stop test
 (`kernels/host.py`; the per-op loop every `STOP_EVERY` steps, the fused steps once
 per launch). What the CPU path lists (pending entries, receivers, a step's layers,
 nonzero outboxes of a checkpoint) is computed over the whole state instead: keys at
-every column (`grid`, `Ops.select_keys`), steps evaluated densely, each conv layer's
-kernel over all K entries (`conv.ImageSynapses.masked_entries`), records and
-checkpoints dense. The same numbers and operations on the entries that count, so
+every column (`grid`, `Ops.select_keys`), each conv layer's kernel over all K entries
+(`conv.ImageSynapses.masked_entries`), checkpoints dense; fully connected steps are
+evaluated densely, conv steps without autograd at a fixed-size list of their
+receivers when it is short (`LISTED_BELOW`, `_op_step_listed`: the delivery buffers
+kept and zeroed at the receivers only, compact records), else densely with dense
+records. The same numbers and operations on the entries that count, so
 the same spikes, stats and gradients (tests/test_no_sync.py); on a CPU, where a
 read costs nothing, the listed path runs as before.
 """
@@ -76,8 +79,12 @@ SPARSE_BELOW = 0.5
 # Sync-free conv steps without autograd run at a fixed-size list of their receivers
 # (K x `ImageSynapses.list_width` per sample, repeats included: `_op_step_listed`)
 # when that list is at most this fraction of the state's width, else over the whole
-# state. Fixed by K and the network, never by the data (VGG-7: K <= 49).
-LISTED_BELOW = 0.5
+# state. Fixed by K and the network, never by the data (VGG-7: K <= 24). An indexed
+# op costs several elementwise ones per element: on the CPU (benchmarks/
+# sync_free_cost.py) a list 0.08 of the width (VGG-7, K = 8) made the iteration 1.36x
+# faster than the whole-state steps, one 0.30 of it (width 0.25) 1.24x slower. The
+# GPU's crossover is unmeasured.
+LISTED_BELOW = 0.25
 
 
 class Engine:

@@ -162,7 +162,7 @@ def test_the_choice_is_fixed_by_K_and_the_network(monkeypatch):
         cfg = at.SimConfig(policy="MS", K=K, theta=0.2, tau=float("inf"))
         return engine.Engine(network, cfg, batch=2, device=torch.device("cpu"), dtype=torch.float32,
                              training=True, seed=0).listed
-    assert listed(8) and listed(32) and not listed(64)
+    assert listed(8) and listed(16) and not listed(32) and not listed(64)
     monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cuda",))
     assert not listed(8), "listed steps outside the sync-free mode"
 
