@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .engine import Engine
-from .state import PackedState, State, StepInfo, StepInfoAt
+from .state import PackedState, State, StepInfo, StepInfoAt, StepInfoListed
 from .kernels.cpu_step import FusedRecord
 from .kernels.lif import lif_backward_torch
 from .retain import ChunkStore, FlatStore
@@ -45,6 +45,9 @@ class CompactInfo:
     v_pre: torch.Tensor    # [R]
     refr: torch.Tensor     # bool [R]
     gate: torch.Tensor     # bool [R]
+    # sync-free receiver lists (`StepInfoListed`): repeats and not-valid dump entries;
+    # None: every entry received, once
+    received: torch.Tensor | None = None
 
 
 # A conv step's record is compact when at most this fraction of the [B, W] columns
@@ -60,6 +63,10 @@ def _record(engine: Engine, info: StepInfo | StepInfoAt, small: ChunkStore, flat
     if engine.syn is None:
         return info
     vals = small.keep(info.vals)
+    if isinstance(info, StepInfoListed):  # the step's fixed-size receiver list
+        small_idx = info.idx.to(torch.int32) if engine.batch * engine.width < 2**31 else info.idx
+        return CompactInfo(vals, flat.keep(small_idx), flat.keep(info.v_pre), flat.keep(info.refr),
+                           flat.keep(info.gate), flat.keep(info.valid))
     if engine.sync_free:  # no receiver list (a host read): the full record (`StepInfo`)
         return replace(info, vals=vals, spikes=None, n_before=None)
     shape = (engine.batch, engine.width)
@@ -231,10 +238,14 @@ def _compact_backward(engine: Engine, info: CompactInfo, g_v, g_o, g_acc, out: s
     col = idx % width
     g_s = g_o.reshape(-1)[idx] * engine.source_f[col]
     at_out, acc_at = engine.at_outputs(idx)
-    if bool(at_out.any()):  # the readout accumulator's adjoint at output receivers
+    if info.received is not None:  # a receiver list (sync-free): no host read, no mask
+        g_acc_at = g_acc.reshape(-1)[torch.where(at_out, acc_at, 0)]
+        g_s = torch.where(at_out, g_s + g_acc_at, g_s)
+    elif bool(at_out.any()):  # the readout accumulator's adjoint at output receivers
         g_s[at_out] += g_acc.reshape(-1)[acc_at[at_out]]
+    received = torch.ones_like(info.refr) if info.received is None else info.received
     gv_r, gi_r = lif_backward_torch(g_v.reshape(-1)[idx], g_s, info.v_pre, info.refr,
-                                    torch.ones_like(info.refr), info.gate, engine.theta[col],
+                                    received, info.gate, engine.theta[col],
                                     engine.alpha, engine.cfg.detach_reset)
     g_v.view(-1)[idx] = gv_r
     g_current.view(-1)[idx] = gi_r

@@ -285,6 +285,65 @@ class ImageSynapses:
         return float(self.fan_out.sum()) / max(n_src, 1)
 
     @cached_property
+    def list_width(self) -> int:
+        """Receivers one delivered entry can have, as `receiver_list` lists them: the
+        widest map's 9 x C_out (conv) or M (linear); VGG-7: 2304."""
+        return max(9 * m.out_shape[0] if m.kind == "conv" else m.n_out for m in self.maps)
+
+    def _geometry(self, device) -> torch.Tensor:
+        """int64 [L, 7] per map: conv, pool, the source layer's H and W (a flat one: 1
+        and n), C_out (conv) or M (linear), its first source and first target."""
+        cache = self.__dict__.setdefault("_geometry_cache", {})
+        if device not in cache:
+            rows = []
+            for l, m in enumerate(self.maps):
+                h, w = (m.in_shape[1], m.in_shape[2]) if len(m.in_shape) == 3 else (1, m.in_shape[0])
+                rows.append([m.kind == "conv", m.pool, h, w, m.out_shape[0] if m.kind == "conv" else m.n_out,
+                             self.offsets[l], self.offsets[l + 1]])
+            cache[device] = torch.tensor(rows, dtype=torch.int64, device=device)
+        return cache[device]
+
+    def receiver_list(self, sel: torch.Tensor, source_slot: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every target of every delivered entry of a [B, K] selection, in shapes that
+        do not depend on the data (no host read): (flat positions int64
+        ``[B * K * list_width]`` into ``[B * W]``, bool valid). A column reached by
+        several entries is listed once per entry; a slot that reaches nobody (the dump,
+        outputs, a tap outside the map, a pooled row dropped by the floor) lists its
+        sample's dump column, not valid. The same targets as `kernels/conv_deliver.py`
+        and `kernels/rows_deliver.py` reach (conv: tap t = ky * 3 + kx of channel o at
+        f = 9 o + t; linear: target f)."""
+        b, k = sel.shape
+        n_maps, width = len(self.maps), self.width
+        geo = self._geometry(sel.device)
+        slot = source_slot[sel].view(-1)
+        real = slot < n_maps
+        g = geo[slot.clamp(max=n_maps - 1)]                                   # [E, 7]
+        is_conv, pool, h, w, c_out, src0, dst0 = (g[:, i] for i in range(7))
+        src = sel.reshape(-1) - src0
+        rem = src % (h * w)  # the channel does not move the window
+        y, x = rem // w, rem % w
+        hm, wm = torch.where(pool > 0, h // 2, h), torch.where(pool > 0, w // 2, w)
+        y, x = torch.where(pool > 0, y // 2, y), torch.where(pool > 0, x // 2, x)
+        inside = real & ((pool == 0) | ((y < hm) & (x < wm)))
+        f = torch.arange(self.list_width, device=sel.device)
+        o, t = f // 9, f % 9
+        oy = y[:, None] + 1 - t // 3
+        ox = x[:, None] + 1 - t % 3
+        ok_conv = (o < c_out[:, None]) & (oy >= 0) & (oy < hm[:, None]) & (ox >= 0) & (ox < wm[:, None])
+        conv = is_conv[:, None] > 0
+        valid = inside[:, None] & torch.where(conv, ok_conv, f < c_out[:, None])
+        tgt = dst0[:, None] + torch.where(conv, o * (hm * wm)[:, None] + oy * wm[:, None] + ox, f)
+        row = (torch.arange(b * k, device=sel.device) // k)[:, None] * width
+        return (row + torch.where(valid, tgt, width - 1)).view(-1), valid.view(-1)
+
+    def buffers(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(current, counts) zero ``[B + 1, W]`` buffers for `deliver(out=...)`; the
+        caller zeroes them again where the step wrote (its receivers and row B)."""
+        return (torch.zeros(batch + 1, self.width, dtype=dtype, device=device),
+                torch.zeros(batch + 1, self.width, dtype=torch.int32, device=device))
+
+    @cached_property
     def fan_out(self) -> torch.Tensor:
         """int64 ``[N + 1]`` real targets per flat index (0 for outputs and the dump)."""
         tail = self.width - self.offsets[len(self.maps)]
@@ -309,15 +368,18 @@ class ImageSynapses:
             start += n
 
     def deliver(self, vals: torch.Tensor, sel: torch.Tensor, flat: torch.Tensor,
-                source_slot: torch.Tensor, ops=None, sync_free: bool = False
+                source_slot: torch.Tensor, ops=None, sync_free: bool = False,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
         differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
         `backends.Ops` (its `image` kernels; None: the torch twins). `sync_free`: the
-        per-layer split without a host read (`masked_entries`)."""
+        per-layer split without a host read (`masked_entries`); `out` (sync-free, no
+        autograd): zero ``[B + 1, W]`` buffers (`buffers`) to add into instead of new
+        ones, returned as views of their first B rows."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
             return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops, sync_free)
-        return self._forward(vals, sel, flat, source_slot, ops, sync_free)
+        return self._forward(vals, sel, flat, source_slot, ops, sync_free, out)
 
     def masked_entries(self, sel: torch.Tensor, source_slot: torch.Tensor):
         """`entries` without a host read (CUDA): yields (l, bool [B * K] the entries of
@@ -328,12 +390,11 @@ class ImageSynapses:
         for l in range(len(self.maps)):
             yield l, slot == l
 
-    def _forward(self, vals, sel, flat, source_slot, ops=None, sync_free=False):
+    def _forward(self, vals, sel, flat, source_slot, ops=None, sync_free=False, out=None):
         b, k = sel.shape
         kernels = _kernels(ops)
         if sync_free:  # entries of other layers go to a scratch row b, sliced off
-            current = vals.new_zeros(b + 1, self.width)
-            counts = torch.zeros(b + 1, self.width, dtype=torch.int32, device=vals.device)
+            current, counts = self.buffers(b, vals.dtype, vals.device) if out is None else out
             sample = torch.arange(b * k, device=sel.device) // k
             flat_sel, flat_vals = sel.reshape(-1), vals.reshape(-1)
             for l, mine in self.masked_entries(sel, source_slot):

@@ -30,9 +30,12 @@ queued kernels, so there the step loops read nothing but their stop test
 (`kernels/host.py`; the per-op loop every `STOP_EVERY` steps, the fused steps once
 per launch). What the CPU path lists (pending entries, receivers, a step's layers,
 nonzero outboxes of a checkpoint) is computed over the whole state instead: keys at
-every column (`grid`, `Ops.select_keys`), steps evaluated densely, each conv layer's
-kernel over all K entries (`conv.ImageSynapses.masked_entries`), records and
-checkpoints dense. The same numbers and operations on the entries that count, so
+every column (`grid`, `Ops.select_keys`), each conv layer's kernel over all K entries
+(`conv.ImageSynapses.masked_entries`), checkpoints dense; fully connected steps are
+evaluated densely, conv steps without autograd at a fixed-size list of their
+receivers when it is short (`LISTED_BELOW`, `_op_step_listed`: the delivery buffers
+kept and zeroed at the receivers only, compact records), else densely with dense
+records. The same numbers and operations on the entries that count, so
 the same spikes, stats and gradients (tests/test_no_sync.py); on a CPU, where a
 read costs nothing, the listed path runs as before.
 """
@@ -56,7 +59,7 @@ from .kernels.step_spec import StepSpec
 # from here too (the engine's public names)
 from .passes import _Pass, new_stats  # noqa: F401
 from .segments import Checkpoints  # noqa: F401
-from .state import PackedState, State, StepInfo, StepInfoAt  # noqa: F401
+from .state import PackedState, State, StepInfo, StepInfoAt, StepInfoListed  # noqa: F401
 
 
 # Devices where the step loop reads nothing on the host but its stop test
@@ -73,6 +76,15 @@ STOP_EVERY = {"cuda": 8}
 # Conv steps without autograd run at their receivers when at most this fraction of
 # the [B, W] columns received, else over the whole state (`Engine._evaluate_at`).
 SPARSE_BELOW = 0.5
+# Sync-free conv steps without autograd run at a fixed-size list of their receivers
+# (K x `ImageSynapses.list_width` per sample, repeats included: `_op_step_listed`)
+# when that list is at most this fraction of the state's width, else over the whole
+# state. Fixed by K and the network, never by the data (VGG-7: K <= 24). An indexed
+# op costs several elementwise ones per element: on the CPU (benchmarks/
+# sync_free_cost.py) a list 0.08 of the width (VGG-7, K = 8) made the iteration 1.36x
+# faster than the whole-state steps, one 0.30 of it (width 0.25) 1.24x slower. The
+# GPU's crossover is unmeasured.
+LISTED_BELOW = 0.25
 
 
 class Engine:
@@ -130,6 +142,13 @@ class Engine:
         # for one more recompute of the forward (fully connected networks: two levels).
         self.nested = self.syn is not None and checkpoint_every is None
         self.k = min(cfg.forward_group_size, w)
+        # Sync-free conv steps without autograd: evaluated at the list of their receivers,
+        # the delivery buffers kept and zeroed there again (`_op_step_listed`).
+        self.listed = self.sync_free and self.syn is not None and \
+            self.k * self.syn.list_width <= LISTED_BELOW * w
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.listed:  # records at the list (`backward.CompactInfo`: ~11 B per entry)
+            self.record_ratio = min(1.0, 11 * self.k * self.syn.list_width / (13 * w))
         self.alpha = float(cfg.surrogate_steepness)
         # SPEC 8 fill_slots (training only): fillers ride in the step records as
         # negative indices, -1 - column (`decode`)
@@ -213,6 +232,8 @@ class Engine:
         """One event step. Conv networks without autograd update `st` in place at the
         receivers only (`_evaluate_at`): the caller owns `st` (a checkpoint is a packed
         copy); with autograd every op is functional."""
+        if self.listed and not self._autograd(st, wt):
+            return self._op_step_listed(st, sel, sel_deliv, wt, t, k)
         if self.fill:
             return self._op_step_filled(st, sel, sel_deliv, wt, t, k)
         vals = st.o.gather(1, sel_deliv)
@@ -333,6 +354,72 @@ class Engine:
                 now = now[u >= self.p_ref]
             st.refr.view(-1)[now] = True
         return st, StepInfoAt(vals, idx, spikes, v_pre, n_before, n_in, gate, refr)
+
+    def _delivery_buffers(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's i-th pair of zero [B + 1, W] delivery buffers (`_op_step_listed`)."""
+        if i not in self._buffers:
+            self._buffers[i] = self.syn.buffers(self.batch, self.dtype, self.device)
+        return self._buffers[i]
+
+    def _op_step_listed(self, st: State, sel: torch.Tensor, sel_deliv: torch.Tensor, wt: torch.Tensor,
+                        t: int, k: int) -> tuple[State, StepInfoListed]:
+        """`op_step` of a conv network in the sync-free mode without autograd, in place
+        and with shapes fixed by K: the step's deliveries add into kept buffers, the
+        neurons are evaluated at `ImageSynapses.receiver_list` (every target of every
+        delivered entry, repeats included), and the buffers are zeroed there again
+        (and in their scratch row), not over [B, W]. Every repeat of a column gathers
+        the same values before anything is written, so it computes and writes the same
+        result: the writes are idempotent, and entries that reach nobody list their
+        sample's dump column (never a receiver) and write back what they read. The same
+        operations on the same values as `_evaluate_at`, so the same numbers."""
+        w, b = self.width, self.batch
+        sel_all = self.decode(sel)[1]
+        d_real, d_all = self.decode(sel_deliv)
+        vals = st.o.gather(1, d_all)
+        src = self.tables.source_slot
+        cur, cnt = self._delivery_buffers(0)
+        bufs = [(cur, cnt)]
+        if self.fill:  # the fillers' deliveries into a second pair (`_op_step_filled`)
+            filler = sel_deliv < 0
+            self.syn.deliver(vals.masked_fill(filler, 0.0), d_real, wt, src, self.ops, True, out=(cur, cnt))
+            bufs.append(self._delivery_buffers(1))
+            self.syn.deliver(vals.masked_fill(~filler, 0.0), d_all.masked_fill(~filler, self.net.dump), wt,
+                             src, self.ops, True, out=bufs[1])
+        else:
+            self.syn.deliver(vals, sel_deliv, wt, src, self.ops, True, out=(cur, cnt))
+        idx, valid = self.syn.receiver_list(d_all, src)
+        current, n_add = cur.view(-1)[idx], cnt.view(-1)[idx]
+        if self.fill:
+            current = current + bufs[1][0].view(-1)[idx]
+        for c_buf, n_buf in bufs:  # zero again where the step wrote
+            c_buf.view(-1)[idx] = 0.0
+            n_buf.view(-1)[idx] = 0
+            c_buf[b].zero_()
+            n_buf[b].zero_()
+        st.o.scatter_(1, sel_all, 0.0)
+        col = idx % w
+        v0, o0, n_before, refr = (x.view(-1)[idx] for x in (st.v, st.o, st.n_in, st.refr))
+        n_in = torch.where(valid, n_before + n_add, n_before)
+        gate = valid & (n_in >= self.sync[col])
+        v, spikes, v_pre = lif_torch(v0, current, refr, valid, gate, self.theta[col])
+        fired = spikes > 0
+        is_out, acc_at = self.at_outputs(idx)
+        n_acc = st.acc.numel()
+        acc = torch.cat([st.acc.reshape(-1), st.acc.new_zeros(1)])  # the last: a scratch slot
+        acc_at = torch.where(fired & is_out, acc_at, n_acc)
+        acc_new = acc[acc_at] + spikes
+        st.v.view(-1)[idx] = v
+        st.n_in.view(-1)[idx] = n_in
+        st.o.view(-1)[idx] = o0 + spikes * self.source_f[col]
+        acc[acc_at] = acc_new
+        st.acc.copy_(acc[:n_acc].view_as(st.acc))
+        if self.cfg.refractory:
+            now = fired
+            if self.p_ref > 0:  # the draws of `_evaluate`, at the listed columns
+                u = self.ops.uniform_at(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k, idx // w, col)
+                now = now & (u >= self.p_ref)
+            st.refr.view(-1)[idx] = refr | now
+        return st, StepInfoListed(vals, idx, spikes, v_pre, n_before, n_in, gate, refr, valid)
 
     def op_end(self, st: State) -> torch.Tensor:
         if self.cfg.readout == "potential":

@@ -17,7 +17,7 @@ from .config import SimConfig
 from .kernels import host
 from .retain import ChunkStore, identity
 from .segments import Checkpoints, _offer
-from .state import State, StepInfo, StepInfoAt
+from .state import State, StepInfo, StepInfoAt, StepInfoListed
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -136,6 +136,8 @@ def _fused_pass(eng: "Engine", fused, st: State, ps: _Pass, ckpt: Checkpoints | 
 def after_eval(eng: "Engine", st: State, info: StepInfo | StepInfoAt, ps: _Pass) -> None:
     """Non-differentiable bookkeeping after a neuron evaluation: pending flags,
     pre-spike potentials, spikes, first output step."""
+    if isinstance(info, StepInfoListed):
+        return _after_eval_listed(eng, info, ps)
     if isinstance(info, StepInfoAt):
         return _after_eval_at(eng, info, ps)
     fired = info.spikes > 0
@@ -188,6 +190,41 @@ def _after_eval_at(eng: "Engine", info: StepInfoAt, ps: _Pass) -> None:
     if eng.histogram_bins:
         counts = info.n_in[fired].clamp(max=eng.histogram_bins - 1).long()
         ps.currents += torch.bincount(counts, minlength=eng.histogram_bins)
+
+
+def _after_eval_listed(eng: "Engine", info: StepInfoListed, ps: _Pass) -> None:
+    """`after_eval` at a step's receiver list (`Engine._op_step_listed`), in place on
+    the pass's own tensors and without a host read: every repeat of a column gathers
+    the same values first and writes the same result; not-valid entries (the dump
+    column) change nothing. The histogram counts each column once (the first of its
+    repeats in the sorted list)."""
+    w = eng.width
+    idx, col = info.idx, info.idx % w
+    fired = info.spikes > 0
+    is_src = eng.tables.is_source[col]
+    new = fired & is_src
+    if eng.cfg.barrier_messages:
+        sync = eng.sync[col]
+        new = new | ((info.n_before < sync) & (info.n_in >= sync) & is_src)
+    ps.pending.view(-1)[idx] = ps.pending.view(-1)[idx] | new
+    if eng.fill:
+        ps.fillable.view(-1)[idx] = ps.fillable.view(-1)[idx] | (info.gate & ~info.refr & eng.tables.is_hidden[col])
+    if eng.cfg.policy == "MS":
+        ps.pre_spike.view(-1)[idx] = torch.where(fired, info.v_pre, ps.pre_spike.view(-1)[idx])
+    ps.spike_sum.view(-1)[idx] = ps.spike_sum.view(-1)[idx] + info.spikes
+    at_out = (fired & eng.at_outputs(idx)[0]).to(torch.int32)
+    out_fired = torch.zeros(eng.batch, dtype=torch.int32, device=idx.device).index_add_(0, idx // w, at_out) > 0
+    if ps.eager_first:
+        ps.first_out = torch.where((ps.first_out < 0) & out_fired, ps.steps, ps.first_out)
+    ps.out_fired.append(ps.keep(out_fired))
+    if eng.histogram_bins:
+        if not isinstance(ps.currents, torch.Tensor):
+            ps.currents = torch.zeros(eng.histogram_bins, dtype=torch.int64, device=idx.device)
+        order_idx, order = idx.sort()
+        first = torch.ones_like(fired)
+        first[1:] = order_idx[1:] != order_idx[:-1]
+        counts = info.n_in[order].clamp(max=eng.histogram_bins - 1).long()
+        ps.currents.scatter_add_(0, counts, (fired[order] & first).long())
 
 
 def _compact(sel: torch.Tensor) -> torch.Tensor:

@@ -101,3 +101,14 @@ class StepInfoAt:
                 .index_put_((self.idx,), x).view(shape)
         return StepInfo(self.vals, put(self.spikes), put(self.v_pre),
                         put(torch.ones_like(self.gate)), put(self.n_before), put(self.gate), put(self.refr))
+
+
+@dataclass
+class StepInfoListed(StepInfoAt):
+    """`StepInfoAt` at a fixed-size list of a step's receivers (sync-free conv steps:
+    `Engine._op_step_listed`): `idx` lists every target of every delivered entry,
+    repeats included, and the sample's dump column where an entry reaches nobody
+    (`valid` False there: not received, nothing changed). Every repeat of a column
+    holds the same values, so whatever is written back at `idx` is idempotent."""
+
+    valid: torch.Tensor    # bool [R]
