@@ -13,7 +13,8 @@
 #   stages.log            every stage's output (env first: GPU, driver, versions, paths)
 #   pytest-fused.xml      JUnit of the fused-steps CUDA tests (tests/test_steps_triton.py,
 #                         tests/test_gpu_runs.py: races, tests/test_compile_once.py,
-#                         tests/test_no_sync.py: no host sync in the step loops)
+#                         tests/test_no_sync.py, tests/test_listed_steps.py: no host
+#                         sync in the step loops)
 #   pytest-kernels.xml    JUnit of the per-op kernel CUDA tests (tests/test_kernels_triton*.py)
 #   cost.jsonl            benchmarks/cost.py: shd-like layered vs engine MS K=8 / K=64
 #   kernels.jsonl         benchmarks/kernels.py: select, deliver, conv/rows, LIF, fused steps
@@ -142,7 +143,8 @@ if sys.argv[1] == \"0\" and not torch.cuda.is_available():
     sys.exit(\"no CUDA device: the CUDA tests would all skip (use --dry-run on a CPU)\")" "$1"
 ' "$PY" "$DRY"
 run_stage pytest-fused "$(limit pytest-fused)" "${PYTEST[@]}" --junitxml="$OUT_DIR/pytest-fused.xml" \
-    tests/test_steps_triton.py tests/test_gpu_runs.py tests/test_compile_once.py tests/test_no_sync.py
+    tests/test_steps_triton.py tests/test_gpu_runs.py tests/test_compile_once.py tests/test_no_sync.py \
+    tests/test_listed_steps.py
 run_stage pytest-kernels "$(limit pytest-kernels)" "${PYTEST[@]}" --junitxml="$OUT_DIR/pytest-kernels.xml" \
     tests/test_kernels_triton.py tests/test_kernels_triton_conv.py
 run_stage cost "$(limit cost)" "$PY" benchmarks/cost.py --device "$DEV" "${COST_ARGS[@]}" \
