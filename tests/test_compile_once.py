@@ -13,6 +13,9 @@ What is demanded:
   vacuous (without `do_not_specialize` the persistent forward kernel needed 7-8
   variants in this iteration, the replay 4, the uniform draws 2: index views at
   varying alignment);
+- the per-op select kernel is the keyed one (`select._select_keyed_kernel`) where the
+  step loop is sync-free (CUDA; forced on the CPU in the ``sync_free`` tests), the
+  listed one elsewhere;
 - narrow VGG-7 (per-op select, conv and rows deliver, uniform draws, K = 8): within a
   layer's shape class (its constexprs: POOL and the tile, fixed per layer) exactly 1
   variant, so the entry counts, hashes and step counters that change every step never
@@ -29,6 +32,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import asynctrain as at  # noqa: E402
+from asynctrain import engine  # noqa: E402
 from asynctrain.kernels import steps_triton  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 from asynctrain.models import vgg7  # noqa: E402
@@ -37,9 +41,15 @@ from specialization import all_kernels, record_variants  # noqa: E402
 
 INTERPRETED = is_interpreted(steps_triton._forward_kernel)
 FUSED = ("steps_triton._forward_kernel", "steps_triton._replay_kernel", "steps_triton._backward_kernel")
-PER_OP = ("select._select_kernel", "deliver._deliver_kernel", "deliver._deliver_backward_kernel",
+PER_OP = ("deliver._deliver_kernel", "deliver._deliver_backward_kernel",
           "deliver._deliver_table_grad_kernel", "lif._lif_kernel", "lif._lif_backward_kernel",
           "rng_triton._uniform_at_kernel")
+
+
+def _select(dev) -> str:
+    """The per-op select kernel of `dev`: sync-free devices (`engine.SYNC_FREE_DEVICES`,
+    CUDA) compute the keys in the kernel (`select_keyed_triton`), others list them."""
+    return "select._select_keyed_kernel" if dev.type in engine.SYNC_FREE_DEVICES else "select._select_kernel"
 
 
 def _mlp(sizes, seed=0):
@@ -68,7 +78,7 @@ def _mlp_iteration(policy, dev, sizes=(40, 24, 24, 10), batch=3, T=3, determinis
     frames = (torch.rand(T, batch, sizes[0], generator=torch.Generator().manual_seed(1)) < 0.15).float()
     with record_variants(all_kernels()) as seen:
         stats = _train_step(net, cfg, frames.to(dev), deterministic=deterministic)
-    return seen, stats
+    return seen, stats, dev
 
 
 def _check_compiled(seen):
@@ -77,10 +87,10 @@ def _check_compiled(seen):
         assert n <= len(seen.keys[name]), f"{name}: {n} new compiled entries, {len(seen.keys[name])} keys"
 
 
-def _check_mlp(seen, stats, deterministic=False):
+def _check_mlp(seen, stats, dev, deterministic=False):
     assert int(stats["forward_steps"].max()) > 3, "vacuous: too few forward steps"
     _check_compiled(seen)
-    expected = PER_OP if deterministic else FUSED
+    expected = (_select(dev),) + PER_OP if deterministic else FUSED
     assert set(seen.keys) == set(expected), f"kernels launched: {sorted(seen.keys)}"
     for name in expected:
         assert len(seen.keys[name]) <= 2, f"{name}: {len(seen.keys[name])} variants:\n" + \
@@ -104,6 +114,13 @@ def test_mlp_deterministic_iteration_compiles_each_kernel_once():
     _check_mlp(*_mlp_iteration("MS", torch.device("cpu"), deterministic=True), deterministic=True)
 
 
+def test_mlp_deterministic_sync_free_iteration_compiles_each_kernel_once(monkeypatch):
+    """The sync-free loop (CUDA's) forced on the CPU: the keyed select kernel."""
+    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
+    for policy in ("MS", "RS"):
+        _check_mlp(*_mlp_iteration(policy, torch.device("cpu"), deterministic=True), deterministic=True)
+
+
 def _vgg_iteration(dev):
     torch.manual_seed(0)
     net = vgg7(width=0.0625, image_size=8).to(dev)
@@ -114,13 +131,13 @@ def _vgg_iteration(dev):
     with record_variants(all_kernels()) as seen, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "2 of 2 passes reached max_steps", RuntimeWarning)
         stats = _train_step(net, cfg, frames.to(dev))
-    return seen, stats
+    return seen, stats, dev
 
 
-def _check_vgg(seen, stats):
+def _check_vgg(seen, stats, dev):
     assert int(stats["forward_steps"].max()) > 5, "vacuous: too few forward steps"
     _check_compiled(seen)
-    for name in ("select._select_kernel", "conv_deliver._conv_deliver_kernel",
+    for name in (_select(dev), "conv_deliver._conv_deliver_kernel",
                  "conv_deliver._conv_deliver_backward_kernel", "rows_deliver._rows_deliver_kernel",
                  "rng_triton._uniform_at_kernel"):
         assert seen.launches[name] > 3, f"{name} launched {seen.launches[name]} times"
@@ -128,13 +145,23 @@ def _check_vgg(seen, stats):
         for cls, keys in classes.items():
             assert len(keys) == 1, f"{name}: {len(keys)} variants within one layer class {cls}:\n" + \
                 "\n".join(sorted(keys))
-    for name in ("select._select_kernel", "rng_triton._uniform_at_kernel", "rows_deliver._rows_deliver_kernel"):
+    for name in (_select(dev), "rng_triton._uniform_at_kernel", "rows_deliver._rows_deliver_kernel"):
         assert len(seen.keys[name]) == 1, name
-    assert len(seen.all_specialised["conv_deliver._conv_deliver_kernel"]) > \
-        len(seen.keys["conv_deliver._conv_deliver_kernel"])
+    if dev.type not in engine.SYNC_FREE_DEVICES:
+        # the listed path's entry counts vary (sync-free: every layer's kernel over all
+        # B x K entries, a fixed count, so nothing to show there)
+        assert len(seen.all_specialised["conv_deliver._conv_deliver_kernel"]) > \
+            len(seen.keys["conv_deliver._conv_deliver_kernel"])
+    else:  # the keyed select's hashes do vary
+        assert len(seen.all_specialised[_select(dev)]) > len(seen.keys[_select(dev)])
 
 
 def test_narrow_vgg7_training_iteration_compiles_once_per_layer_class():
+    _check_vgg(*_vgg_iteration(torch.device("cpu")))
+
+
+def test_narrow_vgg7_sync_free_iteration_compiles_once_per_layer_class(monkeypatch):
+    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
     _check_vgg(*_vgg_iteration(torch.device("cpu")))
 
 
