@@ -20,6 +20,15 @@ O(W) whatever k is; k rounds of an argmax would be O(k W) and lose from k ~ 10.
 Unlike `select_torch` the output order is defined (ascending index); callers must
 not rely on either. Tested under the interpreter against the twin (tests/
 test_kernels_triton.py); GPU timings: benchmarks/kernels.py.
+
+`select_keyed_triton` (the engine's sync-free path, CUDA) is the same search with the
+keys computed in the kernel from the pending flags, the potentials, the input flags
+and counter hashes mixed on the host (`_keys_block`: RS uniforms, MS pre-spike +
+noise, inputs at +inf or in their random order above it; fill candidates: V or the
+fill uniforms): no [B, W] float keys, int64 order or packed keys per step. Its twin
+`select_keyed_torch` computes the keys over every column (`selection_keys_torch`)
+and selects with `select_keys_torch`; the fused steps (kernels/steps_triton.py) share
+the kernel's key helpers (`_row_keys`, `_fill_keys`). Tests: tests/test_select_keyed.py.
 """
 
 from __future__ import annotations
