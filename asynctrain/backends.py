@@ -7,9 +7,11 @@ TRITON_INTERPRET=1) and `cpu` (the torch ops plus the fused C steps of
 use with the system C compiler). The per-op entries share their signatures, so the
 engine, its autograd Functions and the backward sweep never branch on the backend;
 `select_at` selects from the listed pending entries (the engine lists them for
-their random keys), `select_keys` the same from keys over the whole state (no
-host sync: CUDA), `image` holds the conv and rows deliveries of convolutional
-networks (`conv.ImageSynapses`). `fused` (cpu: kernels/cpu_step.py; triton: kernels/steps_triton.py, a persistent
+their random keys), `select_keyed` the same with no list and no host sync (CUDA):
+the triton kernel computes the keys itself from the pending flags, potentials and
+hashes (no [B, W] keys, order or packed tensors, no topk), the twin over every
+column; it also fills free slots (SPEC 8). `image` holds the conv and rows
+deliveries of convolutional networks (`conv.ImageSynapses`). `fused` (cpu: kernels/cpu_step.py; triton: kernels/steps_triton.py, a persistent
 forward kernel running many steps per launch) replaces whole forward steps, replays
 and backward steps of the checkpointed path; `triton` with ``deterministic=True``
 keeps the per-op kernels (the fused backward sums the weight-table gradient with
@@ -35,12 +37,12 @@ from .kernels.rows_deliver import (rows_deliver_backward_torch, rows_deliver_bac
 from .kernels.deliver import deliver_backward_torch, deliver_backward_triton, deliver_torch, deliver_triton
 from .kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton
 from .kernels.rng_triton import uniform_at_triton
-from .kernels.select import _select_kernel, select_pending_torch, select_torch, select_triton, sortable_key
+from .kernels.select import (_select_kernel, select_keyed_torch, select_keyed_triton,  # noqa: F401
+                             select_keys_torch, select_pending_torch, select_torch, select_triton)
 from .kernels import cpu_step
 from .kernels.steps_triton import TritonSteps
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
-_INT64_MIN = torch.iinfo(torch.int64).min
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,11 @@ class Ops:
     # (pending bool [B, W], (rows, cols) int64 [P], keys float32 [P], k, order int64 [P] | None)
     # -> int64 [B, k]: the selection from the listed pending entries (`select_listed`)
     select_at: Callable
-    # (pending bool [B, W], keys float32 [B, W], k, order int64 [B, W] | None) -> int64 [B, k]:
-    # the same selection from keys over the whole state (no list: no host sync, CUDA)
-    select_keys: Callable
+    # (pending bool [B, W], values [B, W], is_input bool [W], k, seed, t, step, *, policy_ms, noise,
+    # input_random, sel) -> int64 [B, k]: the same selection with the keys computed from the
+    # state (no list, no [B, W] keys: no host sync, CUDA), or (sel) its free slots filled
+    # (`kernels/select.py` select_keyed_torch / select_keyed_triton)
+    select_keyed: Callable
     # conv networks: map kind ("conv", "fc") -> (deliver, deliver_backward), conv.ImageSynapses
     image: dict
     fused: type | None = None  # CpuSteps / TritonSteps: whole steps (fully connected networks)
@@ -89,44 +93,13 @@ def select_listed_kernel(select: Callable, pending: torch.Tensor, at: tuple[torc
     return select(pending, dense.index_put_(at, keys), k)
 
 
-def select_keys_torch(pending: torch.Tensor, keys: torch.Tensor, k: int,
-                      order: torch.Tensor | None = None) -> torch.Tensor:
-    """`select_listed` from keys over the whole state: the same packed keys and one
-    sorted topk per row, so the same selection in the same order (highest key first,
-    ties to the lower index, the dump in unused slots), with shapes that do not depend
-    on the data. `order` as in `select_pending_torch` (entries with ``order >= 0``)."""
-    b, w = keys.shape
-    cols = torch.arange(w, device=keys.device, dtype=torch.int64)
-    high = sortable_key(keys)
-    if order is not None:
-        high = torch.where(order >= 0, 0x7F800000 + order, high)
-    packed = ((high << 32) | (w - 1 - cols)).masked_fill(~pending, _INT64_MIN)
-    top, _ = packed.topk(min(k, w), dim=1, sorted=True)
-    return torch.where(top != _INT64_MIN, w - 1 - (top & 0xFFFFFFFF), w - 1)
-
-
-def select_keys_kernel(select: Callable, pending: torch.Tensor, keys: torch.Tensor, k: int,
-                       order: torch.Tensor | None = None) -> torch.Tensor:
-    """`select_listed_kernel` from keys over the whole state: the K inputs at the front
-    of a random input order by one topk over their packed order keys, then the kernel."""
-    if order is not None:
-        b, w = keys.shape
-        is_in = order >= 0
-        cols = torch.arange(w, device=keys.device, dtype=torch.int64)
-        packed = ((order << 32) | (w - 1 - cols)).masked_fill(~(pending & is_in), _INT64_MIN)
-        top, _ = packed.topk(min(k, w), dim=1, sorted=True)
-        front = torch.where(top != _INT64_MIN, w - 1 - (top & 0xFFFFFFFF), w - 1)
-        pending = pending & (~is_in | torch.zeros_like(pending).scatter_(1, front, True))
-    return select(pending, keys, k)
-
-
 TORCH_IMAGE = {"conv": (conv_deliver_torch, conv_deliver_backward_torch),
                "fc": (rows_deliver_torch, rows_deliver_backward_torch)}
 
 TORCH = Ops("torch", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
-            rng.uniform_at, select_listed, select_keys_torch, TORCH_IMAGE)
+            rng.uniform_at, select_listed, select_keyed_torch, TORCH_IMAGE)
 CPU = Ops("cpu", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
-          rng.uniform_at, select_listed, select_keys_torch, TORCH_IMAGE, cpu_step.CpuSteps)
+          rng.uniform_at, select_listed, select_keyed_torch, TORCH_IMAGE, cpu_step.CpuSteps)
 
 
 @functools.lru_cache(maxsize=2)
@@ -141,7 +114,7 @@ def triton_ops(deterministic: bool) -> Ops:
                functools.partial(deliver_backward_triton, deterministic=deterministic),
                lif_triton, lif_backward_triton, uniform_at_triton,
                functools.partial(select_listed_kernel, select_triton),
-               functools.partial(select_keys_kernel, select_triton), image,
+               select_keyed_triton, image,
                None if deterministic else TritonSteps, deterministic)
 
 

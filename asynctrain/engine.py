@@ -29,8 +29,10 @@ Host syncs (`SYNC_FREE_DEVICES`, CUDA): a value read on the host waits for the
 queued kernels, so there the step loops read nothing but their stop test
 (`kernels/host.py`; the per-op loop every `STOP_EVERY` steps, the fused steps once
 per launch). What the CPU path lists (pending entries, receivers, a step's layers,
-nonzero outboxes of a checkpoint) is computed over the whole state instead: keys at
-every column (`grid`, `Ops.select_keys`), each conv layer's kernel over all K entries
+nonzero outboxes of a checkpoint) is computed over the whole state instead: the
+selection keys of every column (`Ops.select_keyed`: the triton select kernel computes
+them itself from the pending flags, potentials and hashes, no [B, W] key tensors;
+the torch twin over every column), each conv layer's kernel over all K entries
 (`conv.ImageSynapses.masked_entries`), checkpoints dense; fully connected steps are
 evaluated densely, conv steps without autograd at a fixed-size list of their
 receivers when it is short (`LISTED_BELOW`, `_op_step_listed`: the delivery buffers
@@ -50,7 +52,7 @@ import torch
 from . import passes, rng
 from .config import SimConfig, per_neuron
 from .network import Network
-from .backends import TORCH, Ops, select_keys_torch
+from .backends import TORCH, Ops
 from .ops import deliver, lif
 from .kernels.lif import lif_torch
 from .kernels.select import select_pending_torch
@@ -441,31 +443,33 @@ class Engine:
         of the samples still running). `fill` = (candidates bool [B, W], membrane [B, W]):
         the unused slots take fillers (`_add_fillers`)."""
         cfg = self.cfg
-        # Keys matter at pending entries only: random numbers are drawn there (the same
-        # numbers as a draw over every column), not over the whole [B, N + 1] state.
-        # The torch ops also select from that list (`backends.select_listed`); a
-        # backend's select kernel takes the keys over the whole state (`select_listed_kernel`).
-        # Sync-free (CUDA): `at` is the whole [B, W] grid, so the same expressions give the
-        # keys of every column (the same numbers at the pending ones) and `select_keys`
-        # selects from them: no list, no data-dependent shape.
-        rs = cfg.policy == "RS"
-        at = self.grid() if self.sync_free else pending.nonzero(as_tuple=True)
-        if rs or self.noise > 0:
-            u = rng.uniform_at(self.seed, rng.STREAM_RS_KEY if rs else rng.STREAM_MOMENTUM_NOISE, t, k, *at)
-        if rs:
-            keys = u
-        else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
-            keys = pre_spike[at].to(torch.float32)
-            if self.noise > 0:
-                keys = keys + self.noise * u
-            keys = keys.masked_fill(self.tables.is_input[at[1]], math.inf)
-        order = None
-        if self.random_inputs:  # SPEC 6: inputs above every neuron, in the pass's order
-            is_in = at[1] < self.net.n_inputs
-            order = torch.where(is_in, rng.input_order_key(self.seed, t, *at), -1)
         if self.sync_free:
-            sel = self.ops.select_keys(pending, keys, self.k, order)
+            # Sync-free (CUDA): no list, no data-dependent shape; the backend computes the
+            # keys of every column (the same numbers at the pending ones) and selects
+            # (`Ops.select_keyed`: the triton kernel computes them itself).
+            sel = self.ops.select_keyed(pending, pre_spike, self.tables.is_input, self.k, self.seed, t, k,
+                                        policy_ms=cfg.policy == "MS", noise=self.noise,
+                                        input_random=self.random_inputs)
         else:
+            # Keys matter at pending entries only: random numbers are drawn there (the
+            # same numbers as a draw over every column), not over the whole [B, N + 1]
+            # state. The torch ops also select from that list (`backends.select_listed`); a
+            # backend's select kernel takes the keys over the whole state (`select_listed_kernel`).
+            rs = cfg.policy == "RS"
+            at = pending.nonzero(as_tuple=True)
+            if rs or self.noise > 0:
+                u = rng.uniform_at(self.seed, rng.STREAM_RS_KEY if rs else rng.STREAM_MOMENTUM_NOISE, t, k, *at)
+            if rs:
+                keys = u
+            else:  # MS: pre-spike potential (+ noise); input spikes rank above every neuron
+                keys = pre_spike[at].to(torch.float32)
+                if self.noise > 0:
+                    keys = keys + self.noise * u
+                keys = keys.masked_fill(self.tables.is_input[at[1]], math.inf)
+            order = None
+            if self.random_inputs:  # SPEC 6: inputs above every neuron, in the pass's order
+                is_in = at[1] < self.net.n_inputs
+                order = torch.where(is_in, rng.input_order_key(self.seed, t, *at), -1)
             sel = self.ops.select_at(pending, at, keys, self.k, order)
         if fill is not None:
             sel = self._add_fillers(sel, *fill, t, k)
@@ -481,16 +485,16 @@ class Engine:
         highest V as float32, RS: `rng.STREAM_FILL` keys; ties to the lower index),
         recorded as -1 - column."""
         dump = self.net.dump
+        if self.sync_free:  # computed anyway (nothing changes then): no host read
+            return self.ops.select_keyed(cand, v, self.tables.is_input, self.k, self.seed, t, k,
+                                         policy_ms=self.cfg.policy == "MS", sel=sel)
         free = sel == dump
-        if not self.sync_free and not bool((free.any(1) & cand.any(1)).any()):
-            return sel  # (sync-free: computed anyway, nothing changes then)
-        at = self.grid() if self.sync_free else cand.nonzero(as_tuple=True)
+        if not bool((free.any(1) & cand.any(1)).any()):
+            return sel
+        at = cand.nonzero(as_tuple=True)
         keys = rng.uniform_at(self.seed, rng.STREAM_FILL, t, k, *at) if self.cfg.policy == "RS" \
             else v[at].to(torch.float32)
-        if self.sync_free:  # best first, as from the list
-            best = select_keys_torch(cand, keys, self.k)
-        else:
-            best = select_pending_torch(*at, keys, self.batch, self.width, self.k)  # best first
+        best = select_pending_torch(*at, keys, self.batch, self.width, self.k)  # best first
         rank = (free.cumsum(1) - 1).clamp(min=0)  # the j-th free slot takes the j-th best
         filler = best.gather(1, rank)
         return torch.where(free & (filler != dump), -1 - filler, sel)

@@ -19,7 +19,8 @@ Design: one program per sample (grid ``(B,)``), state in global memory.
   number per launch (the most steps any sample took), so a pass of S steps costs
   about S / n_max launches instead of ~10 kernels per step.
 - Selection never sorts the row: the mapped keys of the pending entries go to a
-  scratch row, a radix search over their 32 bits finds the K-th largest (as
+  scratch row (`select._row_keys`, `select._fill_keys`: the key math of the per-op
+  select kernel too), a radix search over their 32 bits finds the K-th largest (as
   kernels/select.py), one pass takes the entries above it plus the lowest-index
   ties, and only those K are sorted (`tl.sort`, K rounded up to a power of two).
 - No atomics in the forward: a sample's currents reach only its own row, and the
@@ -51,8 +52,8 @@ import torch
 from . import rng
 from ._triton import check_tensors, hash_arg, jit, tl, triton
 from .cpu_step import FusedRecord, _int32
-from .rng_triton import _bits_at_from_hash, _fmix32, _uniform_at_from_hash
-from .select import _radix_threshold
+from .rng_triton import _fmix32, _uniform_at_from_hash
+from .select import _fill_keys, _radix_threshold, _row_keys
 from . import host
 from .step_spec import as_spec
 
@@ -82,64 +83,6 @@ def _step_hash(h_t, k):
     """`rng.counter_hash` from its value after (seed, stream, timestep) mixed on the
     host: the last round, with the forward step `k`."""
     return _fmix32(h_t.to(tl.uint32) ^ (k.to(tl.uint32) * 0x9E3779B9))
-
-
-@jit
-def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, h_order, noise,
-              POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, INPUT_RANDOM: tl.constexpr,
-              BLOCK: tl.constexpr):
-    """Mapped keys (uint32 order held in int64, -1 where not pending) of one row into
-    `keys_row`; returns the number of pending entries. The key is the C's
-    `packed_key` high half: -0.0 as +0.0, negative floats with their low bits flipped;
-    (INPUT_RANDOM) inputs 0x7F800000 + their order key (above +inf, as the C)."""
-    n_pending = 0
-    for start in range(0, W, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < W
-        pend = tl.load(pend_row + cols, mask=inside, other=0) != 0
-        if POLICY_MS:
-            key = tl.load(pre_row + cols, mask=inside, other=0.0).to(tl.float32)
-            if HAS_NOISE:
-                key = key + noise * _uniform_at_from_hash(h_key, b, cols)
-            inp = tl.load(is_input_ptr + cols, mask=inside, other=0) != 0
-            key = tl.where(inp, float("inf"), key)
-        else:
-            key = _uniform_at_from_hash(h_key, b, cols)
-        bits = key.to(tl.int32, bitcast=True)
-        bits = tl.where(bits == -2147483648, 0, bits)
-        s = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        if POLICY_MS:
-            if INPUT_RANDOM:
-                q = (_bits_at_from_hash(h_order, b, cols) >> 9).to(tl.int32)
-                s = tl.where(inp, 0x7F800000 + q, s)
-        u = tl.where(pend, s.to(tl.int64) + 2147483648, -1)
-        tl.store(keys_row + cols, u, mask=inside)
-        n_pending += tl.sum(pend.to(tl.int32))
-    return n_pending
-
-
-@jit
-def _fill_keys(b, W, fill_row, pend_row, v_row, keys_row, h_fill, POLICY_MS: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """fill_slots: mapped keys (as `_row_keys`) of the fill candidates (outbox holds
-    gradient, not pending) into `keys_row`, MS: V as float32, RS: the STREAM_FILL
-    uniform; returns the number of candidates."""
-    n_cand = 0
-    for start in range(0, W, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < W
-        cand = (tl.load(fill_row + cols, mask=inside, other=0) != 0) & \
-            (tl.load(pend_row + cols, mask=inside, other=0) == 0)
-        if POLICY_MS:
-            key = tl.load(v_row + cols, mask=inside, other=0.0).to(tl.float32)
-        else:
-            key = _uniform_at_from_hash(h_fill, b, cols)
-        bits = key.to(tl.int32, bitcast=True)
-        bits = tl.where(bits == -2147483648, 0, bits)
-        sk = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        tl.store(keys_row + cols, tl.where(cand, sk.to(tl.int64) + 2147483648, -1), mask=inside)
-        n_cand += tl.sum(cand.to(tl.int32))
-    return n_cand
 
 
 @jit

@@ -13,6 +13,9 @@ What is demanded:
   vacuous (without `do_not_specialize` the persistent forward kernel needed 7-8
   variants in this iteration, the replay 4, the uniform draws 2: index views at
   varying alignment);
+- the per-op select kernel is the keyed one (`select._select_keyed_kernel`) where the
+  step loop is sync-free (CUDA; forced on the CPU in the ``sync_free`` tests), the
+  listed one elsewhere;
 - narrow VGG-7 (per-op select, conv and rows deliver, uniform draws, K = 8): at most 2
   variants of each kernel in all, and within a tile class (the constexprs: conv and
   rows tiles come in two classes by channel / neuron count, the pooling flag is a
@@ -36,6 +39,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import asynctrain as at  # noqa: E402
+from asynctrain import engine  # noqa: E402
 from asynctrain.kernels import steps_triton  # noqa: E402
 from asynctrain.kernels.conv_deliver import conv_deliver_backward_triton, conv_deliver_triton  # noqa: E402
 from asynctrain.kernels.rows_deliver import rows_deliver_backward_triton, rows_deliver_triton  # noqa: E402
@@ -49,9 +53,15 @@ INTERPRETED = is_interpreted(steps_triton._forward_kernel)
 FUSED = ("steps_triton._forward_kernel", "steps_triton._replay_kernel", "steps_triton._backward_kernel")
 IMAGE = ("conv_deliver._conv_deliver_kernel", "conv_deliver._conv_deliver_backward_kernel",
          "rows_deliver._rows_deliver_kernel", "rows_deliver._rows_deliver_backward_kernel")
-PER_OP = ("select._select_kernel", "deliver._deliver_kernel", "deliver._deliver_backward_kernel",
+PER_OP = ("deliver._deliver_kernel", "deliver._deliver_backward_kernel",
           "deliver._deliver_table_grad_kernel", "lif._lif_kernel", "lif._lif_backward_kernel",
           "rng_triton._uniform_at_kernel")
+
+
+def _select(dev) -> str:
+    """The per-op select kernel of `dev`: sync-free devices (`engine.SYNC_FREE_DEVICES`,
+    CUDA) compute the keys in the kernel (`select_keyed_triton`), others list them."""
+    return "select._select_keyed_kernel" if dev.type in engine.SYNC_FREE_DEVICES else "select._select_kernel"
 
 
 def _mlp(sizes, seed=0):
@@ -80,7 +90,7 @@ def _mlp_iteration(policy, dev, sizes=(40, 24, 24, 10), batch=3, T=3, determinis
     frames = (torch.rand(T, batch, sizes[0], generator=torch.Generator().manual_seed(1)) < 0.15).float()
     with record_variants(all_kernels()) as seen:
         stats = _train_step(net, cfg, frames.to(dev), deterministic=deterministic)
-    return seen, stats
+    return seen, stats, dev
 
 
 def _check_compiled(seen):
@@ -89,10 +99,10 @@ def _check_compiled(seen):
         assert n <= len(seen.keys[name]), f"{name}: {n} new compiled entries, {len(seen.keys[name])} keys"
 
 
-def _check_mlp(seen, stats, deterministic=False):
+def _check_mlp(seen, stats, dev, deterministic=False):
     assert int(stats["forward_steps"].max()) > 3, "vacuous: too few forward steps"
     _check_compiled(seen)
-    expected = PER_OP if deterministic else FUSED
+    expected = (_select(dev),) + PER_OP if deterministic else FUSED
     assert set(seen.keys) == set(expected), f"kernels launched: {sorted(seen.keys)}"
     for name in expected:
         assert len(seen.keys[name]) <= 2, f"{name}: {len(seen.keys[name])} variants:\n" + \
@@ -116,6 +126,13 @@ def test_mlp_deterministic_iteration_compiles_each_kernel_once():
     _check_mlp(*_mlp_iteration("MS", torch.device("cpu"), deterministic=True), deterministic=True)
 
 
+def test_mlp_deterministic_sync_free_iteration_compiles_each_kernel_once(monkeypatch):
+    """The sync-free loop (CUDA's) forced on the CPU: the keyed select kernel."""
+    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
+    for policy in ("MS", "RS"):
+        _check_mlp(*_mlp_iteration(policy, torch.device("cpu"), deterministic=True), deterministic=True)
+
+
 def _vgg_iteration(dev):
     torch.manual_seed(0)
     net = vgg7(width=0.0625, image_size=8).to(dev)
@@ -126,13 +143,13 @@ def _vgg_iteration(dev):
     with record_variants(all_kernels()) as seen, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "2 of 2 passes reached max_steps", RuntimeWarning)
         stats = _train_step(net, cfg, frames.to(dev))
-    return seen, stats
+    return seen, stats, dev
 
 
-def _check_vgg(seen, stats):
+def _check_vgg(seen, stats, dev):
     assert int(stats["forward_steps"].max()) > 5, "vacuous: too few forward steps"
     _check_compiled(seen)
-    for name in ("select._select_kernel", "conv_deliver._conv_deliver_kernel",
+    for name in (_select(dev), "conv_deliver._conv_deliver_kernel",
                  "conv_deliver._conv_deliver_backward_kernel", "rows_deliver._rows_deliver_kernel",
                  "rng_triton._uniform_at_kernel"):
         assert seen.launches[name] > 3, f"{name} launched {seen.launches[name]} times"
@@ -143,11 +160,13 @@ def _check_vgg(seen, stats):
         for cls, keys in classes.items():
             assert len(keys) == 1, f"{name}: {len(keys)} variants within one tile class {cls}:\n" + \
                 "\n".join(sorted(keys))
-    for name in ("select._select_kernel", "rng_triton._uniform_at_kernel", "rows_deliver._rows_deliver_kernel"):
+    for name in (_select(dev), "rng_triton._uniform_at_kernel", "rows_deliver._rows_deliver_kernel"):
         assert len(seen.keys[name]) == 1, name
     # the launches did vary (layer geometry, entry counts): every int specialised needs more
     for name in ("conv_deliver._conv_deliver_kernel", "conv_deliver._conv_deliver_backward_kernel"):
         assert len(seen.all_specialised[name]) > len(seen.keys[name]), name
+    if dev.type in engine.SYNC_FREE_DEVICES:  # the keyed select's hashes do vary
+        assert len(seen.all_specialised[_select(dev)]) > len(seen.keys[_select(dev)])
 
 
 def test_narrow_vgg7_training_iteration_compiles_each_kernel_at_most_twice():
@@ -214,6 +233,11 @@ def _check_full_width(net, recorded):
 
 def test_full_width_vgg7_geometry_compiles_each_delivery_kernel_once():
     _check_full_width(*_full_width_vgg7_launches(torch.device("cpu")))
+
+
+def test_narrow_vgg7_sync_free_iteration_compiles_once_per_layer_class(monkeypatch):
+    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
+    _check_vgg(*_vgg_iteration(torch.device("cpu")))
 
 
 def test_jit_rejects_an_unknown_do_not_specialize_name():

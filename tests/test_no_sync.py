@@ -14,7 +14,9 @@
   checkpoints sparsely): the guard sees them.
 - The sync-free mode against the default one on the CPU: bitwise equal (fused and
   per-op fully connected loops, fill_slots, random input order, histogram; conv
-  networks: the per-layer split without a host read, dense steps and records).
+  networks: the per-layer split without a host read, dense steps and records);
+  backend="triton" interpreted too (the select kernel computing its keys), and
+  against backend="torch" in the sync-free mode (the same spikes and stats).
 - On a GPU (skipped without one): the same iteration with the triton backend under
   ``torch.cuda.set_sync_debug_mode("error")``, the stop test's reads excepted and
   counted (one per pass, then one per launch of the fused steps or per 8 per-op
@@ -332,25 +334,32 @@ CHILD = textwrap.dedent("""
     }.items():
         net, frames = (conv, images) if name.startswith("conv") else (fc, fc_frames)
         runs = []
-        for sync_free in (False, True):
+        for backend, sync_free in (("triton", False), ("triton", True), ("torch", True)):
             engine.SYNC_FREE_DEVICES = ("cpu",) if sync_free else ("cuda",)
             engine.STOP_EVERY = {"cpu": 8} if sync_free else {"cuda": 8}
-            snn = at.AsyncSNN(net, cfg, backend="triton", deterministic=True, record_currents=True).train()
+            snn = at.AsyncSNN(net, cfg, backend=backend, deterministic=True, record_currents=True).train()
             out = snn(frames, seed=5)
             (out * weights).sum().backward()
             runs.append((out.detach(), {k: v for k, v in snn.stats.items() if isinstance(v, torch.Tensor)},
                          torch.cat([p.grad.flatten() for p in net.parameters()])))
             net.zero_grad()
-        (o0, s0, g0), (o1, s1, g1) = runs
+        (o0, s0, g0), (o1, s1, g1), (o2, s2, g2) = runs
         res[name] = dict(out=torch.equal(o0, o1), grads=torch.equal(g0, g1), keys=sorted(s0) == sorted(s1),
                          grad_err=float((g0 - g1).abs().max()),
                          stats=[k for k in s0 if not torch.equal(s0[k], s1[k])],
-                         steps=int(s0["forward_steps"].max()), grad_norm=float(g0.norm()))
+                         steps=int(s0["forward_steps"].max()), grad_norm=float(g0.norm()),
+                         torch_out=torch.equal(o1, o2), torch_keys=sorted(s1) == sorted(s2),
+                         torch_stats=[k for k in s1 if k in s2 and not torch.equal(s1[k], s2[k])],
+                         torch_grad_err=float((g1 - g2).abs().max()),
+                         torch_v_err=float((s1["final_v"] - s2["final_v"]).abs().max()))
     print(json.dumps(res))
 """)
 
 
 def test_sync_free_mode_changes_nothing_on_the_triton_kernels():
+    """backend="triton" (interpreted, ``deterministic=True``: the per-op kernels) in the
+    default mode against the sync-free one (`select._select_keyed_kernel`): bitwise
+    equal; and the sync-free triton run against the sync-free torch one."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
@@ -365,3 +374,8 @@ def test_sync_free_mode_changes_nothing_on_the_triton_kernels():
         else:
             assert v["grads"], (name, v)
         assert v["steps"] > 3 and v["grad_norm"] > 0, ("vacuous", name, v)
+        # sync-free triton (the select kernel computes the keys) against sync-free torch
+        # (the twin's dense keys): the same spikes and stats; potentials and gradients
+        # to fp rounding (the kernels sum currents in another order)
+        assert v["torch_out"] and v["torch_keys"] and set(v["torch_stats"]) <= {"final_v"}, (name, v)
+        assert v["torch_v_err"] <= 1e-5 and v["torch_grad_err"] <= 1e-5 * max(1.0, v["grad_norm"]), (name, v)

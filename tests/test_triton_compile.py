@@ -110,6 +110,10 @@ def _rows_tile(m: int) -> dict:
 
 _SELECT_SIG = {"pending_ptr": "*u8", "keys_ptr": "*fp32", "out_ptr": "*i64", "width": "i32", "k": "i32",
                "kk": "i32", "stride_p": "i32", "stride_k": "i32", "stride_o": "i32"}
+_KEYED_SIG = {"pending_ptr": "*u8", "values_ptr": "*fp32", "is_input_ptr": "*u8", "sel_ptr": "*i64",
+              "out_ptr": "*i64", "keys_ptr": "*i64", "fill_ptr": "*i64", "width": "i32", "k": "i32", "kk": "i32",
+              "stride_p": "i32", "stride_v": "i32", "stride_s": "i32", "stride_o": "i32", "h_key": "i64",
+              "h_order": "i64", "noise": "fp32"}
 _RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32"}
 
 # id -> (kernel, signature, constexprs, num_warps). "all" variants compile for both
@@ -119,11 +123,25 @@ def _select_case(width: int):
     return select._select_kernel, _SELECT_SIG, consts, consts.pop("num_warps")
 
 
+def _keyed_case(width: int, fp: str = "fp32", **flags):
+    """`select_keyed_triton`'s kernel: MS with noise and random input order (the most
+    key math) unless `flags` say otherwise."""
+    consts = {**dict(FROM_VALUES=True, HAS_NOISE=True, INPUTS_FIRST=True, INPUT_RANDOM=True, FILL=False),
+              **flags, **select._config(width)}
+    return select._select_keyed_kernel, dict(_KEYED_SIG, values_ptr=f"*{fp}"), consts, consts.pop("num_warps")
+
+
 CASES = {
     "select_w300": _select_case(300),
     "select_w1500": _select_case(1500),
     "select_one_block_max": _select_case(select._ONE_BLOCK_MAX),
     "select_stream": _select_case(70001),
+    "select_keyed_one_block_max": _keyed_case(select._ONE_BLOCK_MAX),
+    "select_keyed_stream": _keyed_case(70001),
+    "select_keyed_rs_fill_one_block": _keyed_case(1500, FROM_VALUES=False, HAS_NOISE=False, INPUTS_FIRST=False,
+                                                  INPUT_RANDOM=False, FILL=True),
+    "select_keyed_ms_fill_stream": _keyed_case(70001, HAS_NOISE=False, INPUTS_FIRST=False, INPUT_RANDOM=False,
+                                               FILL=True),
     "deliver_f256": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=8, BLOCK_F=256), 4),
     "deliver_k32": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=32, BLOCK_F=64), 4),
     "deliver_bwd_atomic": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp32"),
@@ -159,6 +177,8 @@ CASES = {
                                   BLOCK_M=_rows_tile(1024)["BLOCK_M"]),
 }
 SM90_ONLY = {
+    "select_keyed_fp64_one_block": _keyed_case(select._ONE_BLOCK_MAX, "fp64"),
+    "select_keyed_fp64_stream": _keyed_case(70001, "fp64"),
     "deliver_fp64": (deliver._deliver_kernel, _deliver_sig("fp64"), dict(BLOCK_K=8, BLOCK_F=256), 4),
     "deliver_bwd_fp64": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp64"),
                          dict(BLOCK_K=8, BLOCK_F=256, ATOMIC_TABLE=True), 4),
