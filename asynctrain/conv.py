@@ -14,7 +14,10 @@ indices inside an image layer are channel-major, ``c * H * W + y * W + x``, the 
 of ``nn.Flatten`` and of frames ``[T, B, C, H, W]`` flattened.
 
 `ImageSynapses` delivers one forward step of such a network: the [B, K] selection is
-split per source layer (one sort, one host sync per step), each layer's entries go
+split per source layer (one sort; on the CPU one host sync per step to slice it,
+`entries`; in the sync-free mode of CUDA none: the sorted entries go to every layer's
+kernel with that layer's (start, count) in a device tensor, `segments`, and each
+launch delivers only its own entries), each layer's entries go
 through its kernel (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`: the
 entries of the call's `backends.Ops.image`, Triton kernels or their torch twins), and the received
 counts come from the same targets. The parameters travel as one flat vector
@@ -339,7 +342,9 @@ class ImageSynapses:
 
     def buffers(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(current, counts) zero ``[B + 1, W]`` buffers for `deliver(out=...)`; the
-        caller zeroes them again where the step wrote (its receivers and row B)."""
+        caller zeroes them again where the step wrote (its receivers). Row B was the
+        scratch row of masked entries; the segmented delivery never writes it (kept:
+        the shape callers rely on)."""
         return (torch.zeros(batch + 1, self.width, dtype=dtype, device=device),
                 torch.zeros(batch + 1, self.width, dtype=torch.int32, device=device))
 

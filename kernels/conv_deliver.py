@@ -14,7 +14,16 @@ targets outside the map are sent to the dump column with a zero value and are no
 counted.
 
 The inputs are lists of E delivered entries ``(sample, source, value)`` of one source
-layer (the engine splits a step's [B, K] selection per layer). The forward writes into
+layer (the engine splits a step's [B, K] selection per layer). Optional ``segment``
+(int64 ``[2]`` device tensor (start, count); every launcher and twin takes it): only
+entries [start, start + count) of the arrays count, the others add no current, no
+count and no weight gradient, and get grad_vals 0. The sync-free mode of CUDA passes
+a step's B x K entries sorted by layer to every layer's launch with that layer's
+segment, so nothing is read on the host; the kernels read (start, count) on the
+device, the grid still covers all E entries (a launch does not know its count) and
+the entry blocks past the count have no live lane and run no tap (masked, no early
+``return``); the twins mask instead of slicing (no data-dependent shapes) and give
+bitwise what their unsegmented call on the slice gives. The forward writes into
 the caller's [B, W] buffers in place (a Triton kernel does the same with atomics) and
 keeps nothing; the backward recomputes the windows (E x C_out x 9 index arithmetic is
 cheaper than keeping a float and an int64 per target per step).
@@ -39,13 +48,17 @@ so the window geometry is computed once per entry and each tap is one
   As in `kernels/deliver.py`, a potential within rounding of theta can therefore fire
   in one run and not in another.
 - Backward, grad_vals: each channel block writes its partial dot product to
-  ``[E, nO]`` and torch sums the partials in a fixed order: deterministic.
+  ``[E, nO]`` and torch sums the partials in a fixed order: deterministic. With a
+  segment, each launch zero-fills its own ``[E, nO]`` (E = B x K: small) and writes
+  its segment's rows only (the caller adds the L launches' grad_vals; a partials
+  buffer shared by the launches would need an argument the twins do not have).
 - Backward, grad_weight: entries of one input channel share the ``W[:, c]`` slice.
   Default (``deterministic=False``): float atomics, order nondeterministic.
   ``deterministic=True``: the nonzero-valued entries are sorted by channel (stable)
   and one program per (channel, channel-out block) sums its segment in entry order
   and stores without atomics; bitwise reproducible, serialises the entries of a
-  channel (a segment is about E / C_in long).
+  channel (a segment is about E / C_in long). Entries outside a ``segment`` sort with
+  the zero values, past the last channel.
 Supported: float32 and float64 (vals, weight, current and grad_current alike),
 indices int32 or int64, counts int32, contiguous ``current`` / ``counts`` (written in
 place). ``src`` must lie in ``[0, C_in * H * W)`` and ``sample`` in ``[0, B)``; they

@@ -10,7 +10,8 @@ neuron of the next layer with weight ``W[:, f(j)]``. Unlike `kernels/deliver.py`
 ``[N + 1, F]`` table is built: the rows are gathered from ``W`` itself, so the pooling
 never multiplies the table by 4.
 
-Entries, buffers and what is kept are as in `kernels/conv_deliver.py`.
+Entries, buffers, what is kept and the optional ``segment`` (start, count) of the
+sync-free mode are as in `kernels/conv_deliver.py`.
 
 Triton (`rows_deliver_triton`, `rows_deliver_backward_triton`, same signatures as the
 twins): programs tile (entry block, target block); a tile gathers ``W[m, f(j)]`` (a
