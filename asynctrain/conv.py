@@ -14,7 +14,10 @@ indices inside an image layer are channel-major, ``c * H * W + y * W + x``, the 
 of ``nn.Flatten`` and of frames ``[T, B, C, H, W]`` flattened.
 
 `ImageSynapses` delivers one forward step of such a network: the [B, K] selection is
-split per source layer (one sort, one host sync per step), each layer's entries go
+split per source layer (one sort; on the CPU one host sync per step to slice it,
+`entries`; in the sync-free mode of CUDA none: the sorted entries go to every layer's
+kernel with that layer's (start, count) in a device tensor, `segments`, and each
+launch delivers only its own entries), each layer's entries go
 through its kernel (`kernels/conv_deliver.py`, `kernels/rows_deliver.py`: the
 entries of the call's `backends.Ops.image`, Triton kernels or their torch twins), and the received
 counts come from the same targets. The parameters travel as one flat vector
@@ -339,7 +342,9 @@ class ImageSynapses:
 
     def buffers(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(current, counts) zero ``[B + 1, W]`` buffers for `deliver(out=...)`; the
-        caller zeroes them again where the step wrote (its receivers and row B)."""
+        caller zeroes them again where the step wrote (its receivers). Row B was the
+        scratch row of masked entries; the segmented delivery never writes it (kept:
+        the shape callers rely on)."""
         return (torch.zeros(batch + 1, self.width, dtype=dtype, device=device),
                 torch.zeros(batch + 1, self.width, dtype=torch.int32, device=device))
 
@@ -374,35 +379,57 @@ class ImageSynapses:
         """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
         differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
         `backends.Ops` (its `image` kernels; None: the torch twins). `sync_free`: the
-        per-layer split without a host read (`masked_entries`); `out` (sync-free, no
+        per-layer split without a host read (`segments`); `out` (sync-free, no
         autograd): zero ``[B + 1, W]`` buffers (`buffers`) to add into instead of new
-        ones, returned as views of their first B rows."""
+        ones, returned as views of their first B rows (row B is not written)."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
             return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops, sync_free)
         return self._forward(vals, sel, flat, source_slot, ops, sync_free, out)
 
-    def masked_entries(self, sel: torch.Tensor, source_slot: torch.Tensor):
-        """`entries` without a host read (CUDA): yields (l, bool [B * K] the entries of
-        layer l) for every source layer; each layer's kernel then runs over all B x K
-        entries, the others routed where they change nothing (more work per step for
-        no sync: L launches of B x K entries)."""
+    def segments(self, sel: torch.Tensor, source_slot: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`entries` without a host read (CUDA), in shapes fixed by B x K: the flattened
+        [B * K] selection sorted by source layer once (stable, so each layer's entries
+        keep the order `entries` gives them), and each layer's run in that order.
+
+        Returns (order int64 ``[B * K]``: positions into the flattened selection;
+        src int64 ``[B * K]``: each sorted entry's source index inside its own layer;
+        segments int64 ``[L + 2, 2]``: (start, count) of layer l's entries in `order`,
+        outputs and the dump last, on the device). Layer l's kernel gets the permuted
+        arrays and ``segments[l]``: it reads start and count on the device and delivers
+        only those entries (L launches of about B x K entries in all, each sized for
+        B x K; `kernels/conv_deliver.py`)."""
         slot = source_slot[sel].view(-1)
-        for l in range(len(self.maps)):
-            yield l, slot == l
+        slot_sorted, order = torch.sort(slot, stable=True)
+        n_slots = len(self.maps) + 2
+        # not bincount: its output size needs the largest slot on the host
+        counts = torch.zeros(n_slots, dtype=torch.int64, device=sel.device)
+        counts.scatter_add_(0, slot, torch.ones_like(slot))
+        seg = torch.stack([counts.cumsum(0) - counts, counts], 1)
+        return order, sel.reshape(-1)[order] - self._layer_offsets(sel.device)[slot_sorted], seg
+
+    def _layer_offsets(self, device) -> torch.Tensor:
+        """int64 [L + 2]: first flat index of each source layer (0 for outputs and dump)."""
+        cache = self.__dict__.setdefault("_offsets_cache", {})
+        if device not in cache:
+            cache[device] = torch.tensor(list(self.offsets[:len(self.maps)]) + [0, 0], dtype=torch.int64,
+                                         device=device)
+        return cache[device]
 
     def _forward(self, vals, sel, flat, source_slot, ops=None, sync_free=False, out=None):
         b, k = sel.shape
         kernels = _kernels(ops)
-        if sync_free:  # entries of other layers go to a scratch row b, sliced off
-            current, counts = self.buffers(b, vals.dtype, vals.device) if out is None else out
-            sample = torch.arange(b * k, device=sel.device) // k
-            flat_sel, flat_vals = sel.reshape(-1), vals.reshape(-1)
-            for l, mine in self.masked_entries(sel, source_slot):
-                m = self.maps[l]
-                # zero values: the Triton kernels skip their current atomics
-                kernels[m.kind][0](torch.where(mine, flat_vals, 0.0), torch.where(mine, sample, b),
-                                   torch.where(mine, flat_sel - self.offsets[l], 0), self.weight(flat, l),
-                                   m.in_shape, m.pool, self.offsets[l + 1], current, counts)
+        if sync_free:  # each layer's kernel delivers its own segment of the sorted entries
+            if out is None:
+                current = vals.new_zeros(b, self.width)
+                counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
+            else:
+                current, counts = out
+            order, src, seg = self.segments(sel, source_slot)
+            sorted_vals = vals.reshape(-1)[order]
+            for l, m in enumerate(self.maps):
+                kernels[m.kind][0](sorted_vals, order // k, src, self.weight(flat, l), m.in_shape, m.pool,
+                                   self.offsets[l + 1], current, counts, seg[l])
             return current[:b], counts[:b]
         current = vals.new_zeros(b, self.width)
         counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
@@ -426,20 +453,19 @@ class ImageSynapses:
         grad_vals = torch.zeros_like(vals).view(-1)
         kernels = _kernels(ops)
         grads = [None] * len(self.maps)
-        if sync_free:  # every layer over all entries, the others' values zero (adding 0)
-            sample = torch.arange(b * k, device=sel.device) // k
-            flat_sel, flat_vals = sel.reshape(-1), vals.reshape(-1)
-            for l, mine in self.masked_entries(sel, source_slot):
-                m = self.maps[l]
-                gv, gw = kernels[m.kind][1](grad_current, torch.where(mine, flat_vals, 0.0),
-                                            torch.where(mine, sample, 0),
-                                            torch.where(mine, flat_sel - self.offsets[l], 0),
-                                            self.weight(flat, l), m.in_shape, m.pool, self.offsets[l + 1])
-                grad_vals = torch.where(mine, gv, grad_vals)
+        if sync_free:  # as `_forward`: layer l's kernel over its segment of the sorted entries
+            order, src, seg = self.segments(sel, source_slot)
+            sorted_vals, sample = vals.reshape(-1)[order], order // k
+            sorted_grad = torch.zeros_like(sorted_vals)
+            for l, m in enumerate(self.maps):
+                gv, gw = kernels[m.kind][1](grad_current, sorted_vals, sample, src, self.weight(flat, l),
+                                            m.in_shape, m.pool, self.offsets[l + 1], seg[l])
+                sorted_grad += gv  # 0 outside the segment: each entry gets its own layer's
                 if grad_flat is not None:
                     self.weight(grad_flat, l).add_(gw)
                 else:
                     grads[l] = gw
+            grad_vals.index_copy_(0, order, sorted_grad)  # outputs and the dump: 0
         for l, pos in ([] if sync_free else self.entries(sel, source_slot)):
             m = self.maps[l]
             gv, gw = kernels[m.kind][1](grad_current, vals.reshape(-1)[pos], pos // k,

@@ -32,8 +32,9 @@ per launch). What the CPU path lists (pending entries, receivers, a step's layer
 nonzero outboxes of a checkpoint) is computed over the whole state instead: the
 selection keys of every column (`Ops.select_keyed`: the triton select kernel computes
 them itself from the pending flags, potentials and hashes, no [B, W] key tensors;
-the torch twin over every column), each conv layer's kernel over all K entries
-(`conv.ImageSynapses.masked_entries`), checkpoints dense; fully connected steps are
+the torch twin over every column), the K entries sorted by layer on the device and
+each conv layer's kernel launched over its own segment of them
+(`conv.ImageSynapses.segments`), checkpoints dense; fully connected steps are
 evaluated densely, conv steps without autograd at a fixed-size list of their
 receivers when it is short (`LISTED_BELOW`, `_op_step_listed`: the delivery buffers
 kept and zeroed at the receivers only, compact records), else densely with dense
@@ -369,8 +370,9 @@ class Engine:
         and with shapes fixed by K: the step's deliveries add into kept buffers, the
         neurons are evaluated at `ImageSynapses.receiver_list` (every target of every
         delivered entry, repeats included), and the buffers are zeroed there again
-        (and in their scratch row), not over [B, W]. Every repeat of a column gathers
-        the same values before anything is written, so it computes and writes the same
+        (and in row B, which the segmented delivery leaves at zero), not over
+        [B, W]. Every repeat of a column gathers the same values before anything is
+        written, so it computes and writes the same
         result: the writes are idempotent, and entries that reach nobody list their
         sample's dump column (never a receiver) and write back what they read. The same
         operations on the same values as `_evaluate_at`, so the same numbers."""

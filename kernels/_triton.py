@@ -127,3 +127,63 @@ def check_accumulators(op: str, current: torch.Tensor, counts: torch.Tensor, dty
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} is written in place and must be contiguous, got strides "
                              f"{t.stride()}")
+
+
+def check_segment(op: str, segment: torch.Tensor | None, device: torch.device) -> None:
+    """A launcher's optional `segment`: int64 ``[2]`` (start, count) on `device`. Its
+    values are not checked (a host read): ``0 <= start`` and ``start + count <= E``."""
+    if segment is None:
+        return
+    check_dtype(op, "segment", segment, (torch.int64,))
+    check_shape(op, "segment", segment, (2,))
+    if segment.device != device:
+        raise ValueError(f"{op}: segment is on {segment.device}, the entries on {device}")
+    if segment.stride(0) != 1:
+        raise ValueError(f"{op}: segment must be contiguous, got stride {segment.stride(0)}")
+
+
+def segment_live(segment: torch.Tensor, e: int, device) -> torch.Tensor:
+    """bool ``[e]``: entries [start, start + count) of ``segment = (start, count)``."""
+    at = torch.arange(e, device=device)
+    return (at >= segment[0]) & (at < segment[0] + segment[1])
+
+
+def segment_arg(segment: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor:
+    """A kernel's seg_ptr: the segment, or (SEGMENT=False: never read) `sample`, whose
+    dtype is in the cache key already, so no extra variant."""
+    return sample if segment is None else segment
+
+
+def segment_mask(segment: torch.Tensor | None, vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The twins' `segment`: (vals, sample, src, live bool ``[E]`` or None). Outside
+    entries [start, start + count) the value is 0 and sample and source are 0 (in
+    range for any layer); the callers also drop them from `live`-masked counts and
+    gradients. Compared on the device, in shapes fixed by E: no host read."""
+    if segment is None:
+        return vals, sample, src, None
+    live = segment_live(segment, vals.shape[0], vals.device)
+    return (torch.where(live, vals, vals.new_zeros(())), torch.where(live, sample, 0),
+            torch.where(live, src, 0), live)
+
+
+@jit
+def entry_block(seg_ptr, e, BLOCK_E: tl.constexpr, SEGMENT: tl.constexpr, N_LOOP: tl.constexpr):
+    """(entry indices, live lanes, trip count of the caller's loop) of this program's
+    block of BLOCK_E entries (program axis 0). Without SEGMENT: entries [0, e) and
+    N_LOOP, as the kernels were before segments. With SEGMENT: the entries
+    [start, start + count) of ``seg_ptr = (start, count)`` (int64, read here: no host
+    read); the grid still covers all e entries, so the blocks past the count have no
+    live lane and a trip count of 0 (no early ``return``: masked lanes only)."""
+    rel = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    if SEGMENT:
+        start = tl.load(seg_ptr)
+        count = tl.load(seg_ptr + 1)
+        es = start + rel
+        live = (rel < count) & (es < e)
+        n_loop = tl.where(tl.program_id(0) * BLOCK_E < count, N_LOOP, 0)
+    else:
+        es = rel
+        live = rel < e
+        n_loop = N_LOOP
+    return es, live, n_loop

@@ -14,7 +14,16 @@ targets outside the map are sent to the dump column with a zero value and are no
 counted.
 
 The inputs are lists of E delivered entries ``(sample, source, value)`` of one source
-layer (the engine splits a step's [B, K] selection per layer). The forward writes into
+layer (the engine splits a step's [B, K] selection per layer). Optional ``segment``
+(int64 ``[2]`` device tensor (start, count); every launcher and twin takes it): only
+entries [start, start + count) of the arrays count, the others add no current, no
+count and no weight gradient, and get grad_vals 0. The sync-free mode of CUDA passes
+a step's B x K entries sorted by layer to every layer's launch with that layer's
+segment, so nothing is read on the host; the kernels read (start, count) on the
+device, the grid still covers all E entries (a launch does not know its count) and
+the entry blocks past the count have no live lane and run no tap (masked, no early
+``return``); the twins mask instead of slicing (no data-dependent shapes) and give
+bitwise what their unsegmented call on the slice gives. The forward writes into
 the caller's [B, W] buffers in place (a Triton kernel does the same with atomics) and
 keeps nothing; the backward recomputes the windows (E x C_out x 9 index arithmetic is
 cheaper than keeping a float and an int64 per target per step).
@@ -39,13 +48,17 @@ so the window geometry is computed once per entry and each tap is one
   As in `kernels/deliver.py`, a potential within rounding of theta can therefore fire
   in one run and not in another.
 - Backward, grad_vals: each channel block writes its partial dot product to
-  ``[E, nO]`` and torch sums the partials in a fixed order: deterministic.
+  ``[E, nO]`` and torch sums the partials in a fixed order: deterministic. With a
+  segment, each launch zero-fills its own ``[E, nO]`` (E = B x K: small) and writes
+  its segment's rows only (the caller adds the L launches' grad_vals; a partials
+  buffer shared by the launches would need an argument the twins do not have).
 - Backward, grad_weight: entries of one input channel share the ``W[:, c]`` slice.
   Default (``deterministic=False``): float atomics, order nondeterministic.
   ``deterministic=True``: the nonzero-valued entries are sorted by channel (stable)
   and one program per (channel, channel-out block) sums its segment in entry order
   and stores without atomics; bitwise reproducible, serialises the entries of a
-  channel (a segment is about E / C_in long).
+  channel (a segment is about E / C_in long). Entries outside a ``segment`` sort with
+  the zero values, past the last channel.
 Supported: float32 and float64 (vals, weight, current and grad_current alike),
 indices int32 or int64, counts int32, contiguous ``current`` / ``counts`` (written in
 place). ``src`` must lie in ``[0, C_in * H * W)`` and ``sample`` in ``[0, B)``; they
@@ -56,7 +69,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_accumulators, check_dtype, check_shape, check_tensors, jit, tl, triton
+from ._triton import (check_accumulators, check_dtype, check_segment, check_shape, check_tensors, entry_block,
+                      jit, segment_arg, segment_live, segment_mask, tl, triton)
 
 
 def _window(src: torch.Tensor, in_shape: tuple[int, int, int], pool: bool
@@ -95,7 +109,8 @@ def _rows(weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def conv_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor,
                        weight: torch.Tensor, in_shape: tuple[int, int, int], pool: bool,
-                       out_offset: int, current: torch.Tensor, counts: torch.Tensor) -> None:
+                       out_offset: int, current: torch.Tensor, counts: torch.Tensor,
+                       segment: torch.Tensor | None = None) -> None:
     """Add the currents and received counts of E delivered entries (in place).
 
     Args:
@@ -108,9 +123,14 @@ def conv_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tens
         out_offset: flat index of the target layer's first neuron.
         current: ``[B, W]`` float, += the currents.
         counts: ``[B, W]`` int32, += number of entries that reached each column.
+        segment: int64 ``[2]`` (start, count) on the entries' device, or None (all):
+            only entries [start, start + count) deliver; the others add nothing.
     """
     c_out = weight.shape[0]
+    vals, sample, src, live = segment_mask(segment, vals, sample, src)
     c, pos, valid, scale, hw = _window(src, in_shape, pool)
+    if live is not None:
+        valid = valid & live[:, None]
     b, width = current.shape
     coef = valid * (vals * scale)[:, None]                                       # [E, 9]
     contrib = _rows(weight, c) * coef[:, None, :]
@@ -123,18 +143,21 @@ def conv_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tens
 
 def conv_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
                                 sample: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
-                                in_shape: tuple[int, int, int], pool: bool, out_offset: int
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                in_shape: tuple[int, int, int], pool: bool, out_offset: int,
+                                segment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `conv_deliver_torch`'s current w.r.t. the values and the weight.
 
     Args: grad_current ``[B, W]``; the rest as in `conv_deliver_torch`.
 
     Returns:
-        grad_vals ``[E]``; grad_weight ``[C_out, C_in, 3, 3]`` (entries of one input
-        channel accumulate, across samples too).
+        grad_vals ``[E]`` (0 outside the segment); grad_weight ``[C_out, C_in, 3, 3]``
+        (entries of one input channel accumulate, across samples too).
     """
     c_out, c_in = weight.shape[:2]
+    vals, sample, src, live = segment_mask(segment, vals, sample, src)
     c, pos, valid, scale, hw = _window(src, in_shape, pool)
+    if live is not None:
+        valid = valid & live[:, None]
     width = grad_current.shape[1]
     g = grad_current.reshape(-1)[_targets(sample, pos, c_out, hw, out_offset, width)]  # [E, C_out, 9]
     grad_vals = ((g * _rows(weight, c)).sum(1) * valid).sum(1) * scale
@@ -185,10 +208,10 @@ _NOT_SPECIALISED = ("e", "c_out", "c_in", "h", "w", "width", "out_offset", "pool
 
 @jit(do_not_specialize=_NOT_SPECIALISED)
 def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, c_out, c_in, h, w,
-                         width, out_offset, pool, BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr):
-    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+                         width, out_offset, pool, seg_ptr, BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
+                         SEGMENT: tl.constexpr):
+    es, live_e, n_taps = entry_block(seg_ptr, e, BLOCK_E, SEGMENT, 9)
     oc = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    live_e = es < e
     live_o = (oc < c_out)[None, :]
     v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
@@ -199,7 +222,7 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
     w_row = (oc.to(tl.int64) * (c_in * 9))[None, :]
     nonzero = (v != 0)[:, None]
     ones = tl.full([BLOCK_E, BLOCK_O], 1, tl.int32)
-    for t in range(9):                           # tap t = ky * 3 + kx reaches (y + 1 - ky, x + 1 - kx)
+    for t in range(n_taps):                      # tap t = ky * 3 + kx reaches (y + 1 - ky, x + 1 - kx)
         oy = y + (1 - t // 3)
         ox = x + (1 - t % 3)
         ok = inside & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
@@ -213,13 +236,12 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
 # As `_conv_deliver_kernel`, and n_ob (channel blocks) by layer.
 @jit(do_not_specialize=_NOT_SPECIALISED + ("n_ob",))
 def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e,
-                                  c_out, c_in, h, w, width, out_offset, n_ob, pool,
+                                  c_out, c_in, h, w, width, out_offset, n_ob, pool, seg_ptr,
                                   BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
-                                  ATOMIC_WEIGHT: tl.constexpr):
+                                  ATOMIC_WEIGHT: tl.constexpr, SEGMENT: tl.constexpr):
     pid_o = tl.program_id(1)
-    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    es, live_e, n_taps = entry_block(seg_ptr, e, BLOCK_E, SEGMENT, 9)
     oc = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    live_e = es < e
     live_o = (oc < c_out)[None, :]
     v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
@@ -230,7 +252,7 @@ def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
     w_row = (oc.to(tl.int64) * (c_in * 9))[None, :]
     nonzero = (v != 0)[:, None]
     acc = tl.zeros([BLOCK_E], dtype=part_ptr.dtype.element_ty)
-    for t in range(9):
+    for t in range(n_taps):
         oy = y + (1 - t // 3)
         ox = x + (1 - t % 3)
         ok = inside & (oy >= 0) & (oy < hp) & (ox >= 0) & (ox < wp)
@@ -315,7 +337,8 @@ def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, wi
 
 def conv_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor,
                         weight: torch.Tensor, in_shape: tuple[int, int, int], pool: bool,
-                        out_offset: int, current: torch.Tensor, counts: torch.Tensor) -> None:
+                        out_offset: int, current: torch.Tensor, counts: torch.Tensor,
+                        segment: torch.Tensor | None = None) -> None:
     """Add the currents and received counts of E delivered entries (in place).
 
     Args:
@@ -328,6 +351,8 @@ def conv_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
         out_offset: flat index of the target layer's first neuron.
         current: ``[B, W]`` float, += the currents.
         counts: ``[B, W]`` int32, += number of entries that reached each column.
+        segment: int64 ``[2]`` (start, count) on the entries' device, or None (all):
+            only entries [start, start + count) deliver; the others add nothing.
     """
     op = "conv_deliver_triton"
     check_shape(op, "current", current, (None, None))
@@ -336,18 +361,21 @@ def conv_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
                                                  in_shape, pool, out_offset, width, current=current,
                                                  counts=counts)
     check_accumulators(op, current, counts, vals.dtype)
+    check_segment(op, segment, vals.device)
     e, c_out = vals.shape[0], weight.shape[0]
     if e == 0 or c_out == 0:
         return
     block_e, block_o = _blocks(e, c_out)
     grid = (triton.cdiv(e, block_e), triton.cdiv(c_out, block_o))
     _conv_deliver_kernel[grid](vals, sample, src, weight, current, counts, e, c_out, weight.shape[1], h, w,
-                               width, out_offset, int(bool(pool)), BLOCK_E=block_e, BLOCK_O=block_o)
+                               width, out_offset, int(bool(pool)), segment_arg(segment, sample),
+                               BLOCK_E=block_e, BLOCK_O=block_o, SEGMENT=segment is not None)
 
 
 def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
                                  sample: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
-                                 in_shape: tuple[int, int, int], pool: bool, out_offset: int, *,
+                                 in_shape: tuple[int, int, int], pool: bool, out_offset: int,
+                                 segment: torch.Tensor | None = None, *,
                                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `conv_deliver_torch`'s current w.r.t. the values and the weight.
 
@@ -356,8 +384,8 @@ def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
             (bitwise reproducible) instead of with float atomics (see module doc).
 
     Returns:
-        grad_vals ``[E]``; grad_weight ``[C_out, C_in, 3, 3]`` (entries of one input
-        channel accumulate, across samples too).
+        grad_vals ``[E]`` (0 outside the segment); grad_weight ``[C_out, C_in, 3, 3]``
+        (entries of one input channel accumulate, across samples too).
     """
     op = "conv_deliver_backward_triton"
     check_shape(op, "grad_current", grad_current, (None, None))
@@ -366,6 +394,7 @@ def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
                                                  weight, in_shape, pool, out_offset, width,
                                                  grad_current=grad_current)
     check_dtype(op, "grad_current", grad_current, (vals.dtype,))
+    check_segment(op, segment, vals.device)
     grad_current = grad_current.contiguous()
     e, (c_out, c_in) = vals.shape[0], weight.shape[:2]
     grad_w = torch.zeros(c_out, c_in, 9, dtype=weight.dtype, device=weight.device)
@@ -373,15 +402,20 @@ def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
         return torch.zeros_like(vals), grad_w.view(weight.shape)
     block_e, block_o = _blocks(e, c_out)
     n_ob = triton.cdiv(c_out, block_o)
-    part = torch.empty(e, n_ob, dtype=vals.dtype, device=vals.device)
+    # segmented: the kernel writes the segment's rows only, the rest stays 0
+    part = (torch.empty if segment is None else torch.zeros)(e, n_ob, dtype=vals.dtype, device=vals.device)
     _conv_deliver_backward_kernel[(triton.cdiv(e, block_e), n_ob)](
         grad_current, vals, sample, src, weight, part, grad_w, e, c_out, c_in, h, w, width, out_offset, n_ob,
-        int(bool(pool)), BLOCK_E=block_e, BLOCK_O=block_o, ATOMIC_WEIGHT=not deterministic)
+        int(bool(pool)), segment_arg(segment, sample), BLOCK_E=block_e, BLOCK_O=block_o,
+        ATOMIC_WEIGHT=not deterministic, SEGMENT=segment is not None)
     grad_vals = part.sum(1) if n_ob > 1 else part.view(e)
     if deterministic:
-        # zero-valued entries add nothing: give them a channel past the last so they
-        # form one segment that no program sums
-        rows = torch.where(vals != 0, src.to(torch.int64) // (h * w), c_in)
+        # zero-valued entries (and those outside the segment) add nothing: give them a
+        # channel past the last so they form one segment that no program sums
+        summed = vals != 0
+        if segment is not None:
+            summed = summed & segment_live(segment, e, vals.device)
+        rows = torch.where(summed, src.to(torch.int64) // (h * w), c_in)
         rows, order = torch.sort(rows, stable=True)
         seg_end = torch.searchsorted(rows, rows, right=True)
         _conv_weight_grad_kernel[(e, n_ob)](

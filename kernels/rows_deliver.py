@@ -10,7 +10,8 @@ neuron of the next layer with weight ``W[:, f(j)]``. Unlike `kernels/deliver.py`
 ``[N + 1, F]`` table is built: the rows are gathered from ``W`` itself, so the pooling
 never multiplies the table by 4.
 
-Entries, buffers and what is kept are as in `kernels/conv_deliver.py`.
+Entries, buffers, what is kept and the optional ``segment`` (start, count) of the
+sync-free mode are as in `kernels/conv_deliver.py`.
 
 Triton (`rows_deliver_triton`, `rows_deliver_backward_triton`, same signatures as the
 twins): programs tile (entry block, target block); a tile gathers ``W[m, f(j)]`` (a
@@ -29,7 +30,8 @@ import math
 
 import torch
 
-from ._triton import check_accumulators, check_dtype, check_shape, check_tensors, jit, tl, triton
+from ._triton import (check_accumulators, check_dtype, check_segment, check_shape, check_tensors, entry_block,
+                      jit, segment_arg, segment_live, segment_mask, tl, triton)
 
 
 def _features(src: torch.Tensor, in_shape: tuple[int, ...], pool: bool
@@ -46,7 +48,8 @@ def _features(src: torch.Tensor, in_shape: tuple[int, ...], pool: bool
 
 def rows_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor,
                        weight: torch.Tensor, in_shape: tuple[int, ...], pool: bool,
-                       out_offset: int, current: torch.Tensor, counts: torch.Tensor) -> None:
+                       out_offset: int, current: torch.Tensor, counts: torch.Tensor,
+                       segment: torch.Tensor | None = None) -> None:
     """Add the currents and received counts of E delivered entries (in place).
 
     Args:
@@ -59,9 +62,14 @@ def rows_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tens
         out_offset: flat index of the target layer's first neuron.
         current: ``[B, W]`` float, += the currents.
         counts: ``[B, W]`` int32, += number of entries that reached each column.
+        segment: int64 ``[2]`` (start, count) on the entries' device, or None (all):
+            only entries [start, start + count) deliver; the others add nothing.
     """
     m = weight.shape[0]
+    vals, sample, src, live = segment_mask(segment, vals, sample, src)
     f, valid, scale = _features(src, in_shape, pool)
+    if live is not None:
+        valid = valid & live
     rows = weight.t()[f] * torch.where(valid, vals * scale, 0.0)[:, None]      # [E, M]
     current[:, out_offset:out_offset + m].index_add_(0, sample, rows)
     per_sample = torch.zeros(current.shape[0], dtype=counts.dtype, device=counts.device)
@@ -71,14 +79,17 @@ def rows_deliver_torch(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tens
 
 def rows_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
                                 sample: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
-                                in_shape: tuple[int, ...], pool: bool, out_offset: int
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                in_shape: tuple[int, ...], pool: bool, out_offset: int,
+                                segment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `rows_deliver_torch`'s current w.r.t. the values and the weight.
 
-    Returns: grad_vals ``[E]``; grad_weight ``[M, F]``.
+    Returns: grad_vals ``[E]`` (0 outside the segment); grad_weight ``[M, F]``.
     """
     m = weight.shape[0]
+    vals, sample, src, live = segment_mask(segment, vals, sample, src)
     f, valid, scale = _features(src, in_shape, pool)
+    if live is not None:
+        valid = valid & live
     g = grad_current[sample, out_offset:out_offset + m]                     # [E, M]
     grad_vals = torch.where(valid, (g * weight.t()[f]).sum(1) * scale, 0.0)
     grad_t = weight.new_zeros(weight.shape[1], m)
@@ -126,10 +137,10 @@ _NOT_SPECIALISED = ("e", "m", "f", "h", "w", "width", "out_offset", "pool")
 
 @jit(do_not_specialize=_NOT_SPECIALISED)
 def _rows_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, m, f, h, w, width,
-                         out_offset, pool, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+                         out_offset, pool, seg_ptr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                         SEGMENT: tl.constexpr):
+    es, live_e, _ = entry_block(seg_ptr, e, BLOCK_E, SEGMENT, 1)
     ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    live_e = es < e
     v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
     feat, ok = _feature(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, pool)
@@ -144,12 +155,11 @@ def _rows_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
 # As `_rows_deliver_kernel`, and n_mb (target blocks) by layer.
 @jit(do_not_specialize=_NOT_SPECIALISED + ("n_mb",))
 def _rows_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e, m, f,
-                                  h, w, width, out_offset, n_mb, pool, BLOCK_E: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, ATOMIC_WEIGHT: tl.constexpr):
+                                  h, w, width, out_offset, n_mb, pool, seg_ptr, BLOCK_E: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, ATOMIC_WEIGHT: tl.constexpr, SEGMENT: tl.constexpr):
     pid_m = tl.program_id(1)
-    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    es, live_e, _ = entry_block(seg_ptr, e, BLOCK_E, SEGMENT, 1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    live_e = es < e
     v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
     feat, ok = _feature(tl.load(src_ptr + es, mask=live_e, other=0).to(tl.int64), h, w, pool)
@@ -226,7 +236,8 @@ def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, wi
 
 def rows_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor,
                         weight: torch.Tensor, in_shape: tuple[int, ...], pool: bool,
-                        out_offset: int, current: torch.Tensor, counts: torch.Tensor) -> None:
+                        out_offset: int, current: torch.Tensor, counts: torch.Tensor,
+                        segment: torch.Tensor | None = None) -> None:
     """Add the currents and received counts of E delivered entries (in place).
 
     Args:
@@ -239,6 +250,8 @@ def rows_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
         out_offset: flat index of the target layer's first neuron.
         current: ``[B, W]`` float, += the currents.
         counts: ``[B, W]`` int32, += number of entries that reached each column.
+        segment: int64 ``[2]`` (start, count) on the entries' device, or None (all):
+            only entries [start, start + count) deliver; the others add nothing.
     """
     op = "rows_deliver_triton"
     check_shape(op, "current", current, (None, None))
@@ -247,18 +260,21 @@ def rows_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Ten
                                                  in_shape, pool, out_offset, width, current=current,
                                                  counts=counts)
     check_accumulators(op, current, counts, vals.dtype)
+    check_segment(op, segment, vals.device)
     e, (m, f) = vals.shape[0], weight.shape
     if e == 0 or m == 0:
         return
     block_e, block_m = _blocks(e, m)
     grid = (triton.cdiv(e, block_e), triton.cdiv(m, block_m))
     _rows_deliver_kernel[grid](vals, sample, src, weight, current, counts, e, m, f, h, w, width, out_offset,
-                               int(bool(pool)), BLOCK_E=block_e, BLOCK_M=block_m)
+                               int(bool(pool)), segment_arg(segment, sample), BLOCK_E=block_e, BLOCK_M=block_m,
+                               SEGMENT=segment is not None)
 
 
 def rows_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
                                  sample: torch.Tensor, src: torch.Tensor, weight: torch.Tensor,
-                                 in_shape: tuple[int, ...], pool: bool, out_offset: int, *,
+                                 in_shape: tuple[int, ...], pool: bool, out_offset: int,
+                                 segment: torch.Tensor | None = None, *,
                                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `rows_deliver_torch`'s current w.r.t. the values and the weight.
 
@@ -266,7 +282,7 @@ def rows_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
         deterministic: sum each input feature's weight gradient in a fixed order
             (bitwise reproducible) instead of with float atomics (see module doc).
 
-    Returns: grad_vals ``[E]``; grad_weight ``[M, F]``.
+    Returns: grad_vals ``[E]`` (0 outside the segment); grad_weight ``[M, F]``.
     """
     op = "rows_deliver_backward_triton"
     check_shape(op, "grad_current", grad_current, (None, None))
@@ -275,6 +291,7 @@ def rows_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
                                                  weight, in_shape, pool, out_offset, width,
                                                  grad_current=grad_current)
     check_dtype(op, "grad_current", grad_current, (vals.dtype,))
+    check_segment(op, segment, vals.device)
     grad_current = grad_current.contiguous()
     e, (m, f) = vals.shape[0], weight.shape
     grad_w = torch.zeros_like(weight)
@@ -282,16 +299,22 @@ def rows_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
         return torch.zeros_like(vals), grad_w
     block_e, block_m = _blocks(e, m)
     n_mb = triton.cdiv(m, block_m)
-    part = torch.empty(e, n_mb, dtype=vals.dtype, device=vals.device)
+    # segmented: the kernel writes the segment's rows only, the rest stays 0
+    part = (torch.empty if segment is None else torch.zeros)(e, n_mb, dtype=vals.dtype, device=vals.device)
     _rows_deliver_backward_kernel[(triton.cdiv(e, block_e), n_mb)](
         grad_current, vals, sample, src, weight, part, grad_w, e, m, f, h, w, width, out_offset, n_mb,
-        int(bool(pool)), BLOCK_E=block_e, BLOCK_M=block_m, ATOMIC_WEIGHT=not deterministic)
+        int(bool(pool)), segment_arg(segment, sample), BLOCK_E=block_e, BLOCK_M=block_m,
+        ATOMIC_WEIGHT=not deterministic, SEGMENT=segment is not None)
     grad_vals = part.sum(1) if n_mb > 1 else part.view(e)
     if deterministic:
-        # zero-valued entries and pooled sources that reach nobody add nothing: give
-        # them a feature past the last so they form one segment that no program sums
+        # zero-valued entries, pooled sources that reach nobody (and entries outside
+        # the segment) add nothing: give them a feature past the last so they form one
+        # segment that no program sums
         feat, valid, _ = _features(src.to(torch.int64), in_shape, pool)
-        rows = torch.where((vals != 0) & valid, feat, f)
+        summed = (vals != 0) & valid
+        if segment is not None:
+            summed = summed & segment_live(segment, e, vals.device)
+        rows = torch.where(summed, feat, f)
         rows, order = torch.sort(rows, stable=True)
         seg_end = torch.searchsorted(rows, rows, right=True)
         _rows_weight_grad_kernel[(e, n_mb)](grad_current, vals, sample, rows, order, seg_end, grad_w, m, f,

@@ -20,7 +20,9 @@ What is demanded:
   variants of each kernel in all, and within a tile class (the constexprs: conv and
   rows tiles come in two classes by channel / neuron count, the pooling flag is a
   runtime argument) exactly 1, so neither the layer geometry nor the entry counts,
-  hashes and step counters that change every step add one (there is 1 of each);
+  hashes and step counters that change every step add one (there is 1 of each); the
+  same in the sync-free mode (forced on the CPU), whose conv / rows launches carry a
+  segment;
 - full-width VGG-7 geometry (every conv / rows map of ``vgg7()``: C_out 64, 128, 256,
   pooled and not, and the pooled 4096 -> 10 linear layer), each delivery kernel
   launched once per map with 2 entries, forward and backward, atomic and
@@ -170,6 +172,14 @@ def _check_vgg(seen, stats, dev):
 
 
 def test_narrow_vgg7_training_iteration_compiles_each_kernel_at_most_twice():
+    _check_vgg(*_vgg_iteration(torch.device("cpu")))
+
+
+def test_narrow_vgg7_sync_free_iteration_compiles_each_kernel_at_most_twice(monkeypatch):
+    # CUDA's mode (each conv/rows launch over its own segment of the sorted entries,
+    # the segment a [2] view into one [L + 2, 2] tensor), forced on the CPU
+    from asynctrain import engine
+    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
     _check_vgg(*_vgg_iteration(torch.device("cpu")))
 
 

@@ -65,13 +65,14 @@ def _image_sig(fp: str, idx: str = "i64") -> dict:
     """conv_deliver / rows_deliver forward (`n_a`, `n_b`: C_out, C_in or M, F)."""
     return {"vals_ptr": f"*{fp}", "sample_ptr": f"*{idx}", "src_ptr": f"*{idx}", "w_ptr": f"*{fp}",
             "cur_ptr": f"*{fp}", "cnt_ptr": "*i32", "e": "i32", "n_a": "i32", "n_b": "i32", "h": "i32",
-            "w": "i32", "width": "i32", "out_offset": "i32", "pool": "i32"}
+            "w": "i32", "width": "i32", "out_offset": "i32", "pool": "i32", "seg_ptr": f"*{idx}"}
 
 
 def _image_bwd_sig(fp: str, idx: str = "i64") -> dict:
     return {"grad_ptr": f"*{fp}", "vals_ptr": f"*{fp}", "sample_ptr": f"*{idx}", "src_ptr": f"*{idx}",
             "w_ptr": f"*{fp}", "part_ptr": f"*{fp}", "gw_ptr": f"*{fp}", "e": "i32", "n_a": "i32", "n_b": "i32",
-            "h": "i32", "w": "i32", "width": "i32", "out_offset": "i32", "n_blocks": "i32", "pool": "i32"}
+            "h": "i32", "w": "i32", "width": "i32", "out_offset": "i32", "n_blocks": "i32", "pool": "i32",
+            "seg_ptr": f"*{idx}"}
 
 
 def _conv_wgrad_sig(fp: str) -> dict:
@@ -93,6 +94,12 @@ def _named(kernel, sig: dict) -> dict:
 
 
 def _image_case(kernel, sig: dict, **consts):
+    """A delivery kernel unsegmented (seg_ptr: `sample`, never read) unless
+    ``SEGMENT=True`` is given (seg_ptr: the int64 (start, count) of the sync-free path)."""
+    if "BLOCK_E" in consts:  # the forward / backward kernels, not the weight-grad ones
+        consts.setdefault("SEGMENT", False)
+        if consts["SEGMENT"]:
+            sig = dict(sig, seg_ptr="*i64")
     return kernel, _named(kernel, sig), consts, 4
 
 
@@ -175,6 +182,21 @@ CASES = {
                                   **_rows_tile(10), ATOMIC_WEIGHT=False),
     "rows_wgrad_det": _image_case(rows_deliver._rows_weight_grad_kernel, _rows_wgrad_sig("fp32"),
                                   BLOCK_M=_rows_tile(1024)["BLOCK_M"]),
+    # the sync-free path's segmented launches (start, count read in the kernel)
+    "conv_deliver_wide_seg": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"),
+                                         **_conv_tile(256), SEGMENT=True),
+    "conv_deliver_narrow_seg": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"),
+                                           **_conv_tile(3), SEGMENT=True),
+    "conv_bwd_atomic_seg": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp32"),
+                                       **_conv_tile(128), ATOMIC_WEIGHT=True, SEGMENT=True),
+    "conv_bwd_parts_seg": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp32"),
+                                      **_conv_tile(3), ATOMIC_WEIGHT=False, SEGMENT=True),
+    "rows_deliver_wide_seg": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp32"),
+                                         **_rows_tile(1024), SEGMENT=True),
+    "rows_bwd_atomic_seg": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp32"),
+                                       **_rows_tile(1024), ATOMIC_WEIGHT=True, SEGMENT=True),
+    "rows_bwd_parts_seg": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp32"),
+                                      **_rows_tile(10), ATOMIC_WEIGHT=False, SEGMENT=True),
 }
 SM90_ONLY = {
     "select_keyed_fp64_one_block": _keyed_case(select._ONE_BLOCK_MAX, "fp64"),
@@ -202,6 +224,12 @@ SM90_ONLY = {
                                  **_rows_tile(1024), ATOMIC_WEIGHT=True),
     "rows_wgrad_fp64": _image_case(rows_deliver._rows_weight_grad_kernel, _rows_wgrad_sig("fp64"),
                                    BLOCK_M=_rows_tile(1024)["BLOCK_M"]),
+    "conv_deliver_fp64_seg": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp64"),
+                                         **_conv_tile(128), SEGMENT=True),
+    "conv_bwd_fp64_seg": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp64"),
+                                     **_conv_tile(128), ATOMIC_WEIGHT=True, SEGMENT=True),
+    "rows_bwd_fp64_seg": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp64"),
+                                     **_rows_tile(1024), ATOMIC_WEIGHT=True, SEGMENT=True),
 }
 PARAMS = [(c, a) for c in CASES for a in TARGETS] + [(c, "sm90") for c in SM90_ONLY]
 
