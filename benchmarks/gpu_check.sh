@@ -15,7 +15,8 @@
 #                         tests/test_gpu_runs.py: races, tests/test_compile_once.py,
 #                         tests/test_no_sync.py, tests/test_listed_steps.py: no host
 #                         sync in the step loops)
-#   pytest-kernels.xml    JUnit of the per-op kernel CUDA tests (tests/test_kernels_triton*.py)
+#   pytest-kernels.xml    JUnit of the per-op kernel CUDA tests (tests/test_kernels_triton*.py,
+#                         tests/test_select_keyed.py)
 #   cost.jsonl            benchmarks/cost.py: shd-like layered vs engine MS K=8 / K=64
 #   kernels.jsonl         benchmarks/kernels.py: select, deliver, conv/rows, LIF, fused steps
 #   vgg7.jsonl            benchmarks/cost_vgg7.py: VGG-7 batch 64 at K=64 (peak memory, epoch)
@@ -146,7 +147,7 @@ run_stage pytest-fused "$(limit pytest-fused)" "${PYTEST[@]}" --junitxml="$OUT_D
     tests/test_steps_triton.py tests/test_gpu_runs.py tests/test_compile_once.py tests/test_no_sync.py \
     tests/test_listed_steps.py
 run_stage pytest-kernels "$(limit pytest-kernels)" "${PYTEST[@]}" --junitxml="$OUT_DIR/pytest-kernels.xml" \
-    tests/test_kernels_triton.py tests/test_kernels_triton_conv.py
+    tests/test_kernels_triton.py tests/test_kernels_triton_conv.py tests/test_select_keyed.py
 run_stage cost "$(limit cost)" "$PY" benchmarks/cost.py --device "$DEV" "${COST_ARGS[@]}" \
     --out "$OUT_DIR/cost.jsonl"
 run_stage kernels "$(limit kernels)" "$PY" benchmarks/kernels.py --device "$DEV" "${KERNEL_ARGS[@]}" \

@@ -125,3 +125,21 @@ def test_degenerate_sizes():
 
 
 wrap_tests(globals(), interpreted=INTERPRETED)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_cuda_selection_matches_the_twin(policy):
+    """The compiled kernel on a GPU (skipped without one): a VGG-7-wide row (229,387
+    columns: the streamed path), batch 8, K 8 and 512, selection and fill mode."""
+    from conftest import cuda_or_skip
+    dev = cuda_or_skip()
+    pending, values, is_input = (x.to(dev) for x in _case(8, 229_387, seed=7, dtype=F32))
+    for k in (8, 512):
+        got, want = _both(pending, values, is_input, k, SEED, T, STEP, **POLICIES[policy])
+        assert _rows(got) == _rows(want), (policy, k)
+        if policy in ("RS", "MS"):
+            cand = ~pending & (torch.rand(pending.shape, device=dev) < 0.01)
+            cand[:, :N_INPUTS] = False
+            cand[:, -1] = False
+            got, want = _both(cand, values, is_input, k, SEED, T, STEP, sel=want, **POLICIES[policy])
+            assert _rows(got) == _rows(want), (policy, k, "fill")
