@@ -341,12 +341,10 @@ class ImageSynapses:
         return (row + torch.where(valid, tgt, width - 1)).view(-1), valid.view(-1)
 
     def buffers(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(current, counts) zero ``[B + 1, W]`` buffers for `deliver(out=...)`; the
-        caller zeroes them again where the step wrote (its receivers). Row B was the
-        scratch row of masked entries; the segmented delivery never writes it (kept:
-        the shape callers rely on)."""
-        return (torch.zeros(batch + 1, self.width, dtype=dtype, device=device),
-                torch.zeros(batch + 1, self.width, dtype=torch.int32, device=device))
+        """(current, counts) zero ``[B, W]`` buffers for `deliver(out=...)`; the caller
+        zeroes them again where the step wrote (its receivers)."""
+        return (torch.zeros(batch, self.width, dtype=dtype, device=device),
+                torch.zeros(batch, self.width, dtype=torch.int32, device=device))
 
     @cached_property
     def fan_out(self) -> torch.Tensor:
@@ -380,8 +378,8 @@ class ImageSynapses:
         differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
         `backends.Ops` (its `image` kernels; None: the torch twins). `sync_free`: the
         per-layer split without a host read (`segments`); `out` (sync-free, no
-        autograd): zero ``[B + 1, W]`` buffers (`buffers`) to add into instead of new
-        ones, returned as views of their first B rows (row B is not written)."""
+        autograd): zero ``[B, W]`` buffers (`buffers`) to add into instead of new ones,
+        returned."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
             return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops, sync_free)
         return self._forward(vals, sel, flat, source_slot, ops, sync_free, out)
@@ -420,17 +418,13 @@ class ImageSynapses:
         b, k = sel.shape
         kernels = _kernels(ops)
         if sync_free:  # each layer's kernel delivers its own segment of the sorted entries
-            if out is None:
-                current = vals.new_zeros(b, self.width)
-                counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
-            else:
-                current, counts = out
+            current, counts = self.buffers(b, vals.dtype, vals.device) if out is None else out
             order, src, seg = self.segments(sel, source_slot)
             sorted_vals = vals.reshape(-1)[order]
             for l, m in enumerate(self.maps):
                 kernels[m.kind][0](sorted_vals, order // k, src, self.weight(flat, l), m.in_shape, m.pool,
                                    self.offsets[l + 1], current, counts, seg[l])
-            return current[:b], counts[:b]
+            return current, counts
         current = vals.new_zeros(b, self.width)
         counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
         for l, pos in self.entries(sel, source_slot):

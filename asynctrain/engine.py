@@ -359,7 +359,7 @@ class Engine:
         return st, StepInfoAt(vals, idx, spikes, v_pre, n_before, n_in, gate, refr)
 
     def _delivery_buffers(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The call's i-th pair of zero [B + 1, W] delivery buffers (`_op_step_listed`)."""
+        """The call's i-th pair of zero [B, W] delivery buffers (`_op_step_listed`)."""
         if i not in self._buffers:
             self._buffers[i] = self.syn.buffers(self.batch, self.dtype, self.device)
         return self._buffers[i]
@@ -369,14 +369,13 @@ class Engine:
         """`op_step` of a conv network in the sync-free mode without autograd, in place
         and with shapes fixed by K: the step's deliveries add into kept buffers, the
         neurons are evaluated at `ImageSynapses.receiver_list` (every target of every
-        delivered entry, repeats included), and the buffers are zeroed there again
-        (and in row B, which the segmented delivery leaves at zero), not over
-        [B, W]. Every repeat of a column gathers the same values before anything is
-        written, so it computes and writes the same
-        result: the writes are idempotent, and entries that reach nobody list their
+        delivered entry, repeats included), and the buffers are zeroed there again,
+        not over [B, W]. Every repeat of a column gathers the same values before
+        anything is written, so it computes and writes the same result: the writes
+        are idempotent, and entries that reach nobody list their
         sample's dump column (never a receiver) and write back what they read. The same
         operations on the same values as `_evaluate_at`, so the same numbers."""
-        w, b = self.width, self.batch
+        w = self.width
         sel_all = self.decode(sel)[1]
         d_real, d_all = self.decode(sel_deliv)
         vals = st.o.gather(1, d_all)
@@ -398,8 +397,6 @@ class Engine:
         for c_buf, n_buf in bufs:  # zero again where the step wrote
             c_buf.view(-1)[idx] = 0.0
             n_buf.view(-1)[idx] = 0
-            c_buf[b].zero_()
-            n_buf[b].zero_()
         st.o.scatter_(1, sel_all, 0.0)
         col = idx % w
         v0, o0, n_before, refr = (x.view(-1)[idx] for x in (st.v, st.o, st.n_in, st.refr))
