@@ -165,17 +165,25 @@ def after_eval(eng: "Engine", st: State, info: StepInfo | StepInfoAt, ps: _Pass)
         counts = st.n_in[fired].clamp(max=eng.histogram_bins - 1).long()
         ps.currents += torch.bincount(counts, minlength=eng.histogram_bins)
 
-def _after_eval_at(eng: "Engine", info: StepInfoAt, ps: _Pass) -> None:
-    """`after_eval` at the receivers of a step (in place on the pass's own
-    tensors: the step's selection has just replaced `ps.pending`)."""
-    w = eng.width
-    idx, col = info.idx, info.idx % eng.width
+def _fired_and_pending(eng: "Engine", info: StepInfoAt, col: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """At a step's receivers (columns `col`): (fired, newly pending: sources that fired
+    or, with barrier messages, just reached their sync threshold)."""
     fired = info.spikes > 0
     is_src = eng.tables.is_source[col]
     new = fired & is_src
     if eng.cfg.barrier_messages:
         sync = eng.sync[col]
         new = new | ((info.n_before < sync) & (info.n_in >= sync) & is_src)
+    return fired, new
+
+
+def _after_eval_at(eng: "Engine", info: StepInfoAt, ps: _Pass) -> None:
+    """`after_eval` at the receivers of a step (in place on the pass's own
+    tensors: the step's selection has just replaced `ps.pending`)."""
+    w = eng.width
+    idx, col = info.idx, info.idx % w
+    fired, new = _fired_and_pending(eng, info, col)
     ps.pending.view(-1)[idx[new]] = True
     if eng.fill:
         ps.fillable.view(-1)[idx[info.gate & ~info.refr & eng.tables.is_hidden[col]]] = True
@@ -200,12 +208,7 @@ def _after_eval_listed(eng: "Engine", info: StepInfoListed, ps: _Pass) -> None:
     repeats in the sorted list)."""
     w = eng.width
     idx, col = info.idx, info.idx % w
-    fired = info.spikes > 0
-    is_src = eng.tables.is_source[col]
-    new = fired & is_src
-    if eng.cfg.barrier_messages:
-        sync = eng.sync[col]
-        new = new | ((info.n_before < sync) & (info.n_in >= sync) & is_src)
+    fired, new = _fired_and_pending(eng, info, col)
     ps.pending.view(-1)[idx] = ps.pending.view(-1)[idx] | new
     if eng.fill:
         ps.fillable.view(-1)[idx] = ps.fillable.view(-1)[idx] | (info.gate & ~info.refr & eng.tables.is_hidden[col])
