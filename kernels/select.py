@@ -261,11 +261,12 @@ def _keys_block(b, cols, inside, keep, val_row, is_input_ptr, h_key, h_order, no
 
 @jit
 def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, h_order, noise,
-              POLICY_MS: tl.constexpr, HAS_NOISE: tl.constexpr, INPUT_RANDOM: tl.constexpr,
-              BLOCK: tl.constexpr):
+              FROM_VALUES: tl.constexpr, HAS_NOISE: tl.constexpr, INPUTS_FIRST: tl.constexpr,
+              INPUT_RANDOM: tl.constexpr, BLOCK: tl.constexpr):
     """Mapped keys (uint32 order held in int64, -1 where not pending) of one row's
-    pending entries into `keys_row` (`_keys_block`: RS uniform; MS pre-spike + noise,
-    inputs +inf or, INPUT_RANDOM, 0x7F800000 + their order key); returns the number of
+    pending entries into `keys_row` (`_keys_block`: RS uniform; FROM_VALUES the values,
+    MS pre-spike or fill V, + noise; INPUTS_FIRST inputs at +inf or, INPUT_RANDOM,
+    0x7F800000 + their order key); returns the number of
     pending entries. The fused steps' (kernels/steps_triton.py) and the streaming path
     of `_select_keyed_kernel`."""
     n_pending = 0
@@ -274,7 +275,7 @@ def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, h_order, n
         inside = cols < W
         pend = tl.load(pend_row + cols, mask=inside, other=0) != 0
         u = _keys_block(b, cols, inside, pend, pre_row, is_input_ptr, h_key, h_order, noise,
-                        POLICY_MS, HAS_NOISE, POLICY_MS, INPUT_RANDOM)
+                        FROM_VALUES, HAS_NOISE, INPUTS_FIRST, INPUT_RANDOM)
         tl.store(keys_row + cols, u, mask=inside)
         n_pending += tl.sum(pend.to(tl.int32))
     return n_pending
@@ -442,15 +443,8 @@ def _select_keyed_kernel(pending_ptr, values_ptr, is_input_ptr, sel_ptr, out_ptr
         n_pending = tl.sum(keep.to(tl.int32))
     else:
         u = tl.zeros((), tl.int64)  # not read: each round streams the scratch row
-        n_pending = 0
-        for start in range(0, width, BLOCK):
-            c = start + cols
-            inside = c < width
-            keep = tl.load(p_row + c, mask=inside, other=0) != 0
-            uu = _keys_block(row, c, inside, keep, v_row, is_input_ptr, hk, ho, noise,
-                             FROM_VALUES, HAS_NOISE, INPUTS_FIRST, INPUT_RANDOM)
-            tl.store(keys_row + c, uu, mask=inside)
-            n_pending += tl.sum(keep.to(tl.int32))
+        n_pending = _row_keys(row, width, p_row, v_row, is_input_ptr, keys_row, hk, ho, noise,
+                              FROM_VALUES, HAS_NOISE, INPUTS_FIRST, INPUT_RANDOM, BLOCK)
         tl.debug_barrier()  # the keys are read back by other threads of the program
     prefix = _radix_threshold(keys_row, keys_row, u, width, kr, n_pending, BLOCK, DIGIT_BITS, ONE_BLOCK, True)
     if FILL:

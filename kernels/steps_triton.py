@@ -258,7 +258,8 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
             k = k0 + i
             h_key = _step_hash(h_key_t, k)
             n_pending = _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key,
-                                  h_order.to(tl.uint32), noise, POLICY_MS, HAS_NOISE, INPUT_RANDOM, BLOCK)
+                                  h_order.to(tl.uint32), noise, POLICY_MS, HAS_NOISE, POLICY_MS, INPUT_RANDOM,
+                                  BLOCK)
             tl.debug_barrier()
             sel = _select_row(W, K, keys_row, cand_row, n_pending, BLOCK, KB, DIGIT_BITS)
             if FILL:  # the free slots (after the n_real entries) take the best fillers
