@@ -1,7 +1,7 @@
 """Sync-free conv steps at a fixed-size list of their receivers (`Engine._op_step_listed`).
 
 On CUDA (the sync-free mode, `engine.SYNC_FREE_DEVICES`) a conv step without autograd
-adds its deliveries into kept [B + 1, W] buffers, evaluates the neurons at
+adds its deliveries into kept [B, W] buffers, evaluates the neurons at
 `ImageSynapses.receiver_list` (every target of every delivered entry, repeats
 included; shapes fixed by K) and zeroes the buffers there again, when that list is at
 most `engine.LISTED_BELOW` of the state's width. What is demanded here:
@@ -39,7 +39,7 @@ from asynctrain import engine
 from asynctrain.network import Network
 from conftest import BASE, cuda_or_skip
 from test_conv_engine import conv_net, image_frames
-from test_no_sync import _Conversions, _iteration, _sync_mode, _watch_loops
+from test_no_sync import CHILD_CONV, _Conversions, _iteration, _sync_mode, _watch_loops
 
 
 def _conv(kind, policy, K=4, **kw):
@@ -171,14 +171,7 @@ CHILD = textwrap.dedent("""
     import json, torch, asynctrain as at
     from asynctrain import engine
     torch.manual_seed(0)
-    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1, bias=False), torch.nn.AvgPool2d(2),
-                               torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.Flatten(),
-                               torch.nn.Linear(36, 5, bias=False))
-    conv.input_shape = (2, 6, 6)
-    for m in conv:
-        if hasattr(m, "weight"):
-            torch.nn.init.xavier_uniform_(m.weight, gain=3.0)
-    images = (torch.rand(2, 2, 2, 6, 6) < 0.4).float()
+    CHILD_CONV
     weights = torch.linspace(-1, 1, 5)
     cfg = at.SimConfig(K=4, policy="MS", theta=0.3, tau=20.0, refractory_dropout=0.3, fill_slots=True)
     engine.SYNC_FREE_DEVICES = ("cpu",)
@@ -195,7 +188,7 @@ CHILD = textwrap.dedent("""
     print(json.dumps(dict(out=torch.equal(o0, o1), stats=[k for k in s0 if not torch.equal(s0[k], s1[k])],
                           grad_err=float((g0 - g1).abs().max()), grad_norm=float(g0.norm()),
                           steps=int(s0["forward_steps"].max()))))
-""")
+""").replace("CHILD_CONV\n", CHILD_CONV)
 
 
 def test_listed_steps_on_the_triton_kernels():

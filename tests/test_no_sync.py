@@ -306,6 +306,18 @@ def test_cuda_conv_step_loop_has_no_sync(monkeypatch):
 
 
 # --- the triton per-op kernels, interpreted (a child process: TRITON_INTERPRET=1) ---------
+# A child's tiny conv net and its frames, drawn from the child's global generator (also
+# tests/test_listed_steps.py's child).
+CHILD_CONV = textwrap.dedent("""
+    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1, bias=False), torch.nn.AvgPool2d(2),
+                               torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.Flatten(),
+                               torch.nn.Linear(36, 5, bias=False))
+    conv.input_shape = (2, 6, 6)
+    for m in conv:
+        if hasattr(m, "weight"):
+            torch.nn.init.xavier_uniform_(m.weight, gain=3.0)
+    images = (torch.rand(2, 2, 2, 6, 6) < 0.4).float()
+""")
 CHILD = textwrap.dedent("""
     import json, torch, asynctrain as at
     from asynctrain import engine
@@ -316,14 +328,7 @@ CHILD = textwrap.dedent("""
         torch.nn.init.xavier_uniform_(m.weight, gain=2.5)
     fc_frames = (torch.rand(4, 3, 23) < 0.3).float()
     weights = torch.linspace(-1, 1, 5)
-    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1, bias=False), torch.nn.AvgPool2d(2),
-                               torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.Flatten(),
-                               torch.nn.Linear(36, 5, bias=False))
-    conv.input_shape = (2, 6, 6)
-    for m in conv:
-        if hasattr(m, "weight"):
-            torch.nn.init.xavier_uniform_(m.weight, gain=3.0)
-    images = (torch.rand(2, 2, 2, 6, 6) < 0.4).float()
+    CHILD_CONV
     res = {}
     for name, cfg in {
         "MS-random-fill": at.SimConfig(K=3, policy="MS", theta=0.3, tau=20.0, refractory_dropout=0.5,
@@ -353,7 +358,7 @@ CHILD = textwrap.dedent("""
                          torch_grad_err=float((g1 - g2).abs().max()),
                          torch_v_err=float((s1["final_v"] - s2["final_v"]).abs().max()))
     print(json.dumps(res))
-""")
+""").replace("CHILD_CONV\n", CHILD_CONV)
 
 
 def test_sync_free_mode_changes_nothing_on_the_triton_kernels():
