@@ -10,19 +10,15 @@ own (`FusedMode`). The same spikes, stats and gradients as the per-op modes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from .engine import Engine
 from .kernels.step_spec import FusedRecord, FusedSteps
 from .passes import Pass
 from .state import State
-from .steps import StepMode, StepRecord
+from .steps import StepMode, StepRecord, Sweep
 from .timeline import EventStep
-
-if TYPE_CHECKING:
-    from .engine import Engine
-    from .loop import Sweep
 
 
 @dataclass
@@ -38,7 +34,7 @@ class FusedMode(StepMode):
 
     name = "fused"
 
-    def __init__(self, eng: "Engine"):
+    def __init__(self, eng: Engine):
         super().__init__(eng)
         self.steps: FusedSteps = eng.ops.fused(eng.step_spec())
 
@@ -81,7 +77,7 @@ class FusedMode(StepMode):
         sel_deliv = op.sel if op.sel_deliv is None else op.sel_deliv
         return FusedStepRecord(self, self.steps.replay_step(op.t, op.step, op.sel, sel_deliv))
 
-    def step_backward(self, op: EventStep, rec: FusedStepRecord, sweep: "Sweep") -> None:
+    def step_backward(self, op: EventStep, rec: FusedStepRecord, sweep: Sweep) -> None:
         adj = sweep.adj
         if not (adj.v.is_contiguous() and adj.o.is_contiguous()):  # in place on adjoints of its own
             adj.v, adj.o = adj.v.contiguous(), adj.o.contiguous()

@@ -34,7 +34,7 @@ from .passes import Pass, new_stats
 from .receivers import AtReceivers, ListedReceivers
 from .retain import ChunkStore, RecordStores, identity
 from .state import Adjoints, PackedState, State
-from .steps import PerOpMode, StepRecord, WholeState
+from .steps import PerOpMode, StepInfo, StepRecord, Sweep, WholeState
 from .timeline import Checkpoints, EventStep, InputStep, Op, PassEnd, PassStart
 
 
@@ -48,21 +48,9 @@ class Forward:
     checkpoints: dict[int, PackedState] | None  # {op index: state before it} (kept for the backward)
 
 
-@dataclass
-class Sweep:
-    """One backward call: its inputs and what it accumulates (in place)."""
-
-    frames: torch.Tensor                # [T, B, n_inputs]
-    wt: torch.Tensor                    # the weight table
-    grad_out: torch.Tensor              # [T, B, n_out]
-    adj: Adjoints                       # carried from segment to segment
-    grad_wt: torch.Tensor
-    grad_frames: torch.Tensor | None    # wanted for analog inputs (an encoder in front)
-
-
 class CallLoop:
-    """The loops of one call on `eng`. The step mode is chosen at the first `forward`
-    (autograd or not) and kept for the replays and sweeps of its backward."""
+    """The loops of one call on `eng`. The step mode is chosen by `forward` (under
+    autograd or not) and kept for the replays and sweeps of its backward."""
 
     def __init__(self, eng: Engine):
         self.eng = eng
@@ -72,6 +60,7 @@ class CallLoop:
 
     def _choose(self, autograd: bool) -> None:
         name = self.eng.plan.mode(autograd)
+        self.mode, self.fused = self.whole, None
         if name == "fused":
             self.fused = FusedMode(self.eng)
         elif name == "receivers":
@@ -140,9 +129,9 @@ class CallLoop:
             ckpt.offer(len(ops), st)
         ops.append(op)
 
-    def _input(self, st: State, x: torch.Tensor, wt: torch.Tensor, t: int):
-        """The frame `x` of pass `t`: queued (returns (state, None)), or prioritized:
-        delivered as one forward step, evaluated over the whole state."""
+    def _input(self, st: State, x: torch.Tensor, wt: torch.Tensor, t: int) -> tuple[State, StepInfo | None]:
+        """The frame `x` [B, n_inputs] of pass `t`: queued (no evaluation: None), or
+        prioritized: delivered as one forward step, evaluated over the whole state."""
         eng = self.eng
         if not eng.cfg.prioritize_input:
             return eng.queue_input(st, x), None
@@ -276,8 +265,8 @@ class CallLoop:
                     grad_x = None if sweep.grad_frames is None else sweep.grad_frames[t]
                     if rec is None:  # frame queued into the outboxes: O += x
                         eng.queue_input_backward(sweep.adj, grad_x)
-                        continue
-                    g_current = rec.mode.evaluation_backward(rec, sweep.adj)
-                    eng.input_backward(rec.vals, g_current, sweep.wt, sweep.grad_wt, grad_x)
+                    else:  # prioritized: one forward step
+                        g_current = rec.mode.evaluation_backward(rec, sweep.adj)
+                        eng.input_backward(rec.vals, g_current, sweep.wt, sweep.grad_wt, grad_x)
                 case EventStep():
                     rec.mode.step_backward(op, rec, sweep)

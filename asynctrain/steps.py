@@ -27,21 +27,30 @@ to the evaluations that filled it".
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import rng
+from .engine import Engine
 from .ops import lif
 from .passes import Pass
 from .retain import RecordStores
 from .state import Adjoints, State
+from .timeline import EventStep
 
-if TYPE_CHECKING:
-    from .engine import Engine
-    from .loop import Sweep
-    from .timeline import EventStep
+
+@dataclass
+class Sweep:
+    """One backward call: its inputs and what it accumulates (in place)."""
+
+    frames: torch.Tensor                # [T, B, n_inputs]
+    wt: torch.Tensor                    # the weight table
+    grad_out: torch.Tensor              # [T, B, n_out]
+    adj: Adjoints                       # carried from segment to segment
+    grad_wt: torch.Tensor
+    grad_frames: torch.Tensor | None    # wanted for analog inputs (an encoder in front)
 
 
 @dataclass
@@ -51,18 +60,18 @@ class StepRecord:
     mode: "StepMode" = field(repr=False)
 
 
-class StepMode:
+class StepMode(ABC):
     """One step-evaluation mode of a call (`plan.MODES`)."""
 
     name = ""
 
-    def __init__(self, eng: "Engine"):
+    def __init__(self, eng: Engine):
         self.eng = eng
 
-    def step_backward(self, op: "EventStep", rec: StepRecord, sweep: "Sweep") -> None:
+    @abstractmethod
+    def step_backward(self, op: EventStep, rec: StepRecord, sweep: Sweep) -> None:
         """The reverse of event step `op` from its record: updates `sweep.adj` and adds
         into `sweep.grad_wt`, in place."""
-        raise NotImplementedError
 
 
 class PerOpMode(StepMode):
@@ -71,31 +80,31 @@ class PerOpMode(StepMode):
     `record` and `evaluation_backward`; the reverse of the step around the evaluation
     (deliveries, emptied outboxes) is the engine's, the same for all."""
 
+    @abstractmethod
     def step(self, st: State, sel: torch.Tensor, sel_deliv: torch.Tensor, wt: torch.Tensor, t: int,
              step: int) -> tuple[State, object, "PerOpMode"]:
         """Event step `step` of pass `t` with the selection (sel, sel_deliv int64 [B, K],
         as recorded). Returns (the state after it, what the evaluation leaves, the mode
         that evaluated it: this one, or one it handed the step to)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def bookkeep(self, ps: Pass, st: State, info) -> None:
         """The non-differentiable bookkeeping after an evaluation (never replayed)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def record(self, info, stores: RecordStores) -> StepRecord:
         """What the step's backward needs of its evaluation (copied into `stores`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluation_backward(self, rec: StepRecord, adj: Adjoints) -> torch.Tensor:
         """The reverse of the evaluation: updates `adj` (the membranes' adjoint; the
         outboxes' and accumulator's feed the spikes) and returns the current's
         gradient [B, W]."""
-        raise NotImplementedError
 
     def release(self, rec: StepRecord) -> None:
         """Called once the current's gradient of `rec` has been read."""
 
-    def step_backward(self, op: "EventStep", rec: StepRecord, sweep: "Sweep") -> None:
+    def step_backward(self, op: EventStep, rec: StepRecord, sweep: Sweep) -> None:
         eng, adj = self.eng, sweep.adj
         # fillers (fill_slots) as their columns: delivered like any outbox
         sel, sel_deliv = (eng.decode(x)[1] for x in op.selections())
