@@ -178,12 +178,12 @@ class Plan:
         dev = torch.device(spec.device).type
         sync_free = sync_free_on(spec.device, force)
         syn = net.synapses if net.image else None
-        w, k = spec.width, spec.k
+        w, K = spec.width, spec.k
         why = why_not_fused(fused_steps, spec, image=syn is not None, histogram=histogram)
         if syn is None:
             steps = "whole" if why else "fused"
         elif sync_free:
-            steps = "listed" if k * syn.list_width <= LISTED_BELOW * w else "whole"
+            steps = "listed" if K * syn.list_width <= LISTED_BELOW * w else "whole"
         else:
             steps = "receivers"
         below = RECEIVERS_BELOW
@@ -197,9 +197,9 @@ class Plan:
         # the forward (fully connected networks: two levels).
         ratio = 1.0
         if steps == "receivers":
-            ratio = min(1.0, 10 * k * syn.mean_fan_out / (8 * w))
+            ratio = min(1.0, 10 * K * syn.mean_fan_out / (8 * w))
         elif steps == "listed":
-            ratio = min(1.0, 11 * k * syn.list_width / (13 * w))
+            ratio = min(1.0, 11 * K * syn.list_width / (13 * w))
         return Plan(sync_free=sync_free, stop_every=force.stop_every or STOP_EVERY.get(dev, 1), steps=steps,
                     why_not_fused=why, receivers_below=below, record_ratio=ratio,
                     nested=syn is not None and checkpoint_every is None)
