@@ -93,6 +93,9 @@ class Engine:
             self.input_n_add = fan_in1.to(device).expand(batch, w)
         self.K = min(cfg.forward_group_size, w)
         self.alpha = float(cfg.surrogate_steepness)
+        # SimConfig.surrogate_at="fire_or_last": the surrogate derivative only at the
+        # evaluations that fire or end their outbox window (docs/semantics.md 8)
+        self.window = cfg.surrogate_at == "fire_or_last"
         # SPEC 8 fill_slots (training only): fillers ride in the step records as
         # negative indices, -1 - column (`decode`)
         self.fill = bool(cfg.fill_slots) and training and cfg.policy != "layered"
@@ -185,12 +188,16 @@ class Engine:
 
     def op_end(self, st: State) -> tuple[State, torch.Tensor]:
         """The pass's end: (the state after it, the readout [B, n_out])."""
+        if st.carrier is not None:  # every outbox window ends with the pass
+            st = self._end_windows(st, None)
         if self.cfg.readout == "potential":
             return st, st.v[:, self.net.output_slice].clone()
         return st, st.acc.clone()
 
     def end_backward(self, adj: Adjoints, grad_out: torch.Tensor) -> None:
         """The reverse of `op_end` with the readout's gradient `grad_out` [B, n_out]."""
+        if adj.armed is not None:  # every window ends with the pass
+            adj.armed.fill_(True)
         if self.cfg.readout == "potential":
             adj.v = adj.v.clone()
             adj.v[:, self.net.output_slice] += grad_out
@@ -273,8 +280,9 @@ class Engine:
         spike, potential or synop; only the gradient sees them. Differentiable in the
         outboxes and `wt` (`ops.deliver`, `conv.ImageSynapses.deliver`)."""
         src, sync_free = self.tables.source_slot, self.plan.sync_free
+        o = st.o if st.carrier is None else st.o + st.carrier  # (the window carrier joins what is delivered)
         if not self.fill:
-            vals = st.o.gather(1, sel_deliv)
+            vals = o.gather(1, sel_deliv)
             if self.syn is not None:
                 current, n_add = self.syn.deliver(vals, sel_deliv, wt, src, self.ops, sync_free)
             else:
@@ -282,7 +290,7 @@ class Engine:
                 n_add = self.tables.received_counts(sel_deliv)
             return Delivery(vals, current, n_add, n_add > 0)
         d_real, d_all = self.decode(sel_deliv)
-        vals = st.o.gather(1, d_all)
+        vals = o.gather(1, d_all)
         if self.syn is not None:
             # two deliveries: the counts of the real entries (n_in), the fillers' targets
             filler = sel_deliv < 0
@@ -308,12 +316,32 @@ class Engine:
 
     def empty_outboxes(self, st: State, sel: torch.Tensor) -> State:
         """The selected outboxes (decoded, every delivered column) emptied: functional."""
+        if st.carrier is not None:  # their windows end (`deliver` has read the carrier)
+            st = self._end_windows(st, sel)
         return replace(st, o=st.o.scatter(1, sel, 0.0))
+
+    def _end_windows(self, st: State, cols: torch.Tensor | None) -> State:
+        """Plain autograd with `surrogate_at="fire_or_last"`: the outbox windows of the
+        columns `cols` ([B, n] indices: a step's emptied outboxes, whose deliveries
+        have read the carrier; None: every column, the pass's end, where the carrier
+        joins the outboxes and the output accumulator) end. The parked surrogate of each
+        one's last evaluation (`ops.WindowCarrier`, value 0) also resets V
+        (V <- V * (1 - s) of that evaluation, unless detach_reset). No value changes."""
+        c, o, acc = st.carrier, st.o, st.acc
+        if cols is None:
+            ends = torch.ones_like(st.refr)
+            o, acc = o + c * self.source_f, acc + c[:, self.net.output_slice]
+        else:
+            ends = torch.zeros_like(st.refr).scatter(1, cols, True)
+        v = st.v if self.cfg.detach_reset else torch.where(ends, st.v * (1 - c), st.v)
+        return replace(st, v=v, o=o, acc=acc, carrier=torch.where(ends, 0.0, c))
 
     def outboxes_backward(self, adj: Adjoints, sel: torch.Tensor, sel_deliv: torch.Tensor,
                           g_vals: torch.Tensor) -> None:
         """The reverse of a step's emptied and delivered outboxes (decoded): the taken
         slots' adjoints zeroed, the delivered values' gradients added, in place. A
         pending outbox that was not selected keeps its adjoint until the step that
-        filled it."""
+        filled it. The emptied outboxes' windows end here (`Adjoints.armed`)."""
         adj.o.scatter_(1, sel, 0.0).scatter_add_(1, sel_deliv, g_vals)
+        if adj.armed is not None:
+            adj.armed.scatter_(1, sel, True)

@@ -82,4 +82,5 @@ class FusedMode(StepMode):
         if not (adj.v.is_contiguous() and adj.o.is_contiguous()):  # in place on adjoints of its own
             adj.v, adj.o = adj.v.contiguous(), adj.o.contiguous()
         sel_deliv = op.sel if op.sel_deliv is None else op.sel_deliv
-        self.steps.backward_step(rec.kernel, op.sel, sel_deliv, adj.v, adj.o, adj.acc.contiguous(), sweep.grad_wt)
+        self.steps.backward_step(rec.kernel, op.sel, sel_deliv, adj.v, adj.o, adj.acc.contiguous(), sweep.grad_wt,
+                                 adj.armed)

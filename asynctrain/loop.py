@@ -75,7 +75,8 @@ class CallLoop:
         it) every step is functional and differentiable."""
         eng = self.eng
         cfg, net = eng.cfg, eng.net
-        self._choose(torch.is_grad_enabled() and (wt.requires_grad or frames.requires_grad))
+        autograd = torch.is_grad_enabled() and (wt.requires_grad or frames.requires_grad)
+        self._choose(autograd)
         T, B = frames.shape[0], eng.batch
         if self.fused is not None:
             self.fused.bind_weights(wt)
@@ -86,6 +87,8 @@ class CallLoop:
         keep = ChunkStore().keep if eng.syn is not None else identity
         stats = new_stats(T, B, eng.device, eng.histogram_bins)
         st = eng.initial_state()
+        if eng.window and autograd:  # plain autograd: surrogates parked until their window ends
+            st.carrier = torch.zeros_like(st.v)
         pending = torch.zeros(B, eng.width, dtype=torch.bool, device=eng.device)
         ops: list[Op] = []
         outs = []
@@ -229,7 +232,7 @@ class CallLoop:
         """The gradients (frames or None, weight table) of the call's forward `ops` from
         the readout's `grad_out` [T, B, n_out]; the checkpoints are used up (popped)."""
         st_end = ckpts[max(ckpts)]
-        sweep = Sweep(frames, wt, grad_out.contiguous(), Adjoints.zeros(st_end), torch.zeros_like(wt),
+        sweep = Sweep(frames, wt, grad_out.contiguous(), Adjoints.zeros(st_end, self.eng.window), torch.zeros_like(wt),
                       torch.zeros_like(frames) if want_frames else None)
         starts = sorted(ckpts)
         ends = starts[1:] + [len(ops)]

@@ -117,8 +117,11 @@ class _Receivers(PerOpMode):
         elif bool(at_out.any()):  # the readout accumulator's adjoint at output receivers
             g_s[at_out] += adj.acc.reshape(-1)[acc_at[at_out]]
         received = torch.ones_like(rec.refr) if rec.received is None else rec.received
+        last = None if adj.armed is None else adj.armed.view(-1)[idx]
         gv_r, gi_r = lif_backward_torch(adj.v.reshape(-1)[idx], g_s, rec.v_pre, rec.refr, received, rec.gate,
-                                        eng.theta[col], eng.alpha, eng.cfg.detach_reset)
+                                        eng.theta[col], eng.alpha, eng.cfg.detach_reset, last)
+        if adj.armed is not None:  # repeats of a receiver read and write the same values
+            adj.armed.view(-1)[idx] = last & ~received
         adj.v.view(-1)[idx] = gv_r
         self._g_current.view(-1)[idx] = gi_r
         return self._g_current

@@ -21,6 +21,9 @@ class State:
     acc: torch.Tensor      # [B, n_out] output spikes of the current pass
     refr: torch.Tensor     # bool [B, W]
     n_in: torch.Tensor     # int32 [B, W] currents received in this pass
+    # plain autograd with surrogate_at="fire_or_last" only: [B, W], value 0, the parked
+    # surrogate of each neuron's latest evaluation that did not fire (`ops.WindowCarrier`)
+    carrier: torch.Tensor | None = None
 
     def clone(self) -> "State":
         """A copy the fused steps may update in place (they never touch a checkpoint)."""
@@ -79,7 +82,12 @@ class Adjoints:
     v: torch.Tensor    # [B, W]
     o: torch.Tensor    # [B, W]
     acc: torch.Tensor  # [B, n_out]
+    # surrogate_at="fire_or_last" (else None): bool [B, W], the neuron's next evaluation
+    # met going backwards is the last of its outbox window (set where a window ends: at
+    # the pass's end and where a step empties the outbox; cleared by every evaluation)
+    armed: torch.Tensor | None = None
 
     @staticmethod
-    def zeros(st: State | PackedState) -> "Adjoints":
-        return Adjoints(torch.zeros_like(st.v), torch.zeros_like(st.v), torch.zeros_like(st.acc))
+    def zeros(st: State | PackedState, window: bool = False) -> "Adjoints":
+        armed = torch.zeros(st.v.shape, dtype=torch.bool, device=st.v.device) if window else None
+        return Adjoints(torch.zeros_like(st.v), torch.zeros_like(st.v), torch.zeros_like(st.acc), armed)

@@ -34,7 +34,7 @@ import torch
 
 from . import rng
 from .engine import Engine
-from .ops import lif
+from .ops import lif, window_carrier
 from .passes import Pass
 from .retain import RecordStores
 from .state import Adjoints, State
@@ -161,8 +161,12 @@ class WholeState(PerOpMode):
         eng = self.eng
         n_in = st.n_in + n_add
         gate = received & (n_in >= eng.sync)
+        # plain autograd, fire_or_last: the surrogate where it fired, the rest parked
+        last = None if st.carrier is None else torch.zeros_like(received)
         v, spikes, v_pre = lif(st.v, current, st.refr, received, gate, eng.theta, eng.alpha,
-                               eng.cfg.detach_reset, eng.ops)
+                               eng.cfg.detach_reset, eng.ops, last)
+        carrier = None if st.carrier is None else window_carrier(
+            st.v, current, st.carrier, v_pre, st.refr, received, gate, spikes, eng.theta, eng.alpha)
         o = st.o + spikes * eng.source_f
         acc = st.acc + spikes[:, eng.net.output_slice]
         refr = st.refr
@@ -177,7 +181,7 @@ class WholeState(PerOpMode):
                 u = eng.ops.uniform_at(eng.seed, rng.STREAM_REFRACTORY_DROPOUT, t, step, *at)
                 fired = fired.index_put(at, u >= eng.p_ref)
             refr = refr | fired
-        return (replace(st, v=v, o=o, acc=acc, refr=refr, n_in=n_in),
+        return (replace(st, v=v, o=o, acc=acc, refr=refr, n_in=n_in, carrier=carrier),
                 StepInfo(vals, spikes, v_pre, received, st.n_in, gate, st.refr))
 
     def bookkeep(self, ps, st, info: StepInfo) -> None:
@@ -215,5 +219,7 @@ class WholeState(PerOpMode):
         g_s = adj.o * eng.source_f
         g_s[:, eng.net.output_slice] += adj.acc
         adj.v, g_current = eng.ops.lif_backward(adj.v, g_s, rec.v_pre, rec.refr, rec.received, rec.gate,
-                                                eng.theta, eng.alpha, eng.cfg.detach_reset)
+                                                eng.theta, eng.alpha, eng.cfg.detach_reset, adj.armed)
+        if adj.armed is not None:  # an evaluation met: the earlier ones are not the last
+            adj.armed.logical_and_(~rec.received)
         return g_current

@@ -126,7 +126,7 @@ def load() -> ctypes.CDLL:
         getattr(dll, f"at_replay_step_{sfx}").restype = None
         getattr(dll, f"at_replay_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 8
         getattr(dll, f"at_backward_step_{sfx}").restype = None
-        getattr(dll, f"at_backward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx)] + [_p] * 12
+        getattr(dll, f"at_backward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx)] + [_p] * 13
     return dll
 
 
@@ -276,15 +276,27 @@ class CpuSteps:
 
     def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
-                      grad_wt: torch.Tensor) -> None:
-        """The step's reverse: updates g_v, g_o and adds into grad_wt, in place."""
+                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The step's reverse: updates g_v, g_o (and `armed`, bool [B, W], with
+        surrogate_at="fire_or_last": the sweep of loop.py) and adds into grad_wt, in place."""
         for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
             if not t.is_contiguous() or t.dtype != self.dtype:
                 raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
         sel, sel_deliv = _int32(sel), _int32(sel_deliv)
         m = rec.masks
         self._bwd(self.ref, _ptr(sel), _ptr(sel_deliv), _ptr(rec.vals), _ptr(rec.v_pre), _ptr(m[0]),
-                  _ptr(m[1]), _ptr(m[2]), _ptr(g_v), _ptr(g_o), _ptr(g_acc), _ptr(grad_wt), _ptr(self._cur))
+                  _ptr(m[1]), _ptr(m[2]), _ptr(g_v), _ptr(g_o), _ptr(g_acc), _ptr(grad_wt), _ptr(self._cur),
+                  _armed_ptr(armed, (self.B, self.W)))
+
+
+def _armed_ptr(armed: torch.Tensor | None, shape: tuple[int, int]) -> int | None:
+    """`armed` as the C steps read it (NULL: every evaluation's surrogate counts)."""
+    if armed is None:
+        return None
+    if armed.dtype != torch.bool or tuple(armed.shape) != shape or not armed.is_contiguous():
+        raise ValueError(f"armed must be a contiguous bool tensor {list(shape)}, got {armed.dtype} "
+                         f"{tuple(armed.shape)}")
+    return _ptr(armed)
 
 
 def _int32(x: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,9 @@ class FusedSteps(Protocol):
 
     def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
-                      grad_wt: torch.Tensor) -> None:
+                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
         """The step's reverse: updates the contiguous adjoints g_v, g_o in place (g_acc
-        is read) and adds the weight-table gradient into grad_wt."""
+        is read) and adds the weight-table gradient into grad_wt. `armed` (contiguous
+        bool [B, W], surrogate_at="fire_or_last", else None), in place: a receiver's
+        surrogate counts only where it fired or its flag is set; every receiver clears
+        its flag, the step's emptied outboxes set theirs."""

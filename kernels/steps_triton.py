@@ -375,10 +375,10 @@ def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, syn
 @jit(do_not_specialize=("sel_ptr", "sd_ptr"))
 def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, theta_ptr, wt_ptr,
                      const_ptr, sel_ptr, sd_ptr, vals_ptr, vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
-                     gv_ptr, go_ptr, gacc_ptr, gwt_ptr,
+                     gv_ptr, go_ptr, gacc_ptr, gwt_ptr, armed_ptr,
                      W, K, F, n_slots, out_lo, out_hi,
                      DETACH_RESET: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
-                     NS: tl.constexpr):
+                     NS: tl.constexpr, ARMED: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     jj = tl.arange(0, KB)
     kmask = jj < K
@@ -411,6 +411,10 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
                 # fp32 `/` is div.full on the GPU (<= 2 ulp from the C's IEEE division):
                 # div_rn's slow path is a call whose saved registers need a stack frame
                 dsdv = tl.where(gt, (1 / den) * half_alpha, 0.0)
+                if ARMED:  # surrogate_at="fire_or_last": fired, or its window's last evaluation
+                    last = tl.load(armed_ptr + row + cols, mask=rc, other=0).to(vp.dtype)
+                    dsdv = dsdv * tl.maximum(s, last)  # exact: x * 1 or x * 0
+                    tl.store(armed_ptr + row + cols, tl.zeros([BLOCK], tl.uint8), mask=rc)
                 gvn = tl.load(gv_ptr + row + cols, mask=rc, other=0.0)
                 gp = gvn * (1 - s)
                 if not DETACH_RESET:
@@ -433,6 +437,8 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
     sd = _dec(tl.load(sd_ptr + b * K + jj, mask=kmask, other=0))
     g = tl.load(go_ptr + row + sd, mask=kmask, other=0.0)
     tl.store(go_ptr + row + sd, g + gvals, mask=kmask)
+    if ARMED:  # the emptied outboxes' windows end at this step
+        tl.store(armed_ptr + row + sel, tl.full([KB], 1, tl.uint8), mask=kmask)
 
 
 # --- host ---------------------------------------------------------------------------------
@@ -442,6 +448,14 @@ def _partial_hash(seed: int, stream: int, t: int) -> int:
     for c in (stream, t):
         h = rng._fmix32_int(h ^ ((c * rng._GOLDEN) & rng._MASK32))
     return h
+
+
+def _armed_u8(armed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """`armed` (bool [B, W], updated in place) as the kernel reads and writes it."""
+    if armed.dtype != torch.bool or tuple(armed.shape) != shape or not armed.is_contiguous():
+        raise ValueError(f"armed must be a contiguous bool tensor {list(shape)}, got {armed.dtype} "
+                         f"{tuple(armed.shape)}")
+    return armed.view(torch.uint8)
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
@@ -602,9 +616,10 @@ class TritonSteps:
 
     def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
-                      grad_wt: torch.Tensor) -> None:
-        """The step's reverse: updates g_v, g_o and adds into grad_wt (float atomics
-        across samples), in place."""
+                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The step's reverse: updates g_v, g_o (and `armed`, bool [B, W], with
+        surrogate_at="fire_or_last": the sweep of loop.py) and adds into grad_wt (float
+        atomics across samples), in place."""
         for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
             if not t.is_contiguous() or t.dtype != self.dtype:
                 raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
@@ -613,5 +628,7 @@ class TritonSteps:
         _backward_kernel[(self.B,)](
             tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["theta"], self._bound["wt"],
             self._const, sel, sel_deliv, rec.vals, rec.v_pre, m[0], m[1], m[2], g_v, g_o, g_acc, grad_wt,
+            m[0] if armed is None else _armed_u8(armed, (self.B, self.W)),  # never written without ARMED
             self.W, self.K, self.F, self.n_slots, self.out_lo, self.out_hi,
-            DETACH_RESET=self.detach_reset, KB=self.KB, NS=self.NS, **self._launch_opts())
+            DETACH_RESET=self.detach_reset, KB=self.KB, NS=self.NS, ARMED=armed is not None,
+            **self._launch_opts())
