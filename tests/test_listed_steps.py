@@ -56,6 +56,8 @@ CASES = {
     "RS-fill-odd": lambda: _conv("odd", "RS", fill_slots=True, refractory_dropout=0.3),
     "MS-fill-prioritized": lambda: _conv("pool", "MS", prioritize_input=True, fill_slots=True),
     "RS-deep-barrier": lambda: _conv("deep", "RS", K=2, barrier_messages=True, refractory=False),
+    "MS-fill-fire-or-last": lambda: _conv("pool", "MS", fill_slots=True, refractory_dropout=0.3,
+                                          surrogate_at="fire_or_last"),
 }
 
 

@@ -65,6 +65,7 @@ def _fc(policy, **kw):
 CASES = {
     "fc-MS-noise-dropout": lambda: _fc("MS", momentum_noise=0.1, refractory_dropout=0.3, network_dropout=0.2),
     "fc-RS-fill": lambda: _fc("RS", fill_slots=True, refractory_dropout=0.3),
+    "fc-MS-fire-or-last": lambda: _fc("MS", refractory_dropout=0.3, surrogate_at="fire_or_last"),
     "conv-MS": lambda: (conv_net("pool"), at.SimConfig(**BASE, policy="MS", forward_group_size=4,
                                                         refractory_dropout=0.3),
                         image_frames(3, 3, (2, 6, 6), p=0.4)),
