@@ -9,7 +9,11 @@ batch is N x 64), 150 epochs, Adam lr 2e-4, weight decay 0, theta 0.2, IF neuron
 (tau = inf), surrogate steepness 2, refractory dropout 0.7, one timestep of analog
 input (pixels / 255 as currents), logits = output membrane potentials after the pass
 (``readout="potential"``), training with ``stop="spiking_done"``. The paper trained
-with K = 512 (its GPU's limit) and RS; this recipe trains at any K.
+with K = 512 (its GPU's limit) and RS; this recipe trains at any K, with the surrogate
+derivative only at the evaluations that fire or end their outbox window
+(``--surrogate-at fire_or_last``, the default: the exact rule of SPEC 8 gives
+gradients that grow exponentially with the forward steps, inf at K = 64 full width;
+docs/gradients.md).
 
 Choices where the paper is silent (written down here and in the JSON log):
 - the input frame is delivered at once as the first forward step
@@ -90,7 +94,7 @@ def _k_list(text: str) -> list[int]:
 MODEL_ARGS = ("width", "theta", "output_threshold", "steepness", "queue_input")
 """Arguments that define the trained model (fixed by a checkpoint)."""
 RUN_ARGS = MODEL_ARGS + ("K", "policy", "batch_size", "lr", "weight_decay", "refractory_dropout",
-                         "momentum_noise", "max_forward_steps", "seed", "limit_train")
+                         "momentum_noise", "max_forward_steps", "seed", "limit_train", "surrogate_at")
 """Arguments a resumed run takes from its checkpoint (giving another value is an error)."""
 
 
@@ -120,6 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="Adam L2 coefficient")
     ap.add_argument("--theta", type=pos_f, default=0.2, help="firing threshold of hidden neurons")
     ap.add_argument("--steepness", type=pos_f, default=2.0, help="arctan surrogate alpha")
+    ap.add_argument("--surrogate-at", choices=("fire_or_last", "every"), default="fire_or_last",
+                    help="evaluations that carry the surrogate derivative (SimConfig.surrogate_at; "
+                         "docs/gradients.md): 'every' is SPEC 8's exact rule, whose gradient grows "
+                         "exponentially with the forward steps at K=64 and below")
     ap.add_argument("--refractory-dropout", type=cli.probability, default=0.7,
                     help="probability that a spike does not make its neuron refractory (training)")
     ap.add_argument("--momentum-noise", type=cli.at_least(0.0, float), default=0.1,
@@ -213,7 +221,8 @@ def build(args, device: torch.device) -> tuple[torch.nn.Module, at.AsyncSNN]:
         stop="spiking_done", max_steps=step_cap(args, snn, args.K), refractory=True,
         refractory_dropout=args.refractory_dropout,
         momentum_noise=args.momentum_noise if args.policy == "MS" else 0.0,
-        tau=math.inf, theta=theta, dt=1.0, surrogate_steepness=args.steepness, readout="potential")
+        tau=math.inf, theta=theta, dt=1.0, surrogate_steepness=args.steepness, readout="potential",
+        surrogate_at=args.surrogate_at)
     return net, snn
 
 
