@@ -14,11 +14,12 @@ one batch, one backward, max |grad| per weight layer. Prints one JSON line per r
   a 2x2 pooling after every second one, a linear readout; 2x16x16 inputs) with the same
   kind of neurons and input, small enough for the dense oracle; swept over K,
   theta, steepness, input scale (density) and depth. Besides the gradients it
-  measures, per weight layer, the forward's two multipliers of the exact ("every")
-  gradient: the mean number of evaluations a delivered outbox window holds (each
-  adds a surrogate term) and the mean log of the reset factor 1 - V1 * s'(V1 - theta)
-  of a non-firing evaluation (its product over a neuron's evaluations scales the
-  gradient carried by V; > 1 where V1 < 0).
+  measures (``--count``, also for ``vgg``), per weight layer, the forward's two
+  multipliers of the exact ("every") gradient: the mean number of evaluations a
+  delivered outbox window holds (each adds a surrogate term), the evaluations per
+  neuron and pass, and the mean log of the reset factor 1 - V1 * s'(V1 - theta) of a
+  non-firing evaluation (its product over a neuron's evaluations scales the gradient
+  carried by V; > 1 where V1 < 0).
 - ``oracle``: the stack in float64 against the dense oracle (tests/dense_oracle.py):
   the relative difference of the weight gradients for both rules (the engine's
   gradient is the exact gradient of the model).
@@ -77,7 +78,7 @@ def _summary(grads: list[float]) -> dict:
 
 
 # --- VGG-7 through the recipe ------------------------------------------------------------------
-def run_vgg(width: float, K: int, rule: str, batch: int, seed: int) -> dict:
+def run_vgg(width: float, K: int, rule: str, batch: int, seed: int, count: bool = False) -> dict:
     import cifar_vgg7
     policy = "layered" if K == 0 else "RS"
     args = cifar_vgg7.parse_args(["--width", str(width), "--K", str(K or 8), "--policy", policy,
@@ -88,9 +89,12 @@ def run_vgg(width: float, K: int, rule: str, batch: int, seed: int) -> dict:
     frames, labels = cifar_noise(batch, seed)
     t0 = time.time()
     grads, stats = max_grads(snn, frames, labels, seed)
-    return dict(case="vgg", width=width, K=K or "layered", rule=rule, batch=batch, seed=seed,
-                forward_steps=float(stats["forward_steps"].float().mean()), seconds=round(time.time() - t0, 1),
-                **_summary(grads))
+    row = dict(case="vgg", width=width, K=K or "layered", rule=rule, batch=batch, seed=seed,
+               forward_steps=float(stats["forward_steps"].float().mean()), seconds=round(time.time() - t0, 1),
+               **_summary(grads))
+    if count and K:
+        row.update(counted(snn, frames, labels, seed, args.theta, args.steepness))
+    return row
 
 
 # --- the narrow conv stack ---------------------------------------------------------------------
@@ -137,7 +141,8 @@ class WindowCounter:
         self.n_layers, self.theta, self.alpha = len(g.layer_sizes) - 1, theta, alpha
         self.windows = [[] for _ in range(self.n_layers)]
         self.log_reset = [[] for _ in range(self.n_layers)]
-        self.count = None
+        self.per_pass = [[] for _ in range(self.n_layers)]
+        self.count = self.in_pass = None
 
     def evaluated(self, info, shape) -> None:
         if isinstance(info, engine_mod.StepInfoAt):  # conv steps without autograd: at the receivers
@@ -145,7 +150,9 @@ class WindowCounter:
         received, v_pre, gate, refr = info.received, info.v_pre, info.gate, info.refr
         if self.count is None:
             self.count = torch.zeros(received.shape, dtype=torch.long)
+            self.in_pass = torch.zeros(received.shape, dtype=torch.long)
         self.count += received.long()
+        self.in_pass += received.long()
         live = received & gate & ~refr & (v_pre < self.theta)
         factor = 1 - v_pre * arctan_surrogate(v_pre - self.theta, self.alpha)
         lay = self.layer[None, :].expand_as(live)
@@ -165,10 +172,21 @@ class WindowCounter:
                 self.windows[l].append(n[m].float())
         self.count.scatter_(1, cols, 0)
 
+    def pass_ended(self) -> None:
+        if self.in_pass is None:
+            return
+        lay = self.layer[None, :].expand_as(self.in_pass)
+        for l in range(self.n_layers):
+            m = (lay == l) & (self.in_pass > 0)
+            if m.any():
+                self.per_pass[l].append(self.in_pass[m].float())
+        self.count = self.in_pass = None
+
     def summary(self) -> dict:
         def mean(xs):
             return round(float(torch.cat(xs).mean()), 3) if xs else None
         return dict(evals_per_delivered_window=[mean(w) for w in self.windows[:-1]],
+                    evals_per_pass=[mean(p) for p in self.per_pass],
                     mean_log_reset_factor=[mean(r) for r in self.log_reset])
 
 
@@ -191,7 +209,7 @@ def counted(snn: at.AsyncSNN, frames, labels, seed: int, theta: float, alpha: fl
         return st, info
 
     def op_start(self, st):
-        counter.count = None
+        counter.pass_ended()
         return start(self, st)
 
     engine_mod.Engine.op_step, engine_mod.Engine.op_input, engine_mod.Engine.op_start = op_step, op_input, op_start
@@ -200,6 +218,7 @@ def counted(snn: at.AsyncSNN, frames, labels, seed: int, theta: float, alpha: fl
             snn(frames, seed=seed)
     finally:
         engine_mod.Engine.op_step, engine_mod.Engine.op_input, engine_mod.Engine.op_start = step, inp, start
+    counter.pass_ended()
     return counter.summary()
 
 
@@ -252,7 +271,7 @@ def main(argv=None) -> None:
     ap.add_argument("--scale", type=float, nargs="+", default=[1.0], help="stack: input scale (density)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--count", action="store_true", help="stack: also count windows and reset factors")
+    ap.add_argument("--count", action="store_true", help="also count windows, evaluations and reset factors")
     ap.add_argument("--log", type=Path, default=None, help="append the JSON lines here too")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -260,7 +279,7 @@ def main(argv=None) -> None:
         for K in a.K:
             for rule in a.rules:
                 if a.case == "vgg":
-                    rows = [run_vgg(w, K, rule, a.batch, seed) for w in a.width]
+                    rows = [run_vgg(w, K, rule, a.batch, seed, a.count) for w in a.width]
                 elif a.case == "oracle":
                     rows = [run_oracle(K, rule, seed)]
                 else:
