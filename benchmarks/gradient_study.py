@@ -42,7 +42,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes"), str(ROOT / "tests")]
 import asynctrain as at  # noqa: E402
-from asynctrain import engine as engine_mod  # noqa: E402
+from asynctrain import engine as engine_mod, receivers as receivers_mod, steps as steps_mod  # noqa: E402
 from asynctrain.kernels.lif import arctan_surrogate  # noqa: E402
 
 RULES = ("every", "every+detach", "fire_or_last", "fire_or_last+detach")
@@ -129,9 +129,9 @@ def stack_snn(net: nn.Sequential, K: int, rule: str, theta: float, steepness: fl
 
 
 class WindowCounter:
-    """Counts, per weight layer, the evaluations each delivered outbox window holds
-    and the log reset factors of non-firing evaluations, from the engine's steps
-    (`Engine.op_step` / `op_input` wrapped; plain-autograd runs use the dense path)."""
+    """Counts, per weight layer, the evaluations each delivered outbox window holds,
+    the evaluations per neuron and pass, and the log reset factors of non-firing
+    evaluations, from the engine's steps (`counted` hooks the step modes)."""
 
     def __init__(self, snn: at.AsyncSNN, theta: float, alpha: float):
         g = snn.graph
@@ -144,10 +144,14 @@ class WindowCounter:
         self.per_pass = [[] for _ in range(self.n_layers)]
         self.count = self.in_pass = None
 
-    def evaluated(self, info, shape) -> None:
-        if isinstance(info, engine_mod.StepInfoAt):  # conv steps without autograd: at the receivers
-            info = info.dense(shape)
-        received, v_pre, gate, refr = info.received, info.v_pre, info.gate, info.refr
+    def evaluated_at(self, info, shape) -> None:
+        """An evaluation at a step's receivers (`receivers.StepInfoAt`)."""
+        def dense(x, fill):
+            return torch.full(shape, fill, dtype=x.dtype).view(-1).index_put((info.idx,), x).view(shape)
+        received = dense(torch.ones_like(info.gate), False)
+        self.evaluated(received, dense(info.v_pre, 0.0), dense(info.gate, False), dense(info.refr, False))
+
+    def evaluated(self, received, v_pre, gate, refr) -> None:
         if self.count is None:
             self.count = torch.zeros(received.shape, dtype=torch.long)
             self.in_pass = torch.zeros(received.shape, dtype=torch.long)
@@ -191,33 +195,36 @@ class WindowCounter:
 
 
 def counted(snn: at.AsyncSNN, frames, labels, seed: int, theta: float, alpha: float) -> dict:
-    """One forward run (no grad) with the window counter hooked into the engine."""
+    """One forward run (no grad) with the window counter hooked into the step modes."""
     counter = WindowCounter(snn, theta, alpha)
-    step, start = engine_mod.Engine.op_step, engine_mod.Engine.op_start
-    inp = engine_mod.Engine.op_input
+    whole, at_recv = steps_mod.WholeState, receivers_mod.AtReceivers
+    saved = (whole.step, at_recv.step, whole.evaluate, engine_mod.Engine.op_start)
 
-    def op_step(self, st, sel, sel_deliv, wt, t, k):
-        counter.emptied(self.decode(sel)[1])
-        st, info = step(self, st, sel, sel_deliv, wt, t, k)
-        counter.evaluated(info, st.v.shape)
-        return st, info
+    def wrap(orig):
+        def step(self, st, sel, sel_deliv, wt, t, k):
+            counter.emptied(self.eng.decode(sel)[1])
+            st, info, mode = orig(self, st, sel, sel_deliv, wt, t, k)
+            if isinstance(info, receivers_mod.StepInfoAt):
+                counter.evaluated_at(info, st.v.shape)
+            return st, info, mode
+        return step
 
-    def op_input(self, st, x, wt, t):
-        st, info = inp(self, st, x, wt, t)
-        if info is not None:
-            counter.evaluated(info, st.v.shape)
+    def evaluate(self, st, current, n_add, received, t, k, vals):  # whole state (and the input step)
+        st, info = saved[2](self, st, current, n_add, received, t, k, vals)
+        counter.evaluated(info.received, info.v_pre, info.gate, info.refr)
         return st, info
 
     def op_start(self, st):
         counter.pass_ended()
-        return start(self, st)
+        return saved[3](self, st)
 
-    engine_mod.Engine.op_step, engine_mod.Engine.op_input, engine_mod.Engine.op_start = op_step, op_input, op_start
+    whole.step, at_recv.step, whole.evaluate, engine_mod.Engine.op_start = wrap(saved[0]), wrap(saved[1]), \
+        evaluate, op_start
     try:
         with torch.no_grad():
             snn(frames, seed=seed)
     finally:
-        engine_mod.Engine.op_step, engine_mod.Engine.op_input, engine_mod.Engine.op_start = step, inp, start
+        whole.step, at_recv.step, whole.evaluate, engine_mod.Engine.op_start = saved
     counter.pass_ended()
     return counter.summary()
 
