@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SimConfig
+from ._version import __version__
+from .config import SimConfig, short
 from .module import AsyncSNN
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_model", "load_model",
@@ -166,18 +167,6 @@ def config_diff(a: SimConfig, b: SimConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def short(v: Any) -> str:
-    """A value as text of bounded length (per-neuron tensors summarised)."""
-    if isinstance(v, torch.Tensor):
-        if v.numel() == 0:
-            return f"tensor{list(v.shape)}"
-        lo, hi = float(v.min()), float(v.max())
-        return (f"per-neuron [{v.numel()}], all {lo:g}" if lo == hi else
-                f"per-neuron [{v.numel()}] in [{lo:g}, {hi:g}]")
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 # ----------------------------------------------------------------------- writing
 def check_writable(path: str | os.PathLike, what: str = "checkpoint path") -> Path:
     """Raise ValueError (naming `path`) unless a file can be written at `path`: its
@@ -214,8 +203,6 @@ def save_model(path: str | os.PathLike, snn: AsyncSNN, **meta: Any) -> None:
     mid-write leaves the previous checkpoint intact. `meta` must be plain data
     (numbers, strings, lists, dicts, tensors, optimizer state dicts); `Path`s and other
     objects are stored as their text."""
-    from . import __version__
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(format=FORMAT, format_version=FORMAT_VERSION, asynctrain_version=__version__,

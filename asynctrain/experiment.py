@@ -228,13 +228,3 @@ def _training_order(policies: Sequence[str], hypers: Mapping[str, Hyper],
                              f"or pass init_from (a layered checkpoint)")
         return ["layered", *[p for p in policies if p != "layered"]]
     return list(policies)
-
-
-# ------------------------------------------------------------------- recipes' CLI
-def __getattr__(name: str) -> Any:
-    # the recipes' command line lives in asynctrain.recipe (which imports this module)
-    if name in ("DataSpec", "recipe_main"):
-        from . import recipe
-
-        return getattr(recipe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

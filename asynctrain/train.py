@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from . import rng
-from .checkpoint import config_diff, load_into, read_checkpoint, save_model, short
-from .config import describe
-from .guards import (TrainingDiverged, check_batch, check_before_training, check_finite,
-                     run_settings, warn_if_silent)
+from .checkpoint import config_diff, load_into, read_checkpoint, save_model
+from .config import describe, short
+from .evaluate import evaluate, logits_of
+from .guards import (TrainingDiverged, check_batch, check_before_training, check_device,
+                     check_finite, check_loss, run_settings, unpack_batch, warn_if_silent)
 from .module import AsyncSNN
 
 __all__ = ["fit", "logits_of", "LOSSES", "LR_SCHEDULES", "scheduled_lr", "TrainingDiverged",
@@ -49,15 +50,6 @@ def scheduled_lr(lr: float, schedule: str | None, epoch: int, epochs: int) -> fl
     if schedule == "cosine":
         return lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
     return lr
-
-
-def logits_of(out: torch.Tensor, readout: str) -> torch.Tensor:
-    """Output of `AsyncSNN` ``[T, B, n_out]`` -> logits ``[B, n_out]`` (SPEC 8).
-
-    "counts": output spike counts summed over the timesteps (rates up to a factor T).
-    "potential": the output potentials after the last pass (CIFAR-10: T = 1).
-    """
-    return out.sum(0) if readout == "counts" else out[-1]
 
 
 def _loss_counts(out: torch.Tensor, labels: torch.Tensor, readout: str) -> torch.Tensor:
@@ -176,10 +168,10 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
     params = [p for p in snn.parameters() if p.requires_grad]
     if not params:
         raise ValueError("snn has no trainable parameters")
-    device = torch.device(device) if device is not None else params[0].device
+    device = check_device(device, params[0].device) if device is not None else params[0].device
     settings = run_settings(seed, lr, weight_decay, loss)
     settings["lr_schedule"] = lr_schedule  # None: constant (older checkpoints lack the key)
-    check_before_training(train_loader, checkpoint_path, log_path)
+    check_before_training(train_loader, checkpoint_path, log_path, val_loader)
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
@@ -214,7 +206,14 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             record = _one_epoch(snn, opt, train_loader, epoch, seed, device, max_batches,
                                 bar, log, loss)
             if val_loader is not None:
-                record.update(_validate(snn, val_loader, val_execution, seed))
+                try:
+                    record.update(_validate(snn, val_loader, val_execution, seed))
+                except Exception:  # the trained epoch is kept, without its validation
+                    if checkpoint_path is not None:
+                        save_checkpoint(checkpoint_path, snn, opt, epoch=epoch + 1,
+                                        history=[*history, record], **settings,
+                                        args=dict(recipe_args or {}))
+                    raise
             history.append(record)
             log.write(event="epoch", **record)
             if checkpoint_path is not None:
@@ -238,14 +237,17 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
     sums = dict(loss=0.0, correct=0, samples=0, steps=0.0, passes=0, synops=0.0,
                 hidden=0.0, capped=0, batches=0, with_output=0)
     last_loss = None
-    for b, (frames, labels) in enumerate(loader):
+    for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
-        check_batch(loader, frames, labels, epoch, b)
+        where = f"train_loader, epoch {epoch + 1}, batch {b + 1}"
+        frames, labels = unpack_batch(batch, where)
+        check_batch(frames, labels, where, snn.graph.n_outputs)
         frames, labels = frames.to(device), labels.to(device)
         out = snn(frames, seed=call_seed(seed, epoch, b))
         logits = logits_of(out, snn.cfg.readout)
         loss = loss_fn(out, labels, snn.cfg.readout)
+        check_loss(loss, where)
         _check_finite(snn, "loss", epoch, b, log, opt, loss=loss, last_loss=last_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -306,10 +308,11 @@ def _load_init(snn: AsyncSNN, source: str | os.PathLike | dict) -> str:
 
 
 def _validate(snn: AsyncSNN, loader: Iterable, execution: str | None, seed: int) -> dict:
-    from .evaluate import evaluate  # late: evaluate imports this module
-
     ex = execution or ("layered" if snn.cfg.policy == "layered" else snn.cfg.policy)
-    r = next(iter(evaluate(snn, loader, [ex], steps_after_output=None, seed=seed).values()))
+    try:
+        r = next(iter(evaluate(snn, loader, [ex], steps_after_output=None, seed=seed).values()))
+    except ValueError as err:
+        raise ValueError(f"val_loader: {err}") from err
     return dict(val_execution=r.execution, val_accuracy=r.accuracy, val_density=r.density)
 
 
