@@ -110,8 +110,10 @@ try:
 except ImportError as err:  # pragma: no cover - the extra is installed in CI
     raise ImportError("asynctrain.nir needs the `nir` package: pip install asynctrain[nir]") from err
 
+from ._warn import warn
 from .config import SimConfig, per_neuron
 from .module import AsyncSNN
+from .outdir import saving
 from .nir_nodes import (RESET_KEY, SNNTORCH_DT_MS, UNIT_SCALE_TOL, chain, fold_scale, io_shape,
                         layer_of, neurons_of, out_shape)
 
@@ -267,15 +269,16 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
     Raises: ValueError naming the node and the parameter for anything the engine
     cannot run exactly (see the module docstring), or when no dt is known.
     """
+    source = None
     if isinstance(graph, (str, os.PathLike)):
-        graph = read(graph)
+        source, graph = os.fspath(graph), read(graph)
     if not isinstance(graph, nir.NIRGraph):
         raise TypeError(f"from_nir takes a nir.NIRGraph or a .nir path, got {type(graph).__name__}")
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
-    dt_ms, stored = _dt_and_settings(meta, cfg)
+    dt_ms, stored = _dt_and_settings(meta, cfg, source or getattr(graph, "_asynctrain_source", None))
     path = chain(graph)
-    in_shape = tuple(int(s) for s in io_shape(graph.nodes[path[0]], "input"))
     body = path[1:-1]
+    in_shape = _input_shape(io_shape(graph.nodes[path[0]], "input"), graph.nodes[body[0]] if body else None)
     if body and isinstance(graph.nodes[body[0]], nir.Flatten):
         body = body[1:]  # a flat input: frames may be image-shaped or flat
         in_shape_eff: tuple[int, ...] = (math.prod(in_shape),)
@@ -283,7 +286,7 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
         in_shape_eff = in_shape
     modules: list[nn.Module] = []
     taus, thetas = [], []
-    shape = in_shape_eff
+    shape = shape_before = in_shape_eff
     want_neurons: tuple[str, nn.Module] | None = None
     for name in body:
         node = graph.nodes[name]
@@ -319,36 +322,68 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
                     input_shape=in_shape if len(in_shape) == 3 else None)
 
 
-def _dt_and_settings(meta: dict, cfg: SimConfig | None) -> tuple[float, dict[str, Any]]:
+def _input_shape(shape: np.ndarray, first: Any) -> tuple[int, ...]:
+    """The Input node's shape without leading singleton axes that exporters add for the
+    batch (``(1, 20)`` before a Linear is 20 features, ``(1, C, H, W)`` before a
+    Conv2d or a Flatten is an image)."""
+    dims = [int(s) for s in shape]
+    keep = 1 if isinstance(first, (nir.Linear, nir.Affine)) else 3
+    while len(dims) > keep and dims[0] == 1:
+        dims = dims[1:]
+    return tuple(dims)
+
+
+_DT_UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3}
+"""Units the graph metadata's ``dt_unit`` may name, in ms (NIR's own unit is seconds)."""
+
+
+def _dt_and_settings(meta: dict, cfg: SimConfig | None,
+                     source: str | None = None) -> tuple[float, dict[str, Any]]:
+    where = f"{source}: " if source else ""
     stored: dict[str, Any] = {}
     stored_dt = None
     if _SETTINGS_KEY in meta:
         raw = meta[_SETTINGS_KEY]
-        stored = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+        try:
+            stored = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+        except ValueError as err:
+            raise ValueError(f"{where}graph metadata {_SETTINGS_KEY!r} is not JSON ({err}); the file "
+                             f"was not written by asynctrain.nir, or was damaged: remove the key "
+                             f"and pass cfg=SimConfig(...) instead") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{where}graph metadata {_SETTINGS_KEY!r} must hold a JSON object, got "
+                             f"{type(stored).__name__}")
         stored_dt = stored.pop("dt_ms", None)
         known = {f.name for f in dataclasses.fields(SimConfig)}
         unknown = sorted(set(stored) - known)
         if unknown:  # written by another version of asynctrain
-            warnings.warn(f"the graph's execution settings name field(s) {unknown} that this "
-                          f"SimConfig does not have; they are ignored", UserWarning, stacklevel=3)
+            warn(f"{where}the graph's execution settings name field(s) {unknown} that this "
+                 f"SimConfig does not have; they are ignored", UserWarning)
             stored = {k: v for k, v in stored.items() if k in known}
         for k, v in list(stored.items()):
             if isinstance(v, list):
                 stored[k] = torch.tensor(v)
     if "dt" in meta:
-        dt_ms = float(np.asarray(meta["dt"])) * 1000.0
+        unit = meta.get("dt_unit", "s")
+        unit = unit.decode() if isinstance(unit, bytes) else str(unit)
+        if unit not in _DT_UNITS:
+            raise ValueError(f"{where}graph metadata 'dt_unit' is {unit!r}; known units: "
+                             f"{', '.join(_DT_UNITS)} (NIR's own unit is seconds)")
+        try:
+            dt_ms = float(np.asarray(meta["dt"], dtype=np.float64)) * _DT_UNITS[unit]
+        except (TypeError, ValueError):
+            dt_ms = math.nan
         if not (math.isfinite(dt_ms) and dt_ms > 0):
-            raise ValueError(f"graph metadata 'dt' must be a positive number of seconds, got "
+            raise ValueError(f"{where}graph metadata 'dt' must be a positive number (of {unit}), got "
                              f"{meta['dt']!r}")
         if stored_dt is not None and math.isclose(stored_dt, dt_ms, rel_tol=1e-9):
             dt_ms = float(stored_dt)  # our own ms value, without the round trip through s
         if cfg is not None and not math.isclose(cfg.dt, dt_ms, rel_tol=1e-12):
-            warnings.warn(f"the graph's metadata fixes dt = {dt_ms:g} ms; cfg.dt = {cfg.dt:g} ms "
-                          f"is ignored (the neurons' decay was exported for the graph's dt)",
-                          UserWarning, stacklevel=3)
+            warn(f"the graph's metadata fixes dt = {dt_ms:g} ms; cfg.dt = {cfg.dt:g} ms "
+                 f"is ignored (the neurons' decay was exported for the graph's dt)", UserWarning)
         return dt_ms, stored
     if cfg is None:
-        raise ValueError("the graph's metadata has no 'dt' and no cfg was given: from_nir needs "
+        raise ValueError(f"{where}the graph's metadata has no 'dt' and no cfg was given: from_nir needs "
                          "the discretization step; pass cfg=SimConfig(dt=...) in ms (snnTorch "
                          f"1.0 exports assume dt = {SNNTORCH_DT_MS} ms)")
     return float(cfg.dt), stored
@@ -360,8 +395,11 @@ def write(path: str | os.PathLike, model: "AsyncSNN | nir.NIRGraph") -> None:
     graph = to_nir(model) if isinstance(model, AsyncSNN) else model
     if not isinstance(graph, nir.NIRGraph):
         raise TypeError(f"write takes an AsyncSNN or a nir.NIRGraph, got {type(model).__name__}")
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    nir.write(path, graph)
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)!r} is a folder: give a file name such as "
+                         f"{os.path.join(os.fspath(path), 'model.nir')!r}")
+    with saving(path, ".nir file") as tmp:
+        nir.write(tmp, graph)
 
 
 def read(path: str | os.PathLike) -> "nir.NIRGraph":
@@ -369,12 +407,13 @@ def read(path: str | os.PathLike) -> "nir.NIRGraph":
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no .nir file at {os.fspath(path)!r}")
     try:
-        graph = nir.read(path)
+        graph = nir.read(path, type_check=False)  # from_nir checks every shape itself, naming the node
     except (OSError, KeyError, ValueError, TypeError, AssertionError) as err:
         raise ValueError(f"{os.fspath(path)!r} is not a readable NIR file (HDF5 written by "
                          f"nir.write): {type(err).__name__}: {str(err).splitlines()[0][:160]}") from None
     if isinstance(graph.metadata, dict):  # h5py gives strings back as bytes
         graph.metadata = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in graph.metadata.items()}
+    graph._asynctrain_source = os.fspath(path)  # named by from_nir's errors
     return graph
 
 

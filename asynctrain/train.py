@@ -35,6 +35,7 @@ from .evaluate import evaluate, logits_of
 from .guards import (TrainingDiverged, check_batch, check_before_training, check_device,
                      check_finite, check_loss, run_settings, unpack_batch, warn_if_silent)
 from .module import AsyncSNN
+from .outdir import OutputError
 
 __all__ = ["fit", "logits_of", "LOSSES", "LR_SCHEDULES", "scheduled_lr", "TrainingDiverged",
            "save_checkpoint", "load_checkpoint",
@@ -377,8 +378,11 @@ class _JsonLines:
         if self.path is None:
             return
         record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), **record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except OSError as err:
+            raise OutputError(f"could not write the training log {self.path}: {err}") from err
 
 
 def _progress(enabled: bool, desc: str, total: int | None) -> Any:
