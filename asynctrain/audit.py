@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import SimConfig
-from .data import collate_time_major
+from .data import DataFileError, collate_time_major
 from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, ExecutionResult, evaluate
 from .module import AsyncSNN
 
@@ -83,6 +83,10 @@ class _Frames(Dataset):
                              f"{tuple(labels.shape)}")
         if labels.is_floating_point() or (labels < 0).any():
             raise ValueError(f"{where}: labels must be integers >= 0")
+        if frames.is_floating_point() and not bool(torch.isfinite(frames).all()):
+            bad = (~torch.isfinite(frames)).flatten(1).any(1).nonzero()[:, 0]
+            raise DataFileError(f"{where}: frames of {len(bad)} sample(s) hold NaN/inf values, first "
+                                f"sample {int(bad[0])}")
         self.frames, self.labels = frames, labels.to(torch.int64)
         self.num_classes = int(self.labels.max()) + 1 if len(labels) else 0
         self.num_features = math.prod(frames.shape[2:])
@@ -308,8 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     kw = dict(Ks=a.K, presets=a.presets, neurons_per_core=a.neurons_per_core,
               steps_after_output=a.steps_after_output, seed=a.seed, progress=not a.no_progress)
     label = "As given"
-    from .data import DataFileError
-
     try:  # samples are read lazily: a corrupt one shows up here
         results = {label: audit(snn, loader, **kw)}
         sentences = [loss_sentence(results[label], "The model")]

@@ -201,6 +201,12 @@ def collate_time_major(batch: Sequence[tuple[torch.Tensor, int]]
     Stacking along dim 1 builds the time-major batch in one copy; frames[t] is then a
     contiguous [B, F] block, as the simulator reads one timestep at a time.
     """
+    shapes = [tuple(f.shape) for f, _ in batch]
+    if len(set(shapes)) > 1:
+        i = next(i for i, s in enumerate(shapes) if s != shapes[0])
+        raise ValueError(f"collate_time_major: sample {i} of the batch has frames of shape {shapes[i]}, "
+                         f"sample 0 {shapes[0]}; samples stacked into one batch need the same T "
+                         f"and features (crop or pad them to one length, e.g. a fixed duration_ms)")
     frames = torch.stack([f for f, _ in batch], dim=1)
     return frames, torch.tensor([int(y) for _, y in batch], dtype=torch.int64)
 

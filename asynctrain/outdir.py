@@ -9,7 +9,8 @@ A run owns its output folder through a lock file, ``<out>/.asynctrain.lock``,
 holding the process id, host, start time and command. A second run that finds it
 held by a live process stops before any work, naming that run; a lock left by a
 process that is gone (killed) is taken over, with a note. The lock is released when
-the run ends, however it ends.
+the run ends, however it ends; folders the claim made are removed again if the run
+left them empty.
 
 Writes (`write_text`, `saving`) go through a temporary file and ``os.replace``, so a
 crash leaves the previous file; a failure (a full disk, a read-only folder, a folder
@@ -104,6 +105,7 @@ def claim(folder: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
     """Own `folder` for the duration of the block (module docstring); `OutputError`
     naming the other run when a live one holds it."""
     folder = Path(folder)
+    made = [d for d in (folder, *folder.parents) if not d.exists()]  # removed again if left empty
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -138,9 +140,12 @@ def claim(folder: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
     try:
         yield folder
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(lock.read_text()).get("pid") == me["pid"]:
                 lock.unlink()
+        for d in made:  # a run that stopped before writing anything leaves no folder
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
 
 
 # --------------------------------------------------------------------- ownership

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .evaluate import ExecutionResult
+from .outdir import saving, write_text
 
 __all__ = ["table_rows", "markdown_table", "plot_latency", "plot_accuracy_vs_steps",
            "plot_currents_to_spike", "write_report", "COLUMNS"]
@@ -42,10 +43,13 @@ COLUMNS = (("accuracy", "Acc.", "{:.3f}"), ("density", "Density", "{:.3f}"),
 
 
 def _per_seed(results: Results) -> dict[str, list[Mapping[str, ExecutionResult]]]:
+    if not results:
+        raise ValueError("no results to report: give {training label: {execution: "
+                         "ExecutionResult}} (what evaluate returns, per trained model)")
     out = {}
     for train, res in results.items():
         out[train] = [res] if isinstance(res, Mapping) else list(res)
-        if not out[train]:
+        if not out[train] or not all(out[train]):
             raise ValueError(f"no results for {train!r}")
     return out
 
@@ -257,13 +261,15 @@ def _x_range(h: np.ndarray, keep: float = 0.995) -> tuple[int, int, float]:
 
 def _save(fig: Any, path: str | os.PathLike, layout: bool = True) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if layout:
         fig.tight_layout()
-    fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        with saving(path, "figure") as tmp:
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -273,14 +279,13 @@ def write_report(out_dir: str | os.PathLike, results: Results, title: str | None
     """Write ``table.md``, ``results.json`` (every number, per-sample ones included,
     plus `extra`) and the three figures under `out_dir`; returns their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(results)
     paths = {"table": out / "table.md", "results": out / "results.json"}
-    paths["table"].write_text(markdown_table(rows, title))
+    write_text(paths["table"], markdown_table(rows, title), "table")
     payload = dict(title=title, rows=rows, extra=dict(extra or {}),
                    results={train: [{k: r.to_dict() for k, r in s.items()} for s in seeds]
                             for train, seeds in _per_seed(results).items()})
-    paths["results"].write_text(json.dumps(payload, indent=1, default=_json_default))
+    write_text(paths["results"], json.dumps(payload, indent=1, default=_json_default), "results")
     paths["latency"] = plot_latency(results, out / "latency.png")
     paths["accuracy_vs_steps"] = plot_accuracy_vs_steps(results, out / "accuracy_vs_steps.png")
     paths["currents_to_spike"] = plot_currents_to_spike(results, out / "currents_to_spike.png")
