@@ -37,7 +37,13 @@ by another run); interrupted (Ctrl-C)."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every default (``(default: ...)``) and keeps the description's layout."""
+    """Shows every default (``(default: ...)``) and keeps the description's layout;
+    never breaks a line inside a hyphenated word (``audit-out``, ``--max-train``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _number(kind: type, text: str, what: str) -> Any:

@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["OutputError", "LOCK_NAME", "claim", "write_text", "saving", "check_owner"]
+__all__ = ["OutputError", "LOCK_NAME", "claim", "clear", "write_text", "saving", "check_owner",
+           "write_record"]
 
 LOCK_NAME = ".asynctrain.lock"
+_HELD: set[Path] = set()  # folders this process holds (a claim inside a claim is a no-op)
 
 
 class OutputError(OSError):
@@ -105,6 +107,9 @@ def claim(folder: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
     """Own `folder` for the duration of the block (module docstring); `OutputError`
     naming the other run when a live one holds it."""
     folder = Path(folder)
+    if folder.resolve() in _HELD:  # e.g. the audit run by recipes/byom_snntorch.py in its --out
+        yield folder
+        return
     made = [d for d in (folder, *folder.parents) if not d.exists()]  # removed again if left empty
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,9 +142,11 @@ def claim(folder: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break
+    _HELD.add(folder.resolve())
     try:
         yield folder
     finally:
+        _HELD.discard(folder.resolve())
         with contextlib.suppress(OSError, ValueError):
             if json.loads(lock.read_text()).get("pid") == me["pid"]:
                 lock.unlink()
@@ -151,20 +158,22 @@ def claim(folder: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
 # --------------------------------------------------------------------- ownership
 def check_owner(folder: str | os.PathLike, record: str, identity: dict[str, Any], *,
                 fresh: bool, outputs: tuple[str, ...], what: str = "--out") -> None:
-    """A folder holding the results of another run (its `record` file, JSON, names
-    different settings than `identity`) is refused unless `fresh`; with `fresh` its
-    `outputs` and the record are deleted. Then `identity` is written as the record."""
+    """Before any work: a folder holding the results of another run (its `record`
+    file, JSON, names other settings than `identity`) is refused unless `fresh`; with
+    `fresh` its `outputs` and the record are deleted. The run calls `write_record`
+    when it writes its first output."""
     folder = Path(folder)
     path = folder / record
+    plain = json.loads(json.dumps(identity, default=str))
     if path.is_file() and not fresh:
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             stored = None
-        if stored != json.loads(json.dumps(identity, default=str)):
+        if stored != plain:
             diff = ("unreadable record" if not isinstance(stored, dict) else "; ".join(
-                f"{k}: {stored.get(k)!r} there, {v!r} here"
-                for k, v in json.loads(json.dumps(identity, default=str)).items() if stored.get(k) != v))
+                f"{k}: {stored.get(k)!r} there, {v!r} here" for k, v in plain.items()
+                if stored.get(k) != v))
             raise OutputError(f"{what} {folder} holds the results of another run ({diff}); "
                               f"--fresh replaces them, or choose another {what}")
     if fresh:
@@ -174,4 +183,19 @@ def check_owner(folder: str | os.PathLike, record: str, identity: dict[str, Any]
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    write_text(path, json.dumps(identity, indent=1, default=str) + "\n", "run record")
+
+
+def write_record(folder: str | os.PathLike, record: str, identity: dict[str, Any]) -> None:
+    """Say which run's results `folder` holds (read by `check_owner`)."""
+    write_text(Path(folder) / record, json.dumps(identity, indent=1, default=str) + "\n", "run record")
+
+
+def clear(folder: str | os.PathLike) -> None:
+    """Delete everything in `folder` but its lock (``--fresh`` of a run that owns it)."""
+    for p in Path(folder).iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
