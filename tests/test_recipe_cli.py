@@ -209,12 +209,12 @@ def test_ctrl_c_prints_one_line_with_the_resume_hint(tmp_path, capsys, monkeypat
 def test_a_full_disk_names_the_file_and_exits_2(tmp_path, capsys, monkeypatch):
     import errno
 
-    from asynctrain import train
+    from asynctrain import run_files
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train, "open", full, raising=False)  # the training log's append
+    monkeypatch.setattr(run_files, "open", full, raising=False)  # the training log's append
     assert _recipe("nmnist").main(_args(tmp_path) + ["--quick"]) == 2
     err = capsys.readouterr().err
     assert f"error: could not write the training log {tmp_path / 'out' / 'quick' / 'layered' / 'train.jsonl'}" \
