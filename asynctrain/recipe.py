@@ -184,10 +184,10 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: DataSpec
         ap.error(f"--eval: 'paper' stands for table 2's rows and cannot be combined with "
                  f"other executions, got {' '.join(args.eval)}")
     if getattr(args, "duration_ms", None) is not None:
-        from .data import _timesteps
+        from .data import timesteps
 
         try:
-            _timesteps(spec.hyper.dt, args.duration_ms)
+            timesteps(spec.hyper.dt, args.duration_ms)
         except ValueError as err:
             ap.error(f"--duration-ms: {err}")
     try:
