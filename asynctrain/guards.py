@@ -174,8 +174,8 @@ def check_finite(module: torch.nn.Module, what: str, epoch: int, batch: int, *,
     if what == "gradient":
         nan_w = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
         note = (f" The weights {', '.join(nan_w)} already hold NaN/inf." if nan_w else
-                f" The weights are finite: the forward overflowed (huge input frames or "
-                f"potentials?) or the loss's gradient did.")
+                " The weights are finite: the forward overflowed (huge input frames or "
+                "potentials?) or the loss's gradient did.")
     raise TrainingDiverged(
         f"{what} {name} holds {count} of {size} NaN/inf values {where}"
         + (f" (also: {', '.join(n for n, _, _ in bad[1:])})" if bad[1:] else "")

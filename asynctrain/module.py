@@ -263,4 +263,4 @@ def _warn_if_unsyncable(graph: Network, cfg: SimConfig) -> None:
          f"(their fan-in {int(reach[never].min())}..{int(reach[never].max())}; {', '.join(layers)}): "
          f"they can never fire" + ("; no output neuron can, so the network outputs nothing"
                                    if outputs else "") + ". Lower sync_threshold (a barrier preset "
-         f"sets it to the fan-in: SimConfig.preset('loihi', net)).", RuntimeWarning)
+         "sets it to the fan-in: SimConfig.preset('loihi', net)).", RuntimeWarning)

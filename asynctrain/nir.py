@@ -459,7 +459,7 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = 
         warnings.simplefilter("ignore", DeprecationWarning)
         graph = export_to_nir(net, sample, ignore_dims=[0])
     graph.metadata = dict(source="snntorch", dt=SNNTORCH_DT_MS / 1000.0, dt_unit="s")
-    for name, node in graph.nodes.items():
+    for node in graph.nodes.values():
         if isinstance(node, nir.LIF):
             node.metadata = dict(node.metadata or {}, **{RESET_KEY: "zero"})
     cfg = None if cfg is None else cfg.replace(dt=SNNTORCH_DT_MS)

@@ -5,12 +5,13 @@
     python recipes/cifar_vgg7.py --eval-only run/last.pt --eval layered RS:K=512 RS:K=8
     python recipes/cifar_vgg7.py --quick --data-dir data          # smoke run
 
-Semantics: docs/semantics.md. Defaults are the paper's (docs/semantics.md section 10, table 6): batch 64 (per process; the effective
-batch is N x 64), 150 epochs, Adam lr 2e-4, weight decay 0, theta 0.2, IF neurons
-(tau = inf), surrogate steepness 2, refractory dropout 0.7, one timestep of analog
-input (pixels / 255 as currents), logits = output membrane potentials after the pass
-(``readout="potential"``), training with ``stop="spiking_done"``. The paper trained
-with K = 512 (its GPU's limit) and RS; this recipe trains at any K.
+Semantics: docs/semantics.md. Defaults are the paper's (docs/semantics.md section 10,
+table 6): batch 64 (per process; the effective batch is N x 64), 150 epochs, Adam lr
+2e-4, weight decay 0, theta 0.2, IF neurons (tau = inf), surrogate steepness 2,
+refractory dropout 0.7, one timestep of analog input (pixels / 255 as currents),
+logits = output membrane potentials after the pass (``readout="potential"``),
+training with ``stop="spiking_done"``. The paper trained with K = 512 (its GPU's
+limit) and RS; this recipe trains at any K.
 
 Choices where the paper is silent (written down here and in the checkpoint):
 - the input frame is delivered at once as the first forward step
