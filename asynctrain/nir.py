@@ -5,7 +5,7 @@
     snn = from_nir(read("model.nir"))      # AsyncSNN, weights and execution settings
     snn = from_nir(snntorch_graph, SimConfig(dt=0.1, K=8))  # a graph without our metadata
 
-Needs ``pip install asynctrain[nir]`` (the `nir` package).
+Needs the `nir` package (``pip install -e ".[nir]"`` in the checkout, or ``pip install nir``).
 
 What maps to what (everything the engine runs; anything else is refused, naming the
 node and the parameter, never approximated):
@@ -47,8 +47,8 @@ module uses the same convention both ways:
   Reading a snnTorch graph with ``exp(-dt / tau_nir)`` as the decay instead is a
   different model: on the cross-library test network (tests/test_nir_snntorch.py:
   40-30-20-10, beta 0.05-0.95, 20 frames, 64 samples) 40 % of the per-sample output
-  counts differ that way, none with this convention (issue 13 quotes 1.6 % for its
-  network; the two decays are close only when beta is near 1).
+  counts differ that way, none with this convention (on a network whose betas are all
+  near 1 the two decays differ little: 1.6 % of the counts was measured on one).
 - export: ``tau_nir = dt / (1 - exp(-dt / tau))``, ``r = tau_nir / dt`` (input scale
   1), v_leak = v_reset = 0; IF neurons (every tau of the layer infinite) as ``IF``
   with ``r = 1 / dt``. A layer mixing IF and LIF neurons is refused (NIR has one
@@ -108,7 +108,8 @@ from torch import nn
 try:
     import nir
 except ImportError as err:  # pragma: no cover - the extra is installed in CI
-    raise ImportError("asynctrain.nir needs the `nir` package: pip install asynctrain[nir]") from err
+    raise ImportError("asynctrain.nir needs the `nir` package: pip install nir (or pip install -e '.[nir]' "
+                      "in the asynctrain checkout)") from err
 
 from ._warn import warn
 from .config import SimConfig, per_neuron

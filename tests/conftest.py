@@ -1,6 +1,6 @@
 """Shared helpers for the engine tests: tiny random networks and inputs, one call of
 the engine (`AsyncSNN`) and one of the dense oracle with the same weights, seed and
-mode, and the comparison rule of STYLE point 4 (spikes and stats exact, potentials
+mode, and the comparison rule of the engine tests (spikes and stats exact, potentials
 and gradients within a stated tolerance).
 
 The test files import these as ``from conftest import ...`` (``tests/`` is on

@@ -1,4 +1,4 @@
-"""The layout rules of ARCHITECTURE.md that code can check: one dependency direction
+"""The layout rules that code can check: one dependency direction
 (nothing under kernels/ imports from asynctrain), one radix search for both
 selections, and the package importable from a checkout (asynctrain/_layout.py)."""
 
