@@ -4,7 +4,6 @@ fine-tuned model written back; the snnTorch -> NIR -> audit recipe at tiny size.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from asynctrain import AsyncSNN, SimConfig  # noqa: E402
 from asynctrain import audit as audit_cli  # noqa: E402
 from asynctrain import nir as anir  # noqa: E402
 from asynctrain.checkpoint import load_model, save_model  # noqa: E402
+from fixtures import load_recipe  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,20 +167,14 @@ def test_barrier_preset_gives_layered_results():
 
 def test_recipe_data_match_the_recipes():
     for name, spec in audit_cli.RECIPE_DATA.items():
-        path = ROOT / "recipes" / f"{name}.py"
-        mod_spec = importlib.util.spec_from_file_location(f"_recipe_{name}", path)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
+        mod = load_recipe(name, f"_recipe_{name}")
         assert mod.HYPER.dt == spec["dt"], name
         assert mod.SPEC.name == name
 
 
 def test_byom_recipe_tiny(tmp_path, capsys):
     pytest.importorskip("snntorch")
-    path = ROOT / "recipes" / "byom_snntorch.py"
-    mod_spec = importlib.util.spec_from_file_location("_byom", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    mod = load_recipe("byom_snntorch", "_byom")
     rc = mod.main(["--quick", "--out", str(tmp_path), "--hidden", "8", "--T", "3",
                    "--max-train", "32", "--max-test", "16", "--eval", "MS:K=2", "--no-progress"])
     text = capsys.readouterr().out
@@ -193,10 +187,7 @@ def test_byom_recipe_tiny(tmp_path, capsys):
 
 def test_byom_checks_out_before_training_and_keeps_other_runs(tmp_path, capsys, monkeypatch):
     pytest.importorskip("snntorch")
-    path = ROOT / "recipes" / "byom_snntorch.py"
-    mod_spec = importlib.util.spec_from_file_location("_byom2", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    mod = load_recipe("byom_snntorch", "_byom2")
     monkeypatch.setattr(mod, "train_snntorch", lambda *a: pytest.fail("trained before the check"))
     (tmp_path / "f").write_text("x")
     with pytest.raises(SystemExit) as e:

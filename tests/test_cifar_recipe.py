@@ -9,7 +9,6 @@ which spikes still reach the output layer with the default initialisation.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from asynctrain.checkpoint import read_checkpoint
-from fixtures import write_cifar10
+from fixtures import load_recipe, write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "cifar_vgg7.py"
@@ -30,10 +29,7 @@ TINY = ["--width", "0.125", "--batch-size", "2", "--max-test", "4", "--epochs", 
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("cifar_vgg7", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe("cifar_vgg7", "cifar_vgg7")
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,13 @@ verdicts, writes every file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.py"
+from fixtures import load_recipe
 
 
 def test_demo_quick(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("demo", DEMO)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_recipe("demo", "demo")
     assert demo.main(["--quick", "--out", str(tmp_path.parent / tmp_path.name), "--no-progress"]) == 0
     tmp_path = tmp_path / "quick"  # --quick writes to its own folder
     text = capsys.readouterr().out

@@ -5,23 +5,19 @@ default, --quick has its own folder, --eval-only rebuilds the model from the fil
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from asynctrain.checkpoint import save_model
+from fixtures import load_recipe
 from test_recipes import _nmnist
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", RECIPES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe(name, f"cli_{name}")
 
 
 @pytest.fixture
