@@ -226,16 +226,6 @@ RECORD = "audit-run.json"
 _NOT_IDENTITY = ("out", "no_progress", "threads", "device", "fresh", "quick", "K")
 
 
-def _execution(text: str) -> str:
-    from .evaluate import Execution
-
-    try:
-        Execution.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
 def _parser() -> argparse.ArgumentParser:
     from . import cli
 
@@ -254,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="ms per timestep for a .nir graph without dt in its metadata "
                          "(snnTorch exports: 0.1; none: the graph's)")
     ap.add_argument("--out", default="audit-out", help="output folder (--quick: <out>/quick)")
-    ap.add_argument("--eval", nargs="*", type=_execution, default=None, metavar="EXECUTION",
+    ap.add_argument("--eval", nargs="*", type=cli.execution, default=None, metavar="EXECUTION",
                     help="executions besides layered, RS and MS at the model's K, e.g. RS:K=1 "
                          "MS:K=64 MS:drain (none: RS and MS at K = 1, 8 and 64 but the model's own)")
     ap.add_argument("--K", type=pos_int, nargs="*", default=None,

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["positive", "at_least", "probability", "finite", "device", "threads", "out_folder",
+__all__ = ["positive", "at_least", "probability", "finite", "execution", "device", "threads", "out_folder",
            "explicit", "conflicts", "HelpFormatter", "apply_quick", "deprecated", "guarded",
            "EXIT_DONE", "EXIT_DIVERGED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
@@ -80,6 +80,17 @@ def at_least(lo: float, kind: type = int) -> Callable[[str], Any]:
         return v
     parse.__name__ = f"{kind.__name__} >= {lo:g}"
     return parse
+
+
+def execution(text: str) -> str:
+    """An execution of `asynctrain.evaluate` ("layered", "RS", "MS:K=4", "RS:drain", ...)."""
+    from .evaluate import Execution
+
+    try:
+        Execution.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def finite(text: str) -> float:

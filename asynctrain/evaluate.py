@@ -55,7 +55,7 @@ from . import rng
 from .config import SimConfig
 from .module import AsyncSNN
 from ._warn import warn
-from .guards import SILENT_FRACTION, check_batch, check_loader, unpack_batch
+from .guards import SILENT_FRACTION, check_batch, check_loader, loader_length, unpack_batch
 
 __all__ = ["Execution", "ExecutionResult", "evaluate", "inference_config", "logits_of", "TRAINING_ONLY",
            "UBRAIN_ENERGY_PER_SO", "DEFAULT_STEPS_AFTER_OUTPUT"]
@@ -298,7 +298,7 @@ def evaluate(snn: AsyncSNN, loader: Iterable, executions: Sequence[str | Executi
     bar = None
     if progress:
         from tqdm import tqdm
-        n_batches = _n_batches(loader, max_batches)
+        n_batches = loader_length(loader, max_batches) or max_batches
         bar = tqdm(total=None if n_batches is None else sum(runs) * n_batches,
                    desc=f"evaluate {len(execs)} execution(s), {sum(runs)} passes over the data",
                    unit="batch", dynamic_ncols=True)
@@ -338,14 +338,6 @@ def _warn_if_silent(r: "ExecutionResult", readout: str) -> None:
              f"{100 * (1 - r.passes_with_output):.0f}% of passes (density "
              f"{r.density:.3f}); the network is (nearly) silent, so its predictions "
              f"are mostly class 0. Lower theta or train longer.", RuntimeWarning)
-
-
-def _n_batches(loader: Iterable, max_batches: int | None) -> int | None:
-    try:
-        n = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    return n if max_batches is None else min(n, max_batches)
 
 
 def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,

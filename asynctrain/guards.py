@@ -19,7 +19,7 @@ from ._warn import warn
 from .checkpoint import check_writable
 
 __all__ = ["TrainingDiverged", "SETTINGS", "run_settings", "check_before_training", "check_batch",
-           "unpack_batch", "check_loader", "check_device", "check_finite", "check_loss",
+           "unpack_batch", "loader_length", "check_loader", "check_device", "check_finite", "check_loss",
            "warn_if_silent"]
 
 
@@ -44,13 +44,18 @@ def run_settings(seed: int, lr: float, weight_decay: float, loss: Any) -> dict[s
     return dict(seed=seed, lr=lr, weight_decay=weight_decay, loss=name)
 
 
-def check_loader(loader: Iterable, name: str) -> None:
-    """A loader that is empty or stacks samples on the first axis is refused, naming it."""
+def loader_length(loader: Iterable, max_batches: int | None = None) -> int | None:
+    """Batches `loader` will yield (at most `max_batches`); None when it has no len()."""
     try:
         n = len(loader)  # type: ignore[arg-type]
     except TypeError:
-        n = None
-    if n == 0:
+        return None
+    return n if max_batches is None else min(n, max_batches)
+
+
+def check_loader(loader: Iterable, name: str) -> None:
+    """A loader that is empty or stacks samples on the first axis is refused, naming it."""
+    if loader_length(loader) == 0:
         raise ValueError(f"{name} is empty (0 batches): no data, or fewer samples than one batch "
                          f"with drop_last=True")
     if isinstance(loader, DataLoader) and loader.batch_size is not None \

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import cli
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data import DataFileError, collate_time_major
-from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, Execution, evaluate
+from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, evaluate
 from .experiment import TRAIN_LABELS, Hyper, paper_executions, run_models, subset
 from .outdir import claim
 from .report import markdown_table, table_rows, write_report
@@ -68,13 +68,7 @@ class DataSpec:
 
 
 def _execution(text: str) -> str:
-    if text == "paper":
-        return text
-    try:
-        Execution.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    return text if text == "paper" else cli.execution(text)
 
 
 def parser(spec: DataSpec) -> argparse.ArgumentParser:

@@ -35,7 +35,8 @@ from .config import describe
 from .distributed import Distributed
 from .evaluate import evaluate, logits_of
 from .guards import (TrainingDiverged, check_batch, check_before_training, check_device,
-                     check_finite, check_loss, run_settings, unpack_batch, warn_if_silent)
+                     check_finite, check_loss, loader_length, run_settings, unpack_batch,
+                     warn_if_silent)
 from .losses import LOSSES, LR_SCHEDULES, scheduled_lr
 from .module import AsyncSNN
 from .run_files import JsonLines, load_checkpoint, load_init, resume as resume_from, save_checkpoint
@@ -195,7 +196,7 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             save_checkpoint(checkpoint_path, snn, opt, **meta, **settings,
                             args=dict(recipe_args or {}))
 
-    n_batches = _length(train_loader, max_batches)
+    n_batches = loader_length(train_loader, max_batches)
     total = None if n_batches is None else (epochs - start) * n_batches - skip
     if total is not None and max_steps is not None:
         total = min(total, max_steps - step)
@@ -289,7 +290,7 @@ class _Epoch:
             if max_steps is not None and step >= max_steps:
                 done = b + 1
                 break
-        if done is not None and done == _length(loader, self.max_batches):
+        if done is not None and done == loader_length(loader, self.max_batches):
             done = None  # the stop fell on the epoch's last batch: the epoch is complete
         sums = dict(zip(_SUMS, dist.all_sum([sums[k] for k in _SUMS])))
         if sums["batches"] == 0 and skip == 0:
@@ -336,14 +337,6 @@ class _Epoch:
         except TrainingDiverged as err:
             self.log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=str(err))
             raise
-
-
-def _length(loader: Iterable, max_batches: int | None) -> int | None:
-    try:
-        n = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-    return n if max_batches is None else min(n, max_batches)
 
 
 def _stop_changes(snn: AsyncSNN, stop: str | None, steps_after_output: int | None) -> dict:

@@ -92,14 +92,6 @@ def _k_list(text: str) -> list[int]:
     return [_k(p.strip()) for p in parts]
 
 
-def _execution(text: str) -> str:
-    try:
-        Execution.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
 MODEL_ARGS = ("width", "theta", "output_threshold", "steepness", "queue_input")
 """Arguments that define the trained model (fixed by a checkpoint)."""
 RUN_ARGS = MODEL_ARGS + ("K", "policy", "batch_size", "lr", "weight_decay", "refractory_dropout",
@@ -128,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="forward group size for training: outboxes per forward step (paper 512)")
     ap.add_argument("--policy", choices=("layered", "RS", "MS"), default="RS",
                     help="execution trained through (layered = layered backprop)")
-    ap.add_argument("--eval", nargs="+", type=_execution, default=None, metavar="EXECUTION",
+    ap.add_argument("--eval", nargs="+", type=cli.execution, default=None, metavar="EXECUTION",
                     help="executions of the evaluation, e.g. layered RS:K=512 MS:K=8:F=2 (none: "
                          "layered and the training policy, RS for a layered model, at K = "
                          f"{', '.join(map(str, EVAL_K))})")
