@@ -140,8 +140,8 @@ def _training_args(ap: argparse.ArgumentParser) -> None:
                          "silent neurons so gradients reach them (docs/semantics.md section 8); "
                          "changes no spike; on by default, the one change that helped in every "
                          "case of docs/unlayered_training.md")
-    ap.add_argument("--gradient-fill", action="store_true",
-                    help="deprecated alias of --fill-slots")
+    ap.add_argument("--gradient-fill", action="store_true",  # deprecated alias of --fill-slots
+                    help=argparse.SUPPRESS)
     ap.add_argument("--train-stop", choices=["spiking_done", "output"], default="spiking_done",
                     help="stop condition of the training passes")
     ap.add_argument("--train-F", type=cli.at_least(0), default=1,

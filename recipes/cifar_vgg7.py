@@ -113,7 +113,8 @@ def _zero_is_all(n: int) -> int | None:
     return n or None  # the old --limit-* spelled "all" as 0
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """The command line (`parse_args` adds the checks across options)."""
     pos_i, pos_f = cli.positive(int), cli.positive(float)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     ap.add_argument("--K", type=_k, default=512,
@@ -184,6 +185,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="DataLoader worker processes per process (0: main process)")
     ap.add_argument("--threads", type=cli.threads, default=None,
                     help="torch CPU threads per process (none: torch's choice)")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = parser()
     a = ap.parse_args(argv)
     given = cli.explicit(ap, argv)
     a.given = sorted(given)
