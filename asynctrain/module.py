@@ -24,6 +24,7 @@ from .config import SimConfig, per_neuron
 from .backward import EventFunction
 from .engine import Engine
 from .layered import layered_forward
+from .loop import CallLoop
 from .network import Network, linear_weights
 
 
@@ -154,7 +155,8 @@ class AsyncSNN(nn.Module):
                             histogram=self.record_currents)
             wt = graph.weight_table(weights)
             if self.checkpoint_every == 0 or not (torch.is_grad_enabled() and wt.requires_grad):
-                out, stats, _, _ = engine.run(frames, wt, keep_checkpoints=False)
+                res = CallLoop(engine).forward(frames, wt, keep_checkpoints=False)
+                out, stats = res.out, res.stats
             else:
                 out = EventFunction.apply(engine, frames, wt)
                 stats = engine.stats

@@ -3,7 +3,7 @@
 They keep what a forward step saves small: Deliver keeps the [B, K] values and
 indices (not the [B, K, F] gathered rows), LIF keeps V1 and three bool masks. They
 are used when the engine runs with autograd (``checkpoint_every=0``, and the layered
-path); the checkpointed forward calls the ops directly and `backward.py` sweeps by
+path); the checkpointed forward calls the ops directly and `loop.py` sweeps by
 hand.
 """
 

@@ -211,9 +211,10 @@ void FN(at_replay_step)(const Ctx *c, int64_t t, int64_t k, const int32_t *sel,
                      v_pre + b * W, refr_before + b * W, received + b * W, gate + b * W, 0);
 }
 
-/* The reverse of one step (backward.py's sweep, SPEC 8): from the adjoints g_v, g_o
- * (in place, [B, W]) and g_acc ([B, n_out]) after the step to those before it; adds
- * the step's weight-table gradient into grad_wt [W, F]. Scratch: gcur [W] SCALAR. */
+/* The reverse of one step (the backward sweep of asynctrain/loop.py, SPEC 8): from
+ * the adjoints g_v, g_o (in place, [B, W]) and g_acc ([B, n_out]) after the step to
+ * those before it; adds the step's weight-table gradient into grad_wt [W, F].
+ * Scratch: gcur [W] SCALAR. */
 void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_deliv,
                           const SCALAR *vals, const SCALAR *v_pre, const uint8_t *refr,
                           const uint8_t *received, const uint8_t *gate, SCALAR *g_v, SCALAR *g_o,

@@ -1,10 +1,10 @@
 """Fused forward steps on the GPU (fully connected networks): the `fused` steps of
 the `triton` backend, the Triton twin of `cpu_step.CpuSteps`.
 
-Same interface as `CpuSteps` (`bind_weights`, `bind_state`, `bind_pass`,
-`forward_step`, `forward_steps`, `replay_step`, `backward_step`; records are
-`cpu_step.FusedRecord`) and the same semantics as the C functions of
-`cpu_step.c`: the same counter hash, packed keys (SPEC 6: ties to the lower index),
+Same interface as `CpuSteps` (`step_spec.FusedSteps`: `bind_weights`, `bind_state`,
+`bind_pass`, `forward_batch`, `replay_step`, `backward_step`; records are
+`step_spec.FusedRecord`; also `forward_step`, `forward_steps`) and the same
+semantics as the C functions of `cpu_step.c`: the same counter hash, packed keys (SPEC 6: ties to the lower index),
 slot order (highest key first) and float operations in the same order (launched
 with ``enable_fp_fusion=False``: no FMA contraction, as the C is built with
 ``-ffp-contract=off``). Selections, spikes and potentials are therefore those of
@@ -51,11 +51,11 @@ import torch
 
 from . import rng
 from ._triton import check_tensors, hash_arg, jit, tl, triton
-from .cpu_step import FusedRecord, _int32
+from .cpu_step import _int32
 from .rng_triton import _fmix32, _uniform_at_from_hash
 from .select import _fill_keys, _radix_threshold, _row_keys
 from . import host
-from .step_spec import as_spec
+from .step_spec import FusedRecord, PassTensors, StepSpec, as_spec
 
 _SUFFIX = (torch.float32, torch.float64)
 _K_MAX = 4096
@@ -457,6 +457,15 @@ class TritonSteps:
     fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = False  # record_currents=True runs the per-op kernels
 
+    @staticmethod
+    def unsupported(spec: StepSpec) -> str | None:
+        """Why these steps cannot run `spec` (None: they can)."""
+        if spec.dtype not in _SUFFIX:
+            return f"the fused Triton steps take float32 and float64, not {spec.dtype}"
+        if spec.k > _K_MAX:
+            return f"the fused Triton steps take K <= {_K_MAX}, not {spec.k}"
+        return None
+
     def __init__(self, spec) -> None:
         """`spec`: a `step_spec.StepSpec` (or an engine, through its ``step_spec()``)."""
         spec = as_spec(spec)
@@ -511,19 +520,19 @@ class TritonSteps:
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
 
-    def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
-        """Point at a pass's bookkeeping (`passes._Pass`) and its bool [B] done flags.
-        No currents-to-spike histogram here (`records_histogram` is False)."""
-        if hist is not None:
+    def bind_pass(self, p: PassTensors) -> None:
+        """Point at a pass's bookkeeping: flags, counters and done flags. No
+        currents-to-spike histogram here (`records_histogram` is False)."""
+        if p.hist is not None:
             raise NotImplementedError("the fused Triton steps do not record the currents-to-spike "
                                       "histogram; the engine runs the per-op kernels for it")
-        for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
-                        ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
+        for name in ("pending", "pre_spike", "spike_sum", "steps", "first_out", "done"):
+            t = getattr(p, name)
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
         if self.fill:
-            assert ps.fillable is not None and ps.fillable.is_contiguous(), "fillable"
-            self._bound["fillable"] = _u8(ps.fillable)
+            assert p.fillable is not None and p.fillable.is_contiguous(), "fillable"
+            self._bound["fillable"] = _u8(p.fillable)
 
     def forward_step(self, t: int, k: int):
         """One forward step of the bound state and pass. Returns (sel, sel_deliv int32

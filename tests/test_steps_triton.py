@@ -34,7 +34,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from asynctrain import AsyncSNN, SimConfig, backends  # noqa: E402
-from asynctrain.engine import Engine, State, _Pass  # noqa: E402
+from asynctrain.engine import Engine  # noqa: E402
+from asynctrain.passes import Pass  # noqa: E402
+from asynctrain.state import State  # noqa: E402
 from asynctrain.kernels import steps_triton  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 from interpreter_child import wrap_tests  # noqa: E402
@@ -71,7 +73,7 @@ def _state(eng: Engine, seed: int, p_pending: float = 0.5):
     v = (torch.randn(B, W, generator=g, dtype=F64) * 0.2).to(dt)
     st = State(v, o, torch.zeros(B, eng.net.n_outputs, dtype=dt), torch.rand(B, W, generator=g) < 0.1,
                torch.randint(0, 3, (B, W), generator=g, dtype=torch.int32))
-    ps = _Pass(B, W, dt, CPU, pending, eager_first=eng.cfg.stop == "output")
+    ps = Pass(B, W, dt, CPU, pending, eager_first=eng.cfg.stop == "output")
     ps.pre_spike = torch.randint(0, 3, (B, W), generator=g).to(dt) * 0.25
     if eng.fill:  # fill_slots: outboxes holding gradient, some of them pending
         ps.fillable = (torch.rand(B, W, generator=g) < 0.5) & eng.tables.is_hidden
@@ -81,7 +83,7 @@ def _state(eng: Engine, seed: int, p_pending: float = 0.5):
 def _forward(cls, eng, wt, st, ps, t, k0, n_max, steps0=None):
     """Run `cls`'s forward_steps on copies; returns (outputs, state, pass, done)."""
     st = st.clone()
-    p = _Pass(eng.batch, eng.width, eng.dtype, CPU, ps.pending.clone(), ps.eager_first)
+    p = Pass(eng.batch, eng.width, eng.dtype, CPU, ps.pending.clone(), ps.eager_first)
     p.pre_spike = ps.pre_spike.clone()
     if ps.fillable is not None:
         p.fillable = ps.fillable.clone()
@@ -91,7 +93,7 @@ def _forward(cls, eng, wt, st, ps, t, k0, n_max, steps0=None):
     f = cls(eng)
     f.bind_weights(wt)
     f.bind_state(st)
-    f.bind_pass(p, done)
+    f.bind_pass(p.tensors(done))
     return f.forward_steps(t, k0, n_max), st, p, done
 
 
@@ -162,7 +164,7 @@ def test_forward_step_reports_all_done():
     f = TritonSteps(eng)
     f.bind_weights(wt)
     f.bind_state(st)
-    f.bind_pass(ps, done)
+    f.bind_pass(ps.tensors(done))
     flags = []
     for k in range(1, 200):
         sel, sd, vals, fired, all_done = f.forward_step(0, k)
