@@ -22,8 +22,8 @@ config after it is built); and the study's own:
 
 The base recipe's `fill_slots` applies to unlayered models only (SimConfig ignores it
 under "layered"). Every model is evaluated at the end (``final``) on the validation
-split under the executions of its table row (unlayered: its own policy at K; the
-layered model: layered, RS and MS at K), over the input orders of EVAL_SEEDS (mean
+split under the executions of its table row (unlayered: its own policy at K, and the
+other policy; the layered model: layered, RS and MS at K), over the input orders of EVAL_SEEDS (mean
 accuracy and density), and under its own execution on N_FIT training samples
 (``final_train``: how well the inference execution fits the training data).
 ``init``: at initialisation (after calibration), the rate of every layer (layered
@@ -72,7 +72,9 @@ BASE = dict(batch_size=64, epochs=20, lr=5e-3, weight_decay=1e-5, steepness=2.0,
             refractory_dropout=0.8, momentum_noise=1e-6, fill_slots=True)
 """The demo's unlayered recipe (recipes/demo.py), the start of round 3."""
 STUDY_KEYS = ("calib", "calib_out", "gradnorm", "schedule", "base")
-ROW_EXECUTIONS = {"layered": ("layered", "RS", "MS"), "RS": ("RS",), "MS": ("MS",)}
+ROW_EXECUTIONS = {"layered": ("layered", "RS", "MS"), "RS": ("RS", "MS"), "MS": ("MS", "RS")}
+"""Executions of the final evaluation: the table row's (first) and the other policy's
+(does a model trained under one policy run better under the other?)."""
 
 
 def make_hyper(task: tasks.Task, policy: str, mode: str, changes: dict
@@ -160,11 +162,12 @@ def _first(ds, n: int):
     return next(iter(_loader(Subset(ds, range(min(n, len(ds)))), n)))
 
 
-def evaluate_row(snn, loader, policy: str, K: int) -> dict:
-    """Accuracy and density under the executions of the model's table row, at K,
-    with the paper's inference stop, mean over the orders of EVAL_SEEDS."""
+def evaluate_row(snn, loader, policy: str, K: int, own_only: bool = False) -> dict:
+    """Accuracy and density under the executions of ROW_EXECUTIONS[policy] (only the
+    first with `own_only`), at K, with the paper's inference stop, mean over the
+    orders of EVAL_SEEDS."""
     out = {}
-    for ex in ROW_EXECUTIONS[policy]:
+    for ex in ROW_EXECUTIONS[policy][:1 if own_only else None]:
         spec = ex if ex == "layered" else f"{ex}:K={K}"
         runs = [evaluate(snn, loader, [spec], steps_after_output=None, seed=s, progress=False)
                 for s in (EVAL_SEEDS if ex != "layered" else EVAL_SEEDS[:1])]
@@ -225,8 +228,7 @@ def run_one(task_name: str, name: str, changes: dict, policy: str, mode: str, se
         val_density=[r4(x["val_density"]) for x in hist if "val_density" in x],
         last_train=r4(hist[-1]["train_accuracy"]), init=init, after=after,
         final=evaluate_row(snn, _loader(eval_ds, 300), policy, h.K),
-        final_train=evaluate_row(snn, _loader(fit_ds, 300), "layered" if policy == "layered"
-                                 else policy, h.K),
+        final_train=evaluate_row(snn, _loader(fit_ds, 300), policy, h.K, own_only=True),
         seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -266,6 +268,59 @@ def summary(paths, split: str = "val") -> str:
     return "\n".join(lines)
 
 
+def screen(paths, reference: str = "base", seeds: tuple[int, ...] | None = None) -> str:
+    """A screening table: one row per variant, one column per (task, mode, unlayered
+    policy): the final validation accuracy under the model's own execution, mean over
+    the seeds it has, and in brackets the change from `reference` on the same seeds;
+    the last columns: the mean change over all cells and the mean training accuracy
+    (last epoch) as a fraction of the layered model's of the same task, mode and
+    seeds (the "layered" reference rows, policy layered of variant `reference`)."""
+    rows = [json.loads(t) for p in paths for t in open(p) if t.strip()]
+    rows = [r for r in rows if r.get("split", "val") == "val"
+            and (seeds is None or r["seed"] in seeds)]
+    acc = defaultdict(dict)  # variant -> (task, mode, policy) -> {seed: acc}
+    train = defaultdict(dict)
+    lay_async = defaultdict(dict)  # (task, mode, policy) -> {seed: the layered model's acc}
+    for r in rows:
+        if r["policy"] == "layered" and r["variant"] == reference:
+            for p in ("RS", "MS"):
+                lay_async[(r["task"], r["mode"], p)][r["seed"]] = r["final"][p]["acc"]
+        acc[r["variant"]].setdefault((r["task"], r["mode"], r["policy"]), {})[r["seed"]] = _own(r)
+        train[r["variant"]].setdefault((r["task"], r["mode"], r["policy"]), {})[r["seed"]] = \
+            r["last_train"]
+    cells = sorted({c for v in acc.values() for c in v if c[2] != "layered"})
+    head = [f"{t} {m[0]} {p}" for t, m, p in cells]
+    lines = ["| variant | " + " | ".join(head) + " | mean change | train / layered |",
+             "|---|" + "---:|" * (len(cells) + 2)]
+    ref = acc.get(reference, {})
+    lay_train = train.get(reference, {})
+    lines.append("| (layered model, same execution) | " + " | ".join(
+        f"{np.mean(list(lay_async[c].values())):.3f}" if lay_async.get(c) else ""
+        for c in cells) + " | | |")
+    for variant in sorted(acc, key=lambda v: (v != reference, v)):
+        out, deltas, fracs = [], [], []
+        for c in cells:
+            got = acc[variant].get(c)
+            if not got:
+                out.append("")
+                continue
+            a = float(np.mean(list(got.values())))
+            base = [ref.get(c, {}).get(s) for s in got]
+            if variant != reference and all(b is not None for b in base):
+                d = a - float(np.mean(base))
+                deltas.append(d)
+                out.append(f"{a:.3f} ({d:+.3f})")
+            else:
+                out.append(f"{a:.3f}")
+            lt = [lay_train.get((c[0], c[1], "layered"), {}).get(s) for s in got]
+            if all(x is not None for x in lt):
+                fracs.append(np.mean(list(train[variant][c].values())) / np.mean(lt))
+        md = f"{np.mean(deltas):+.3f}" if deltas else ""
+        fr = f"{np.mean(fracs):.2f}" if fracs else ""
+        lines.append(f"| {variant} | " + " | ".join(out) + f" | {md} | {fr} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,9 +333,16 @@ def main(argv=None) -> int:
     ap.add_argument("--held-out", action="store_true", help="allow the held-out task")
     ap.add_argument("--log", default=None, help="append the JSON lines here too")
     ap.add_argument("--summary", nargs="+", metavar="JSONL", help="print a table of these results")
+    ap.add_argument("--screen", nargs="+", metavar="JSONL",
+                    help="print the screening table (variants x cells) of these results "
+                         "(--seeds: only these seeds)")
     a = ap.parse_args(argv)
     if a.summary:
         print(summary(a.summary, "test" if a.final else "val"))
+        return 0
+    if a.screen:
+        seeds = tuple(a.seeds) if "--seeds" in (argv or sys.argv) else None
+        print(screen(a.screen, seeds=seeds))
         return 0
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*no output spike")

@@ -50,7 +50,8 @@ def test_runs_and_summary(study, tmp_path):
                                                  schedule="warmup"), p, "queued", 0)
             for p in ("layered", "RS")]
     lay, rs = rows
-    assert set(lay["final"]) == {"layered", "RS", "MS"} and set(rs["final"]) == {"RS"}
+    assert set(lay["final"]) == {"layered", "RS", "MS"} and list(rs["final"]) == ["RS", "MS"]
+    assert set(lay["final_train"]) == {"layered"} and set(rs["final_train"]) == {"RS"}
     assert rs["split"] == "val" and len(rs["val_acc"]) == 1 and len(rs["calib_scales"]) == 2
     assert rs["init"]["layer_rates"][0] == pytest.approx(0.1, abs=0.02)
     assert len(rs["init"]["grad"]["reached"]) == 1 and 0 <= rs["init"]["passes_with_output"] <= 1
