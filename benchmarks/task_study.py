@@ -112,17 +112,18 @@ def grad_norm_hooks(snn, enabled: bool):
 
 
 class Warmup:
-    """An `on_epoch_end` that sets Adam's lr per epoch: a linear ramp over the first
+    """Context: `fit`'s per-epoch learning rate becomes a linear ramp over the first
     WARMUP epochs (lr (e + 1) / (WARMUP + 1)), then constant ("warmup") or cosine
-    decay over the rest ("warmup_cosine"). `fit` builds its Adam inside, so the
-    optimizer is caught by wrapping torch.optim.Adam for the duration."""
+    decay over the rest ("warmup_cosine"). `fit` sets Adam's lr at the start of each
+    epoch from `asynctrain.train.scheduled_lr`, which this replaces for the duration
+    (a prototype of a `fit` schedule)."""
 
     WARMUP = 2
 
     def __init__(self, kind: str | None, epochs: int):
         if kind not in (None, "warmup", "warmup_cosine"):
             raise ValueError(f"schedule must be warmup or warmup_cosine, got {kind!r}")
-        self.kind, self.epochs, self.opts = kind, epochs, []
+        self.kind, self.epochs = kind, epochs
 
     def factor(self, e: int) -> float:
         if e < self.WARMUP:
@@ -132,26 +133,18 @@ class Warmup:
         return 1.0
 
     def __enter__(self):
-        if self.kind is None:
-            return None
-        self.adam, opts, factor = torch.optim.Adam, self.opts, self.factor
+        if self.kind is not None:
+            from asynctrain import train
 
-        class Caught(self.adam):
-            def __init__(self, params, lr, **k):
-                super().__init__(params, lr=lr * factor(0), **k)
-                for g in self.param_groups:
-                    g["initial_lr"] = lr
-                opts.append(self)
-        torch.optim.Adam = Caught
-        return self.on_epoch_end
-
-    def on_epoch_end(self, record: dict) -> None:
-        for g in self.opts[-1].param_groups:
-            g["lr"] = g["initial_lr"] * self.factor(record["epoch"])
+            self.saved = train.scheduled_lr
+            train.scheduled_lr = lambda lr, schedule, epoch, epochs: lr * self.factor(epoch)
+        return self
 
     def __exit__(self, *exc):
         if self.kind is not None:
-            torch.optim.Adam = self.adam
+            from asynctrain import train
+
+            train.scheduled_lr = self.saved
 
 
 def _loader(ds, batch: int, shuffle: bool = False) -> DataLoader:
@@ -210,11 +203,11 @@ def run_one(task_name: str, name: str, changes: dict, policy: str, mode: str, se
         init["passes_with_output"] = round(float((snn.stats["first_output_step"] > 0)
                                                  .double().mean()), 4)
         with grad_norm_hooks(snn, bool(study.get("gradnorm"))), \
-                Warmup(study.get("schedule"), h.epochs) as on_epoch_end:
+                Warmup(study.get("schedule"), h.epochs):
             hist = fit(snn, _loader(train_ds, h.batch_size, shuffle=True), h.epochs, h.lr,
                        h.weight_decay, seed=seed, progress=False, loss=h.loss,
                        val_loader=None if final else _loader(eval_ds, 300),
-                       lr_schedule=h.lr_schedule, on_epoch_end=on_epoch_end)
+                       lr_schedule=h.lr_schedule)
         after = _grad(gradient_report(snn, frames, labels, seed=seed, loss=h.loss))
     r4 = lambda x: round(float(x), 4)  # noqa: E731
     fit_ds = Subset(train_ds, range(N_FIT))
