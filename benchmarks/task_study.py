@@ -16,9 +16,9 @@ config after it is built); and the study's own:
   this rate (spikes per neuron and timestep) on 256 training samples before training;
   ``calib_out``: the output layer's rate (default: ``calib``);
 - ``gradnorm``: true: every weight layer's gradient is scaled to norm 1 before Adam;
-- ``schedule``: "warmup" (lr ramps linearly over the first 2 epochs, then constant)
-  or "warmup_cosine" (the ramp, then cosine decay); Hyper's ``lr_schedule="cosine"``
-  is `fit`'s own.
+- ``schedule``: a schedule of unlayered_study's `lr_schedule`, e.g. "warmup" (lr
+  ramps linearly over the first 2 epochs, then constant) or "warmup_cosine" (the
+  ramp, then cosine decay); Hyper's ``lr_schedule="cosine"`` is `fit`'s own.
 
 The base recipe's `fill_slots` applies to unlayered models only (SimConfig ignores it
 under "layered"). Every model is evaluated at the end (``final``) on the validation
@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 import warnings
@@ -53,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unlayered_study import parse_variant  # noqa: E402
+from unlayered_study import lr_schedule, parse_variant  # noqa: E402
 
 from asynctrain import tasks  # noqa: E402
 from asynctrain.calibrate import calibrate_rates, layer_rates  # noqa: E402
@@ -109,42 +108,6 @@ def grad_norm_hooks(snn, enabled: bool):
     finally:
         for hd in handles:
             hd.remove()
-
-
-class Warmup:
-    """Context: `fit`'s per-epoch learning rate becomes a linear ramp over the first
-    WARMUP epochs (lr (e + 1) / (WARMUP + 1)), then constant ("warmup") or cosine
-    decay over the rest ("warmup_cosine"). `fit` sets Adam's lr at the start of each
-    epoch from `asynctrain.train.scheduled_lr`, which this replaces for the duration
-    (a prototype of a `fit` schedule)."""
-
-    WARMUP = 2
-
-    def __init__(self, kind: str | None, epochs: int):
-        if kind not in (None, "warmup", "warmup_cosine"):
-            raise ValueError(f"schedule must be warmup or warmup_cosine, got {kind!r}")
-        self.kind, self.epochs = kind, epochs
-
-    def factor(self, e: int) -> float:
-        if e < self.WARMUP:
-            return (e + 1) / (self.WARMUP + 1)
-        if self.kind == "warmup_cosine":
-            return (1 + math.cos(math.pi * (e - self.WARMUP) / (self.epochs - self.WARMUP))) / 2
-        return 1.0
-
-    def __enter__(self):
-        if self.kind is not None:
-            from asynctrain import train
-
-            self.saved = train.scheduled_lr
-            train.scheduled_lr = lambda lr, schedule, epoch, epochs: lr * self.factor(epoch)
-        return self
-
-    def __exit__(self, *exc):
-        if self.kind is not None:
-            from asynctrain import train
-
-            train.scheduled_lr = self.saved
 
 
 def _loader(ds, batch: int, shuffle: bool = False) -> DataLoader:
@@ -203,7 +166,7 @@ def run_one(task_name: str, name: str, changes: dict, policy: str, mode: str, se
         init["passes_with_output"] = round(float((snn.stats["first_output_step"] > 0)
                                                  .double().mean()), 4)
         with grad_norm_hooks(snn, bool(study.get("gradnorm"))), \
-                Warmup(study.get("schedule"), h.epochs):
+                lr_schedule(study.get("schedule"), h.epochs):
             hist = fit(snn, _loader(train_ds, h.batch_size, shuffle=True), h.epochs, h.lr,
                        h.weight_decay, seed=seed, progress=False, loss=h.loss,
                        val_loader=None if final else _loader(eval_ds, 300),

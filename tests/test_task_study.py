@@ -37,19 +37,6 @@ def test_hyper_of_a_run(study):
         study.make_hyper(tasks.get("order"), "MS", "queued", {"lr_typo": 1})
 
 
-def test_warmup_factors(study):
-    w = study.Warmup("warmup_cosine", 6)
-    assert [round(w.factor(e), 3) for e in range(6)] == [0.333, 0.667, 1.0, 0.854, 0.5, 0.146]
-    assert study.Warmup("warmup", 6).factor(5) == 1.0
-    from asynctrain import train
-
-    with study.Warmup("warmup_cosine", 6):  # what fit sets Adam's lr from, per epoch
-        assert [round(train.scheduled_lr(2.0, None, e, 6), 3) for e in (0, 3)] == [0.667, 1.707]
-    assert train.scheduled_lr(2.0, None, 0, 6) == 2.0
-    with pytest.raises(ValueError, match="linear"):
-        study.Warmup("linear", 3)
-
-
 def test_runs_and_summary(study, tmp_path):
     rows = [study.run_one("order", "small", dict(SMALL, calib=0.1, gradnorm=True,
                                                  schedule="warmup"), p, "queued", 0)
