@@ -224,6 +224,36 @@ def summary(paths, split: str = "val") -> str:
     return "\n".join(lines)
 
 
+def diagnostics(paths, variant: str = "base") -> str:
+    """The gradient diagnostics of `variant`'s runs, per task, mode and policy (mean
+    over seeds): at initialisation the fraction of training passes with an output
+    spike, the rate of each layer (layered execution), the gradient norm per weight
+    layer (input side first) and the cosine with the layered gradient; the same
+    norm and cosine after training; hidden neurons reached by gradient."""
+    rows = [json.loads(t) for p in paths for t in open(p) if t.strip()]
+    groups = defaultdict(list)
+    for r in rows:
+        if r["variant"] == variant and r.get("split", "val") == "val":
+            groups[(r["task"], r["mode"], r["policy"])].append(r)
+    f = lambda v: " / ".join("-" if x is None else f"{x:.2g}" for x in v)  # noqa: E731
+    mean = lambda rs, get: [None if any(get(r)[i] is None for r in rs) else  # noqa: E731
+                            float(np.mean([get(r)[i] for r in rs])) for i in range(len(get(rs[0])))]
+    lines = ["| task | mode | policy | output at init | layer rates at init | grad norm at init | "
+             "cos vs layered at init | grad norm after | cos vs layered after | reached after |",
+             "|---|---|---|---:|---|---|---|---|---|---|"]
+    for (task, mode, policy), rs in sorted(groups.items()):
+        lines.append(
+            f"| {task} | {mode} | {policy} | "
+            f"{np.mean([r['init']['passes_with_output'] for r in rs]):.2f} | "
+            f"{f(mean(rs, lambda r: r['init']['layer_rates']))} | "
+            f"{f(mean(rs, lambda r: r['init']['grad']['grad_norm']))} | "
+            f"{f(mean(rs, lambda r: r['init']['grad']['cosine_layered']))} | "
+            f"{f(mean(rs, lambda r: r['after']['grad_norm']))} | "
+            f"{f(mean(rs, lambda r: r['after']['cosine_layered']))} | "
+            f"{f(mean(rs, lambda r: r['after']['reached']))} |")
+    return "\n".join(lines)
+
+
 def screen(paths, reference: str = "base", seeds: tuple[int, ...] | None = None) -> str:
     """A screening table: one row per variant, one column per (task, mode, unlayered
     policy): the final validation accuracy under the model's own execution, mean over
@@ -292,7 +322,12 @@ def main(argv=None) -> int:
     ap.add_argument("--screen", nargs="+", metavar="JSONL",
                     help="print the screening table (variants x cells) of these results "
                          "(--seeds: only these seeds)")
+    ap.add_argument("--diagnostics", nargs="+", metavar="JSONL",
+                    help="print the gradient diagnostics of --variants' first variant")
     a = ap.parse_args(argv)
+    if a.diagnostics:
+        print(diagnostics(a.diagnostics, a.variants[0]))
+        return 0
     if a.summary:
         print(summary(a.summary, "test" if a.final else "val"))
         return 0
