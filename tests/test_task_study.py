@@ -51,5 +51,7 @@ def test_runs_and_summary(study, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = study.summary([path])
     assert "| order | queued | small | RS | 1 |" in table and "| order | queued | small | layered | 1 |" in table
+    assert "| order | queued | RS |" in study.diagnostics([path], "small")
+    assert "| small | " in study.screen([path], reference="small")
     with pytest.raises(ValueError, match="held out"):
         study.run_one("manifold", "small", SMALL, "RS", "queued", 0)
