@@ -15,6 +15,9 @@ config after it is built); and the study's own:
 - ``calib``: data-driven initialisation, `asynctrain.calibrate.calibrate_rates` with
   this rate (spikes per neuron and timestep) on 256 training samples before training;
   ``calib_out``: the output layer's rate (default: ``calib``);
+- ``warm``: true: start from the weights of the base recipe's layered model of the
+  same task and seed (trained first, kept for the process), then train the
+  variant's epochs at its lr (fine-tuning);
 - ``gradnorm``: true: every weight layer's gradient is scaled to norm 1 before Adam;
 - ``schedule``: a schedule of unlayered_study's `lr_schedule`, e.g. "warmup" (lr
   ramps linearly over the first 2 epochs, then constant) or "warmup_cosine" (the
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -70,7 +74,7 @@ N_DIAG = 128  # training samples of the gradient diagnostics
 BASE = dict(batch_size=64, epochs=20, lr=5e-3, weight_decay=1e-5, steepness=2.0,
             refractory_dropout=0.8, momentum_noise=1e-6, fill_slots=True)
 """The demo's unlayered recipe (recipes/demo.py), the start of round 3."""
-STUDY_KEYS = ("calib", "calib_out", "gradnorm", "schedule", "base")
+STUDY_KEYS = ("calib", "calib_out", "gradnorm", "schedule", "base", "warm")
 ROW_EXECUTIONS = {"layered": ("layered", "RS", "MS"), "RS": ("RS", "MS"), "MS": ("MS", "RS")}
 """Executions of the final evaluation: the table row's (first) and the other policy's
 (does a model trained under one policy run better under the other?)."""
@@ -138,6 +142,19 @@ def _grad(rep: dict) -> dict:
     return {k: r(v) for k, v in rep.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def layered_start(task_name: str, mode: str, seed: int, hidden: tuple[int, ...]) -> dict:
+    """The weights of the layered model of the base recipe (`task`, `seed`, hidden
+    layers `hidden`): the start of a warm start (``warm=true``; the variant's epochs
+    and lr then fine-tune it)."""
+    task = tasks.get(task_name)
+    h, _, _ = make_hyper(task, "layered", mode, {"hidden": hidden})
+    snn = build_snn(task.n_inputs, task.n_classes, h, "layered", seed)
+    fit(snn, _loader(task.split("train"), h.batch_size, shuffle=True), h.epochs, h.lr,
+        h.weight_decay, seed=seed, progress=False, loss=h.loss)
+    return {k: v.clone() for k, v in snn.net.state_dict().items()}
+
+
 def run_one(task_name: str, name: str, changes: dict, policy: str, mode: str, seed: int,
             final: bool = False, held_out: bool = False) -> dict:
     task = tasks.get(task_name)
@@ -152,6 +169,8 @@ def run_one(task_name: str, name: str, changes: dict, policy: str, mode: str, se
         snn.cfg = snn.cfg.replace(**engine)
     t0 = time.perf_counter()
     scales = None
+    if study.get("warm"):
+        snn.net.load_state_dict(layered_start(task_name, mode, seed, h.hidden))
     if study.get("calib"):
         frames, _ = _first(train_ds, N_CALIB)
         scales = calibrate_rates(snn, frames, float(study["calib"]), study.get("calib_out"))

@@ -53,5 +53,12 @@ def test_runs_and_summary(study, tmp_path):
     assert "| order | queued | small | RS | 1 |" in table and "| order | queued | small | layered | 1 |" in table
     assert "| order | queued | RS |" in study.diagnostics([path], "small")
     assert "| small | " in study.screen([path], reference="small")
+    warm = study.run_one("order", "warm", dict(SMALL, warm=True, lr=1e-12), "RS", "queued", 0)
+    task = study.tasks.get("order")  # lr ~0: the layered start model itself, run with RS
+    h, _, _ = study.make_hyper(task, "RS", "queued", SMALL)
+    start = study.build_snn(task.n_inputs, task.n_classes, h, "RS", 0)
+    start.net.load_state_dict(study.layered_start("order", "queued", 0, (8,)))
+    assert warm["final"]["RS"] == study.evaluate_row(start, study._loader(task.split("val"), 300),
+                                                     "RS", 8, own_only=True)["RS"]
     with pytest.raises(ValueError, match="held out"):
         study.run_one("manifold", "small", SMALL, "RS", "queued", 0)
