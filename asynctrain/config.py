@@ -18,6 +18,7 @@ POLICIES = ("RS", "MS", "layered")
 STOPS = ("spiking_done", "output")
 READOUTS = ("counts", "potential")
 INPUT_ORDERS = ("random", "index")
+SURROGATE_AT = ("every", "fire_or_last")
 
 PerNeuron = float | int | torch.Tensor
 
@@ -75,6 +76,17 @@ class SimConfig:
             "layered" (it delivers every outbox anyway).
         surrogate_steepness: alpha of the arctan surrogate (paper 2 N-MNIST, 10 SHD/DVS).
         detach_reset: stop the gradient through the reset V <- V * (1 - s).
+        surrogate_at: which evaluations of a neuron carry the spike's surrogate
+            derivative (SPEC 8; docs/semantics.md section 8, "Bounded gradients").
+            "every" (default): every synced evaluation, as SPEC 8 states; a neuron
+            evaluated m times before its outbox is delivered passes m surrogate terms
+            on, and the gradient of deep networks at small K grows exponentially with
+            the forward steps of a pass (VGG-7 at K = 64: 1e7, inf at full width).
+            "fire_or_last": only the evaluations that fire and the last evaluation
+            of each outbox window (before the outbox is emptied, or the pass ends);
+            at every other evaluation the spike is a constant 0. Bounded at any K;
+            the same gradient as "every" wherever each neuron is evaluated once per
+            window (layered execution, the barrier preset). Forward unchanged.
         readout: "counts" (output spike counts per pass) or "potential" (output
             neurons' membrane potential after each pass; the paper's CIFAR-10 logits).
         seed: None draws each call's seed from torch's RNG (`torch.manual_seed` governs
@@ -102,6 +114,7 @@ class SimConfig:
     fill_slots: bool = False
     surrogate_steepness: float = 10.0
     detach_reset: bool = False
+    surrogate_at: str = "every"
     readout: str = "counts"
     seed: int | None = field(default=None)
 
@@ -125,8 +138,6 @@ class SimConfig:
 
     def __repr__(self) -> str:
         # per-neuron knobs can hold 200k values: summarise them, never print them
-        from .checkpoint import short  # late: checkpoint imports this module's users
-
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -164,7 +175,7 @@ class SimConfig:
 
         `overrides` are applied last (e.g. `policy="RS"`).
         """
-        from .network import Network  # late: network imports config
+        from .network import Network  # late: importing network loads the kernels
 
         graph = Network.from_module(net)
         key = name.lower()
@@ -250,6 +261,8 @@ def _validate(c: SimConfig) -> None:
         raise ValueError(f"input_order must be one of {INPUT_ORDERS}, got {c.input_order!r}")
     if c.readout not in READOUTS:
         raise ValueError(f"readout must be one of {READOUTS}, got {c.readout!r}")
+    if c.surrogate_at not in SURROGATE_AT:
+        raise ValueError(f"surrogate_at must be one of {SURROGATE_AT}, got {c.surrogate_at!r}")
     _check_int("steps_after_output", c.steps_after_output, 0)
     _check_int("max_steps", c.max_steps, 1)
     for name in ("refractory_dropout", "input_dropout", "network_dropout"):
@@ -291,3 +304,15 @@ def describe(cfg: SimConfig, keys: Sequence[str] | None = None) -> str:
         v = getattr(cfg, k)
         parts.append(f"{k}=<per-neuron>" if isinstance(v, torch.Tensor) else f"{k}={v}")
     return " ".join(parts)
+
+
+def short(v: Any) -> str:
+    """A value as text of bounded length (per-neuron tensors summarised)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 0:
+            return f"tensor{list(v.shape)}"
+        lo, hi = float(v.min()), float(v.max())
+        return (f"per-neuron [{v.numel()}], all {lo:g}" if lo == hi else
+                f"per-neuron [{v.numel()}] in [{lo:g}, {hi:g}]")
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."

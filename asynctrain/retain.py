@@ -61,3 +61,13 @@ class FlatStore:
 
 def identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+class RecordStores:
+    """Where a segment's recompute copies what its step records keep: conv networks
+    into chunks (`small`: same-shaped [B, K] tensors; `flat`: 1-D receiver lists),
+    other networks keep the step's own tensors."""
+
+    def __init__(self, chunked: bool):
+        self.small = ChunkStore().keep if chunked else identity
+        self.flat = FlatStore().keep if chunked else identity

@@ -1,29 +1,34 @@
-"""The state of one batch in the engine, its packed copy for checkpoints, and what a
-neuron evaluation leaves for the bookkeeping and the backward (`StepInfo`)."""
+"""The state of one batch in the engine (`State`), its packed copy for checkpoints
+(`PackedState`) and its adjoint in the backward sweep (`Adjoints`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 
 @dataclass
 class State:
-    """One batch's state; differentiable: v, o, acc. The torch ops update it
-    functionally (never in place: autograd runs through them), the fused steps in
-    place; a checkpoint is a packed copy either way (`PackedState`)."""
+    """One batch's state; differentiable: v, o, acc. The engine's ops and the
+    whole-state steps update it functionally (never in place: autograd may run through
+    them), the receivers' steps and the fused steps in place; a checkpoint is a packed
+    copy either way (`PackedState`). Ops that change some fields build the next state
+    with ``dataclasses.replace``, so a field they do not name passes through."""
 
     v: torch.Tensor        # [B, W] membrane
     o: torch.Tensor        # [B, W] outbox values (pending spikes not yet delivered)
     acc: torch.Tensor      # [B, n_out] output spikes of the current pass
     refr: torch.Tensor     # bool [B, W]
     n_in: torch.Tensor     # int32 [B, W] currents received in this pass
+    # plain autograd with surrogate_at="fire_or_last" only: [B, W], value 0, the parked
+    # surrogate of each neuron's latest evaluation that did not fire (`ops.WindowCarrier`)
+    carrier: torch.Tensor | None = None
 
     def clone(self) -> "State":
-        """A copy the fused CPU steps may update in place (they never touch a checkpoint)."""
-        return State(self.v.clone(), self.o.clone(), self.acc.clone(), self.refr.clone(),
-                     self.n_in.clone())
+        """A copy the fused steps may update in place (they never touch a checkpoint)."""
+        return State(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).clone()
+                        for f in fields(self)})
 
     def pack(self, sync_free: bool = False) -> "PackedState":
         """A copy in fewer bytes for a checkpoint (`PackedState`)."""
@@ -68,47 +73,21 @@ class PackedState:
 
 
 @dataclass
-class StepInfo:
-    """What one neuron evaluation leaves for the bookkeeping and the backward sweep."""
+class Adjoints:
+    """The backward sweep's adjoints of the differentiable state (`State`: v, o, acc),
+    carried from segment to segment. The sweep's own tensors: each op's reverse updates
+    them in place where that pays, or replaces them (`loop.CallLoop`: the ops of the
+    engine and of the step modes)."""
 
-    vals: torch.Tensor     # [B, K] delivered values (the frame for the input step)
-    spikes: torch.Tensor   # [B, W]
-    v_pre: torch.Tensor    # [B, W] V1 (pre-spike potential)
-    received: torch.Tensor  # bool [B, W]
-    n_before: torch.Tensor  # int32 [B, W]
-    gate: torch.Tensor     # bool [B, W] received and synced
-    refr: torch.Tensor     # bool [B, W] refractory before the step
+    v: torch.Tensor    # [B, W]
+    o: torch.Tensor    # [B, W]
+    acc: torch.Tensor  # [B, n_out]
+    # surrogate_at="fire_or_last" (else None): bool [B, W], the neuron's next evaluation
+    # met going backwards is the last of its outbox window (set where a window ends: at
+    # the pass's end and where a step empties the outbox; cleared by every evaluation)
+    armed: torch.Tensor | None = None
 
-
-@dataclass
-class StepInfoAt:
-    """`StepInfo` at the receivers of a step only (conv networks without autograd:
-    `Engine._evaluate_at`); everyone else received nothing and did not change."""
-
-    vals: torch.Tensor     # [B, K]
-    idx: torch.Tensor      # int64 [R] receivers, flat in [B * W], ascending
-    spikes: torch.Tensor   # [R]
-    v_pre: torch.Tensor    # [R]
-    n_before: torch.Tensor  # int32 [R]
-    n_in: torch.Tensor     # int32 [R] after the step
-    gate: torch.Tensor     # bool [R]
-    refr: torch.Tensor     # bool [R] refractory before the step
-
-    def dense(self, shape: tuple[int, int]) -> StepInfo:
-        """The full record (the backward keeps it when most columns received)."""
-        def put(x):
-            return torch.zeros(shape, dtype=x.dtype, device=x.device).view(-1) \
-                .index_put_((self.idx,), x).view(shape)
-        return StepInfo(self.vals, put(self.spikes), put(self.v_pre),
-                        put(torch.ones_like(self.gate)), put(self.n_before), put(self.gate), put(self.refr))
-
-
-@dataclass
-class StepInfoListed(StepInfoAt):
-    """`StepInfoAt` at a fixed-size list of a step's receivers (sync-free conv steps:
-    `Engine._op_step_listed`): `idx` lists every target of every delivered entry,
-    repeats included, and the sample's dump column where an entry reaches nobody
-    (`valid` False there: not received, nothing changed). Every repeat of a column
-    holds the same values, so whatever is written back at `idx` is idempotent."""
-
-    valid: torch.Tensor    # bool [R]
+    @staticmethod
+    def zeros(st: State | PackedState, window: bool = False) -> "Adjoints":
+        armed = torch.zeros(st.v.shape, dtype=torch.bool, device=st.v.device) if window else None
+        return Adjoints(torch.zeros_like(st.v), torch.zeros_like(st.v), torch.zeros_like(st.acc), armed)

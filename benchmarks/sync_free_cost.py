@@ -1,11 +1,12 @@
-"""What the sync-free step loop (CUDA's mode, `engine.SYNC_FREE_DEVICES`) costs in work,
-measured on the CPU with the mode forced on: one VGG-7 training iteration (forward,
-checkpointed backward) in three modes of the torch backend, alternating, in one process:
+"""What the sync-free step loop (CUDA's mode, `plan.SYNC_FREE_DEVICES`) costs in work,
+measured on the CPU with the mode forced on (`plan.forced`): one VGG-7 training
+iteration (forward, checkpointed backward) in three modes of the torch backend,
+alternating, in one process:
 
 - ``default``: the CPU mode (pending entries and receivers listed with host reads);
-- ``dense``: sync-free, conv steps over the whole [B, W] state (`engine.LISTED_BELOW` = 0);
+- ``dense``: sync-free, conv steps over the whole [B, W] state (``steps="whole"``);
 - ``listed``: sync-free, conv steps at their fixed-size receiver list when it is short
-  enough (`engine.LISTED_BELOW`, the default; `Engine._op_step_listed`).
+  enough (`plan.LISTED_BELOW`, the default; `receivers.ListedReceivers`).
 
 All three give bitwise the same outputs and gradients (tests/test_listed_steps.py,
 tests/test_no_sync.py); the output checks that here too. The CPU reads for free, so this
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
     import torch
 
     import asynctrain as at
-    from asynctrain import engine
+    from asynctrain import engine, plan
     from asynctrain.models import vgg7
 
     torch.set_num_threads(args.threads)
@@ -65,8 +66,8 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(1)
     small = torch.rand(1, args.batch, 3, args.image_size // 4, args.image_size // 4, generator=g)
     frames = torch.nn.functional.interpolate(small[0], size=args.image_size, mode="bilinear")[None]
-    modes = {"default": (("cuda",), engine.LISTED_BELOW), "dense": (("cpu",), 0.0),
-             "listed": (("cpu",), engine.LISTED_BELOW)}
+    modes = {"default": dict(sync_free=False), "dense": dict(sync_free=True, steps="whole"),
+             "listed": dict(sync_free=True)}
     times: dict[str, list[float]] = {m: [] for m in modes}
     ref = None
     made = []  # the engines built, to report whether the listed steps ran
@@ -78,15 +79,14 @@ def main(argv=None) -> None:
 
     engine.Engine.__init__ = recording_init
     for r in range(args.repeats):
-        for mode, (devices, below) in modes.items():
-            engine.SYNC_FREE_DEVICES, engine.LISTED_BELOW = devices, below
+        for mode, choices in modes.items():
             snn = at.AsyncSNN(net, cfg, backend="torch").train()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), plan.forced(**choices):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 t0 = time.perf_counter()
                 out, grads = _iteration(snn, frames, seed=3)
                 dt = time.perf_counter() - t0
-            used = any(e.listed for e in made)
+            used = any(e.plan.steps == "listed" for e in made)
             made.clear()
             if ref is None:
                 ref = (out, grads)
@@ -95,7 +95,6 @@ def main(argv=None) -> None:
             print(json.dumps(dict(mode=mode, repeat=r, seconds=round(dt, 3), same_as_default=same, listed=used,
                                   forward_steps=int(snn.stats["forward_steps"].sum()))), flush=True)
     engine.Engine.__init__ = init
-    engine.SYNC_FREE_DEVICES, engine.LISTED_BELOW = ("cuda",), modes["default"][1]
     med = {m: statistics.median(v) for m, v in times.items()}
     print(json.dumps(dict(summary=True, date=datetime.date.today().isoformat(), machine=platform.processor()
                           or platform.machine(), threads=args.threads, width=args.width,

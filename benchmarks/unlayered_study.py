@@ -69,7 +69,7 @@ VARIANTS: dict[str, dict] = {
     "warm": dict(init="layered"),
     "warm5": dict(init="layered", epochs=5),
 }
-ENGINE_KEYS = ("fill_slots", "input_order", "detach_reset", "barrier_messages", "network_dropout")
+ENGINE_KEYS = ("fill_slots", "input_order", "detach_reset", "barrier_messages", "network_dropout", "surrogate_at")
 
 
 def base_hyper() -> Hyper:

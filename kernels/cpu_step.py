@@ -16,8 +16,9 @@ phases in one call over the whole batch:
 - `backward_step`: the reverse of one step (surrogate, adjoints of receivers and
   outboxes, weight-table rows of the K sources).
 
-The twin is the torch path itself (`Engine.select`, `Engine.op_step`,
-`passes.after_eval`, `backward._evaluation_backward` with `deliver_backward_torch`):
+The twin is the torch path itself (`Engine.select`, `Engine.deliver`, the whole-state
+mode of `asynctrain/steps.py`: `WholeState.evaluate`, `.bookkeep`, `.evaluation_backward`
+with `deliver_backward_torch`):
 same counter hash, same float operations in the same order, compiled without FMA
 contraction, so selections and spikes are identical and potentials bitwise equal
 when the K slots are added in the same order (here: highest key first; the torch
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 
 from . import host
-from .step_spec import as_spec
+from .step_spec import FusedRecord, PassTensors, StepSpec, as_spec
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("cpu_step.c", "cpu_step_impl.h")
@@ -125,7 +126,7 @@ def load() -> ctypes.CDLL:
         getattr(dll, f"at_replay_step_{sfx}").restype = None
         getattr(dll, f"at_replay_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 8
         getattr(dll, f"at_backward_step_{sfx}").restype = None
-        getattr(dll, f"at_backward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx)] + [_p] * 12
+        getattr(dll, f"at_backward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx)] + [_p] * 13
     return dll
 
 
@@ -143,13 +144,20 @@ def _ptr(x: torch.Tensor) -> int:
 
 
 class CpuSteps:
-    """The fused steps of one engine call. Holds the tables, knobs (`StepSpec`) and the pointers
-    of the state it works on; `bind_state` / `bind_pass` point it at other tensors
-    (all contiguous, on the CPU, in the call's dtype; they are kept referenced here
-    while bound)."""
+    """The fused steps of one engine call (`step_spec.FusedSteps`). Holds the tables, knobs
+    (`StepSpec`) and the pointers of the state it works on; `bind_state` / `bind_pass`
+    point it at other tensors (all contiguous, on the CPU, in the call's dtype; they are
+    kept referenced here while bound)."""
 
     fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
-    records_histogram = True  # the currents-to-spike histogram (bind_pass(hist=...))
+    records_histogram = True  # the currents-to-spike histogram (`PassTensors.hist`)
+
+    @staticmethod
+    def unsupported(spec: StepSpec) -> str | None:
+        """Why these steps cannot run `spec` (None: they can)."""
+        if spec.dtype not in _SUFFIX:
+            return f"the fused CPU steps take float32 and float64, not {spec.dtype}"
+        return None
 
     def __init__(self, spec) -> None:
         """`spec`: a `step_spec.StepSpec` (or an engine, through its ``step_spec()``)."""
@@ -205,19 +213,20 @@ class CpuSteps:
             self._bound[name] = t
             setattr(self.ctx, name, _ptr(t))
 
-    def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
-        """Point at a pass's bookkeeping (`passes._Pass`), its bool [B] done flags and,
-        when recorded, its int64 currents-to-spike histogram (added to in place)."""
-        for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
-                        ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
+    def bind_pass(self, p: PassTensors) -> None:
+        """Point at a pass's bookkeeping: flags, counters, done flags and, when recorded,
+        its int64 currents-to-spike histogram (added to in place)."""
+        for name in ("pending", "pre_spike", "spike_sum", "steps", "first_out", "done"):
+            t = getattr(p, name)
             assert t.is_contiguous(), name
             self._bound[name] = t
             setattr(self.ctx, name, _ptr(t))
+        hist = p.hist
         self._bound["hist"] = hist
         self.ctx.hist_bins = 0 if hist is None else hist.numel()
         self.ctx.hist = None if hist is None else _ptr(hist)
         if self.ctx.fill:
-            fl = ps.fillable
+            fl = p.fillable
             assert fl is not None and fl.is_contiguous() and fl.dtype == torch.bool, "fillable"
             self._bound["fillable"] = fl
             self.ctx.fillable = _ptr(fl)
@@ -265,26 +274,29 @@ class CpuSteps:
                      _ptr(masks[1]), _ptr(masks[2]), _ptr(self._cur))
         return FusedRecord(vals, v_pre, masks)
 
-    def backward_step(self, rec: "FusedRecord", sel: torch.Tensor, sel_deliv: torch.Tensor,
+    def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
-                      grad_wt: torch.Tensor) -> None:
-        """The step's reverse: updates g_v, g_o and adds into grad_wt, in place."""
+                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The step's reverse: updates g_v, g_o (and `armed`, bool [B, W], with
+        surrogate_at="fire_or_last": the sweep of loop.py) and adds into grad_wt, in place."""
         for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
             if not t.is_contiguous() or t.dtype != self.dtype:
                 raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
         sel, sel_deliv = _int32(sel), _int32(sel_deliv)
         m = rec.masks
         self._bwd(self.ref, _ptr(sel), _ptr(sel_deliv), _ptr(rec.vals), _ptr(rec.v_pre), _ptr(m[0]),
-                  _ptr(m[1]), _ptr(m[2]), _ptr(g_v), _ptr(g_o), _ptr(g_acc), _ptr(grad_wt), _ptr(self._cur))
+                  _ptr(m[1]), _ptr(m[2]), _ptr(g_v), _ptr(g_o), _ptr(g_acc), _ptr(grad_wt), _ptr(self._cur),
+                  _armed_ptr(armed, (self.B, self.W)))
 
 
-class FusedRecord:
-    """What the backward of one replayed step needs (masks: refr before, received, gate)."""
-
-    __slots__ = ("vals", "v_pre", "masks")
-
-    def __init__(self, vals: torch.Tensor, v_pre: torch.Tensor, masks: torch.Tensor):
-        self.vals, self.v_pre, self.masks = vals, v_pre, masks
+def _armed_ptr(armed: torch.Tensor | None, shape: tuple[int, int]) -> int | None:
+    """`armed` as the C steps read it (NULL: every evaluation's surrogate counts)."""
+    if armed is None:
+        return None
+    if armed.dtype != torch.bool or tuple(armed.shape) != shape or not armed.is_contiguous():
+        raise ValueError(f"armed must be a contiguous bool tensor {list(shape)}, got {armed.dtype} "
+                         f"{tuple(armed.shape)}")
+    return _ptr(armed)
 
 
 def _int32(x: torch.Tensor) -> torch.Tensor:

@@ -211,13 +211,17 @@ void FN(at_replay_step)(const Ctx *c, int64_t t, int64_t k, const int32_t *sel,
                      v_pre + b * W, refr_before + b * W, received + b * W, gate + b * W, 0);
 }
 
-/* The reverse of one step (backward.py's sweep, SPEC 8): from the adjoints g_v, g_o
- * (in place, [B, W]) and g_acc ([B, n_out]) after the step to those before it; adds
- * the step's weight-table gradient into grad_wt [W, F]. Scratch: gcur [W] SCALAR. */
+/* The reverse of one step (the backward sweep of asynctrain/loop.py, SPEC 8): from
+ * the adjoints g_v, g_o (in place, [B, W]) and g_acc ([B, n_out]) after the step to
+ * those before it; adds the step's weight-table gradient into grad_wt [W, F].
+ * Scratch: gcur [W] SCALAR. armed (uint8 [B, W] in place, or NULL):
+ * surrogate_at="fire_or_last": a receiver's surrogate counts only where it fired or
+ * armed is set (its window's last evaluation); every receiver clears it, the step's
+ * emptied outboxes set it. */
 void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_deliv,
                           const SCALAR *vals, const SCALAR *v_pre, const uint8_t *refr,
                           const uint8_t *received, const uint8_t *gate, SCALAR *g_v, SCALAR *g_o,
-                          const SCALAR *g_acc, SCALAR *grad_wt, SCALAR *gcur) {
+                          const SCALAR *g_acc, SCALAR *grad_wt, SCALAR *gcur, uint8_t *armed) {
     const int64_t B = c->B, W = c->W, K = c->K, F = c->F, n_out = c->out_hi - c->out_lo;
     const SCALAR *wt = (const SCALAR *)c->wt, *theta = (const SCALAR *)c->theta;
     const SCALAR half_alpha = (SCALAR)(c->alpha / 2), scale = (SCALAR)(M_PI / 2 * c->alpha);
@@ -227,6 +231,7 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
         const SCALAR *ga = g_acc + b * n_out, *vp_b = v_pre + b * W;
         const uint8_t *rf = refr + b * W, *rc = received + b * W, *gt = gate + b * W;
         const int32_t *s = sel + b * K, *sd = sel_deliv + b * K;
+        uint8_t *arm = armed ? armed + b * W : NULL;
         memset(cnt, 0, sizeof(int32_t) * c->n_slots);
         for (int64_t j = 0; j < K; j++) cnt[c->source_slot[DEC(sd[j])]]++;  /* fillers included */
         for (int64_t l = 0; l < c->n_slots; l++) {
@@ -238,7 +243,9 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
             const SCALAR vp = vp_b[col], th = theta[col];
             const SCALAR s = (gt[col] && vp >= th) ? (SCALAR)1 : (SCALAR)0;
             SCALAR dsdv = 0;
-            if (gt[col]) {
+            const int counts = !arm || s > 0 || arm[col];
+            if (arm) arm[col] = 0;
+            if (gt[col] && counts) {
                 const SCALAR y = scale * (vp - th), den = 1 + y * y;
                 dsdv = ((SCALAR)1 / den) * half_alpha;
             }
@@ -263,6 +270,8 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
         }
         for (int64_t j = 0; j < K; j++) go[DEC(s[j])] = 0;
         for (int64_t j = 0; j < K; j++) go[DEC(sd[j])] += gvals[j];
+        if (arm)
+            for (int64_t j = 0; j < K; j++) arm[DEC(s[j])] = 1;
     }
 }
 

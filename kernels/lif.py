@@ -49,11 +49,17 @@ def arctan_surrogate(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def lif_backward_torch(grad_v_new: torch.Tensor, grad_spikes: torch.Tensor | None,
                        v_pre: torch.Tensor, refractory: torch.Tensor, received: torch.Tensor,
-                       gate: torch.Tensor, theta: torch.Tensor, alpha: float, detach_reset: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `lif_torch` w.r.t. v and current (the same on receivers)."""
+                       gate: torch.Tensor, theta: torch.Tensor, alpha: float, detach_reset: bool,
+                       last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `lif_torch` w.r.t. v and current (the same on receivers).
+
+    `last` (bool ``[B, W]``, `SimConfig.surrogate_at="fire_or_last"`): the evaluations
+    that end their outbox window; the spike's surrogate derivative is then taken only
+    where the neuron fired or `last` holds (0 elsewhere, in the outbox path and the
+    reset path alike). None: at every synced evaluation (SPEC 8)."""
     spikes = (gate & (v_pre >= theta)).to(v_pre.dtype)
-    dsdv = torch.where(gate, arctan_surrogate(v_pre - theta, alpha), 0.0)
+    counts = gate if last is None else gate & ((spikes > 0) | last)
+    dsdv = torch.where(counts, arctan_surrogate(v_pre - theta, alpha), 0.0)
     g_pre = grad_v_new * (1 - spikes)
     if not detach_reset:
         g_pre = g_pre - grad_v_new * v_pre * dsdv
@@ -92,9 +98,10 @@ def _lif_kernel(v_ptr, cur_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
 
 # As `_lif_kernel`: `width` specialised (fixed for a network).
 @jit
-def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
+def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_ptr, last_ptr, theta_ptr,
                          const_ptr, grad_v_ptr, grad_cur_ptr, width, BLOCK: tl.constexpr,
-                         HAS_GRAD_SPIKES: tl.constexpr, DETACH_RESET: tl.constexpr):
+                         HAS_GRAD_SPIKES: tl.constexpr, DETACH_RESET: tl.constexpr,
+                         HAS_LAST: tl.constexpr):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
     at = tl.program_id(1).to(tl.int64) * width + cols
@@ -113,7 +120,10 @@ def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_pt
         sur = tl.math.div_rn(tl.zeros_like(den) + half_alpha, den)
     else:
         sur = half_alpha / den
-    dsdv = tl.where(gate, sur, 0.0)
+    counts = gate
+    if HAS_LAST:  # fire_or_last: only evaluations that fire or end their window
+        counts = gate & ((s > 0) | (tl.load(last_ptr + at, mask=inside, other=0) != 0))
+    dsdv = tl.where(counts, sur, 0.0)
     g_pre = gvn * (1 - s)
     if not DETACH_RESET:
         g_pre = g_pre - gvn * v_pre * dsdv
@@ -166,21 +176,30 @@ def lif_triton(v: torch.Tensor, current: torch.Tensor, refractory: torch.Tensor,
 
 def lif_backward_triton(grad_v_new: torch.Tensor, grad_spikes: torch.Tensor | None,
                         v_pre: torch.Tensor, refractory: torch.Tensor, received: torch.Tensor,
-                        gate: torch.Tensor, theta: torch.Tensor, alpha: float, detach_reset: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `lif_torch` w.r.t. v and current (the same on receivers)."""
+                        gate: torch.Tensor, theta: torch.Tensor, alpha: float, detach_reset: bool,
+                        last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `lif_torch` w.r.t. v and current (the same on receivers).
+
+    `last` (bool ``[B, W]``, `SimConfig.surrogate_at="fire_or_last"`): the evaluations
+    that end their outbox window; the spike's surrogate derivative is then taken only
+    where the neuron fired or `last` holds (0 elsewhere, in the outbox path and the
+    reset path alike). None: at every synced evaluation (SPEC 8)."""
     floats = dict(grad_v_new=grad_v_new, v_pre=v_pre)
     if grad_spikes is not None:
         floats["grad_spikes"] = grad_spikes
-    fl, masks, theta = _check("lif_backward_triton", _lif_backward_kernel, floats,
-                              dict(refractory=refractory, received=received, gate=gate), theta)
+    mask_args = dict(refractory=refractory, received=received, gate=gate)
+    if last is not None:
+        mask_args["last"] = last
+    fl, masks, theta = _check("lif_backward_triton", _lif_backward_kernel, floats, mask_args, theta)
     grad_v_new, v_pre = fl[0], fl[1]
     gs = fl[2] if grad_spikes is not None else grad_v_new  # never read without grad_spikes
     const = torch.tensor([alpha / 2, math.pi / 2 * alpha], dtype=v_pre.dtype, device=v_pre.device)
     grad_v, grad_cur = torch.empty_like(v_pre), torch.empty_like(v_pre)
     b, width = v_pre.shape
     if v_pre.numel():
+        last_m = masks[3] if last is not None else masks[2]  # never read without `last`
         _lif_backward_kernel[_grid(b, width)](
-            grad_v_new, gs, v_pre, *masks, theta, const, grad_v, grad_cur, width, BLOCK=_BLOCK,
-            HAS_GRAD_SPIKES=grad_spikes is not None, DETACH_RESET=bool(detach_reset))
+            grad_v_new, gs, v_pre, *masks[:3], last_m, theta, const, grad_v, grad_cur, width, BLOCK=_BLOCK,
+            HAS_GRAD_SPIKES=grad_spikes is not None, DETACH_RESET=bool(detach_reset),
+            HAS_LAST=last is not None)
     return grad_v, grad_cur

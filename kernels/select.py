@@ -126,19 +126,19 @@ def select_keys_torch(pending: torch.Tensor, keys: torch.Tensor, k: int,
     return torch.where(top != _INT64_MIN, w - 1 - (top & 0xFFFFFFFF), w - 1)
 
 
-def selection_keys_torch(values: torch.Tensor, is_input: torch.Tensor, seed: int, t: int, step: int, *,
-                         policy_ms: bool, noise: float = 0.0, input_random: bool = False, fill: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The selection keys of every column (SPEC 6, 8), the key math of
-    `select_keyed_torch` (and of the engine's sync-free path) in one place.
-    Pending entries: RS the `STREAM_RS_KEY` uniform; MS the pre-spike potential as
-    float32 (+ ``noise`` x the `STREAM_MOMENTUM_NOISE` uniform), inputs at +inf and,
-    with `input_random`, their order keys (`rng.input_order_key`, -1 at neurons).
-    `fill` (fill candidates, SPEC 8): MS V as float32, RS the `STREAM_FILL` uniform.
-    Returns (keys float32 [B, W], order int64 [B, W] | None)."""
-    b, w = values.shape
-    rows = torch.arange(b, device=values.device)[:, None]
-    cols = torch.arange(w, device=values.device)[None, :]
+def selection_keys(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor | None,
+                   is_input: torch.Tensor, seed: int, t: int, step: int, *, policy_ms: bool,
+                   noise: float = 0.0, input_random: bool = False, fill: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The selection keys (SPEC 6, 8) of the entries at (`rows`, `cols`), int64 index
+    tensors that broadcast: a list of pending entries (the engine's CPU path), or every
+    column as ``[B, 1]`` x ``[1, W]`` (`selection_keys_torch`). The key math in one place.
+    `values`: the entries' pre-spike potentials (MS), or their membranes (`fill`, MS);
+    RS reads none (None). Pending entries: RS the `STREAM_RS_KEY` uniform; MS the
+    potential as float32 (+ ``noise`` x the `STREAM_MOMENTUM_NOISE` uniform), inputs at
+    +inf and, with `input_random`, their order keys (`rng.input_order_key`, -1 at
+    neurons). `fill` (fill candidates, SPEC 8): MS V as float32, RS the `STREAM_FILL`
+    uniform. Returns (keys float32, order int64 | None), shaped as the broadcast."""
     if fill:
         if policy_ms:
             return values.to(torch.float32), None
@@ -153,6 +153,29 @@ def selection_keys_torch(values: torch.Tensor, is_input: torch.Tensor, seed: int
     if input_random:  # SPEC 6: inputs above every neuron, in the pass's order
         order = torch.where(is_input[cols], rng.input_order_key(seed, t, rows, cols), -1)
     return keys, order
+
+
+def selection_keys_torch(values: torch.Tensor, is_input: torch.Tensor, seed: int, t: int, step: int, *,
+                         policy_ms: bool, noise: float = 0.0, input_random: bool = False, fill: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`selection_keys` of every column: the key math of `select_keyed_torch` (and of
+    the engine's sync-free path). `values`: [B, W] pre-spike potentials (MS) or, with
+    `fill`, membranes. Returns (keys float32 [B, W], order int64 [B, W] | None)."""
+    b, w = values.shape
+    rows = torch.arange(b, device=values.device)[:, None]
+    cols = torch.arange(w, device=values.device)[None, :]
+    return selection_keys(rows, cols, values, is_input, seed, t, step, policy_ms=policy_ms, noise=noise,
+                          input_random=input_random, fill=fill)
+
+
+def fill_free_slots(sel: torch.Tensor, best: torch.Tensor, dump: int) -> torch.Tensor:
+    """SPEC 8 fill_slots: the dump slots of a selection `sel` ``[B, K]`` take the fill
+    candidates `best` ``[B, K]`` (best first, the dump after the last), the j-th free slot
+    the j-th best, recorded as -1 - column."""
+    free = sel == dump
+    rank = (free.cumsum(1) - 1).clamp(min=0)  # the j-th free slot takes the j-th best
+    filler = best.gather(1, rank)
+    return torch.where(free & (filler != dump), -1 - filler, sel)
 
 
 def select_keyed_torch(pending: torch.Tensor, values: torch.Tensor, is_input: torch.Tensor, k: int,
@@ -184,12 +207,7 @@ def select_keyed_torch(pending: torch.Tensor, values: torch.Tensor, is_input: to
                                        input_random=input_random, fill=sel is not None)
     if sel is None:
         return select_keys_torch(pending, keys, k, order)
-    dump = pending.shape[1] - 1
-    best = select_keys_torch(pending, keys, k)  # best first
-    free = sel == dump
-    rank = (free.cumsum(1) - 1).clamp(min=0)  # the j-th free slot takes the j-th best
-    filler = best.gather(1, rank)
-    return torch.where(free & (filler != dump), -1 - filler, sel)
+    return fill_free_slots(sel, select_keys_torch(pending, keys, k), pending.shape[1] - 1)
 
 
 # --- Triton ---------------------------------------------------------------------------

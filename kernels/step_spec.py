@@ -1,14 +1,17 @@
-"""What the fused steps of one engine call read: shapes, tables and constants.
+"""The fused steps of one engine call: what they read (`StepSpec`: shapes, tables and
+constants; `PassTensors`: a pass's bookkeeping), what they provide (`FusedSteps`) and
+what a replayed step leaves for its backward (`FusedRecord`).
 
 The engine builds one `StepSpec` per call (`Engine.step_spec`) and hands it to its
 backend's fused steps (`cpu_step.CpuSteps`, `steps_triton.TritonSteps`), so the
-binders depend on this description only, not on the engine (nothing under
+binders depend on these descriptions only, not on the engine (nothing under
 `kernels/` imports `asynctrain`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -60,3 +63,70 @@ def as_spec(spec) -> StepSpec:
     """`spec` itself, or the `StepSpec` of an object that describes one through
     ``step_spec()`` (an engine)."""
     return spec if isinstance(spec, StepSpec) else spec.step_spec()
+
+
+@dataclass
+class PassTensors:
+    """A pass's bookkeeping that the fused steps read and update in place (contiguous,
+    on the steps' device; `asynctrain/passes.py` holds them between steps)."""
+
+    pending: torch.Tensor             # bool [B, W] outboxes waiting for delivery
+    pre_spike: torch.Tensor           # [B, W] potential before the last spike (MS keys)
+    spike_sum: torch.Tensor           # [B, W] spikes of the pass
+    steps: torch.Tensor               # int64 [B] forward steps of the pass
+    first_out: torch.Tensor           # int64 [B] first output step (-1: none yet)
+    done: torch.Tensor                # bool [B] the sample's pass is over
+    fillable: torch.Tensor | None = None  # bool [B, W] fill candidates (SPEC 8 fill_slots)
+    hist: torch.Tensor | None = None      # int64 [bins] currents-to-spike histogram, added to
+
+
+class FusedRecord:
+    """What the backward of one replayed step needs (masks: refr before, received, gate)."""
+
+    __slots__ = ("vals", "v_pre", "masks")
+
+    def __init__(self, vals: torch.Tensor, v_pre: torch.Tensor, masks: torch.Tensor):
+        self.vals, self.v_pre, self.masks = vals, v_pre, masks
+
+
+class FusedSteps(Protocol):
+    """What a backend's fused steps provide (`backends.Ops.fused`): whole forward steps,
+    their replays and their reverses, on a state and a pass bound once, updated in
+    place. Implemented by `cpu_step.CpuSteps` (C) and `steps_triton.TritonSteps`."""
+
+    fills_slots: ClassVar[bool]        # SPEC 8 fill_slots: `PassTensors.fillable` is read
+    records_histogram: ClassVar[bool]  # the currents-to-spike histogram (`PassTensors.hist`)
+
+    def __init__(self, spec: StepSpec) -> None: ...
+
+    @staticmethod
+    def unsupported(spec: StepSpec) -> str | None:
+        """Why these steps cannot run `spec` (None: they can); the engine then runs the
+        per-op steps."""
+
+    def bind_weights(self, wt: torch.Tensor) -> None:
+        """The [W, F] weight table the steps deliver through (and add gradients for)."""
+
+    def bind_state(self, st) -> None:
+        """The state (`asynctrain.state.State`: v, o, acc, refr, n_in) updated in place."""
+
+    def bind_pass(self, tensors: PassTensors) -> None:
+        """The pass's bookkeeping updated in place."""
+
+    def forward_batch(self, t: int, step: int, n_max: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Up to `n_max` forward steps (`step`, `step` + 1, ...) of the bound state and
+        pass, stopping after the one that leaves every sample done. Returns (sel,
+        sel_deliv int32 [n, B, K], vals [n, B, K], out_fired bool [n, B], all done)."""
+
+    def replay_step(self, t: int, step: int, sel: torch.Tensor, sel_deliv: torch.Tensor) -> FusedRecord:
+        """A recorded step again on the bound state; what its reverse needs."""
+
+    def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
+                      g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
+                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The step's reverse: updates the contiguous adjoints g_v, g_o in place (g_acc
+        is read) and adds the weight-table gradient into grad_wt. `armed` (contiguous
+        bool [B, W], surrogate_at="fire_or_last", else None), in place: a receiver's
+        surrogate counts only where it fired or its flag is set; every receiver clears
+        its flag, the step's emptied outboxes set theirs."""

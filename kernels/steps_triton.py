@@ -1,10 +1,10 @@
 """Fused forward steps on the GPU (fully connected networks): the `fused` steps of
 the `triton` backend, the Triton twin of `cpu_step.CpuSteps`.
 
-Same interface as `CpuSteps` (`bind_weights`, `bind_state`, `bind_pass`,
-`forward_step`, `forward_steps`, `replay_step`, `backward_step`; records are
-`cpu_step.FusedRecord`) and the same semantics as the C functions of
-`cpu_step.c`: the same counter hash, packed keys (SPEC 6: ties to the lower index),
+Same interface as `CpuSteps` (`step_spec.FusedSteps`: `bind_weights`, `bind_state`,
+`bind_pass`, `forward_batch`, `replay_step`, `backward_step`; records are
+`step_spec.FusedRecord`; also `forward_step`, `forward_steps`) and the same
+semantics as the C functions of `cpu_step.c`: the same counter hash, packed keys (SPEC 6: ties to the lower index),
 slot order (highest key first) and float operations in the same order (launched
 with ``enable_fp_fusion=False``: no FMA contraction, as the C is built with
 ``-ffp-contract=off``). Selections, spikes and potentials are therefore those of
@@ -51,11 +51,11 @@ import torch
 
 from . import rng
 from ._triton import check_tensors, hash_arg, jit, tl, triton
-from .cpu_step import FusedRecord, _int32
+from .cpu_step import _int32
 from .rng_triton import _fmix32, _uniform_at_from_hash
 from .select import _fill_keys, _radix_threshold, _row_keys
 from . import host
-from .step_spec import as_spec
+from .step_spec import FusedRecord, PassTensors, StepSpec, as_spec
 
 _SUFFIX = (torch.float32, torch.float64)
 _K_MAX = 4096
@@ -375,10 +375,10 @@ def _replay_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, syn
 @jit(do_not_specialize=("sel_ptr", "sd_ptr"))
 def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, theta_ptr, wt_ptr,
                      const_ptr, sel_ptr, sd_ptr, vals_ptr, vpre_ptr, refrb_ptr, recv_ptr, gate_ptr,
-                     gv_ptr, go_ptr, gacc_ptr, gwt_ptr,
+                     gv_ptr, go_ptr, gacc_ptr, gwt_ptr, armed_ptr,
                      W, K, F, n_slots, out_lo, out_hi,
                      DETACH_RESET: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
-                     NS: tl.constexpr):
+                     NS: tl.constexpr, ARMED: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     jj = tl.arange(0, KB)
     kmask = jj < K
@@ -411,6 +411,10 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
                 # fp32 `/` is div.full on the GPU (<= 2 ulp from the C's IEEE division):
                 # div_rn's slow path is a call whose saved registers need a stack frame
                 dsdv = tl.where(gt, (1 / den) * half_alpha, 0.0)
+                if ARMED:  # surrogate_at="fire_or_last": fired, or its window's last evaluation
+                    last = tl.load(armed_ptr + row + cols, mask=rc, other=0).to(vp.dtype)
+                    dsdv = dsdv * tl.maximum(s, last)  # exact: x * 1 or x * 0
+                    tl.store(armed_ptr + row + cols, tl.zeros([BLOCK], tl.uint8), mask=rc)
                 gvn = tl.load(gv_ptr + row + cols, mask=rc, other=0.0)
                 gp = gvn * (1 - s)
                 if not DETACH_RESET:
@@ -433,6 +437,8 @@ def _backward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, t
     sd = _dec(tl.load(sd_ptr + b * K + jj, mask=kmask, other=0))
     g = tl.load(go_ptr + row + sd, mask=kmask, other=0.0)
     tl.store(go_ptr + row + sd, g + gvals, mask=kmask)
+    if ARMED:  # the emptied outboxes' windows end at this step
+        tl.store(armed_ptr + row + sel, tl.full([KB], 1, tl.uint8), mask=kmask)
 
 
 # --- host ---------------------------------------------------------------------------------
@@ -442,6 +448,14 @@ def _partial_hash(seed: int, stream: int, t: int) -> int:
     for c in (stream, t):
         h = rng._fmix32_int(h ^ ((c * rng._GOLDEN) & rng._MASK32))
     return h
+
+
+def _armed_u8(armed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """`armed` (bool [B, W], updated in place) as the kernel reads and writes it."""
+    if armed.dtype != torch.bool or tuple(armed.shape) != shape or not armed.is_contiguous():
+        raise ValueError(f"armed must be a contiguous bool tensor {list(shape)}, got {armed.dtype} "
+                         f"{tuple(armed.shape)}")
+    return armed.view(torch.uint8)
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
@@ -456,6 +470,15 @@ class TritonSteps:
 
     fills_slots = True  # fill_slots: bind_pass takes the pass's fill candidates
     records_histogram = False  # record_currents=True runs the per-op kernels
+
+    @staticmethod
+    def unsupported(spec: StepSpec) -> str | None:
+        """Why these steps cannot run `spec` (None: they can)."""
+        if spec.dtype not in _SUFFIX:
+            return f"the fused Triton steps take float32 and float64, not {spec.dtype}"
+        if spec.k > _K_MAX:
+            return f"the fused Triton steps take K <= {_K_MAX}, not {spec.k}"
+        return None
 
     def __init__(self, spec) -> None:
         """`spec`: a `step_spec.StepSpec` (or an engine, through its ``step_spec()``)."""
@@ -511,19 +534,19 @@ class TritonSteps:
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
 
-    def bind_pass(self, ps, done: torch.Tensor, hist: torch.Tensor | None = None) -> None:
-        """Point at a pass's bookkeeping (`passes._Pass`) and its bool [B] done flags.
-        No currents-to-spike histogram here (`records_histogram` is False)."""
-        if hist is not None:
+    def bind_pass(self, p: PassTensors) -> None:
+        """Point at a pass's bookkeeping: flags, counters and done flags. No
+        currents-to-spike histogram here (`records_histogram` is False)."""
+        if p.hist is not None:
             raise NotImplementedError("the fused Triton steps do not record the currents-to-spike "
                                       "histogram; the engine runs the per-op kernels for it")
-        for name, t in (("pending", ps.pending), ("pre_spike", ps.pre_spike), ("spike_sum", ps.spike_sum),
-                        ("steps", ps.steps), ("first_out", ps.first_out), ("done", done)):
+        for name in ("pending", "pre_spike", "spike_sum", "steps", "first_out", "done"):
+            t = getattr(p, name)
             assert t.is_contiguous(), name
             self._bound[name] = _u8(t)
         if self.fill:
-            assert ps.fillable is not None and ps.fillable.is_contiguous(), "fillable"
-            self._bound["fillable"] = _u8(ps.fillable)
+            assert p.fillable is not None and p.fillable.is_contiguous(), "fillable"
+            self._bound["fillable"] = _u8(p.fillable)
 
     def forward_step(self, t: int, k: int):
         """One forward step of the bound state and pass. Returns (sel, sel_deliv int32
@@ -593,9 +616,10 @@ class TritonSteps:
 
     def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
-                      grad_wt: torch.Tensor) -> None:
-        """The step's reverse: updates g_v, g_o and adds into grad_wt (float atomics
-        across samples), in place."""
+                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The step's reverse: updates g_v, g_o (and `armed`, bool [B, W], with
+        surrogate_at="fire_or_last": the sweep of loop.py) and adds into grad_wt (float
+        atomics across samples), in place."""
         for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
             if not t.is_contiguous() or t.dtype != self.dtype:
                 raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
@@ -604,5 +628,7 @@ class TritonSteps:
         _backward_kernel[(self.B,)](
             tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["theta"], self._bound["wt"],
             self._const, sel, sel_deliv, rec.vals, rec.v_pre, m[0], m[1], m[2], g_v, g_o, g_acc, grad_wt,
+            m[0] if armed is None else _armed_u8(armed, (self.B, self.W)),  # never written without ARMED
             self.W, self.K, self.F, self.n_slots, self.out_lo, self.out_hi,
-            DETACH_RESET=self.detach_reset, KB=self.KB, NS=self.NS, **self._launch_opts())
+            DETACH_RESET=self.detach_reset, KB=self.KB, NS=self.NS, ARMED=armed is not None,
+            **self._launch_opts())

@@ -51,6 +51,12 @@ Conventions where SPEC is silent (the project's choices, followed exactly):
   structural connectivity as ``adjacency`` (list of 0/1 ``[n_l, n_{l+1}]``). Receive
   counts, synops (fan-out per source) and the prioritized input's counts (fan-in per
   layer-1 neuron) then come from it; without it every layer is fully connected.
+- surrogate_at="fire_or_last" (docs/semantics.md 8, "Bounded gradients"): the spike
+  keeps its surrogate derivative only where the neuron fired; the latest non-firing
+  evaluation's spike (value 0) is parked per neuron in ``L`` and joins its window's
+  end: the delivered (or emptied) outbox reads ``O + L`` and ``V *= 1 - L`` (its reset,
+  unless ``detach_reset``); at the pass's end hidden ``O += L``, outputs ``acc += L``
+  and ``V *= 1 - L``. Forward values never change.
 - Layered: per pass, per layer l: ``V1 = V_l + s_{l-1} @ W^T``, ``s = spike(V1 - theta)``,
   ``V_l = V1 * (1 - s)``; no refractoriness or sync threshold; network dropout zeroes
   hidden layer l-1's spike vector at step k = l-1 (flat index); synops and
@@ -154,6 +160,9 @@ def _evaluate(g, st, cfg, I, recv, add_n, t, k, training, seed):
     s = spike(V1 - g.theta, cfg.surrogate_steepness) * synced.to(g.dtype)
     s = torch.where(recv, s, 0.0)
     fired = recv & (s > 0)
+    if st.L is not None:  # fire_or_last: the derivative where it fired; else parked in L
+        st.L = torch.where(recv, torch.where(fired, 0.0, s), st.L)
+        s = torch.where(fired, s, s.detach())
     hid = recv & g.hidden
     st.O = st.O + torch.where(hid, s, 0.0)
     st.P = st.P | (hid & fired)
@@ -173,6 +182,14 @@ def _evaluate(g, st, cfg, I, recv, add_n, t, k, training, seed):
     st.neuron_spikes += fired.long()
     out_fired = (fired & g.output).any(1)
     st.first = torch.where(out_fired & (st.first < 0), k + 1, st.first)
+
+
+def _end_windows(st, cfg, ends):
+    """fire_or_last: the windows of `ends` [B, N] end; the reset of their last
+    evaluation, V <- V1 * (1 - s), takes its derivative now (V == V1 there)."""
+    if not cfg.detach_reset:
+        st.V = torch.where(ends, st.V * (1 - st.L), st.V)
+    st.L = torch.where(ends, 0.0, st.L)
 
 
 def _select(g, st, cfg, active, t, k, training):
@@ -237,7 +254,8 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=No
     stats = _new_stats(T, B, N - n0, g.dtype)
     st = SimpleNamespace(seed=seed, idx=torch.arange(N).expand(B, N),
                          V=torch.zeros(B, N, dtype=g.dtype), O=torch.zeros(B, N, dtype=g.dtype),
-                         P=torch.zeros(B, N, dtype=torch.bool), hidden_spikes=stats["hidden_spikes"])
+                         P=torch.zeros(B, N, dtype=torch.bool), hidden_spikes=stats["hidden_spikes"],
+                         L=torch.zeros(B, N, dtype=g.dtype) if cfg.surrogate_at == "fire_or_last" else None)
     outs = []
     for t in range(T):
         st.V = st.V * g.decay
@@ -287,7 +305,9 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=No
             if training and cfg.network_dropout > 0:
                 kept = ~(uniform(seed, STREAM_NETWORK_DROPOUT, t, k, st.idx) < cfg.network_dropout)
                 D, Df = sel & kept, fill & kept
-            vals = torch.where(D | Df, st.O, 0.0)
+            vals = torch.where(D | Df, st.O if st.L is None else st.O + st.L, 0.0)
+            if st.L is not None:  # the emptied outboxes' windows end: their last evaluations count
+                _end_windows(st, cfg, sel | fill)
             st.O = torch.where(sel | fill, 0.0, st.O)
             st.P = st.P & ~sel
             if fill_slots:
@@ -300,6 +320,10 @@ def dense_simulate(weights, frames, cfg, *, seed=0, training=False, adjacency=No
             processed += (D & (vals != 0)).sum(1)
             steps += active.long()
             k += 1
+        if st.L is not None:  # every window ends with the pass
+            st.O = st.O + torch.where(g.hidden, st.L, 0.0)
+            st.acc = st.acc + st.L[:, g.outputs]
+            _end_windows(st, cfg, torch.ones_like(st.P))
         stats["capped"][t] = (steps >= cfg.max_steps) & pending & ~out_stop
         stats["forward_steps"][t] = steps
         stats["synops"][t] = synops

@@ -41,7 +41,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import asynctrain as at  # noqa: E402
-from asynctrain import engine  # noqa: E402
+from asynctrain import plan  # noqa: E402
 from asynctrain.kernels import steps_triton  # noqa: E402
 from asynctrain.kernels.conv_deliver import conv_deliver_backward_triton, conv_deliver_triton  # noqa: E402
 from asynctrain.kernels.rows_deliver import rows_deliver_backward_triton, rows_deliver_triton  # noqa: E402
@@ -61,9 +61,10 @@ PER_OP = ("deliver._deliver_kernel", "deliver._deliver_backward_kernel",
 
 
 def _select(dev) -> str:
-    """The per-op select kernel of `dev`: sync-free devices (`engine.SYNC_FREE_DEVICES`,
-    CUDA) compute the keys in the kernel (`select_keyed_triton`), others list them."""
-    return "select._select_keyed_kernel" if dev.type in engine.SYNC_FREE_DEVICES else "select._select_kernel"
+    """The per-op select kernel of `dev`: sync-free devices (`plan.SYNC_FREE_DEVICES`,
+    CUDA, or the mode forced) compute the keys in the kernel (`select_keyed_triton`),
+    others list them."""
+    return "select._select_keyed_kernel" if plan.sync_free_on(dev) else "select._select_kernel"
 
 
 def _mlp(sizes, seed=0):
@@ -128,11 +129,11 @@ def test_mlp_deterministic_iteration_compiles_each_kernel_once():
     _check_mlp(*_mlp_iteration("MS", torch.device("cpu"), deterministic=True), deterministic=True)
 
 
-def test_mlp_deterministic_sync_free_iteration_compiles_each_kernel_once(monkeypatch):
+def test_mlp_deterministic_sync_free_iteration_compiles_each_kernel_once():
     """The sync-free loop (CUDA's) forced on the CPU: the keyed select kernel."""
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
-    for policy in ("MS", "RS"):
-        _check_mlp(*_mlp_iteration(policy, torch.device("cpu"), deterministic=True), deterministic=True)
+    with plan.forced(sync_free=True):
+        for policy in ("MS", "RS"):
+            _check_mlp(*_mlp_iteration(policy, torch.device("cpu"), deterministic=True), deterministic=True)
 
 
 def _vgg_iteration(dev):
@@ -167,7 +168,7 @@ def _check_vgg(seen, stats, dev):
     # the launches did vary (layer geometry, entry counts): every int specialised needs more
     for name in ("conv_deliver._conv_deliver_kernel", "conv_deliver._conv_deliver_backward_kernel"):
         assert len(seen.all_specialised[name]) > len(seen.keys[name]), name
-    if dev.type in engine.SYNC_FREE_DEVICES:  # the keyed select's hashes do vary
+    if plan.sync_free_on(dev):  # the keyed select's hashes do vary
         assert len(seen.all_specialised[_select(dev)]) > len(seen.keys[_select(dev)])
 
 
@@ -175,12 +176,11 @@ def test_narrow_vgg7_training_iteration_compiles_each_kernel_at_most_twice():
     _check_vgg(*_vgg_iteration(torch.device("cpu")))
 
 
-def test_narrow_vgg7_sync_free_iteration_compiles_each_kernel_at_most_twice(monkeypatch):
+def test_narrow_vgg7_sync_free_iteration_compiles_each_kernel_at_most_twice():
     # CUDA's mode (each conv/rows launch over its own segment of the sorted entries,
     # the segment a [2] view into one [L + 2, 2] tensor), forced on the CPU
-    from asynctrain import engine
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
-    _check_vgg(*_vgg_iteration(torch.device("cpu")))
+    with plan.forced(sync_free=True):
+        _check_vgg(*_vgg_iteration(torch.device("cpu")))
 
 
 def _full_width_vgg7_launches(dev, entries=2, batch=2):
@@ -245,9 +245,9 @@ def test_full_width_vgg7_geometry_compiles_each_delivery_kernel_once():
     _check_full_width(*_full_width_vgg7_launches(torch.device("cpu")))
 
 
-def test_narrow_vgg7_sync_free_iteration_compiles_once_per_layer_class(monkeypatch):
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
-    _check_vgg(*_vgg_iteration(torch.device("cpu")))
+def test_narrow_vgg7_sync_free_iteration_compiles_once_per_layer_class():
+    with plan.forced(sync_free=True):
+        _check_vgg(*_vgg_iteration(torch.device("cpu")))
 
 
 def test_jit_rejects_an_unknown_do_not_specialize_name():

@@ -267,7 +267,7 @@ class _Op(int):
 
 
 def test_adaptive_checkpoints_keep_sqrt_ops_times_ratio():
-    from asynctrain.engine import Checkpoints
+    from asynctrain.timeline import Checkpoints
     for ratio, n in ((1.0, 4096), (0.25, 4096), (1 / 64, 4096 * 64)):
         ck = Checkpoints(None, ratio)
         for i in range(n):
@@ -284,7 +284,7 @@ def test_packed_state_round_trip(o_density, n_max, dtype):
     """Checkpoints keep a packed copy: sparse outboxes under half full, int16 counts
     when they fit; unpacking gives the state back exactly, and later in-place updates
     of the state do not reach the copy."""
-    from asynctrain.engine import State
+    from asynctrain.state import State
     g = torch.Generator().manual_seed(1)
     b, w = 3, 50
     o = torch.rand(b, w, generator=g, dtype=dtype)
@@ -306,7 +306,7 @@ def test_packed_state_round_trip(o_density, n_max, dtype):
 def test_nested_checkpoints_keep_cube_root_of_ops_times_ratio():
     """Nested (conv): about (ops r)^(1/3) states kept, each segment ~ ops^(2/3) r^(-1/3)
     ops long, which the backward splits into ~sqrt(C / r)-op parts."""
-    from asynctrain.engine import Checkpoints
+    from asynctrain.timeline import Checkpoints
     for ratio, n in ((1.0, 4096), (1 / 32, 20000), (1 / 64, 4096 * 64)):
         ck = Checkpoints(None, ratio, nested=True)
         for i in range(n):
@@ -316,36 +316,38 @@ def test_nested_checkpoints_keep_cube_root_of_ops_times_ratio():
         assert kept <= (ck.c * ratio) ** 0.5 + 1
 
 
-@pytest.mark.parametrize("sparse_below", [0.0, 2.0])
+@pytest.mark.parametrize("steps", ["whole", "receivers"])
 @pytest.mark.parametrize("policy", ["RS", "MS"])
-def test_steps_at_receivers_or_whole_state_match_oracle(monkeypatch, sparse_below, policy):
+def test_steps_at_receivers_or_whole_state_match_oracle(steps, policy):
     """Conv steps without autograd run at their receivers (in place) or, when most
-    columns received, over the whole state: both match the dense oracle, in training
-    (with barrier messages, dropout, noise) and in evaluation."""
-    from asynctrain import engine
-    monkeypatch.setattr(engine, "SPARSE_BELOW", sparse_below)
+    columns received, over the whole state: every step forced one way or the other
+    (`plan.forced`), both match the dense oracle, in training (with barrier messages,
+    dropout, noise) and in evaluation."""
+    from asynctrain import plan
     net = conv_net("odd", seed=3)
     cfg = SimConfig(**BASE, policy=policy, forward_group_size=4, refractory_dropout=0.3,
                     momentum_noise=0.05, network_dropout=0.1, barrier_messages=True)
     frames = image_frames(2, 2, net.input_shape, seed=5)
     for training in (True, False):
-        eng = run_engine(net, cfg, frames, training=training)
+        with plan.forced(steps=steps):
+            eng = run_engine(net, cfg, frames, training=training)
         assert_match(eng, run_oracle(net, cfg, frames, training=training))
         assert int(eng[1]["hidden_spikes"].sum()) > 0
 
 
-@pytest.mark.parametrize("compact_below", [0.0, 2.0])
-def test_full_and_compact_records_backward_equals_plain_autograd_conv(monkeypatch, compact_below):
-    """Every conv step's backward record full ([B, W] masks; VGG-7 at large K), or
-    every one compact (receivers only): gradients equal plain autograd's."""
-    from asynctrain import backward
-    monkeypatch.setattr(backward, "COMPACT_BELOW", compact_below)
+@pytest.mark.parametrize("steps", ["whole", "receivers"])
+def test_full_and_compact_records_backward_equals_plain_autograd_conv(steps):
+    """Every conv step's backward record full ([B, W] masks, the whole-state mode;
+    VGG-7 at large K), or every one compact (receivers only): gradients equal plain
+    autograd's."""
+    from asynctrain import plan
     net = conv_net("deep", seed=8)
     cfg = SimConfig(**BASE, policy="MS", forward_group_size=3, refractory_dropout=0.3,
                     momentum_noise=0.05, readout="potential")
     frames = image_frames(2, 3, net.input_shape, seed=9)
     ref = run_engine(net, cfg, frames, training=True, checkpoint_every=0)
-    got = run_engine(net, cfg, frames, training=True)
+    with plan.forced(steps=steps):
+        got = run_engine(net, cfg, frames, training=True)
     assert torch.equal(got[0], ref[0])
     assert any(g.abs().sum() > 0 for g in ref[2])
     for a, b in zip(got[2], ref[2]):
@@ -356,27 +358,27 @@ def test_nested_segments_backward_equals_plain_autograd_conv(monkeypatch):
     """Conv nets split long segments again in the backward (one more recompute, inner
     states instead of records): gradients equal plain autograd's, and equal exactly
     the unsplit sweep's (the recompute is deterministic)."""
-    from asynctrain import backward
-    from asynctrain.engine import Engine
+    from asynctrain.loop import CallLoop
+    from asynctrain.plan import Plan
     net = conv_net("deep", seed=8)
     cfg = SimConfig(**BASE, policy="RS", forward_group_size=1, refractory_dropout=0.3)
     frames = image_frames(2, 3, net.input_shape, seed=9)
     splits = []
-    real = backward._recompute
+    real = CallLoop.replay
 
     def counting(*args, states_every=None):
         if states_every is not None:
             splits.append(states_every)
         return real(*args, states_every=states_every)
 
-    monkeypatch.setattr(backward, "_recompute", counting)
+    monkeypatch.setattr(CallLoop, "replay", counting)
     nested = run_engine(net, cfg, frames, training=True)
     assert splits and min(splits) >= 2  # some segments were split
     ref = run_engine(net, cfg, frames, training=True, checkpoint_every=0)
     assert torch.equal(nested[0], ref[0])
     for a, b in zip(nested[2], ref[2]):
         assert_close(a, b, "nested checkpointed gradient")
-    monkeypatch.setattr(Engine, "sub_segment", lambda self, n: None)  # two levels only
+    monkeypatch.setattr(Plan, "sub_segment", lambda self, n: None)  # two levels only
     flat = run_engine(net, cfg, frames, training=True)
     for a, b in zip(nested[2], flat[2]):
         assert torch.equal(a, b)

@@ -19,7 +19,10 @@ import pytest
 import torch
 
 from asynctrain import AsyncSNN, SimConfig, backends
-from asynctrain.engine import Engine, State, _Pass
+from asynctrain.engine import Engine
+from asynctrain.kernels.cpu_step import CpuSteps
+from asynctrain.passes import Pass
+from asynctrain.state import State
 from asynctrain.kernels import cpu_step
 from asynctrain.network import Network
 from conftest import BASE, STAT_KEYS, TOL, make_frames, make_net, run_engine
@@ -118,17 +121,18 @@ def test_forward_step_selects_like_twin(policy, k, noise):
         pending &= eng.tables.is_source
         pending[0] = False  # a sample with nothing pending: done, selects only the dump
         pre = torch.randint(0, 3, (B, W), generator=g).float() * 0.25  # many ties
-        ps = _Pass(B, W, torch.float32, torch.device("cpu"), pending.clone(), eager_first=False)
+        ps = Pass(B, W, torch.float32, torch.device("cpu"), pending.clone(), eager_first=False)
         ps.pre_spike = pre.clone()
         z = torch.zeros(B, W)
         st = State(z.clone(), z.clone(), torch.zeros(B, SIZES[-1]), torch.zeros(B, W, dtype=torch.bool),
                    torch.zeros(B, W, dtype=torch.int32))
         done = ps.done(eng.cfg).contiguous()
         want, _ = eng.select(pending & ~done[:, None], pre, trial, 2)  # before `done` is updated
-        eng.fused.bind_weights(torch.zeros(W, eng.tables.targets.shape[1]))
-        eng.fused.bind_state(st)
-        eng.fused.bind_pass(ps, done)
-        sel, _, _, _, _ = eng.fused.forward_step(t=trial, k=2)
+        fused = CpuSteps(eng)
+        fused.bind_weights(torch.zeros(W, eng.tables.targets.shape[1]))
+        fused.bind_state(st)
+        fused.bind_pass(ps.tensors(done))
+        sel, _, _, _, _ = fused.forward_step(t=trial, k=2)
         assert torch.equal(sel.long().sort(1).values, want.sort(1).values)
         assert (sel[0] == W - 1).all()
         taken = torch.zeros_like(pending).scatter(1, sel.long(), True)

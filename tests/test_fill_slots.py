@@ -25,6 +25,8 @@ import torch
 
 from asynctrain import SimConfig, backends
 from asynctrain.engine import Engine
+from asynctrain.loop import CallLoop
+from asynctrain.timeline import EventStep
 from asynctrain.network import Network
 from conftest import (BASE, STAT_KEYS, assert_match, assert_stats_equal, make_frames, make_net, run_engine,
                       run_oracle)
@@ -48,8 +50,8 @@ def _records(net, cfg, frames, training=True, backend="torch", seed=3):
                  training=training, seed=seed, ops={"torch": backends.TORCH, "cpu": backends.CPU}[backend])
     wt = graph.weight_table([m.weight.detach() for m in net]).contiguous()
     with torch.no_grad():
-        _, _, ops, _ = eng.run(frames, wt, keep_checkpoints=False)
-    return [op[3] for op in ops if op[0] == "step"]
+        ops = CallLoop(eng).forward(frames, wt, keep_checkpoints=False).ops
+    return [op.sel for op in ops if isinstance(op, EventStep)]
 
 
 def _n_fillers(net, cfg, frames, **kw) -> int:

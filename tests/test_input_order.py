@@ -19,6 +19,8 @@ import torch
 
 from asynctrain import SimConfig, backends, rng
 from asynctrain.engine import Engine
+from asynctrain.loop import CallLoop
+from asynctrain.timeline import EventStep
 from asynctrain.network import Network
 from conftest import BASE, assert_match, make_frames, make_net, run_engine, run_oracle
 
@@ -35,15 +37,15 @@ def _input_sequences(cfg: SimConfig, frames: torch.Tensor, backend: str, seed: i
                  seed=seed, ops=OPS[backend])
     wt = graph.weight_table([m.weight.detach() for m in net]).contiguous()
     with torch.no_grad():
-        _, _, ops, _ = eng.run(frames, wt, keep_checkpoints=False)
+        ops = CallLoop(eng).forward(frames, wt, keep_checkpoints=False).ops
     seqs = {(t, b): [] for t in range(T) for b in range(B)}
     for op in ops:
-        if op[0] == "step":
-            sel = op[3].long()
+        if isinstance(op, EventStep):
+            sel = op.sel.long()
             for b in range(B):
                 for i in sel[b].tolist():
                     if i < SIZES[0]:
-                        seqs[(op[1], b)].append(i)
+                        seqs[(op.t, b)].append(i)
     return seqs
 
 

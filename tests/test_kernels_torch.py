@@ -317,6 +317,39 @@ def test_lif_reset_gradient_term():
     assert (gv.item(), gc.item()) == (1.0, 1.0)
 
 
+@pytest.mark.parametrize("detach_reset", [False, True])
+def test_lif_backward_fire_or_last(detach_reset):
+    """`last` (surrogate_at="fire_or_last"): the surrogate derivative only where the
+    neuron fired or the evaluation ends its window; elsewhere the spike is a constant
+    0 (outbox and reset paths alike), so V1 passes its gradient on unchanged."""
+    b, w = 3, 67
+    v, current, refractory, received, gate, theta = _lif_inputs(b, w, seed=5 + detach_reset)
+    v_new, spikes, v_pre = lif_torch(v, current, refractory, received, gate, theta)
+    last = torch.rand(b, w, generator=torch.Generator().manual_seed(3)) < 0.4
+    counted = (spikes > 0) | last
+    assert (received & gate & ~refractory & ~counted).sum() > 5 and (received & gate & last).sum() > 5
+    vr, cr = v.clone().requires_grad_(), current.clone().requires_grad_()
+    v_pre_r = torch.where(refractory, torch.zeros_like(vr), vr + cr)
+    s = spike(v_pre_r - theta, 2.0) * gate.to(F64)
+    s = torch.where(counted, s, s.detach())  # no derivative where it does not count
+    reset = s.detach() if detach_reset else s
+    ref_v = torch.where(received, v_pre_r * (1 - reset), vr)
+    g = torch.Generator().manual_seed(12)
+    gv, gs = torch.randn(b, w, generator=g, dtype=F64), torch.randn(b, w, generator=g, dtype=F64)
+    ref_gv, ref_gc = torch.autograd.grad((ref_v * gv).sum() + (s * gs).sum(), (vr, cr))
+    grad_v, grad_c = lif_backward_torch(gv, gs, v_pre, refractory, received, gate, theta, 2.0, detach_reset, last)
+    assert torch.allclose(grad_v, ref_gv, atol=1e-12, rtol=1e-12)
+    assert torch.allclose(grad_c, ref_gc, atol=1e-12, rtol=1e-12)
+    # where nothing counts, V1's adjoint is the next membrane's, untouched
+    free = received & ~refractory & ~counted
+    assert torch.equal(grad_c[free], gv[free])
+    # last everywhere is the default (every evaluation)
+    every = lif_backward_torch(gv, gs, v_pre, refractory, received, gate, theta, 2.0, detach_reset)
+    all_last = lif_backward_torch(gv, gs, v_pre, refractory, received, gate, theta, 2.0, detach_reset,
+                                  torch.ones_like(last))
+    assert all(torch.equal(a, e) for a, e in zip(all_last, every))
+
+
 def test_arctan_surrogate_formula():
     x = torch.linspace(-1, 1, 9, dtype=F64)
     for alpha in (2.0, 10.0):

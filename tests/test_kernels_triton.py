@@ -256,14 +256,17 @@ def test_lif_forward_is_bitwise_equal(b, w, dtype):
                          [(2.0, False, True), (10.0, True, True), (2.0, False, False), (10.0, True, False)])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("b,w", LIF_SHAPES)
-def test_lif_backward(b, w, dtype, alpha, detach_reset, with_grad_spikes):
+@pytest.mark.parametrize("with_last", [False, True])
+def test_lif_backward(b, w, dtype, alpha, detach_reset, with_grad_spikes, with_last):
     (v, cur), masks, theta, (gvn, gs) = _lif_case(b, w, seed=w + 1, dtype=dtype)
     v_pre = lif_torch(v, cur, *masks, theta)[2]
     gs = gs if with_grad_spikes else None
-    got = lif_backward_triton(gvn, gs, v_pre, *masks, theta, alpha, detach_reset)
-    want = lif_backward_torch(gvn, gs, v_pre, *masks, theta, alpha, detach_reset)
+    # surrogate_at="fire_or_last": the evaluations that end their window
+    last = torch.rand(b, w, generator=_gen(w + 2)) < 0.5 if with_last else None
+    got = lif_backward_triton(gvn, gs, v_pre, *masks, theta, alpha, detach_reset, last)
+    want = lif_backward_torch(gvn, gs, v_pre, *masks, theta, alpha, detach_reset, last)
     exact = lif_backward_torch(gvn.double(), None if gs is None else gs.double(), v_pre.double(), *masks,
-                               theta.double(), alpha, detach_reset)
+                               theta.double(), alpha, detach_reset, last)
     for name, a, t, e in zip(("grad_v", "grad_current"), got, want, exact):
         assert_fp(a, t, e, name)
 

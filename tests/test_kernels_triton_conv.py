@@ -438,6 +438,8 @@ MODEL_CASES = {
     "MS-K4": ("MS", 4, dict(refractory_dropout=0.5), False, None),
     "RS-K6-fill": ("RS", 6, dict(fill_slots=True), False, None),
     "MS-K6-fill-autograd": ("MS", 6, dict(fill_slots=True), True, 0),
+    "RS-K3-fire-or-last": ("RS", 3, dict(surrogate_at="fire_or_last", network_dropout=0.1), False, None),
+    "MS-K3-fire-or-last-autograd": ("MS", 3, dict(surrogate_at="fire_or_last"), False, 0),
 }
 
 

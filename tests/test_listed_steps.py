@@ -1,10 +1,10 @@
-"""Sync-free conv steps at a fixed-size list of their receivers (`Engine._op_step_listed`).
+"""Sync-free conv steps at a fixed-size list of their receivers (`receivers.ListedReceivers`).
 
-On CUDA (the sync-free mode, `engine.SYNC_FREE_DEVICES`) a conv step without autograd
+On CUDA (the sync-free mode, `plan.SYNC_FREE_DEVICES`) a conv step without autograd
 adds its deliveries into kept [B, W] buffers, evaluates the neurons at
 `ImageSynapses.receiver_list` (every target of every delivered entry, repeats
 included; shapes fixed by K) and zeroes the buffers there again, when that list is at
-most `engine.LISTED_BELOW` of the state's width. What is demanded here:
+most `plan.LISTED_BELOW` of the state's width. What is demanded here:
 
 - the list is exactly the deliveries' targets: counting its valid entries per column
   gives the received counts the delivery kernels write (multiplicities included), and
@@ -25,6 +25,7 @@ most `engine.LISTED_BELOW` of the state's width. What is demanded here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -35,8 +36,9 @@ import pytest
 import torch
 
 import asynctrain as at
-from asynctrain import engine
+from asynctrain import engine, plan
 from asynctrain.network import Network
+from asynctrain.receivers import ListedReceivers
 from conftest import BASE, cuda_or_skip
 from test_conv_engine import conv_net, image_frames
 from test_no_sync import CHILD_CONV, _Conversions, _iteration, _sync_mode, _watch_loops
@@ -54,13 +56,14 @@ CASES = {
     "RS-fill-odd": lambda: _conv("odd", "RS", fill_slots=True, refractory_dropout=0.3),
     "MS-fill-prioritized": lambda: _conv("pool", "MS", prioritize_input=True, fill_slots=True),
     "RS-deep-barrier": lambda: _conv("deep", "RS", K=2, barrier_messages=True, refractory=False),
+    "MS-fill-fire-or-last": lambda: _conv("pool", "MS", fill_slots=True, refractory_dropout=0.3,
+                                          surrogate_at="fire_or_last"),
 }
 
 
+@contextlib.contextmanager
 def _listed(monkeypatch):
-    """Force the sync-free mode with listed steps on the CPU; returns the engines made."""
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
-    monkeypatch.setattr(engine, "LISTED_BELOW", 1e9)
+    """Force the sync-free mode with listed steps on the CPU; yields the engines made."""
     made = []
     init = engine.Engine.__init__
 
@@ -69,7 +72,8 @@ def _listed(monkeypatch):
         made.append(self)
 
     monkeypatch.setattr(engine.Engine, "__init__", recording_init)
-    return made
+    with plan.forced(sync_free=True, steps="listed"):
+        yield made
 
 
 @pytest.mark.parametrize("kind", ["pool", "odd", "deep", "vgg"])
@@ -107,11 +111,12 @@ def test_receiver_list_is_the_deliveries_targets(kind):
 def test_listed_steps_change_nothing(name, monkeypatch):
     net, cfg, frames = CASES[name]()
     want = _iteration(net, cfg, frames, "torch", record_currents=True)
-    made = _listed(monkeypatch)
-    calls = []
-    step = engine.Engine._op_step_listed
-    monkeypatch.setattr(engine.Engine, "_op_step_listed", lambda self, *a: calls.append(1) or step(self, *a))
-    got = _iteration(net, cfg, frames, "torch", record_currents=True)
+    calls, modes = [], []
+    step, init = ListedReceivers.step, ListedReceivers.__init__
+    monkeypatch.setattr(ListedReceivers, "step", lambda self, *a: calls.append(1) or step(self, *a))
+    monkeypatch.setattr(ListedReceivers, "__init__", lambda self, *a: modes.append(self) or init(self, *a))
+    with _listed(monkeypatch):
+        got = _iteration(net, cfg, frames, "torch", record_currents=True)
     assert len(calls) > int(want[1]["forward_steps"].sum()) // 2, "the listed steps did not run"
     assert torch.equal(got[0], want[0])
     assert want[1].keys() == got[1].keys()
@@ -120,20 +125,22 @@ def test_listed_steps_change_nothing(name, monkeypatch):
     for a, b in zip(got[2], want[2]):
         assert torch.equal(a, b)
     assert any(g.abs().sum() > 0 for g in want[2]), "vacuous"
-    for eng in made:  # zeroed at the receivers only, yet all zero again
-        assert eng._buffers, "no buffers were kept"
-        for c, n in eng._buffers.values():
+    assert modes
+    for mode in modes:  # zeroed at the receivers only, yet all zero again
+        assert mode.buffers, "no buffers were kept"
+        for c, n in mode.buffers.values():
             assert not c.any() and not n.any()
 
 
 def test_nested_segments_with_listed_records(monkeypatch):
-    """Long passes split their segments again (`Engine.sub_segment`): the listed records
+    """Long passes split their segments again (`Plan.sub_segment`): the listed records
     of the inner sweeps too, against the default mode."""
     net, cfg, frames = _conv("pool", "MS", K=1, refractory_dropout=0.3)
     want = _iteration(net, cfg, frames, "torch")
-    made = _listed(monkeypatch)
-    got = _iteration(net, cfg, frames, "torch")
-    assert any(e.nested and e.sub_segment(int(want[1]["forward_steps"].sum())) for e in made), "vacuous"
+    with _listed(monkeypatch) as made:
+        got = _iteration(net, cfg, frames, "torch")
+    assert any(e.plan.nested and e.plan.sub_segment(int(want[1]["forward_steps"].sum())) for e in made), \
+        "vacuous"
     assert torch.equal(got[0], want[0])
     for a, b in zip(got[2], want[2]):
         assert torch.equal(a, b)
@@ -143,8 +150,8 @@ def test_listed_steps_convert_nothing_but_the_stop_test(monkeypatch):
     net, cfg, frames = CASES["RS-fill-odd"]()
     conv = _Conversions(monkeypatch)
     reads = _watch_loops(monkeypatch, conv.watching, conv.allowed)
-    _listed(monkeypatch)
-    out, stats, grads = _iteration(net, cfg, frames, "torch", record_currents=True)
+    with _listed(monkeypatch):
+        out, stats, grads = _iteration(net, cfg, frames, "torch", record_currents=True)
     assert conv.seen == []
     T = frames.shape[0]
     assert T <= len(reads) <= T + int(stats["forward_steps"].max(1).values.sum()), reads
@@ -153,7 +160,6 @@ def test_listed_steps_convert_nothing_but_the_stop_test(monkeypatch):
 
 def test_the_choice_is_fixed_by_K_and_the_network(monkeypatch):
     from asynctrain.models import vgg7
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
     module = vgg7()
     network = Network.from_module(module, module.input_shape)
     assert network.synapses.list_width == 9 * 256
@@ -161,26 +167,25 @@ def test_the_choice_is_fixed_by_K_and_the_network(monkeypatch):
     def listed(K):
         cfg = at.SimConfig(policy="MS", K=K, theta=0.2, tau=float("inf"))
         return engine.Engine(network, cfg, batch=2, device=torch.device("cpu"), dtype=torch.float32,
-                             training=True, seed=0).listed
-    assert listed(8) and listed(16) and not listed(32) and not listed(64)
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cuda",))
+                             training=True, seed=0).plan.steps == "listed"
+    with plan.forced(sync_free=True):
+        assert listed(8) and listed(16) and not listed(32) and not listed(64)
     assert not listed(8), "listed steps outside the sync-free mode"
 
 
 CHILD = textwrap.dedent("""
     import json, torch, asynctrain as at
-    from asynctrain import engine
+    from asynctrain import plan
     torch.manual_seed(0)
     CHILD_CONV
     weights = torch.linspace(-1, 1, 5)
     cfg = at.SimConfig(K=4, policy="MS", theta=0.3, tau=20.0, refractory_dropout=0.3, fill_slots=True)
-    engine.SYNC_FREE_DEVICES = ("cpu",)
     runs = []
-    for listed in (0.0, 1e9):
-        engine.LISTED_BELOW = listed
-        snn = at.AsyncSNN(conv, cfg, backend="triton", deterministic=True, record_currents=True).train()
-        out = snn(images, seed=5)
-        (out * weights).sum().backward()
+    for steps in ("whole", "listed"):
+        with plan.forced(sync_free=True, steps=steps):
+            snn = at.AsyncSNN(conv, cfg, backend="triton", deterministic=True, record_currents=True).train()
+            out = snn(images, seed=5)
+            (out * weights).sum().backward()
         runs.append((out.detach(), {k: v for k, v in snn.stats.items() if isinstance(v, torch.Tensor)},
                      torch.cat([p.grad.flatten() for p in conv.parameters()])))
         conv.zero_grad()
@@ -207,12 +212,12 @@ def test_cuda_listed_conv_steps_have_no_sync(monkeypatch):
     """A narrow VGG-7 (width 1/16, 16x16 images), K = 8, triton, listed steps forced."""
     dev = cuda_or_skip()
     from asynctrain.models import vgg7
-    monkeypatch.setattr(engine, "LISTED_BELOW", 1e9)
     net = vgg7(width=1 / 16, image_size=16).to(dev)
     frames = image_frames(3, 4, (3, 16, 16), p=0.3).to(dev)
     cfg = at.SimConfig(**BASE, policy="MS", forward_group_size=8, refractory_dropout=0.3)
-    want = _iteration(net, cfg, frames, "triton")  # compiles outside the check
-    reads = _watch_loops(monkeypatch, lambda: _sync_mode("error"), lambda: _sync_mode("default"))
-    out, stats, grads = _iteration(net, cfg, frames, "triton")
+    with plan.forced(steps="listed"):
+        want = _iteration(net, cfg, frames, "triton")  # compiles outside the check
+        reads = _watch_loops(monkeypatch, lambda: _sync_mode("error"), lambda: _sync_mode("default"))
+        out, stats, grads = _iteration(net, cfg, frames, "triton")
     assert int(stats["forward_steps"].max()) > 4 and any(float(g.abs().sum()) > 0 for g in grads), "vacuous"
     assert torch.equal(stats["forward_steps"], want[1]["forward_steps"])

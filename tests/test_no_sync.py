@@ -1,17 +1,18 @@
 """No host sync inside the step loop (CUDA), and what makes that possible changes nothing.
 
-- The per-op loop's stop test every N steps (`engine.STOP_EVERY`, N = 8 on CUDA): on
+- The per-op loop's stop test every N steps (`plan.STOP_EVERY`, N = 8 on CUDA): on
   the CPU with N = 3 and 8 against N = 1, outputs, every stat and the gradients are
   bitwise equal (the extra steps after the last sample is done are recorded no-ops,
   replayed by the backward too), fully connected (MS with noise and both dropouts,
   RS with fill_slots) and conv.
 - A CPU guard that can fail: with the loop in its sync-free mode (as on CUDA,
-  `engine.SYNC_FREE_DEVICES`), one training iteration (fused `cpu` steps, the per-op
-  torch loop, conv networks) calls no tensor-to-host conversion (item, tolist, bool, int, float, nonzero, boolean-mask
-  indexing, ...) inside the forward's step loop (`passes.run`) or the backward's
-  segment sweeps, except the stop test (`kernels/host.py`). The same run in the
-  default CPU mode does call them (listing pending entries and receivers, packing
-  checkpoints sparsely): the guard sees them.
+  `plan.SYNC_FREE_DEVICES`, forced with `plan.forced`), one training iteration (fused
+  `cpu` steps, the per-op torch loop, conv networks) calls no tensor-to-host
+  conversion (item, tolist, bool, int, float, nonzero, boolean-mask indexing, ...)
+  inside the forward's loops (`loop.CallLoop.forward`) or the backward's segment
+  sweeps (`loop.CallLoop.sweep_segment`), except the stop test (`kernels/host.py`).
+  The same run in the default CPU mode does call them (listing pending entries and
+  receivers, packing checkpoints sparsely): the guard sees them.
 - The sync-free mode against the default one on the CPU: bitwise equal (fused and
   per-op fully connected loops, fill_slots, random input order, histogram; conv
   networks: the per-layer split without a host read, dense steps and records);
@@ -36,8 +37,9 @@ import pytest
 import torch
 
 import asynctrain as at
-from asynctrain import backward, engine, passes
+from asynctrain import plan
 from asynctrain.kernels import host
+from asynctrain.loop import CallLoop
 from conftest import BASE, STAT_KEYS, cuda_or_skip, make_frames, make_net
 from test_conv_engine import conv_net, image_frames
 
@@ -63,6 +65,7 @@ def _fc(policy, **kw):
 CASES = {
     "fc-MS-noise-dropout": lambda: _fc("MS", momentum_noise=0.1, refractory_dropout=0.3, network_dropout=0.2),
     "fc-RS-fill": lambda: _fc("RS", fill_slots=True, refractory_dropout=0.3),
+    "fc-MS-fire-or-last": lambda: _fc("MS", refractory_dropout=0.3, surrogate_at="fire_or_last"),
     "conv-MS": lambda: (conv_net("pool"), at.SimConfig(**BASE, policy="MS", forward_group_size=4,
                                                         refractory_dropout=0.3),
                         image_frames(3, 3, (2, 6, 6), p=0.4)),
@@ -74,17 +77,17 @@ CASES = {
 def test_stop_every_n_steps_changes_nothing(case, every, monkeypatch):
     net, cfg, frames = CASES[case]()
     n_ops = []
-    run = passes.run
+    run = CallLoop.forward
 
     def counting_run(*a, **kw):
         res = run(*a, **kw)
-        n_ops.append(len(res[2]))
+        n_ops.append(len(res.ops))
         return res
 
-    monkeypatch.setattr(passes, "run", counting_run)
+    monkeypatch.setattr(CallLoop, "forward", counting_run)
     want = _iteration(net, cfg, frames, "torch")
-    monkeypatch.setattr(engine, "STOP_EVERY", {"cpu": every})
-    got = _iteration(net, cfg, frames, "torch")
+    with plan.forced(stop_every=every):
+        got = _iteration(net, cfg, frames, "torch")
     assert n_ops[1] > n_ops[0], "vacuous: no step ran after every sample was done"
     assert torch.equal(got[0], want[0])
     assert want[1].keys() == got[1].keys() and set(STAT_KEYS) <= set(want[1])
@@ -149,10 +152,10 @@ def _has_bool_index(args) -> bool:
 
 
 def _watch_loops(monkeypatch, region, allow):
-    """Run `passes.run` and `backward.sweep_segment` inside `region()`, the stop test's
-    `host.read` inside `allow()`; returns the list of reads (their values)."""
+    """Run `CallLoop.forward` and `CallLoop.sweep_segment` inside `region()`, the stop
+    test's `host.read` inside `allow()`; returns the list of reads (their values)."""
     reads = []
-    run, sweep, read = passes.run, backward.sweep_segment, host.read
+    run, sweep, read = CallLoop.forward, CallLoop.sweep_segment, host.read
 
     def in_region(fn):
         def wrapped(*a, **kw):
@@ -166,8 +169,8 @@ def _watch_loops(monkeypatch, region, allow):
         reads.append(v)
         return v
 
-    monkeypatch.setattr(passes, "run", in_region(run))
-    monkeypatch.setattr(backward, "sweep_segment", in_region(sweep))
+    monkeypatch.setattr(CallLoop, "forward", in_region(run))
+    monkeypatch.setattr(CallLoop, "sweep_segment", in_region(sweep))
     monkeypatch.setattr(host, "read", counted_read)
     return reads
 
@@ -207,8 +210,8 @@ def test_sync_free_mode_changes_nothing(name, monkeypatch):
     equal outputs, stats (the currents-to-spike histogram too) and gradients."""
     backend, (net, cfg, frames) = _loop_case(name)
     want = _iteration(net, cfg, frames, backend, record_currents=backend == "torch")
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
-    got = _iteration(net, cfg, frames, backend, record_currents=backend == "torch")
+    with plan.forced(sync_free=True):
+        got = _iteration(net, cfg, frames, backend, record_currents=backend == "torch")
     assert torch.equal(got[0], want[0])
     assert want[1].keys() == got[1].keys()
     for k in want[1]:
@@ -224,8 +227,8 @@ def test_sync_free_mode_changes_nothing_under_plain_autograd(name, monkeypatch):
     conv._ImageDeliver) in the sync-free mode, against the default mode."""
     backend, (net, cfg, frames) = _loop_case(name)
     want = _iteration(net, cfg, frames, backend, checkpoint_every=0)
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
-    got = _iteration(net, cfg, frames, backend, checkpoint_every=0)
+    with plan.forced(sync_free=True):
+        got = _iteration(net, cfg, frames, backend, checkpoint_every=0)
     assert torch.equal(got[0], want[0])
     for k in want[1]:
         assert torch.equal(got[1][k], want[1][k]), k
@@ -244,8 +247,8 @@ def test_step_loop_converts_nothing_but_the_stop_test(name, monkeypatch):
     assert "nonzero" in conv.seen, "the guard saw nothing in the default mode: it cannot fail"
     conv.seen.clear()
     reads.clear()
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
-    out, stats, grads = _iteration(net, cfg, frames, backend, record_currents=hist)
+    with plan.forced(sync_free=True):
+        out, stats, grads = _iteration(net, cfg, frames, backend, record_currents=hist)
     assert conv.seen == []
     T = frames.shape[0]
     # one read per pass, then one per launch of fused steps or per step (N = 1 on CPU)
@@ -320,7 +323,7 @@ CHILD_CONV = textwrap.dedent("""
 """)
 CHILD = textwrap.dedent("""
     import json, torch, asynctrain as at
-    from asynctrain import engine
+    from asynctrain import plan
     torch.manual_seed(0)
     fc = torch.nn.Sequential(torch.nn.Linear(23, 17, bias=False), torch.nn.Linear(17, 11, bias=False),
                              torch.nn.Linear(11, 5, bias=False))
@@ -340,11 +343,10 @@ CHILD = textwrap.dedent("""
         net, frames = (conv, images) if name.startswith("conv") else (fc, fc_frames)
         runs = []
         for backend, sync_free in (("triton", False), ("triton", True), ("torch", True)):
-            engine.SYNC_FREE_DEVICES = ("cpu",) if sync_free else ("cuda",)
-            engine.STOP_EVERY = {"cpu": 8} if sync_free else {"cuda": 8}
-            snn = at.AsyncSNN(net, cfg, backend=backend, deterministic=True, record_currents=True).train()
-            out = snn(frames, seed=5)
-            (out * weights).sum().backward()
+            with plan.forced(sync_free=sync_free, stop_every=8 if sync_free else 1):
+                snn = at.AsyncSNN(net, cfg, backend=backend, deterministic=True, record_currents=True).train()
+                out = snn(frames, seed=5)
+                (out * weights).sum().backward()
             runs.append((out.detach(), {k: v for k, v in snn.stats.items() if isinstance(v, torch.Tensor)},
                          torch.cat([p.grad.flatten() for p in net.parameters()])))
             net.zero_grad()
@@ -461,7 +463,6 @@ def test_sync_free_conv_iteration_launches_only_segments(monkeypatch):
     that step's entries from layers (never all B x K)."""
     from asynctrain import backends, conv
     log, steps = [], []
-    monkeypatch.setattr(engine, "SYNC_FREE_DEVICES", ("cpu",))
     for kind, pair in _segment_spy(log).items():
         monkeypatch.setitem(backends.TORCH_IMAGE, kind, pair)
     forward = conv.ImageSynapses._forward
@@ -475,7 +476,8 @@ def test_sync_free_conv_iteration_launches_only_segments(monkeypatch):
         log.clear()
         steps.clear()
         net, cfg, frames = _conv("MS")
-        _iteration(net, cfg, frames, "torch", checkpoint_every=ckpt)
+        with plan.forced(sync_free=True):
+            _iteration(net, cfg, frames, "torch", checkpoint_every=ckpt)
         assert steps and all(seg is not None for _, _, seg, _ in log)
         n_maps = len([m for m in net if hasattr(m, "weight")])
         skipped = 0

@@ -34,7 +34,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from asynctrain import AsyncSNN, SimConfig, backends  # noqa: E402
-from asynctrain.engine import Engine, State, _Pass  # noqa: E402
+from asynctrain.engine import Engine  # noqa: E402
+from asynctrain.passes import Pass  # noqa: E402
+from asynctrain.state import State  # noqa: E402
 from asynctrain.kernels import steps_triton  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 from interpreter_child import wrap_tests  # noqa: E402
@@ -71,7 +73,7 @@ def _state(eng: Engine, seed: int, p_pending: float = 0.5):
     v = (torch.randn(B, W, generator=g, dtype=F64) * 0.2).to(dt)
     st = State(v, o, torch.zeros(B, eng.net.n_outputs, dtype=dt), torch.rand(B, W, generator=g) < 0.1,
                torch.randint(0, 3, (B, W), generator=g, dtype=torch.int32))
-    ps = _Pass(B, W, dt, CPU, pending, eager_first=eng.cfg.stop == "output")
+    ps = Pass(B, W, dt, CPU, pending, eager_first=eng.cfg.stop == "output")
     ps.pre_spike = torch.randint(0, 3, (B, W), generator=g).to(dt) * 0.25
     if eng.fill:  # fill_slots: outboxes holding gradient, some of them pending
         ps.fillable = (torch.rand(B, W, generator=g) < 0.5) & eng.tables.is_hidden
@@ -81,7 +83,7 @@ def _state(eng: Engine, seed: int, p_pending: float = 0.5):
 def _forward(cls, eng, wt, st, ps, t, k0, n_max, steps0=None):
     """Run `cls`'s forward_steps on copies; returns (outputs, state, pass, done)."""
     st = st.clone()
-    p = _Pass(eng.batch, eng.width, eng.dtype, CPU, ps.pending.clone(), ps.eager_first)
+    p = Pass(eng.batch, eng.width, eng.dtype, CPU, ps.pending.clone(), ps.eager_first)
     p.pre_spike = ps.pre_spike.clone()
     if ps.fillable is not None:
         p.fillable = ps.fillable.clone()
@@ -91,7 +93,7 @@ def _forward(cls, eng, wt, st, ps, t, k0, n_max, steps0=None):
     f = cls(eng)
     f.bind_weights(wt)
     f.bind_state(st)
-    f.bind_pass(p, done)
+    f.bind_pass(p.tensors(done))
     return f.forward_steps(t, k0, n_max), st, p, done
 
 
@@ -162,7 +164,7 @@ def test_forward_step_reports_all_done():
     f = TritonSteps(eng)
     f.bind_weights(wt)
     f.bind_state(st)
-    f.bind_pass(ps, done)
+    f.bind_pass(ps.tensors(done))
     flags = []
     for k in range(1, 200):
         sel, sd, vals, fired, all_done = f.forward_step(0, k)
@@ -174,8 +176,11 @@ def test_forward_step_reports_all_done():
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("armed", [False, True], ids=["", "armed"])
 @pytest.mark.parametrize("name", ["MS-refr-dropout", "RS-net-dropout-detach", "MS-fill-K6"])
-def test_replay_and_backward_match_c(name, dtype):
+def test_replay_and_backward_match_c(name, dtype, armed):
+    """`armed` (surrogate_at="fire_or_last"): the backward reads and updates the
+    window flags in place, the same on both."""
     kw = {"MS-refr-dropout": dict(policy="MS", forward_group_size=3, refractory_dropout=0.5),
           "RS-net-dropout-detach": dict(policy="RS", forward_group_size=2, network_dropout=0.3, detach_reset=True),
           "MS-fill-K6": dict(policy="MS", forward_group_size=6, fill_slots=True, network_dropout=0.2)}[name]
@@ -188,6 +193,7 @@ def test_replay_and_backward_match_c(name, dtype):
     g = torch.Generator().manual_seed(9)
     adj = [torch.randn(B, W, generator=g, dtype=F64).to(dtype) for _ in range(2)]
     g_acc = torch.randn(B, eng.net.n_outputs, generator=g, dtype=F64).to(dtype)
+    armed0 = torch.rand(B, W, generator=g) < 0.5 if armed else None
     results = []
     for cls in (CpuSteps, TritonSteps):
         st = st0.clone()
@@ -196,11 +202,14 @@ def test_replay_and_backward_match_c(name, dtype):
         f.bind_state(st)
         recs = [f.replay_step(1, 1 + i, sel[i], sd[i]) for i in range(sel.shape[0])]
         g_v, g_o = adj[0].clone(), adj[1].clone()
+        arm = None if armed0 is None else armed0.clone()
         grad_wt = torch.zeros_like(wt)
         for i in reversed(range(sel.shape[0])):
-            f.backward_step(recs[i], sel[i], sd[i], g_v, g_o, g_acc, grad_wt)
-        results.append((st, recs, g_v, g_o, grad_wt))
-    (st_c, rec_c, gv_c, go_c, gw_c), (st_t, rec_t, gv_t, go_t, gw_t) = results
+            f.backward_step(recs[i], sel[i], sd[i], g_v, g_o, g_acc, grad_wt, arm)
+        results.append((st, recs, g_v, g_o, grad_wt, arm))
+    (st_c, rec_c, gv_c, go_c, gw_c, arm_c), (st_t, rec_t, gv_t, go_t, gw_t, arm_t) = results
+    if armed:
+        assert torch.equal(arm_c, arm_t) and not torch.equal(arm_c, armed0), "armed"
     for n in ("v", "o", "acc", "refr", "n_in"):
         assert torch.equal(getattr(st_c, n), getattr(st_t, n)), n
     for i, (rc, rt) in enumerate(zip(rec_c, rec_t)):
@@ -213,15 +222,17 @@ def test_replay_and_backward_match_c(name, dtype):
         torch.testing.assert_close(y, x, **TOL[dtype], msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("surrogate_at", ["every", "fire_or_last"])
 @pytest.mark.parametrize("fill", [False, True], ids=["", "fill"])
 @pytest.mark.parametrize("policy", ["MS", "RS"])
-def test_model_triton_matches_cpu(policy, fill):
+def test_model_triton_matches_cpu(policy, fill, surrogate_at):
     """AsyncSNN on backend='triton' (the fused Triton steps, interpreted) against
-    backend='cpu' (the fused C steps): counts and stats exact, gradients close."""
+    backend='cpu' (the fused C steps): counts and stats exact, gradients close.
+    (backend='cpu' against the dense oracle: tests/test_surrogate_at.py.)"""
     assert backends.triton_ops(False).fused is TritonSteps
     kw = dict(policy="MS", forward_group_size=3, momentum_noise=0.1, refractory_dropout=0.5) \
         if policy == "MS" else dict(policy="RS", forward_group_size=2, network_dropout=0.2)
-    cfg = SimConfig(**{**BASE, **kw}, fill_slots=fill)
+    cfg = SimConfig(**{**BASE, **kw}, fill_slots=fill, surrogate_at=surrogate_at)
     net = make_net(SIZES)
     frames = make_frames(2, 3, SIZES[0])
     w = torch.randn(2, 3, SIZES[-1], generator=torch.Generator().manual_seed(3))
@@ -250,7 +261,7 @@ def _sig(kernel, fp: str) -> dict:
                 is_input_ptr="*u8", sync_ptr="*i32", refr_ptr="*u8", n_in_ptr="*i32", pend_ptr="*u8",
                 steps_ptr="*i64", first_ptr="*i64", done_ptr="*u8", sel_ptr="*i32", sd_ptr="*i32",
                 fired_ptr="*u8", taken_ptr="*i32", keys_ptr="*i64", cand_ptr="*i64", refrb_ptr="*u8",
-                recv_ptr="*u8", gate_ptr="*u8", fill_ptr="*u8", h_key_t="i64", h_order="i64", h_fill_t="i64", h_drop_t="i64", h_ref_t="i64", h_ref="i64",
+                recv_ptr="*u8", gate_ptr="*u8", fill_ptr="*u8", armed_ptr="*u8", h_key_t="i64", h_order="i64", h_fill_t="i64", h_drop_t="i64", h_ref_t="i64", h_ref="i64",
                 noise="fp32", p_ref="fp32", p_net="fp32")
     sig = {}
     for name in kernel.arg_names:
@@ -273,8 +284,10 @@ COMPILE = {  # case -> (kernel, dtype, constexprs and warps as the launcher pick
     "forward_fill_ms_k8_w755": ("_forward_kernel", dict(_FLAGS, FILL=True, KB=8, NS=8)),
     "forward_fill_rs_k512_w20000": ("_forward_kernel", dict(_FLAGS, FILL=True, POLICY_MS=False, KB=512, NS=8)),
     "replay_k8": ("_replay_kernel", dict(REFRACTORY=True, HAS_PREF=True, KB=8, NS=8)),
-    "backward_k8": ("_backward_kernel", dict(DETACH_RESET=False, KB=8, NS=8)),
-    "backward_k512": ("_backward_kernel", dict(DETACH_RESET=True, KB=512, NS=8)),
+    "backward_k8": ("_backward_kernel", dict(DETACH_RESET=False, KB=8, NS=8, ARMED=False)),
+    "backward_k512": ("_backward_kernel", dict(DETACH_RESET=True, KB=512, NS=8, ARMED=False)),
+    "backward_armed_k8": ("_backward_kernel", dict(DETACH_RESET=False, KB=8, NS=8, ARMED=True)),
+    "backward_armed_k512": ("_backward_kernel", dict(DETACH_RESET=True, KB=512, NS=8, ARMED=True)),
 }
 _WIDTH = {"forward_ms_k8_w755": 755, "forward_fill_ms_k8_w755": 755, "forward_fill_rs_k512_w20000": 20000, "forward_rs_k512_w20000": 20000, "forward_k1_w40": 40}
 # fp64 on sm_90: the three kernels at the shape of the shd-like network (W = 755, K = 8).
@@ -284,7 +297,7 @@ _WIDTH = {"forward_ms_k8_w755": 755, "forward_fill_ms_k8_w755": 755, "forward_fi
 _FP64_FILL = pytest.param("forward_fill_ms_k8_w755", "sm90", "fp64", marks=pytest.mark.xfail(
     strict=True, reason="fp64 forward with fill_slots: 16-byte stack frame on sm_90"))
 _PARAMS = [(c, a, "fp32") for c in COMPILE for a in ("sm90", "sm80")] + \
-          [(c, "sm90", "fp64") for c in ("forward_ms_k8_w755", "replay_k8", "backward_k8")] + [_FP64_FILL]
+          [(c, "sm90", "fp64") for c in ("forward_ms_k8_w755", "replay_k8", "backward_k8", "backward_armed_k8")] + [_FP64_FILL]
 
 
 @pytest.mark.parametrize("case,arch,fp", _PARAMS)

@@ -57,7 +57,7 @@ def _lif_sig(fp: str) -> dict:
 
 def _lif_bwd_sig(fp: str) -> dict:
     return {"gvn_ptr": f"*{fp}", "gs_ptr": f"*{fp}", "v_pre_ptr": f"*{fp}", "refr_ptr": "*u8",
-            "recv_ptr": "*u8", "gate_ptr": "*u8", "theta_ptr": f"*{fp}", "const_ptr": f"*{fp}",
+            "recv_ptr": "*u8", "gate_ptr": "*u8", "last_ptr": "*u8", "theta_ptr": f"*{fp}", "const_ptr": f"*{fp}",
             "grad_v_ptr": f"*{fp}", "grad_cur_ptr": f"*{fp}", "width": "i32"}
 
 
@@ -158,7 +158,9 @@ CASES = {
     "deliver_table_det": (deliver._deliver_table_grad_kernel, _table_sig("fp32"), dict(BLOCK_F=256), 4),
     "lif": (lif._lif_kernel, _lif_sig("fp32"), dict(BLOCK=lif._BLOCK), 4),
     "lif_bwd": (lif._lif_backward_kernel, _lif_bwd_sig("fp32"),
-                dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=True, DETACH_RESET=False), 4),
+                dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=True, DETACH_RESET=False, HAS_LAST=False), 4),
+    "lif_bwd_last": (lif._lif_backward_kernel, _lif_bwd_sig("fp32"),
+                     dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=True, DETACH_RESET=False, HAS_LAST=True), 4),
     "uniform_at": (rng_triton._uniform_at_kernel, _RNG_SIG, dict(BLOCK=rng_triton._BLOCK), 4),
     # conv: the launchers' two tiles, wide (C_out > 16, VGG-7: 4 x 64) and narrow
     # (C_out <= 16: 16 x 16); pool is a runtime argument
@@ -207,7 +209,8 @@ SM90_ONLY = {
     "deliver_table_fp64": (deliver._deliver_table_grad_kernel, _table_sig("fp64"), dict(BLOCK_F=256), 4),
     "lif_fp64": (lif._lif_kernel, _lif_sig("fp64"), dict(BLOCK=lif._BLOCK), 4),
     "lif_bwd_fp64_detached": (lif._lif_backward_kernel, _lif_bwd_sig("fp64"),
-                              dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=False, DETACH_RESET=True), 4),
+                              dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=False, DETACH_RESET=True,
+                                   HAS_LAST=True), 4),
     "uniform_at_h0_i32": (rng_triton._uniform_at_kernel, dict(_RNG_SIG, h0="i32"),
                           dict(BLOCK=rng_triton._BLOCK), 4),
     "conv_deliver_fp64_i32": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp64", "i32"),
