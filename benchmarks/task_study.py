@@ -231,7 +231,7 @@ def summary(paths, split: str = "val") -> str:
              "train acc | fit (train samples, own) | passes with output at init |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for (task, mode, variant, policy), rs in sorted(groups.items()):
-        m = lambda f: float(np.mean([f(r) for r in rs]))  # noqa: E731
+        m = lambda f, rs=rs: float(np.mean([f(r) for r in rs]))  # noqa: E731
         lr = ""
         if policy == "layered":
             lr = f"{m(lambda r: r['final']['RS']['acc']):.3f} / {m(lambda r: r['final']['MS']['acc']):.3f}"
