@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import cli
 from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .config import SURROGATE_AT
 from .data import DataFileError, collate_time_major
 from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, evaluate
 from .experiment import TRAIN_LABELS, Hyper, paper_executions, run_models, subset
@@ -42,7 +43,8 @@ full run (nor the other way round)."""
 
 RESUME_ARGS = ("K", "batch_size", "lr", "loss", "seed", "max_train", "max_test", "duration_ms",
                "quick", "fill_slots", "gradient_fill", "train_stop", "train_F",
-               "finetune_epochs", "init_from", "train_K", "lr_schedule")
+               "finetune_epochs", "init_from", "train_K", "lr_schedule", "surrogate_at",
+               "detach_reset")
 """Recipe arguments a resumed run takes from its checkpoint: not given, they come from
 the file (and are printed); given with another value, they are an error naming both
 values and ``--fresh``. (``--epochs`` may grow; fit checks the model and its
@@ -78,7 +80,9 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
         prog=f"recipes/{spec.name}.py",
         description=f"{spec.title}: train the paper's models (layered, unlayered RS / MS) and "
                     f"evaluate them under layered and asynchronous execution (tables 2-3, "
-                    f"figures 4-6 of Koopman et al.). Defaults are the paper's (table 6). "
+                    f"figures 4-6 of Koopman et al.). Defaults: the paper's table 6 for the "
+                    f"network, its regularisers and optimiser, and the package's recipe for "
+                    f"unlayered training (docs/unlayered_training.md, round 3). "
                     f"Semantics: docs/semantics.md. Exit status: 0 done, 1 training diverged, "
                     f"2 bad arguments, missing or corrupt data, or an unusable checkpoint.",
         formatter_class=cli.HelpFormatter)
@@ -96,7 +100,7 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=pos_f, default=h.lr, help="Adam learning rate")
     ap.add_argument("--loss", choices=sorted(LOSSES), default=h.loss,
                     help="cross-entropy variant (asynctrain.train.LOSSES)")
-    _training_args(ap)
+    _training_args(ap, h)
     ap.add_argument("--eval", nargs="+", default=["paper"], metavar="EXECUTION", type=_execution,
                     help="executions for every model, e.g. layered RS MS:K=4 RS:drain MS:F=2; "
                          "'paper' (alone) = table 2's rows (layered model: layered, RS, MS; each "
@@ -133,24 +137,33 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
     return ap
 
 
-def _training_args(ap: argparse.ArgumentParser) -> None:
-    """Unlayered-training options of the recipes."""
-    ap.add_argument("--fill-slots", action=argparse.BooleanOptionalAction, default=True,
+def _training_args(ap: argparse.ArgumentParser, h: Hyper) -> None:
+    """Unlayered-training options of the recipes (defaults: the recipe's `Hyper`)."""
+    ap.add_argument("--fill-slots", action=argparse.BooleanOptionalAction, default=h.fill_slots,
                     help="unlayered training: fill unused slots with zero-valued outboxes of "
                          "silent neurons so gradients reach them (docs/semantics.md section 8); "
                          "changes no spike; on by default, the one change that helped in every "
                          "case of docs/unlayered_training.md")
     ap.add_argument("--gradient-fill", action="store_true",  # deprecated alias of --fill-slots
                     help=argparse.SUPPRESS)
-    ap.add_argument("--train-stop", choices=["spiking_done", "output"], default="spiking_done",
-                    help="stop condition of the training passes")
+    ap.add_argument("--train-stop", choices=["spiking_done", "output"], default=h.train_stop,
+                    help="stop condition of the training passes; None: output for "
+                         "unlayered training, spiking_done for layered")
     ap.add_argument("--train-F", type=cli.at_least(0), default=1,
                     help="with --train-stop output: forward steps after the first output spike")
     ap.add_argument("--train-K", type=cli.at_least(1), default=None,
                     help="unlayered models: K of the training passes (default: --K); they are "
                          "evaluated at --K")
-    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                    default=h.lr_schedule or "constant",
                     help="learning rate over the epochs: constant, or cosine decay to 0")
+    ap.add_argument("--surrogate-at", choices=list(SURROGATE_AT), default=h.surrogate_at,
+                    help="unlayered training: the evaluations that carry the spike's surrogate "
+                         "derivative (docs/semantics.md section 8: every, or fire_or_last, "
+                         "bounded at any K; docs/gradients.md)")
+    ap.add_argument("--detach-reset", action=argparse.BooleanOptionalAction,
+                    default=h.detach_reset,
+                    help="unlayered training: no gradient through the reset")
     ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                     help="layered checkpoint the unlayered models fine-tune from "
                          "(with --finetune-epochs; none: this run's layered model)")
@@ -163,7 +176,8 @@ def _training_hyper(h: Hyper, args: argparse.Namespace) -> Hyper:
     return replace(h, fill_slots=args.fill_slots,
                    gradient_fill=h.gradient_fill or args.gradient_fill, train_stop=args.train_stop,
                    train_F=args.train_F, finetune_epochs=args.finetune_epochs,
-                   train_K=args.train_K,
+                   train_K=args.train_K, surrogate_at=args.surrogate_at,
+                   detach_reset=args.detach_reset,
                    lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule)
 
 

@@ -72,8 +72,10 @@ N_FIT = 600  # training samples of final_train
 N_CALIB = 256  # training samples of the calibration batch
 N_DIAG = 128  # training samples of the gradient diagnostics
 BASE = dict(batch_size=64, epochs=20, lr=5e-3, weight_decay=1e-5, steepness=2.0,
-            refractory_dropout=0.8, momentum_noise=1e-6, fill_slots=True)
-"""The demo's unlayered recipe (recipes/demo.py), the start of round 3."""
+            refractory_dropout=0.8, momentum_noise=1e-6, fill_slots=True,
+            train_stop="spiking_done", lr_schedule=None, detach_reset=False, surrogate_at="every")
+"""The demo's unlayered recipe (recipes/demo.py), the start of round 3 (every training
+setting pinned: Hyper's defaults became round 3's recipe afterwards)."""
 STUDY_KEYS = ("calib", "calib_out", "gradnorm", "schedule", "base", "warm")
 ROW_EXECUTIONS = {"layered": ("layered", "RS", "MS"), "RS": ("RS", "MS"), "MS": ("MS", "RS")}
 """Executions of the final evaluation: the table row's (first) and the other policy's

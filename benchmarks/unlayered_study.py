@@ -73,10 +73,13 @@ ENGINE_KEYS = ("fill_slots", "input_order", "detach_reset", "barrier_messages", 
 
 
 def base_hyper() -> Hyper:
-    """The demo's settings before this study (without its gradient fill)."""
+    """The demo's settings before this study (without its gradient fill), every
+    training setting pinned (Hyper's defaults changed after rounds 1-2)."""
     return Hyper(hidden=(32, 32, 32), dt=10.0, batch_size=64, epochs=20, lr=5e-3, theta=0.3,
                  weight_decay=1e-5, tau=1.0, steepness=2.0, input_dropout=0.0, K=8,
-                 refractory_dropout=0.8, momentum_noise=1e-6)
+                 refractory_dropout=0.8, momentum_noise=1e-6, fill_slots=False,
+                 train_stop="spiking_done", lr_schedule=None, detach_reset=False,
+                 surrogate_at="every")
 
 
 def splits(seed: int = 0, steps: int = T):

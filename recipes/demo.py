@@ -57,7 +57,9 @@ T = 8
 # order matter.
 DEMO_HYPER = Hyper(hidden=(32, 32, 32), dt=10.0, batch_size=64, epochs=20, lr=5e-3,
                    theta=0.3, weight_decay=1e-5, tau=1.0, steepness=2.0, input_dropout=0.0,
-                   K=8, refractory_dropout=0.8, momentum_noise=1e-6)
+                   K=8, refractory_dropout=0.8, momentum_noise=1e-6,
+                   train_stop="spiking_done", lr_schedule=None, detach_reset=False,
+                   surrogate_at="every")
 # The two ways the input reaches the network (docs/unlayered_training.md):
 # "frame": the whole input frame is one forward step (prioritize_input, as the
 # paper's code does); "queued": input spikes are queued with the others and taken

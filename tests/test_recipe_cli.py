@@ -51,6 +51,7 @@ BAD = [
     ("shd", ["--eval", "paper", "RS:K=4"], "'paper' stands for table 2's rows and cannot be combined"),
     ("shd", ["--eval", "MS:K=4:K=8"], "K and K both set forward_group_size"),
     ("shd", ["--eval", "MS:Q=1"], "unknown setting 'Q'"),
+    ("shd", ["--surrogate-at", "sometimes"], "--surrogate-at: invalid choice: 'sometimes'"),
     ("dvs_gesture", ["--min-files", "x"], "--min-files: expected an integer > 0, got 'x'"),
     ("dvs_gesture", ["--eval-only", "nope.pt"], "--eval-only: no checkpoint file at nope.pt"),
 ]
@@ -62,6 +63,24 @@ def test_bad_arguments_fail_before_data(no_data, capsys, name, argv, needle):
         no_data[name].main(argv)
     assert ex.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_training_options_reach_the_hyper_of_every_model():
+    """The recipes' unlayered-training defaults are Hyper's (round 3's recipe), and
+    each option given reaches the Hyper the models train with."""
+    from asynctrain.experiment import Hyper
+    from asynctrain.recipe import DataSpec, _training_hyper, parser
+
+    spec = DataSpec("x", "X", 4, 2, Hyper(), load=lambda a, t: None)
+    args = parser(spec).parse_args([])
+    h = _training_hyper(spec.hyper, args)
+    assert (h.surrogate_at, h.detach_reset, h.train_stop, h.lr_schedule, h.fill_slots) == \
+        ("fire_or_last", True, None, "cosine", True)
+    args = parser(spec).parse_args(["--surrogate-at", "every", "--no-detach-reset",
+                                    "--train-stop", "spiking_done", "--lr-schedule", "constant"])
+    h = _training_hyper(spec.hyper, args)
+    assert (h.surrogate_at, h.detach_reset, h.train_stop, h.lr_schedule) == \
+        ("every", False, "spiking_done", None)
 
 
 def test_out_under_a_file_fails_before_data(no_data, tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,13 @@ def test_hyper_of_a_run(study):
     from asynctrain import tasks
 
     h, engine, opts = study.make_hyper(tasks.get("order"), "MS", "frame",
-                                       {"calib": 0.1, "detach_reset": True, "lr": 1e-3})
+                                       {"calib": 0.1, "detach_reset": True, "lr": 1e-3,
+                                        "readout": "potential"})
     assert (h.tau, h.dt, h.hidden, h.K, h.lr, h.fill_slots) == (30.0, 10.0, (64, 64, 64), 8, 1e-3, True)
-    assert h.prioritize_input and engine == {"detach_reset": True} and opts == {"calib": 0.1}
+    assert h.detach_reset and h.surrogate_at == "every" and h.train_stop == "spiking_done"
+    assert h.prioritize_input and engine == {"readout": "potential"} and opts == {"calib": 0.1}
     h, _, _ = study.make_hyper(tasks.get("order"), "MS", "queued", {"base": "hyper"})
-    assert h.lr == study.Hyper().lr and not h.prioritize_input
+    assert h == replace(study.Hyper(), hidden=(64, 64, 64), tau=30.0, dt=10.0, theta=h.theta, K=8)
     with pytest.raises(ValueError, match=r"unknown variant key\(s\) \['lr_typo'\]"):
         study.make_hyper(tasks.get("order"), "MS", "queued", {"lr_typo": 1})
 
