@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unlayered_study import lr_schedule, parse_variant  # noqa: E402
+from unlayered_study import emit, lr_schedule, parse_variant  # noqa: E402
 
 from asynctrain import tasks  # noqa: E402
 from asynctrain.calibrate import calibrate_rates, layer_rates  # noqa: E402
@@ -364,12 +364,8 @@ def main(argv=None) -> int:
             for mode in a.modes:
                 for policy in a.policies:
                     for seed in a.seeds:
-                        line = json.dumps(run_one(task, name, changes, policy, mode, seed,
-                                                  a.final, a.held_out))
-                        print(line, flush=True)
-                        if a.log:
-                            with open(a.log, "a") as f:
-                                f.write(line + "\n")
+                        emit(run_one(task, name, changes, policy, mode, seed, a.final,
+                                     a.held_out), a.log)
     return 0
 
 

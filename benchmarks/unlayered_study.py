@@ -323,13 +323,18 @@ def main(argv=None) -> int:
         for mode in a.modes:
             for policy in a.policies:
                 for seed in a.seeds:
-                    line = json.dumps(run_one(name, changes, policy, mode, seed, a.epochs, cache,
-                                              a.layered_epochs))
-                    print(line, flush=True)
-                    if a.log:
-                        with open(a.log, "a") as f:
-                            f.write(line + "\n")
+                    emit(run_one(name, changes, policy, mode, seed, a.epochs, cache,
+                                 a.layered_epochs), a.log)
     return 0
+
+
+def emit(record: dict, log: str | None) -> None:
+    """One run's JSON line on stdout, appended to `log` too when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if log:
+        with open(log, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

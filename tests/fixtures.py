@@ -34,7 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_recipe(name: str, alias: str | None = None):
     """``recipes/<name>.py`` imported as a fresh module (recipes/ is not a package);
     `alias`: its module name, when one test needs two independent copies."""
-    spec = importlib.util.spec_from_file_location(alias or f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    return load_script("recipes", name, alias or f"recipe_{name}")
+
+
+def load_script(folder: str, name: str, alias: str | None = None):
+    """``<folder>/<name>.py`` of the checkout (recipes/, benchmarks/: not packages)
+    imported as a fresh module named `alias` (default `name`)."""
+    spec = importlib.util.spec_from_file_location(alias or name, ROOT / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -4,22 +4,16 @@ tabulates the lines."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "task_study.py"
+from fixtures import load_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("task_study", STUDY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", "task_study")
 
 
 SMALL = {"epochs": 1, "hidden": [8], "batch_size": 200}

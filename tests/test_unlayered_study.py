@@ -3,21 +3,15 @@ validation split (never the test split), and --summary tabulates it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "unlayered_study.py"
+from fixtures import load_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("unlayered_study", STUDY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", "unlayered_study")
 
 
 def test_variant_parsing(study):
