@@ -121,7 +121,8 @@ _KEYED_SIG = {"pending_ptr": "*u8", "values_ptr": "*fp32", "is_input_ptr": "*u8"
               "out_ptr": "*i64", "keys_ptr": "*i64", "fill_ptr": "*i64", "width": "i32", "k": "i32", "kk": "i32",
               "stride_p": "i32", "stride_v": "i32", "stride_s": "i32", "stride_o": "i32", "h_key": "i64",
               "h_order": "i64", "noise": "fp32"}
-_RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32"}
+_RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32", "n_cols": "i32",
+            "rs0": "i32", "rs1": "i32", "is0": "i32", "is1": "i32"}
 
 # id -> (kernel, signature, constexprs, num_warps). "all" variants compile for both
 # targets; the fp64 and flag variants for sm_90 only (the code paths are the same).
