@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from asynctrain.kernels import conv_deliver, deliver, lif, rng_triton, rows_deliver, select  # noqa: E402
+from asynctrain.kernels import conv_deliver, deliver, lif, rng_triton, rows_deliver, select, select_keyed  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
@@ -136,7 +136,7 @@ def _keyed_case(width: int, fp: str = "fp32", **flags):
     key math) unless `flags` say otherwise."""
     consts = {**dict(FROM_VALUES=True, HAS_NOISE=True, INPUTS_FIRST=True, INPUT_RANDOM=True, FILL=False),
               **flags, **select._config(width)}
-    return select._select_keyed_kernel, dict(_KEYED_SIG, values_ptr=f"*{fp}"), consts, consts.pop("num_warps")
+    return select_keyed._select_keyed_kernel, dict(_KEYED_SIG, values_ptr=f"*{fp}"), consts, consts.pop("num_warps")
 
 
 CASES = {
