@@ -6,8 +6,14 @@ evaluation of the receivers, the C's `evaluate`)."""
 
 from __future__ import annotations
 
+from . import step_spec
 from ._triton import jit, tl
 from .rng_triton import _fmix32, _uniform_at_from_hash
+
+# the replay's record flags, one byte per column (`step_spec.FusedRecord`)
+REFR_BEFORE = tl.constexpr(step_spec.REFR_BEFORE) if tl is not None else None
+RECEIVED = tl.constexpr(step_spec.RECEIVED) if tl is not None else None
+GATE = tl.constexpr(step_spec.GATE) if tl is not None else None
 
 
 @jit
@@ -26,7 +32,7 @@ def _dec(sel):
 @jit
 def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr, slot_hi_ptr,
               is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_row, o_row, acc_row, refr_row, n_in_row,
-              pend_row, pre_row, ssum_row, vpre_row, refrb_row, recv_row, gate_row,
+              pend_row, pre_row, ssum_row, vpre_row, flags_row,
               sd_row, vals_row, cnt, counted, fill_row, h_ref, p_ref,
               REFRACTORY: tl.constexpr, HAS_PREF: tl.constexpr, BARRIER: tl.constexpr,
               POLICY_MS: tl.constexpr, BK: tl.constexpr, RECORD: tl.constexpr, FILL: tl.constexpr,
@@ -35,7 +41,7 @@ def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
     evaluate the receivers (the C's `evaluate`): per receiving layer and column
     block, the current is summed in registers over the slots of that layer in slot
     order, then LIF, refractoriness, outboxes, acc, and (BK) pending flags, barrier
-    messages, pre-spike potentials, spike sums; (RECORD) the sweep's record;
+    messages, pre-spike potentials, spike sums; (RECORD) the sweep's record (v_pre and the flags);
     (BK and FILL) the fill candidates. `cnt`: delivered slots per source layer (which
     layers receive), `counted`: those that count (fillers do not: n_in).
     Returns 1 if an output neuron fired."""
@@ -82,9 +88,8 @@ def _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
                     tl.store(refr_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=inside & stays)
                 if RECORD:
                     tl.store(vpre_row + cols, vp, mask=inside)
-                    tl.store(refrb_row + cols, rf.to(tl.uint8), mask=inside)
-                    tl.store(recv_row + cols, tl.full([BLOCK], 1, tl.uint8), mask=inside)
-                    tl.store(gate_row + cols, g.to(tl.uint8), mask=inside)
+                    flags = rf.to(tl.uint8) * REFR_BEFORE + RECEIVED + g.to(tl.uint8) * GATE
+                    tl.store(flags_row + cols, flags, mask=inside)
                 if BK:
                     newp = fired
                     if BARRIER:

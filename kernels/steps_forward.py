@@ -144,7 +144,7 @@ def _forward_kernel(source_slot_ptr, slot_lo_ptr, slot_hi_ptr, is_source_ptr, is
             out_any = _evaluate(b, W, F, K, n_slots, out_lo, out_hi, source_slot_ptr, slot_lo_ptr,
                                 slot_hi_ptr, is_source_ptr, sync_ptr, theta_ptr, wt_ptr, v_row, o_row,
                                 acc_row, refr_row, n_in_row, pend_row, pre_row, ssum_row,
-                                v_row, refr_row, refr_row, refr_row,  # no record
+                                v_row, refr_row,  # no record
                                 sd_ptr + at, vals_ptr + at, cnt, counted, fill_row, _step_hash(h_ref_t, k),
                                 p_ref, REFRACTORY, HAS_PREF, BARRIER, POLICY_MS, True, False, FILL, BLOCK, NS)
             steps += 1

@@ -2,7 +2,7 @@
 the `triton` backend, the Triton twin of `cpu_step.CpuSteps`.
 
 Same interface as `CpuSteps` (`step_spec.FusedSteps`: `bind_weights`, `bind_state`,
-`bind_pass`, `forward_batch`, `replay_step`, `backward_step`; records are
+`bind_pass`, `forward_batch`, `replay_steps`, `backward_steps`; records are
 `step_spec.FusedRecord`; also `forward_step`, `forward_steps`) and the same
 semantics as the C functions of `cpu_step.c`: the same counter hash, packed keys (SPEC 6: ties to the lower index),
 slot order (highest key first) and float operations in the same order (launched
@@ -55,7 +55,7 @@ import torch
 from . import host, rng
 from ._triton import check_tensors, hash_arg, triton
 from .cpu_step import _int32
-from .step_spec import FusedRecord, PassTensors, StepSpec, as_spec
+from .step_spec import FusedRecord, OneStep, PassTensors, StepSpec, as_spec
 from .steps_backward import _backward_kernel, _replay_kernel
 from .steps_forward import _forward_kernel
 
@@ -69,12 +69,17 @@ def _config(width: int, dtype: torch.dtype = torch.float32, forward: bool = True
     2**DIGIT_BITS digits at once, kept at <= 8192 values: 512 x 16, or 32 x 256 for
     narrow rows (4 rounds instead of 8). Warps: the spill-free choices of ptxas
     (CUDA 13, sm_90 / sm_80; it puts 8-48 byte stack frames erratically elsewhere):
-    forward 4 warps in fp32 (<= 168 registers), 8 in fp64; replay and backward 8."""
+    forward 4 warps in fp32 (<= 168 registers), 8 in fp64; replay and backward 8,
+    with ``maxnreg`` 128 (the persistent replay and backward, a loop over the run's
+    steps: left to choose, ptxas took 32-40 registers and an 8-24 byte stack frame;
+    with the bound, 53-80 registers and none: tests/test_steps_triton.py)."""
     block = min(512, max(32, triton.next_power_of_2(width)))
     warps = 4 if forward and dtype == torch.float32 else 8
     cfg = dict(BLOCK=block, num_warps=warps)
     if forward:
         cfg["DIGIT_BITS"] = 8 if block <= 32 else 4
+    else:
+        cfg["maxnreg"] = 128
     return cfg
 
 
@@ -99,7 +104,7 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
 
-class TritonSteps:
+class TritonSteps(OneStep):
     """The fused steps of one engine call on the engine's device (CUDA, or CPU
     tensors under TRITON_INTERPRET=1). State tensors are bound as in `CpuSteps` and
     updated in place; scratch rows ([B, W] keys, [B, next_pow2(K)] candidates) are
@@ -232,40 +237,42 @@ class TritonSteps:
             return sel[:n].clone(), sd[:n].clone(), vals[:n].clone(), fired[:n].clone(), bool(all_done)
         return sel[:n], sd[:n], vals[:n], fired[:n], bool(all_done)
 
-    def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
-        """Replay a recorded step on the bound state. Returns the sweep's record
-        (vals [B, K], v_pre [B, W], refr_before, received, gate bool [B, W]; v_pre and
-        refr_before are defined at the receivers only)."""
-        B, W, K, dev, s, tb = self.B, self.W, self.K, self.device, self._bound, self._tables
+    def replay_steps(self, t: int, step0: int, sel: torch.Tensor, sel_deliv: torch.Tensor) -> FusedRecord:
+        """Replay n recorded consecutive steps (step0, step0 + 1, ...; sel, sel_deliv
+        [n, B, K]) on the bound state, in one launch. Returns their records (vals
+        [n, B, K], v_pre [n, B, W] defined at the receivers only, flags [n, B, W]:
+        `step_spec.FusedRecord`)."""
+        n, B, W, K, dev, s, tb = sel.shape[0], self.B, self.W, self.K, self.device, self._bound, self._tables
         sel, sel_deliv = _int32(sel), _int32(sel_deliv)
-        vals = torch.empty(B, K, dtype=self.dtype, device=dev)
-        v_pre = torch.empty(B, W, dtype=self.dtype, device=dev)
-        masks = torch.empty(3, B, W, dtype=torch.bool, device=dev)
-        m = masks.view(torch.uint8)
-        _replay_kernel[(B,)](
-            tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["sync"], tb["theta"], s["wt"],
-            s["v"], s["o"], s["acc"], s["refr"], s["n_in"], sel, sel_deliv, vals, v_pre, m[0], m[1], m[2],
-            W, K, self.F, self.n_slots, self.out_lo, self.out_hi,
-            hash_arg(rng.counter_hash(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t, k)), float(self.p_ref),
-            REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, KB=self.KB, NS=self.NS,
-            **self._launch_opts())
-        return FusedRecord(vals, v_pre, masks)
+        vals = torch.empty(n, B, K, dtype=self.dtype, device=dev)
+        v_pre = torch.empty(n, B, W, dtype=self.dtype, device=dev)
+        flags = torch.empty(n, B, W, dtype=torch.uint8, device=dev)
+        if n:
+            _replay_kernel[(B,)](
+                tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["sync"], tb["theta"], s["wt"],
+                s["v"], s["o"], s["acc"], s["refr"], s["n_in"], sel, sel_deliv, vals, v_pre, flags,
+                B, W, K, self.F, self.n_slots, self.out_lo, self.out_hi, step0, n,
+                hash_arg(_partial_hash(self.seed, rng.STREAM_REFRACTORY_DROPOUT, t)), float(self.p_ref),
+                REFRACTORY=self.refractory, HAS_PREF=self.p_ref > 0, KB=self.KB, NS=self.NS,
+                **self._launch_opts())
+        return FusedRecord(vals, v_pre, flags)
 
-    def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
-                      g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
-                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
-        """The step's reverse: updates g_v, g_o (and `armed`, bool [B, W], with
-        surrogate_at="fire_or_last": the sweep of loop.py) and adds into grad_wt (float
-        atomics across samples), in place."""
+    def backward_steps(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
+                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
+                       grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The reverse of the n steps `rec` records (last first), in one launch: updates
+        g_v, g_o (and `armed`, bool [B, W], with surrogate_at="fire_or_last": the sweep
+        of loop.py) and adds into grad_wt (float atomics across samples), in place."""
         for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
             if not t.is_contiguous() or t.dtype != self.dtype:
                 raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
+        n, tb = sel.shape[0], self._tables
         sel, sel_deliv = _int32(sel), _int32(sel_deliv)
-        tb, m = self._tables, rec.masks.view(torch.uint8)
-        _backward_kernel[(self.B,)](
-            tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["theta"], self._bound["wt"],
-            self._const, sel, sel_deliv, rec.vals, rec.v_pre, m[0], m[1], m[2], g_v, g_o, g_acc, grad_wt,
-            m[0] if armed is None else _armed_u8(armed, (self.B, self.W)),  # never written without ARMED
-            self.W, self.K, self.F, self.n_slots, self.out_lo, self.out_hi,
-            DETACH_RESET=self.detach_reset, KB=self.KB, NS=self.NS, ARMED=armed is not None,
-            **self._launch_opts())
+        if n:
+            _backward_kernel[(self.B,)](
+                tb["source_slot"], tb["slot_lo"], tb["slot_hi"], tb["is_source"], tb["theta"], self._bound["wt"],
+                self._const, sel, sel_deliv, rec.vals, rec.v_pre, rec.flags, g_v, g_o, g_acc, grad_wt,
+                rec.flags if armed is None else _armed_u8(armed, (self.B, self.W)),  # never written without ARMED
+                self.B, self.W, self.K, self.F, self.n_slots, self.out_lo, self.out_hi, n,
+                DETACH_RESET=self.detach_reset, KB=self.KB, NS=self.NS, ARMED=armed is not None,
+                **self._launch_opts())
