@@ -44,7 +44,8 @@ class LIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_v_new, grad_spikes, _grad_pre):
         v_pre, refractory, received, gate, theta, last = ctx.saved_tensors
-        grad_v, grad_current = ctx.ops.lif_backward(grad_v_new.contiguous(), None if grad_spikes is None else grad_spikes.contiguous(),
+        grad_s = None if grad_spikes is None else grad_spikes.contiguous()
+        grad_v, grad_current = ctx.ops.lif_backward(grad_v_new.contiguous(), grad_s,
                                                     v_pre, refractory, received, gate, theta,
                                                     ctx.alpha, ctx.detach_reset, last)
         return grad_v, grad_current, None, None, None, None, None, None, None, None

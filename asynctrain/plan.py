@@ -100,7 +100,9 @@ class Forced:
             raise ValueError(f"stop_every must be an int >= 1, got {self.stop_every!r}")
 
 
-_FORCED: ContextVar[Forced] = ContextVar("asynctrain_forced", default=Forced())
+# Forced is a frozen dataclass: the shared default cannot be mutated (B039 is about
+# mutable defaults).
+_FORCED: ContextVar[Forced] = ContextVar("asynctrain_forced", default=Forced())  # noqa: B039
 
 
 @contextlib.contextmanager

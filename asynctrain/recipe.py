@@ -27,9 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import cli
 from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .config import SURROGATE_AT
 from .data import DataFileError, collate_time_major
-from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, Execution, evaluate
+from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, evaluate
 from .experiment import TRAIN_LABELS, Hyper, paper_executions, run_models, subset
+from .outdir import claim
 from .report import markdown_table, table_rows, write_report
 from .train import LOSSES, TrainingDiverged
 
@@ -41,7 +43,8 @@ full run (nor the other way round)."""
 
 RESUME_ARGS = ("K", "batch_size", "lr", "loss", "seed", "max_train", "max_test", "duration_ms",
                "quick", "fill_slots", "gradient_fill", "train_stop", "train_F",
-               "finetune_epochs", "init_from", "train_K", "lr_schedule")
+               "finetune_epochs", "init_from", "train_K", "lr_schedule", "surrogate_at",
+               "detach_reset")
 """Recipe arguments a resumed run takes from its checkpoint: not given, they come from
 the file (and are printed); given with another value, they are an error naming both
 values and ``--fresh``. (``--epochs`` may grow; fit checks the model and its
@@ -67,13 +70,7 @@ class DataSpec:
 
 
 def _execution(text: str) -> str:
-    if text == "paper":
-        return text
-    try:
-        Execution.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    return text if text == "paper" else cli.execution(text)
 
 
 def parser(spec: DataSpec) -> argparse.ArgumentParser:
@@ -83,7 +80,9 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
         prog=f"recipes/{spec.name}.py",
         description=f"{spec.title}: train the paper's models (layered, unlayered RS / MS) and "
                     f"evaluate them under layered and asynchronous execution (tables 2-3, "
-                    f"figures 4-6 of Koopman et al.). Defaults are the paper's (table 6). "
+                    f"figures 4-6 of Koopman et al.). Defaults: the paper's table 6 for the "
+                    f"network, its regularisers and optimiser, and the package's recipe for "
+                    f"unlayered training (docs/unlayered_training.md, round 3). "
                     f"Semantics: docs/semantics.md. Exit status: 0 done, 1 training diverged, "
                     f"2 bad arguments, missing or corrupt data, or an unusable checkpoint.",
         formatter_class=cli.HelpFormatter)
@@ -101,7 +100,7 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=pos_f, default=h.lr, help="Adam learning rate")
     ap.add_argument("--loss", choices=sorted(LOSSES), default=h.loss,
                     help="cross-entropy variant (asynctrain.train.LOSSES)")
-    _training_args(ap)
+    _training_args(ap, h)
     ap.add_argument("--eval", nargs="+", default=["paper"], metavar="EXECUTION", type=_execution,
                     help="executions for every model, e.g. layered RS MS:K=4 RS:drain MS:F=2; "
                          "'paper' (alone) = table 2's rows (layered model: layered, RS, MS; each "
@@ -120,8 +119,8 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
     ap.add_argument("--max-test", type=pos_i, default=None,
                     help="use a seeded random subset of this many test samples (all: none)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"smoke run: 64 train / 64 test samples, 1 epoch, batch 16, F in {{0, 1}}, "
-                         f"written under <out>/{QUICK_FOLDER}")
+                    help=f"smoke run: 64 train / 64 test samples, 1 epoch, batch 16, F in {{0, 1}} "
+                         f"(options given on the command line win), written under <out>/{QUICK_FOLDER}")
     ap.add_argument("--fresh", action="store_true",
                     help="start over: delete the checkpoints of the --train models in --out")
     ap.add_argument("--eval-only", nargs="+", type=Path, default=None, metavar="CKPT",
@@ -138,24 +137,33 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
     return ap
 
 
-def _training_args(ap: argparse.ArgumentParser) -> None:
-    """Unlayered-training options of the recipes."""
-    ap.add_argument("--fill-slots", action=argparse.BooleanOptionalAction, default=True,
+def _training_args(ap: argparse.ArgumentParser, h: Hyper) -> None:
+    """Unlayered-training options of the recipes (defaults: the recipe's `Hyper`)."""
+    ap.add_argument("--fill-slots", action=argparse.BooleanOptionalAction, default=h.fill_slots,
                     help="unlayered training: fill unused slots with zero-valued outboxes of "
                          "silent neurons so gradients reach them (docs/semantics.md section 8); "
                          "changes no spike; on by default, the one change that helped in every "
                          "case of docs/unlayered_training.md")
-    ap.add_argument("--gradient-fill", action="store_true",
-                    help="deprecated alias of --fill-slots")
-    ap.add_argument("--train-stop", choices=["spiking_done", "output"], default="spiking_done",
-                    help="stop condition of the training passes")
+    ap.add_argument("--gradient-fill", action="store_true",  # deprecated alias of --fill-slots
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--train-stop", choices=["spiking_done", "output"], default=h.train_stop,
+                    help="stop condition of the training passes; None: output for "
+                         "unlayered training, spiking_done for layered")
     ap.add_argument("--train-F", type=cli.at_least(0), default=1,
                     help="with --train-stop output: forward steps after the first output spike")
     ap.add_argument("--train-K", type=cli.at_least(1), default=None,
                     help="unlayered models: K of the training passes (default: --K); they are "
                          "evaluated at --K")
-    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                    default=h.lr_schedule or "constant",
                     help="learning rate over the epochs: constant, or cosine decay to 0")
+    ap.add_argument("--surrogate-at", choices=list(SURROGATE_AT), default=h.surrogate_at,
+                    help="unlayered training: the evaluations that carry the spike's surrogate "
+                         "derivative (docs/semantics.md section 8: every, or fire_or_last, "
+                         "bounded at any K; docs/gradients.md)")
+    ap.add_argument("--detach-reset", action=argparse.BooleanOptionalAction,
+                    default=h.detach_reset,
+                    help="unlayered training: no gradient through the reset")
     ap.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                     help="layered checkpoint the unlayered models fine-tune from "
                          "(with --finetune-epochs; none: this run's layered model)")
@@ -168,7 +176,8 @@ def _training_hyper(h: Hyper, args: argparse.Namespace) -> Hyper:
     return replace(h, fill_slots=args.fill_slots,
                    gradient_fill=h.gradient_fill or args.gradient_fill, train_stop=args.train_stop,
                    train_F=args.train_F, finetune_epochs=args.finetune_epochs,
-                   train_K=args.train_K,
+                   train_K=args.train_K, surrogate_at=args.surrogate_at,
+                   detach_reset=args.detach_reset,
                    lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule)
 
 
@@ -183,10 +192,10 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: DataSpec
         ap.error(f"--eval: 'paper' stands for table 2's rows and cannot be combined with "
                  f"other executions, got {' '.join(args.eval)}")
     if getattr(args, "duration_ms", None) is not None:
-        from .data import _timesteps
+        from .data import timesteps
 
         try:
-            _timesteps(spec.hyper.dt, args.duration_ms)
+            timesteps(spec.hyper.dt, args.duration_ms)
         except ValueError as err:
             ap.error(f"--duration-ms: {err}")
     try:
@@ -199,23 +208,37 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: DataSpec
                 ap.error(f"--eval-only: no checkpoint file at {p}")
 
 
+QUICK = dict(max_train=64, max_test=64, epochs=1, batch_size=16, steps_after_output=[0, 1])
+"""``--quick``: what a smoke run changes (options given on the command line win); it
+writes under ``<out>/quick``."""
+
+
 def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
     """Run a recipe's command line; returns the exit status (module docstring)."""
     ap = parser(spec)
     args = ap.parse_args(argv)
     given = cli.explicit(ap, argv)
     if args.quick:
-        args.max_train = min(args.max_train or 64, 64)
-        args.max_test = min(args.max_test or 64, 64)
-        args.epochs = min(args.epochs, 1)
-        args.batch_size = min(args.batch_size, 16)
-        args.steps_after_output = [f for f in args.steps_after_output if f <= 1]
+        changed = cli.apply_quick(args, given, QUICK)
         args.out = str(Path(args.out) / QUICK_FOLDER)
+        print(f"--quick: {', '.join(changed) or 'nothing changed (every value given)'}; out {args.out}")
     _check(ap, args, spec)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.eval_only:
-        return _eval_only(spec, args, given)
+    out = Path(args.out) / "eval" if args.eval_only else Path(args.out)
+
+    def body() -> int:
+        with claim(out):
+            try:
+                return _eval_only(spec, args, given) if args.eval_only else _train(spec, args, given)
+            except DataFileError as err:  # samples are read lazily: a corrupt one shows up late
+                print(f"error: corrupt data: {err}", file=sys.stderr)
+                return 2
+
+    return cli.guarded(body, f"rerun the same command to resume: finished epochs are kept in {out}")
+
+
+def _train(spec: DataSpec, args: argparse.Namespace, given: set[str]) -> int:
     out = Path(args.out)
     if args.fresh:
         for policy in args.train:
@@ -246,8 +269,11 @@ def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
-    except (CheckpointError, ValueError) as err:
-        if "trained with other settings" not in str(err) and not isinstance(err, CheckpointError):
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        if "trained with other settings" not in str(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -70,8 +70,9 @@ from types import SimpleNamespace
 
 import torch
 
-from asynctrain.rng import (STREAM_FILL, STREAM_INPUT_DROPOUT, input_order_key, STREAM_MOMENTUM_NOISE, STREAM_NETWORK_DROPOUT,
-                            STREAM_REFRACTORY_DROPOUT, STREAM_RS_KEY, uniform)
+from asynctrain.rng import (STREAM_FILL, STREAM_INPUT_DROPOUT, STREAM_MOMENTUM_NOISE,
+                            STREAM_NETWORK_DROPOUT, STREAM_REFRACTORY_DROPOUT, STREAM_RS_KEY,
+                            input_order_key, uniform)
 
 
 class SpikeFn(torch.autograd.Function):

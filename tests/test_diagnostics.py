@@ -113,6 +113,27 @@ def test_hyper_gradient_fill_is_a_deprecated_alias_of_fill_slots():
     assert train_config(Hyper(train_stop="output", train_F=2), "RS").steps_after_output == 2
 
 
+def test_hyper_defaults_train_unlayered_models_with_the_round_3_recipe():
+    """Hyper()'s unlayered-only settings reach the unlayered training configs and not
+    the layered one (docs/unlayered_training.md, round 3)."""
+    from asynctrain.experiment import Hyper, train_config
+
+    h = Hyper()
+    assert (h.lr, h.epochs, h.lr_schedule) == (5e-3, 40, "cosine")
+    for policy in ("RS", "MS"):
+        cfg = train_config(h, policy)
+        assert (cfg.stop, cfg.steps_after_output, cfg.surrogate_at) == ("output", 1, "fire_or_last")
+        assert cfg.detach_reset and cfg.fill_slots
+    lay = train_config(h, "layered")
+    assert (lay.stop, lay.surrogate_at, lay.detach_reset, lay.fill_slots) == \
+        ("spiking_done", "every", False, False)
+    pinned = Hyper(train_stop="spiking_done", surrogate_at="every", detach_reset=False)
+    cfg = train_config(pinned, "RS")
+    assert (cfg.stop, cfg.surrogate_at, cfg.detach_reset) == ("spiking_done", "every", False)
+    with pytest.raises(ValueError, match="surrogate_at.*'sometimes'"):
+        train_config(Hyper(surrogate_at="sometimes"), "MS")
+
+
 def test_run_models_validation_callback_and_finetune(tmp_path):
     from dataclasses import replace
 

@@ -2,7 +2,7 @@
 backward) against the dense oracle (`tests/dense_oracle.py`: plain autograd through a
 dense unrolling of SPEC 4-5).
 
-Rule (STYLE 4, SPEC 8): output counts and every stat exact; final potentials, output
+Rule (docs/semantics.md section 8): output counts and every stat exact; final potentials, output
 potentials and weight gradients of ``sum(out * c)`` (c a fixed random tensor) within
 ``conftest.TOL`` (fp32: atol 1e-5, rtol 1e-4; fp64: 1e-10).
 

@@ -1,5 +1,5 @@
 """The per-step torch twins in `kernels/` against plain references: the contract the
-Triton kernels will be held to (STYLE 1, 4).
+Triton kernels will be held to (every kernel has a torch twin; the 2x tolerance rule).
 
 - select_torch and select_pending_torch (from the pending list) vs a stable sort of
   -key over the pending entries;
@@ -212,7 +212,7 @@ def test_deliver_duplicate_sources_in_one_sample_add_up():
 
 
 def test_deliver_fp32_within_2x_of_plain_torch_error():
-    # STYLE tolerance rule: the twin's fp32 error vs fp64 is within 2x of the error of
+    # The tolerance rule: the twin's fp32 error vs fp64 is within 2x of the error of
     # the same dense computation done in fp32 (plus a tiny absolute floor).
     b, k, w, f = 4, 13, 131, 29
     table, targets = _tables(w, f, seed=7)
