@@ -38,8 +38,9 @@ from .kernels.rows_deliver import (rows_deliver_backward_torch, rows_deliver_bac
 from .kernels.deliver import deliver_backward_torch, deliver_backward_triton, deliver_torch, deliver_triton
 from .kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton
 from .kernels.rng_triton import uniform_at_triton
-from .kernels.select import (_select_kernel, select_keyed_torch, select_keyed_triton,  # noqa: F401
-                             select_keys_torch, select_pending_torch, select_torch, select_triton)
+from .kernels.select import (_select_kernel, select_keys_torch, select_pending_torch, select_torch,  # noqa: F401
+                             select_triton)
+from .kernels.select_keyed import select_keyed_torch, select_keyed_triton
 from .kernels import cpu_step
 from .kernels.steps_triton import TritonSteps
 
@@ -61,7 +62,7 @@ class Ops:
     # (pending bool [B, W], values [B, W], is_input bool [W], k, seed, t, step, *, policy_ms, noise,
     # input_random, sel) -> int64 [B, k]: the same selection with the keys computed from the
     # state (no list, no [B, W] keys: no host sync, CUDA), or (sel) its free slots filled
-    # (`kernels/select.py` select_keyed_torch / select_keyed_triton)
+    # (`kernels/select_keyed.py` select_keyed_torch / select_keyed_triton)
     select_keyed: Callable
     # conv networks: map kind ("conv", "fc") -> (deliver, deliver_backward), conv.ImageSynapses
     image: dict

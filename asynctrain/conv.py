@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import TORCH_IMAGE
+from .kernels.image_deliver import map_position, window
 
 
 @dataclass(frozen=True)
@@ -88,20 +89,14 @@ class SynapticMap:
 
     def fan_out(self) -> torch.Tensor:
         """int64 ``[n_in]``: targets each source reaches (borders and pooled odd sizes
-        reach fewer)."""
+        reach fewer; `kernels/image_deliver.py`'s geometry)."""
+        if self.kind == "fc" and not self.pool:
+            return torch.full((self.n_in,), self.n_out, dtype=torch.int64)
+        h, w = self.in_shape[1:]
+        _, y, x, hp, wp, inside = map_position(torch.arange(self.n_in), h, w, self.pool)
         if self.kind == "fc":
-            if not self.pool:
-                return torch.full((self.n_in,), self.n_out, dtype=torch.int64)
-            return self._pooled_ok().flatten() * self.n_out
-        c, h, w = self.in_shape
-        hp, wp = self.map_shape[1:]
-        ys, xs = torch.arange(h), torch.arange(w)
-        if self.pool:
-            ys, xs = ys // 2, xs // 2
-        ny = _taps_inside(ys, hp)
-        nx = _taps_inside(xs, wp)
-        per = (ny[:, None] * nx[None, :]) * self.out_shape[0]
-        return per.expand(c, h, w).flatten()
+            return inside.long() * self.n_out
+        return (window(y, x, hp, wp)[1] & inside[:, None]).sum(1) * self.out_shape[0]
 
     def fan_in(self) -> torch.Tensor:
         """int64 ``[n_out]``: sources that reach each target (its sync threshold in the
@@ -110,21 +105,8 @@ class SynapticMap:
         if self.kind == "fc":
             return torch.full((self.n_out,), math.prod(self.map_shape) * per_input, dtype=torch.int64)
         c_out, h, w = self.out_shape
-        ny = _taps_inside(torch.arange(h), h)
-        nx = _taps_inside(torch.arange(w), w)
-        per = ny[:, None] * nx[None, :] * self.in_shape[0] * per_input
-        return per.expand(c_out, h, w).flatten()
-
-    def _pooled_ok(self) -> torch.Tensor:
-        c, h, w = self.in_shape
-        ok = (torch.arange(h)[:, None] < (h // 2) * 2) & (torch.arange(w)[None, :] < (w // 2) * 2)
-        return ok.expand(c, h, w).to(torch.int64)
-
-
-def _taps_inside(pos: torch.Tensor, size: int) -> torch.Tensor:
-    """Of the rows pos - 1, pos, pos + 1: how many lie in [0, size) (0 if pos is out)."""
-    n = (pos - 1 >= 0).long() + 1 + (pos + 1 < size).long()
-    return torch.where(pos < size, n, 0)
+        pos = torch.arange(self.n_out) % (h * w)  # the 3x3 window is symmetric
+        return window(pos // w, pos % w, h, w)[1].sum(1) * self.in_shape[0] * per_input
 
 
 def parse_layers(net: nn.Module, input_shape: tuple[int, ...] | None
@@ -323,20 +305,14 @@ class ImageSynapses:
         real = slot < n_maps
         g = geo[slot.clamp(max=n_maps - 1)]                                   # [E, 7]
         is_conv, pool, h, w, c_out, src0, dst0 = (g[:, i] for i in range(7))
-        src = sel.reshape(-1) - src0
-        rem = src % (h * w)  # the channel does not move the window
-        y, x = rem // w, rem % w
-        hm, wm = torch.where(pool > 0, h // 2, h), torch.where(pool > 0, w // 2, w)
-        y, x = torch.where(pool > 0, y // 2, y), torch.where(pool > 0, x // 2, x)
-        inside = real & ((pool == 0) | ((y < hm) & (x < wm)))
+        # the channel does not move the window (`kernels/image_deliver.py`'s geometry)
+        _, y, x, hm, wm, inside = map_position(sel.reshape(-1) - src0, h, w, pool)
+        pos, ok = window(y, x, hm, wm)                                        # [E, 9]
         f = torch.arange(self.list_width, device=sel.device)
         o, t = f // 9, f % 9
-        oy = y[:, None] + 1 - t // 3
-        ox = x[:, None] + 1 - t % 3
-        ok_conv = (o < c_out[:, None]) & (oy >= 0) & (oy < hm[:, None]) & (ox >= 0) & (ox < wm[:, None])
         conv = is_conv[:, None] > 0
-        valid = inside[:, None] & torch.where(conv, ok_conv, f < c_out[:, None])
-        tgt = dst0[:, None] + torch.where(conv, o * (hm * wm)[:, None] + oy * wm[:, None] + ox, f)
+        valid = (real & inside)[:, None] & torch.where(conv, (o < c_out[:, None]) & ok[:, t], f < c_out[:, None])
+        tgt = dst0[:, None] + torch.where(conv, o * (hm * wm)[:, None] + pos[:, t], f)
         row = (torch.arange(b * k, device=sel.device) // k)[:, None] * width
         return (row + torch.where(valid, tgt, width - 1)).view(-1), valid.view(-1)
 

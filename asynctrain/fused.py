@@ -5,6 +5,13 @@ networks -- selection, delivery, evaluation and the pass's bookkeeping -- in bat
 replay recorded steps and run their reverses, in place on a state and a pass of their
 own (`FusedMode`). The same spikes, stats and gradients as the per-op modes
 (tests/test_cpu_backend.py, tests/test_steps_triton.py).
+
+Replay and sweep go by runs: the consecutive event steps of a segment replayed on the
+owned state are collected (`replay` returns a record of the run) and replayed in one
+call when the loop next needs the state (`flush`: before any other op, before a
+state is kept, at the segment's end); the sweep meets a run's records last step
+first, and the first of them sweeps the whole run in one call (the Triton steps: one
+launch each, from two per step).
 """
 
 from __future__ import annotations
@@ -22,10 +29,21 @@ from .timeline import EventStep
 
 
 @dataclass
-class FusedStepRecord(StepRecord):
-    """A replayed step's record (the fused steps' own, `FusedRecord`)."""
+class _Run:
+    """Consecutive event steps of one pass, replayed and swept together."""
 
-    kernel: FusedRecord
+    ops: list[EventStep]
+    record: FusedRecord | None = None  # set by `FusedMode.flush`
+    swept: bool = False
+
+
+@dataclass
+class FusedStepRecord(StepRecord):
+    """A replayed step's record: its place in its run (the fused steps' own record,
+    `FusedRecord`, holds the run's n steps)."""
+
+    run: _Run
+    index: int
 
 
 class FusedMode(StepMode):
@@ -37,6 +55,7 @@ class FusedMode(StepMode):
     def __init__(self, eng: Engine):
         super().__init__(eng)
         self.steps: FusedSteps = eng.ops.fused(eng.step_spec())
+        self._run: _Run | None = None  # the run being collected by `replay`
 
     def bind_weights(self, wt: torch.Tensor) -> None:
         self.steps.bind_weights(wt)
@@ -68,19 +87,45 @@ class FusedMode(StepMode):
 
     def own(self, st: State) -> State:
         """A copy of `st` bound for replays (in place)."""
+        self.flush()
         st = st.clone()
         self.steps.bind_state(st)
         return st
 
     def replay(self, op: EventStep) -> FusedStepRecord:
-        """`op` again on the state bound by `own`."""
-        sel_deliv = op.sel if op.sel_deliv is None else op.sel_deliv
-        return FusedStepRecord(self, self.steps.replay_step(op.t, op.step, op.sel, sel_deliv))
+        """`op` again on the state bound by `own`: collected into the current run
+        (replayed by `flush`)."""
+        run = self._run
+        if run is not None and (op.t != run.ops[-1].t or op.step != run.ops[-1].step + 1):
+            self.flush()
+            run = None
+        if run is None:
+            run = self._run = _Run([])
+        run.ops.append(op)
+        return FusedStepRecord(self, run, len(run.ops) - 1)
+
+    def flush(self) -> None:
+        """Replay the collected run on the bound state (one call), its records filled."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        sel = torch.stack([op.sel for op in run.ops])
+        sel_deliv = torch.stack([op.sel if op.sel_deliv is None else op.sel_deliv for op in run.ops])
+        run.record = self.steps.replay_steps(run.ops[0].t, run.ops[0].step, sel, sel_deliv)
 
     def step_backward(self, op: EventStep, rec: FusedStepRecord, sweep: Sweep) -> None:
+        """The run's reverse in one call, at its last step (the sweep's first); its
+        other steps were swept with it."""
+        run = rec.run
+        if run.swept:
+            return
+        if run.record is None or rec.index != len(run.ops) - 1:
+            raise RuntimeError("fused steps swept before their run was replayed, or out of order")
         adj = sweep.adj
         if not (adj.v.is_contiguous() and adj.o.is_contiguous()):  # in place on adjoints of its own
             adj.v, adj.o = adj.v.contiguous(), adj.o.contiguous()
-        sel_deliv = op.sel if op.sel_deliv is None else op.sel_deliv
-        self.steps.backward_step(rec.kernel, op.sel, sel_deliv, adj.v, adj.o, adj.acc.contiguous(), sweep.grad_wt,
-                                 adj.armed)
+        sel = torch.stack([o.sel for o in run.ops])
+        sel_deliv = torch.stack([o.sel if o.sel_deliv is None else o.sel_deliv for o in run.ops])
+        self.steps.backward_steps(run.record, sel, sel_deliv, adj.v, adj.o, adj.acc.contiguous(), sweep.grad_wt,
+                                  adj.armed)
+        run.swept = True

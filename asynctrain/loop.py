@@ -202,6 +202,8 @@ class CallLoop:
         stores = RecordStores(eng.syn is not None)
         owned = False  # the fused steps replay in place, on a state of their own
         for i, op in enumerate(ops):
+            if owned and (not isinstance(op, EventStep) or not keep and i % states_every == 0):
+                self.fused.flush()  # their run of steps replayed before anything reads the state
             if not keep and i % states_every == 0:
                 states[i] = st.pack(eng.plan.sync_free)  # a copy: the steps go on in place
             rec = None
@@ -225,6 +227,8 @@ class CallLoop:
                 owned = False
             if keep:
                 records.append(rec)
+        if owned:
+            self.fused.flush()
         return records if keep else states
 
     def backward(self, ops: list[Op], ckpts: dict[int, PackedState], frames: torch.Tensor, wt: torch.Tensor,

@@ -39,7 +39,7 @@ batch 8, 2 CPU threads, against masking every [E, C_out, 9] element.
 Triton (`conv_deliver_triton`, `conv_deliver_backward_triton`, same signatures as the
 twins): programs tile (entry block, output-channel block) and loop over the 9 taps,
 so the window geometry is computed once per entry and each tap is one
-[BLOCK_E, BLOCK_O] gather of ``W[o, c, ky, kx]`` and one scatter.
+[BLOCK_E, BLOCK_OUT] gather of ``W[o, c, ky, kx]`` and one scatter.
 - Forward: float atomics into ``current`` (skipped for zero values, which add
   nothing) and int32 atomics of 1 into ``counts`` (zero values too: a barrier message
   is a received current). Several entries of one sample share targets, so the order
@@ -69,29 +69,20 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (check_accumulators, check_dtype, check_segment, check_shape, check_tensors, entry_block,
-                      jit, segment_arg, segment_live, segment_mask, tl, triton)
+from ._triton import entry_block, jit, segment_mask, tl, triton
+from .image_deliver import backward_launch, check_backward, check_forward, deliver_launch, map_position, window
 
 
 def _window(src: torch.Tensor, in_shape: tuple[int, int, int], pool: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
     """Window of each entry: (channel c [E], spatial target [E, 9] int64 (0 where
-    invalid), valid bool [E, 9], value scale, H' x W' of the conv's map). Tap order
-    ky * 3 + kx, as in ``W.view(C_out, C_in, 9)``."""
+    invalid), valid bool [E, 9], value scale, H' x W' of the conv's map)
+    (`image_deliver.map_position`, `image_deliver.window`)."""
     _, h, w = in_shape
-    c, rem = src // (h * w), src % (h * w)
-    y, x = rem // w, rem % w
-    if pool:
-        y, x, h, w = y // 2, x // 2, h // 2, w // 2
-    inside = (y < h) & (x < w)                                  # pooled odd sizes drop the last row/col
-    taps = torch.arange(2, -1, -1, device=src.device)          # 1 - ky + 1 for ky = 0, 1, 2
-    oy = y[:, None] + taps - 1                                  # [E, 3]: row reached by ky
-    ox = x[:, None] + taps - 1
-    ok_y = (oy >= 0) & (oy < h) & inside[:, None]
-    ok_x = (ox >= 0) & (ox < w)
-    valid = (ok_y[:, :, None] & ok_x[:, None, :]).view(-1, 9)
-    pos = torch.where(valid, (oy[:, :, None] * w + ox[:, None, :]).view(-1, 9), 0)
-    return c, pos, valid, (0.25 if pool else 1.0), h * w
+    c, y, x, hp, wp, inside = map_position(src, h, w, pool)
+    pos, valid = window(y, x, hp, wp)
+    valid = valid & inside[:, None]
+    return c, torch.where(valid, pos, 0), valid, (0.25 if pool else 1.0), hp * wp
 
 
 def _targets(sample, pos, c_out, hw, out_offset, width):
@@ -168,9 +159,7 @@ def conv_deliver_backward_torch(grad_current: torch.Tensor, vals: torch.Tensor,
 
 
 # --- Triton ---------------------------------------------------------------------------
-_FLOATS = (torch.float32, torch.float64)
-_INDEX = (torch.int32, torch.int64)
-# (BLOCK_E, BLOCK_O) per tap, 4 warps; the two classes of `_blocks`: layers of at most
+# (BLOCK_E, BLOCK_OUT) per tap, 4 warps; the two classes of `_blocks`: layers of at most
 # 16 output channels, and all wider ones. sm_90 cubins of the forward (fp32; runtime
 # pool): 4 x 64 takes 48 registers, 16 x 16 48, 8 x 64 72 and 32 x 16 72 (a thread
 # then holds two or four entries' int64 state), 4 x 128 52; with the taps unrolled,
@@ -200,7 +189,7 @@ def _source(src, h, w, pool):
 # hint is lost. `pool` is used branch-free: coordinates and sizes are shifted by it,
 # values scaled by 1 - 0.75 * pool (1.0 or 0.25, both exact, so the products are those
 # of the constexpr branch it replaced, in fp32 and fp64). Constexprs: the tile only,
-# (BLOCK_E, BLOCK_O) in two classes by C_out (`_blocks`; never by e), so a network needs
+# (BLOCK_E, BLOCK_OUT) in two classes by C_out (`_blocks`; never by e), so a network needs
 # at most 2 variants of each kernel per dtype (VGG-7: 1 at full width, where every C_out
 # is a multiple of 64; 1 for the narrow copies of the tests, C_out <= 16).
 _NOT_SPECIALISED = ("e", "c_out", "c_in", "h", "w", "width", "out_offset", "pool")
@@ -208,10 +197,10 @@ _NOT_SPECIALISED = ("e", "c_out", "c_in", "h", "w", "width", "out_offset", "pool
 
 @jit(do_not_specialize=_NOT_SPECIALISED)
 def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr, e, c_out, c_in, h, w,
-                         width, out_offset, pool, seg_ptr, BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
+                         width, out_offset, pool, seg_ptr, BLOCK_E: tl.constexpr, BLOCK_OUT: tl.constexpr,
                          SEGMENT: tl.constexpr):
     es, live_e, n_taps = entry_block(seg_ptr, e, BLOCK_E, SEGMENT, 9)
-    oc = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    oc = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     live_o = (oc < c_out)[None, :]
     v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
@@ -221,7 +210,7 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
     chan = (oc.to(tl.int64) * (hp * wp))[None, :]
     w_row = (oc.to(tl.int64) * (c_in * 9))[None, :]
     nonzero = (v != 0)[:, None]
-    ones = tl.full([BLOCK_E, BLOCK_O], 1, tl.int32)
+    ones = tl.full([BLOCK_E, BLOCK_OUT], 1, tl.int32)
     for t in range(n_taps):                      # tap t = ky * 3 + kx reaches (y + 1 - ky, x + 1 - kx)
         oy = y + (1 - t // 3)
         ox = x + (1 - t % 3)
@@ -237,11 +226,11 @@ def _conv_deliver_kernel(vals_ptr, sample_ptr, src_ptr, w_ptr, cur_ptr, cnt_ptr,
 @jit(do_not_specialize=_NOT_SPECIALISED + ("n_ob",))
 def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr, part_ptr, gw_ptr, e,
                                   c_out, c_in, h, w, width, out_offset, n_ob, pool, seg_ptr,
-                                  BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
+                                  BLOCK_E: tl.constexpr, BLOCK_OUT: tl.constexpr,
                                   ATOMIC_WEIGHT: tl.constexpr, SEGMENT: tl.constexpr):
     pid_o = tl.program_id(1)
     es, live_e, n_taps = entry_block(seg_ptr, e, BLOCK_E, SEGMENT, 9)
-    oc = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    oc = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     live_o = (oc < c_out)[None, :]
     v = tl.load(vals_ptr + es, mask=live_e, other=0.0) * (1.0 - 0.75 * pool)
     s = tl.load(sample_ptr + es, mask=live_e, other=0).to(tl.int64)
@@ -268,14 +257,14 @@ def _conv_deliver_backward_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, w_ptr
 
 
 # The layer geometry and `pool` are not specialised on (one variant per layer
-# otherwise); the segments come in tensors. Constexpr: BLOCK_O, as in the kernels above.
+# otherwise); the segments come in tensors. Constexpr: BLOCK_OUT, as in the kernels above.
 @jit(do_not_specialize=("c_out", "c_in", "h", "w", "width", "out_offset", "pool"))
 def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, order_ptr, seg_end_ptr,
-                             gw_ptr, c_out, c_in, h, w, width, out_offset, pool, BLOCK_O: tl.constexpr):
+                             gw_ptr, c_out, c_in, h, w, width, out_offset, pool, BLOCK_OUT: tl.constexpr):
     """Deterministic grad_weight: program i owns the segment of channel-sorted entries
     that starts at i (if one does) and sums it in order into ``W[o-block, c, :]``."""
     i = tl.program_id(0)
-    oc = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    oc = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     row = tl.load(rows_ptr + i)
     prev = tl.load(rows_ptr + i - 1, mask=i > 0, other=-1)
     if (row != prev) & (row < c_in):
@@ -283,7 +272,7 @@ def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, 
         taps = tl.arange(0, 16)
         live_t = taps < 9
         live_o = (oc < c_out)[:, None]
-        acc = tl.zeros([BLOCK_O, 16], dtype=gw_ptr.dtype.element_ty)
+        acc = tl.zeros([BLOCK_OUT, 16], dtype=gw_ptr.dtype.element_ty)
         for j in range(i, end):
             ent = tl.load(order_ptr + j)
             v = tl.load(vals_ptr + ent) * (1.0 - 0.75 * pool)
@@ -300,7 +289,7 @@ def _conv_weight_grad_kernel(grad_ptr, vals_ptr, sample_ptr, src_ptr, rows_ptr, 
 
 
 def _blocks(e: int, c_out: int) -> tuple[int, int]:
-    """(BLOCK_E, BLOCK_O) for a layer: `_NARROW` (16 x 16) for C_out <= 16, else `_WIDE`
+    """(BLOCK_E, BLOCK_OUT) for a layer: `_NARROW` (16 x 16) for C_out <= 16, else `_WIDE`
     (4 x 64). Two classes, not one per power of two of C_out: each class is a compiled
     variant, and per layer that made 3 at full VGG-7 width. 64 fits the full VGG-7
     (C_out 64, 128, 256: every lane live, 1, 2 or 4 channel blocks) and BLOCK_E = 4 = the
@@ -311,65 +300,32 @@ def _blocks(e: int, c_out: int) -> tuple[int, int]:
     return _NARROW if c_out <= _NARROW[1] else _WIDE
 
 
-def _check(op, kernel, vals, sample, src, weight, in_shape, pool, out_offset, width=None, **buffers):
-    """Validate the arguments shared by both launchers; returns (vals, sample, src,
-    weight) contiguous and (H, W)."""
-    check_tensors(op, kernel, vals=vals, sample=sample, src=src, weight=weight, **buffers)
-    check_dtype(op, "vals", vals, _FLOATS)
-    check_shape(op, "vals", vals, (None,))
-    e = vals.shape[0]
-    check_shape(op, "sample", sample, (e,))
-    check_shape(op, "src", src, (e,))
-    check_dtype(op, "sample", sample, _INDEX)
-    check_dtype(op, "src", src, _INDEX)
-    check_dtype(op, "weight", weight, (vals.dtype,))
-    check_shape(op, "weight", weight, (None, None, 3, 3))
+def _geometry(op: str, weight: torch.Tensor, in_shape, pool: bool, out_offset: int, width: int
+              ) -> tuple[int, int]:
+    """(H, W) of the source map, checked against the weight and the state width."""
     c_out, c_in = weight.shape[:2]
     if len(in_shape) != 3 or in_shape[0] != c_in or min(in_shape) < 1:
         raise ValueError(f"{op}: in_shape must be (C_in={c_in}, H, W) with H, W >= 1, got {tuple(in_shape)}")
     _, h, w = in_shape
     hp, wp = (h // 2, w // 2) if pool else (h, w)
-    if width is not None and not 0 <= out_offset <= width - c_out * hp * wp:
+    if not 0 <= out_offset <= width - c_out * hp * wp:
         raise ValueError(f"{op}: out_offset {out_offset} + C_out x H' x W' = {c_out * hp * wp} targets "
                          f"do not fit in a buffer of width {width}")
-    return (vals.contiguous(), sample.contiguous(), src.contiguous(), weight.contiguous()), (int(h), int(w))
+    return int(h), int(w)
 
 
 def conv_deliver_triton(vals: torch.Tensor, sample: torch.Tensor, src: torch.Tensor,
                         weight: torch.Tensor, in_shape: tuple[int, int, int], pool: bool,
                         out_offset: int, current: torch.Tensor, counts: torch.Tensor,
                         segment: torch.Tensor | None = None) -> None:
-    """Add the currents and received counts of E delivered entries (in place).
-
-    Args:
-        vals: ``[E]`` delivered outbox values (a zero value still counts as received).
-        sample: int64 ``[E]`` batch row of each entry.
-        src: int64 ``[E]`` source index inside its layer, ``c * H * W + y * W + x``.
-        weight: ``[C_out, C_in, 3, 3]`` conv weight.
-        in_shape: ``(C_in, H, W)`` of the source layer (before pooling).
-        pool: a 2x2 average pooling sits between the source layer and the conv.
-        out_offset: flat index of the target layer's first neuron.
-        current: ``[B, W]`` float, += the currents.
-        counts: ``[B, W]`` int32, += number of entries that reached each column.
-        segment: int64 ``[2]`` (start, count) on the entries' device, or None (all):
-            only entries [start, start + count) deliver; the others add nothing.
-    """
+    """`conv_deliver_torch` in one launch: the same arguments and effect (the currents'
+    float atomics add in a run-dependent order: see the module docstring)."""
     op = "conv_deliver_triton"
-    check_shape(op, "current", current, (None, None))
-    b, width = current.shape
-    (vals, sample, src, weight), (h, w) = _check(op, _conv_deliver_kernel, vals, sample, src, weight,
-                                                 in_shape, pool, out_offset, width, current=current,
-                                                 counts=counts)
-    check_accumulators(op, current, counts, vals.dtype)
-    check_segment(op, segment, vals.device)
-    e, c_out = vals.shape[0], weight.shape[0]
-    if e == 0 or c_out == 0:
-        return
-    block_e, block_o = _blocks(e, c_out)
-    grid = (triton.cdiv(e, block_e), triton.cdiv(c_out, block_o))
-    _conv_deliver_kernel[grid](vals, sample, src, weight, current, counts, e, c_out, weight.shape[1], h, w,
-                               width, out_offset, int(bool(pool)), segment_arg(segment, sample),
-                               BLOCK_E=block_e, BLOCK_O=block_o, SEGMENT=segment is not None)
+    entries = check_forward(op, _conv_deliver_kernel, vals, sample, src, weight, current, counts, segment,
+                            (None, None, 3, 3))
+    hw = _geometry(op, weight, in_shape, pool, out_offset, current.shape[1])
+    deliver_launch(_conv_deliver_kernel, _blocks(0, weight.shape[0]), entries, hw, pool, out_offset, current, counts,
+                   segment)
 
 
 def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
@@ -377,48 +333,19 @@ def conv_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor,
                                  in_shape: tuple[int, int, int], pool: bool, out_offset: int,
                                  segment: torch.Tensor | None = None, *,
                                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `conv_deliver_torch`'s current w.r.t. the values and the weight.
-
-    Args: grad_current ``[B, W]``; the rest as in `conv_deliver_torch`.
-        deterministic: sum each input channel's weight gradient in a fixed order
-            (bitwise reproducible) instead of with float atomics (see module doc).
-
-    Returns:
-        grad_vals ``[E]`` (0 outside the segment); grad_weight ``[C_out, C_in, 3, 3]``
-        (entries of one input channel accumulate, across samples too).
-    """
+    """`conv_deliver_backward_torch` with Triton: the same arguments and results, and
+    `deterministic`: sum each input channel's weight gradient in a fixed order (bitwise
+    reproducible) instead of with float atomics (see the module docstring)."""
     op = "conv_deliver_backward_triton"
-    check_shape(op, "grad_current", grad_current, (None, None))
-    width = grad_current.shape[1]
-    (vals, sample, src, weight), (h, w) = _check(op, _conv_deliver_backward_kernel, vals, sample, src,
-                                                 weight, in_shape, pool, out_offset, width,
-                                                 grad_current=grad_current)
-    check_dtype(op, "grad_current", grad_current, (vals.dtype,))
-    check_segment(op, segment, vals.device)
-    grad_current = grad_current.contiguous()
-    e, (c_out, c_in) = vals.shape[0], weight.shape[:2]
-    grad_w = torch.zeros(c_out, c_in, 9, dtype=weight.dtype, device=weight.device)
-    if e == 0 or c_out == 0:
-        return torch.zeros_like(vals), grad_w.view(weight.shape)
-    block_e, block_o = _blocks(e, c_out)
-    n_ob = triton.cdiv(c_out, block_o)
-    # segmented: the kernel writes the segment's rows only, the rest stays 0
-    part = (torch.empty if segment is None else torch.zeros)(e, n_ob, dtype=vals.dtype, device=vals.device)
-    _conv_deliver_backward_kernel[(triton.cdiv(e, block_e), n_ob)](
-        grad_current, vals, sample, src, weight, part, grad_w, e, c_out, c_in, h, w, width, out_offset, n_ob,
-        int(bool(pool)), segment_arg(segment, sample), BLOCK_E=block_e, BLOCK_O=block_o,
-        ATOMIC_WEIGHT=not deterministic, SEGMENT=segment is not None)
-    grad_vals = part.sum(1) if n_ob > 1 else part.view(e)
-    if deterministic:
-        # zero-valued entries (and those outside the segment) add nothing: give them a
-        # channel past the last so they form one segment that no program sums
-        summed = vals != 0
-        if segment is not None:
-            summed = summed & segment_live(segment, e, vals.device)
-        rows = torch.where(summed, src.to(torch.int64) // (h * w), c_in)
-        rows, order = torch.sort(rows, stable=True)
-        seg_end = torch.searchsorted(rows, rows, right=True)
-        _conv_weight_grad_kernel[(e, n_ob)](
-            grad_current, vals, sample, src, rows, order, seg_end, grad_w, c_out, c_in, h, w, width,
-            out_offset, int(bool(pool)), BLOCK_O=block_o)
-    return grad_vals, grad_w.view(weight.shape)
+    grad_current, entries = check_backward(op, _conv_deliver_backward_kernel, grad_current, vals, sample, src,
+                                           weight, segment, (None, None, 3, 3))
+    (h, w), (c_out, c_in) = _geometry(op, weight, in_shape, pool, out_offset, grad_current.shape[1]), weight.shape[:2]
+    block_out = _blocks(0, c_out)[1]
+
+    def weight_grad(rows, order, seg_end, grad_w):
+        _conv_weight_grad_kernel[(rows.shape[0], triton.cdiv(c_out, block_out))](
+            grad_current, entries[0], entries[1], entries[2], rows, order, seg_end, grad_w, c_out, c_in, h, w,
+            grad_current.shape[1], out_offset, int(bool(pool)), BLOCK_OUT=block_out)
+
+    return backward_launch(_conv_deliver_backward_kernel, _blocks(0, c_out), grad_current, entries, (h, w), pool,
+                           out_offset, segment, deterministic, lambda s: (s // (h * w), c_in), weight_grad)

@@ -91,6 +91,9 @@ typedef struct {
     uint8_t *fillable;            /* [B, W] fill candidates: outbox holds gradient (fill only) */
 } Ctx;
 
+/* A replayed step's flags per column (kernels/step_spec.py: REFR_BEFORE, RECEIVED, GATE) */
+enum { REFR_BEFORE = 1, RECEIVED = 2, GATE = 4 };
+
 /* A recorded slot: fillers are -1 - column */
 #define DEC(i) ((i) < 0 ? -1 - (int64_t)(i) : (int64_t)(i))
 

@@ -12,9 +12,10 @@ phases in one call over the whole batch:
   dropout), outboxes, output accumulator, pending flags, barrier messages, pre-spike
   potentials, step counts, first output step; then every sample's stop condition.
 - `replay_step`: the same delivery and evaluation for a recorded selection (the
-  backward's recompute), writing the record the sweep needs.
+  backward's recompute), writing the record the sweep needs (one flag byte per
+  column: `step_spec.FusedRecord`); `replay_steps` runs n of them.
 - `backward_step`: the reverse of one step (surrogate, adjoints of receivers and
-  outboxes, weight-table rows of the K sources).
+  outboxes, weight-table rows of the K sources); `backward_steps` runs n, last first.
 
 The twin is the torch path itself (`Engine.select`, `Engine.deliver`, the whole-state
 mode of `asynctrain/steps.py`: `WholeState.evaluate`, `.bookkeep`, `.evaluation_backward`
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 
 from . import host
-from .step_spec import FusedRecord, PassTensors, StepSpec, as_spec
+from .step_spec import FusedRecord, OneStep, PassTensors, StepSpec, as_spec
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("cpu_step.c", "cpu_step_impl.h")
@@ -124,9 +125,9 @@ def load() -> ctypes.CDLL:
         getattr(dll, f"at_forward_steps_{sfx}").restype = ctypes.c_int64
         getattr(dll, f"at_forward_steps_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64, _i64] + [_p] * 6
         getattr(dll, f"at_replay_step_{sfx}").restype = None
-        getattr(dll, f"at_replay_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 8
+        getattr(dll, f"at_replay_step_{sfx}").argtypes = [ctypes.POINTER(Ctx), _i64, _i64] + [_p] * 6
         getattr(dll, f"at_backward_step_{sfx}").restype = None
-        getattr(dll, f"at_backward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx)] + [_p] * 13
+        getattr(dll, f"at_backward_step_{sfx}").argtypes = [ctypes.POINTER(Ctx)] + [_p] * 11
     return dll
 
 
@@ -143,7 +144,7 @@ def _ptr(x: torch.Tensor) -> int:
     return x.data_ptr()
 
 
-class CpuSteps:
+class CpuSteps(OneStep):
     """The fused steps of one engine call (`step_spec.FusedSteps`). Holds the tables, knobs
     (`StepSpec`) and the pointers of the state it works on; `bind_state` / `bind_pass`
     point it at other tensors (all contiguous, on the CPU, in the call's dtype; they are
@@ -262,31 +263,35 @@ class CpuSteps:
         out = self.forward_steps(t, k0, n_max)
         return (*out, bool(host.read(self._bound["done"].all())))
 
-    def replay_step(self, t: int, k: int, sel: torch.Tensor, sel_deliv: torch.Tensor):
-        """Replay a recorded step on the bound state. Returns the sweep's record
-        (vals [B, K], v_pre [B, W], refr_before, received, gate bool [B, W]; v_pre and
-        refr_before are defined at the receivers only: the sweep reads nothing else)."""
+    def replay_steps(self, t: int, step0: int, sel: torch.Tensor, sel_deliv: torch.Tensor) -> FusedRecord:
+        """Replay n recorded consecutive steps (step0, step0 + 1, ...; sel, sel_deliv
+        [n, B, K]) on the bound state. Returns their records (vals [n, B, K], v_pre
+        [n, B, W] defined at the receivers: the sweep reads nothing else, flags
+        [n, B, W]: `step_spec.FusedRecord`)."""
+        n = sel.shape[0]
         sel, sel_deliv = _int32(sel), _int32(sel_deliv)
-        vals = torch.empty(self.B, self.K, dtype=self.dtype)
-        v_pre = torch.empty(self.B, self.W, dtype=self.dtype)
-        masks = torch.empty(3, self.B, self.W, dtype=torch.bool)
-        self._replay(self.ref, t, k, _ptr(sel), _ptr(sel_deliv), _ptr(vals), _ptr(v_pre), _ptr(masks[0]),
-                     _ptr(masks[1]), _ptr(masks[2]), _ptr(self._cur))
-        return FusedRecord(vals, v_pre, masks)
+        vals = torch.empty(n, self.B, self.K, dtype=self.dtype)
+        v_pre = torch.empty(n, self.B, self.W, dtype=self.dtype)
+        flags = torch.empty(n, self.B, self.W, dtype=torch.uint8)
+        for i in range(n):
+            self._replay(self.ref, t, step0 + i, _ptr(sel[i]), _ptr(sel_deliv[i]), _ptr(vals[i]), _ptr(v_pre[i]),
+                         _ptr(flags[i]), _ptr(self._cur))
+        return FusedRecord(vals, v_pre, flags)
 
-    def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
-                      g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
-                      grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
-        """The step's reverse: updates g_v, g_o (and `armed`, bool [B, W], with
-        surrogate_at="fire_or_last": the sweep of loop.py) and adds into grad_wt, in place."""
+    def backward_steps(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
+                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
+                       grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The reverse of the n steps `rec` records (last first): updates g_v, g_o (and
+        `armed`, bool [B, W], with surrogate_at="fire_or_last": the sweep of loop.py)
+        and adds into grad_wt, in place."""
         for name, t in (("g_v", g_v), ("g_o", g_o), ("g_acc", g_acc), ("grad_wt", grad_wt)):
             if not t.is_contiguous() or t.dtype != self.dtype:
                 raise ValueError(f"{name} must be contiguous {self.dtype}, got {t.dtype}")
         sel, sel_deliv = _int32(sel), _int32(sel_deliv)
-        m = rec.masks
-        self._bwd(self.ref, _ptr(sel), _ptr(sel_deliv), _ptr(rec.vals), _ptr(rec.v_pre), _ptr(m[0]),
-                  _ptr(m[1]), _ptr(m[2]), _ptr(g_v), _ptr(g_o), _ptr(g_acc), _ptr(grad_wt), _ptr(self._cur),
-                  _armed_ptr(armed, (self.B, self.W)))
+        arm = _armed_ptr(armed, (self.B, self.W))
+        for i in reversed(range(sel.shape[0])):
+            self._bwd(self.ref, _ptr(sel[i]), _ptr(sel_deliv[i]), _ptr(rec.vals[i]), _ptr(rec.v_pre[i]),
+                      _ptr(rec.flags[i]), _ptr(g_v), _ptr(g_o), _ptr(g_acc), _ptr(grad_wt), _ptr(self._cur), arm)
 
 
 def _armed_ptr(armed: torch.Tensor | None, shape: tuple[int, int]) -> int | None:

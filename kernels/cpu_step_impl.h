@@ -5,15 +5,16 @@
 #define FN(name) CAT(name, SUFFIX)
 
 /* Deliver the K slots of sample b and evaluate its receivers (SPEC 5.2-5.4).
- * Record pointers (v_pre .. gate) may be NULL; `bk` (forward bookkeeping) 0 or 1.
+ * Record pointers (v_pre, flags) may be NULL; `bk` (forward bookkeeping) 0 or 1.
+ * flags: one byte per column, 0 off the receivers, else RECEIVED | refractory
+ * before (REFR_BEFORE) | gate (GATE) (kernels/step_spec.py).
  * Fillers (fill_slots: entries -1 - column) are delivered but not counted: `cnt`
  * holds 2 n_slots counters, [0, n_slots) every delivered entry per source layer
  * (which layers receive), [n_slots, 2 n_slots) the counted ones (n_in).
  * Returns 1 if an output neuron fired. */
 static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *sel,
                         const int32_t *sd, SCALAR *vals, SCALAR *cur, int32_t *cnt,
-                        SCALAR *v_pre, uint8_t *refr_before, uint8_t *received, uint8_t *gate,
-                        int bk) {
+                        SCALAR *v_pre, uint8_t *flags, int bk) {
     const int64_t W = c->W, K = c->K, F = c->F, n_out = c->out_hi - c->out_lo;
     SCALAR *v = (SCALAR *)c->v + b * W, *o = (SCALAR *)c->o + b * W;
     SCALAR *acc = (SCALAR *)c->acc + b * n_out;
@@ -46,10 +47,7 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
     uint8_t *fillable = bk && c->fill ? c->fillable + b * W : NULL;
     SCALAR *pre = bk ? (SCALAR *)c->pre_spike + b * W : NULL;
     SCALAR *ssum = bk ? (SCALAR *)c->spike_sum + b * W : NULL;
-    if (received) {  /* the record is defined at receivers; elsewhere only the masks */
-        memset(received, 0, W);
-        memset(gate, 0, W);
-    }
+    if (flags) memset(flags, 0, W);  /* v_pre is defined at receivers, the flags everywhere */
     int out_any = 0;
     for (int64_t l = 0; l < c->n_slots; l++) {
       const int32_t nadd = counted[l];
@@ -71,9 +69,7 @@ static int FN(evaluate)(const Ctx *c, int64_t b, uint32_t h_ref, const int32_t *
         }
         if (v_pre) {
             v_pre[col] = vp;
-            refr_before[col] = rf;
-            received[col] = 1;
-            gate[col] = g;
+            flags[col] = (uint8_t)((rf ? REFR_BEFORE : 0) | RECEIVED | (g ? GATE : 0));
         }
         if (bk) {
             if (c->is_source[col] && (s || (c->barrier && nb < c->sync[col] && ni >= c->sync[col])))
@@ -160,7 +156,7 @@ int FN(at_forward_step)(const Ctx *c, int64_t t, int64_t k, int32_t *sel, int32_
             sd[j] = (c->p_net > 0 && uniform_at(h_drop, b, DEC(s[j])) < p_net) ? (int32_t)dump : s[j];
         for (int64_t j = 0; j < K; j++) if (s[j] >= 0) pend[s[j]] = 0;
         if (c->fill) for (int64_t j = 0; j < K; j++) c->fillable[b * W + DEC(s[j])] = 0;
-        const int out_any = FN(evaluate)(c, b, h_ref, s, sd, vb, cur, cnt, NULL, NULL, NULL, NULL, 1);
+        const int out_any = FN(evaluate)(c, b, h_ref, s, sd, vb, cur, cnt, NULL, NULL, 1);
         c->steps[b] += 1;
         if (c->eager_first && c->first_out[b] < 0 && out_any) c->first_out[b] = c->steps[b];
         out_fired[b] = (uint8_t)out_any;
@@ -199,16 +195,15 @@ int64_t FN(at_forward_steps)(const Ctx *c, int64_t t, int64_t k0, int64_t n_max,
 
 /* Replay a recorded step (the backward's recompute): deliver the recorded selection,
  * evaluate, and write what the backward sweep needs: vals [B, K], v_pre [B, W] and the
- * masks refr (before the step), received, gate [B, W]. */
+ * flags [B, W] (refractory before the step, received, gate: `evaluate`). */
 void FN(at_replay_step)(const Ctx *c, int64_t t, int64_t k, const int32_t *sel,
-                        const int32_t *sel_deliv, SCALAR *vals, SCALAR *v_pre, uint8_t *refr_before,
-                        uint8_t *received, uint8_t *gate, SCALAR *cur) {
+                        const int32_t *sel_deliv, SCALAR *vals, SCALAR *v_pre, uint8_t *flags, SCALAR *cur) {
     const int64_t B = c->B, W = c->W, K = c->K;
     const uint32_t h_ref = counter_hash(c->seed, STREAM_REFRACTORY_DROPOUT, (uint32_t)t, (uint32_t)k);
     int32_t cnt[2 * c->n_slots];
     for (int64_t b = 0; b < B; b++)
         FN(evaluate)(c, b, h_ref, sel + b * K, sel_deliv + b * K, vals + b * K, cur, cnt,
-                     v_pre + b * W, refr_before + b * W, received + b * W, gate + b * W, 0);
+                     v_pre + b * W, flags + b * W, 0);
 }
 
 /* The reverse of one step (the backward sweep of asynctrain/loop.py, SPEC 8): from
@@ -219,9 +214,8 @@ void FN(at_replay_step)(const Ctx *c, int64_t t, int64_t k, const int32_t *sel,
  * armed is set (its window's last evaluation); every receiver clears it, the step's
  * emptied outboxes set it. */
 void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_deliv,
-                          const SCALAR *vals, const SCALAR *v_pre, const uint8_t *refr,
-                          const uint8_t *received, const uint8_t *gate, SCALAR *g_v, SCALAR *g_o,
-                          const SCALAR *g_acc, SCALAR *grad_wt, SCALAR *gcur, uint8_t *armed) {
+                          const SCALAR *vals, const SCALAR *v_pre, const uint8_t *flags, SCALAR *g_v,
+                          SCALAR *g_o, const SCALAR *g_acc, SCALAR *grad_wt, SCALAR *gcur, uint8_t *armed) {
     const int64_t B = c->B, W = c->W, K = c->K, F = c->F, n_out = c->out_hi - c->out_lo;
     const SCALAR *wt = (const SCALAR *)c->wt, *theta = (const SCALAR *)c->theta;
     const SCALAR half_alpha = (SCALAR)(c->alpha / 2), scale = (SCALAR)(M_PI / 2 * c->alpha);
@@ -229,7 +223,7 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
     for (int64_t b = 0; b < B; b++) {
         SCALAR *gv = g_v + b * W, *go = g_o + b * W;
         const SCALAR *ga = g_acc + b * n_out, *vp_b = v_pre + b * W;
-        const uint8_t *rf = refr + b * W, *rc = received + b * W, *gt = gate + b * W;
+        const uint8_t *fl = flags + b * W;
         const int32_t *s = sel + b * K, *sd = sel_deliv + b * K;
         uint8_t *arm = armed ? armed + b * W : NULL;
         memset(cnt, 0, sizeof(int32_t) * c->n_slots);
@@ -237,15 +231,16 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
         for (int64_t l = 0; l < c->n_slots; l++) {
           if (!cnt[l]) continue;
           for (int64_t col = c->slot_lo[l]; col < c->slot_hi[l]; col++) {
-            if (!rc[col]) { gcur[col] = 0; continue; }
+            if (!(fl[col] & RECEIVED)) { gcur[col] = 0; continue; }
+            const int gt = (fl[col] & GATE) != 0;
             SCALAR gs = go[col] * (c->is_source[col] ? (SCALAR)1 : (SCALAR)0);
             if (col >= c->out_lo && col < c->out_hi) gs = gs + ga[col - c->out_lo];
             const SCALAR vp = vp_b[col], th = theta[col];
-            const SCALAR s = (gt[col] && vp >= th) ? (SCALAR)1 : (SCALAR)0;
+            const SCALAR s = (gt && vp >= th) ? (SCALAR)1 : (SCALAR)0;
             SCALAR dsdv = 0;
             const int counts = !arm || s > 0 || arm[col];
             if (arm) arm[col] = 0;
-            if (gt[col] && counts) {
+            if (gt && counts) {
                 const SCALAR y = scale * (vp - th), den = 1 + y * y;
                 dsdv = ((SCALAR)1 / den) * half_alpha;
             }
@@ -253,7 +248,7 @@ void FN(at_backward_step)(const Ctx *c, const int32_t *sel, const int32_t *sel_d
             SCALAR gp = gvn * (1 - s);
             if (!c->detach_reset) gp = gp - gvn * vp * dsdv;
             gp = gp + gs * dsdv;
-            if (rf[col]) gp = 0;
+            if (fl[col] & REFR_BEFORE) gp = 0;
             gcur[col] = gp;
             gv[col] = gp;
           }

@@ -80,13 +80,42 @@ class PassTensors:
     hist: torch.Tensor | None = None      # int64 [bins] currents-to-spike histogram, added to
 
 
+# A replayed step's flags, one byte per column (0 where the column did not receive):
+# the C steps (cpu_step_impl.h) and the Triton steps (kernels/steps_eval.py) write these bits.
+REFR_BEFORE, RECEIVED, GATE = 1, 2, 4
+
+
 class FusedRecord:
-    """What the backward of one replayed step needs (masks: refr before, received, gate)."""
+    """What the backward of n replayed steps needs: the delivered values (vals
+    [n, B, K]), the pre-spike potentials (v_pre [n, B, W], defined at the receivers)
+    and per column one byte of flags (flags uint8 [n, B, W]: refractory before the
+    step, received, gate: `REFR_BEFORE`, `RECEIVED`, `GATE`). One byte instead of three
+    bool tensors."""
 
-    __slots__ = ("vals", "v_pre", "masks")
+    __slots__ = ("vals", "v_pre", "flags")
 
-    def __init__(self, vals: torch.Tensor, v_pre: torch.Tensor, masks: torch.Tensor):
-        self.vals, self.v_pre, self.masks = vals, v_pre, masks
+    def __init__(self, vals: torch.Tensor, v_pre: torch.Tensor, flags: torch.Tensor):
+        self.vals, self.v_pre, self.flags = vals, v_pre, flags
+
+    def masks(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step i's (refractory before, received, gate) bool [B, W]."""
+        f = self.flags[i]
+        return (f & REFR_BEFORE) != 0, (f & RECEIVED) != 0, (f & GATE) != 0
+
+
+class OneStep:
+    """A fused steps class's `replay_step` and `backward_step`: its `replay_steps` and
+    `backward_steps` of one step."""
+
+    def replay_step(self, t: int, step: int, sel: torch.Tensor, sel_deliv: torch.Tensor) -> FusedRecord:
+        """`replay_steps` of one step (sel, sel_deliv [B, K])."""
+        return self.replay_steps(t, step, sel[None], sel_deliv[None])
+
+    def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor, g_v: torch.Tensor,
+                      g_o: torch.Tensor, g_acc: torch.Tensor, grad_wt: torch.Tensor,
+                      armed: torch.Tensor | None = None) -> None:
+        """`backward_steps` of one step (sel, sel_deliv [B, K])."""
+        self.backward_steps(rec, sel[None], sel_deliv[None], g_v, g_o, g_acc, grad_wt, armed)
 
 
 class FusedSteps(Protocol):
@@ -119,14 +148,24 @@ class FusedSteps(Protocol):
         pass, stopping after the one that leaves every sample done. Returns (sel,
         sel_deliv int32 [n, B, K], vals [n, B, K], out_fired bool [n, B], all done)."""
 
+    def replay_steps(self, t: int, step0: int, sel: torch.Tensor, sel_deliv: torch.Tensor) -> FusedRecord:
+        """n recorded consecutive steps of pass t (step0, step0 + 1, ...; sel,
+        sel_deliv int32 [n, B, K]) again on the bound state; what their reverse needs."""
+
+    def backward_steps(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
+                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
+                       grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
+        """The reverse of the n steps `rec` records, last first: updates the contiguous
+        adjoints g_v, g_o in place (g_acc is read) and adds the weight-table gradient
+        into grad_wt. `armed` (contiguous bool [B, W], surrogate_at="fire_or_last",
+        else None), in place: a receiver's surrogate counts only where it fired or its
+        flag is set; every receiver clears its flag, the step's emptied outboxes set
+        theirs."""
+
     def replay_step(self, t: int, step: int, sel: torch.Tensor, sel_deliv: torch.Tensor) -> FusedRecord:
-        """A recorded step again on the bound state; what its reverse needs."""
+        """`replay_steps` of one step (sel, sel_deliv [B, K])."""
 
     def backward_step(self, rec: FusedRecord, sel: torch.Tensor, sel_deliv: torch.Tensor,
                       g_v: torch.Tensor, g_o: torch.Tensor, g_acc: torch.Tensor,
                       grad_wt: torch.Tensor, armed: torch.Tensor | None = None) -> None:
-        """The step's reverse: updates the contiguous adjoints g_v, g_o in place (g_acc
-        is read) and adds the weight-table gradient into grad_wt. `armed` (contiguous
-        bool [B, W], surrogate_at="fire_or_last", else None), in place: a receiver's
-        surrogate counts only where it fired or its flag is set; every receiver clears
-        its flag, the step's emptied outboxes set theirs."""
+        """`backward_steps` of one step (sel, sel_deliv [B, K])."""

@@ -13,7 +13,7 @@ What is demanded:
   vacuous (without `do_not_specialize` the persistent forward kernel needed 7-8
   variants in this iteration, the replay 4, the uniform draws 2: index views at
   varying alignment);
-- the per-op select kernel is the keyed one (`select._select_keyed_kernel`) where the
+- the per-op select kernel is the keyed one (`select_keyed._select_keyed_kernel`) where the
   step loop is sync-free (CUDA; forced on the CPU in the ``sync_free`` tests), the
   listed one elsewhere;
 - narrow VGG-7 (per-op select, conv and rows deliver, uniform draws, K = 8): at most 2
@@ -64,7 +64,7 @@ def _select(dev) -> str:
     """The per-op select kernel of `dev`: sync-free devices (`plan.SYNC_FREE_DEVICES`,
     CUDA, or the mode forced) compute the keys in the kernel (`select_keyed_triton`),
     others list them."""
-    return "select._select_keyed_kernel" if plan.sync_free_on(dev) else "select._select_kernel"
+    return "select_keyed._select_keyed_kernel" if plan.sync_free_on(dev) else "select._select_kernel"
 
 
 def _mlp(sizes, seed=0):

@@ -283,6 +283,10 @@ def test_uniform_at_is_bit_exact(counters):
     assert torch.equal(got, uniform_at_torch(*counters, rows, index))
     pairs = (torch.rand(7, 11, generator=g) < 0.3).nonzero(as_tuple=True)  # as the engine draws
     assert torch.equal(uniform_at_triton(*counters, *pairs), uniform_at_torch(*counters, *pairs))
+    # read through strides: a transposed (non-contiguous) operand, 3-D and 0-D broadcasts
+    for r, i in ((rows.t(), index[:, :7].t()), (rows[:, :, None], index[:, None, :50]),
+                 (torch.tensor(3), index[0, :9]), (torch.tensor(2), torch.tensor(5))):
+        assert torch.equal(uniform_at_triton(*counters, r, i), uniform_at_torch(*counters, r, i))
 
 
 # --- launcher validation ------------------------------------------------------------------

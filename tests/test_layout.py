@@ -35,7 +35,8 @@ def test_one_radix_search():
     rounds = {p.name: len(re.findall(r"tl\.max\(tl\.where\(counts >= ", p.read_text()))
               for p in (ROOT / "kernels").glob("*.py")}
     assert {k: v for k, v in rounds.items() if v} == {"select.py": 1}
-    assert "_radix_threshold(" in (ROOT / "kernels" / "steps_triton.py").read_text()
+    assert "_radix_threshold(" in (ROOT / "kernels" / "steps_forward.py").read_text()
+    assert "_radix_threshold(" in (ROOT / "kernels" / "select_keyed.py").read_text()
 
 
 def test_subpackages_come_from_the_checkout_beside_the_package():

@@ -365,7 +365,7 @@ CHILD = textwrap.dedent("""
 
 def test_sync_free_mode_changes_nothing_on_the_triton_kernels():
     """backend="triton" (interpreted, ``deterministic=True``: the per-op kernels) in the
-    default mode against the sync-free one (`select._select_keyed_kernel`): bitwise
+    default mode against the sync-free one (`select_keyed._select_keyed_kernel`): bitwise
     equal; and the sync-free triton run against the sync-free torch one."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

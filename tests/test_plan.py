@@ -66,6 +66,7 @@ def test_fused_steps_without_the_histogram_say_so():
 def test_fused_backends_provide_the_protocol():
     names = [n for n in dir(FusedSteps) if not n.startswith("_")] + list(FusedSteps.__annotations__)
     assert {"bind_weights", "bind_state", "bind_pass", "forward_batch", "replay_step", "backward_step",
+            "replay_steps", "backward_steps",
             "unsupported", "fills_slots", "records_histogram"} <= set(names)
     classes = [CpuSteps]
     try:

@@ -22,11 +22,12 @@ import torch
 triton = pytest.importorskip("triton")
 
 from asynctrain.kernels import select as select_mod  # noqa: E402
+from asynctrain.kernels import select_keyed as keyed_mod  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
-from asynctrain.kernels.select import select_keyed_torch, select_keyed_triton  # noqa: E402
+from asynctrain.kernels.select_keyed import select_keyed_torch, select_keyed_triton  # noqa: E402
 from interpreter_child import wrap_tests  # noqa: E402
 
-INTERPRETED = is_interpreted(select_mod._select_keyed_kernel)
+INTERPRETED = is_interpreted(keyed_mod._select_keyed_kernel)
 F32, F64 = torch.float32, torch.float64
 POLICIES = {"RS": dict(policy_ms=False), "MS": dict(policy_ms=True),
             "MS-noise": dict(policy_ms=True, noise=0.1), "MS-random-order": dict(policy_ms=True, input_random=True)}

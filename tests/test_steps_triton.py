@@ -12,7 +12,8 @@ Comparison rules:
   potentials, outboxes, accumulators and pre-spike potentials exact as well (the
   kernel adds the K rows in the C's order with the C's operations; the interpreter
   evaluates them in IEEE arithmetic like the C build without FMA);
-- replay: the record exact at the receivers (v_pre, masks, vals) and the state after;
+- replay: the record exact (vals, flags; v_pre at the receivers) and the state after,
+  for single steps and for a run of steps (one launch);
 - backward: adjoints and grad_wt within `TOL` (the kernel's dot products are block
   reductions, the C's sequential sums);
 - whole model (AsyncSNN, backend="triton" vs "cpu"): output counts and stats exact,
@@ -41,6 +42,7 @@ from asynctrain.kernels import steps_triton  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 from interpreter_child import wrap_tests  # noqa: E402
 from asynctrain.kernels.cpu_step import CpuSteps  # noqa: E402
+from asynctrain.kernels.steps_backward import _backward_kernel, _replay_kernel  # noqa: E402
 from asynctrain.kernels.steps_triton import TritonSteps  # noqa: E402
 from asynctrain.network import Network  # noqa: E402
 from conftest import BASE, STAT_KEYS, TOL, make_frames, make_net  # noqa: E402
@@ -188,6 +190,7 @@ def test_replay_and_backward_match_c(name, dtype, armed):
     eng, wt = _engine(cfg, dtype, batch=3, training=True)
     st0, ps = _state(eng, seed=5)
     (sel, sd, _, _), _, _, _ = _forward(CpuSteps, eng, wt, st0, ps, 1, 1, 6)
+    assert sel.shape[0] >= 4, "vacuous: too few steps for a run"
     assert "fill" not in name or (sel < 0).any(), "vacuous: no filler"
     B, W = eng.batch, eng.width
     g = torch.Generator().manual_seed(9)
@@ -200,11 +203,13 @@ def test_replay_and_backward_match_c(name, dtype, armed):
         f = cls(eng)
         f.bind_weights(wt)
         f.bind_state(st)
-        recs = [f.replay_step(1, 1 + i, sel[i], sd[i]) for i in range(sel.shape[0])]
+        # the first two steps one at a time, the rest as one run (the Triton steps: one launch)
+        recs = [f.replay_step(1, 1 + i, sel[i], sd[i]) for i in range(2)] + [f.replay_steps(1, 3, sel[2:], sd[2:])]
         g_v, g_o = adj[0].clone(), adj[1].clone()
         arm = None if armed0 is None else armed0.clone()
         grad_wt = torch.zeros_like(wt)
-        for i in reversed(range(sel.shape[0])):
+        f.backward_steps(recs[2], sel[2:], sd[2:], g_v, g_o, g_acc, grad_wt, arm)
+        for i in reversed(range(2)):
             f.backward_step(recs[i], sel[i], sd[i], g_v, g_o, g_acc, grad_wt, arm)
         results.append((st, recs, g_v, g_o, grad_wt, arm))
     (st_c, rec_c, gv_c, go_c, gw_c, arm_c), (st_t, rec_t, gv_t, go_t, gw_t, arm_t) = results
@@ -212,11 +217,12 @@ def test_replay_and_backward_match_c(name, dtype, armed):
         assert torch.equal(arm_c, arm_t) and not torch.equal(arm_c, armed0), "armed"
     for n in ("v", "o", "acc", "refr", "n_in"):
         assert torch.equal(getattr(st_c, n), getattr(st_t, n)), n
-    for i, (rc, rt) in enumerate(zip(rec_c, rec_t)):
-        recv = rc.masks[1]  # v_pre and refr_before are defined at the receivers only
-        assert torch.equal(rc.vals, rt.vals) and torch.equal(rc.masks[1:], rt.masks[1:]), f"record {i}"
-        assert torch.equal(rc.v_pre[recv], rt.v_pre[recv]), f"v_pre of record {i}"
-        assert torch.equal(rc.masks[0][recv], rt.masks[0][recv]), f"refr_before of record {i}"
+    assert [r.vals.shape[0] for r in rec_t] == [1, 1, sel.shape[0] - 2]
+    for rc, rt in zip(rec_c, rec_t):
+        assert torch.equal(rc.vals, rt.vals) and torch.equal(rc.flags, rt.flags), "record"
+        for i in range(rc.flags.shape[0]):
+            recv = rc.masks(i)[1]  # v_pre is defined at the receivers only
+            assert torch.equal(rc.v_pre[i][recv], rt.v_pre[i][recv]), "v_pre"
     assert recv.any() and gw_c.abs().sum() > 0, "vacuous"
     for what, x, y in (("g_v", gv_c, gv_t), ("g_o", go_c, go_t), ("grad_wt", gw_c, gw_t)):
         torch.testing.assert_close(y, x, **TOL[dtype], msg=lambda m: f"{what}: {m}")
@@ -253,6 +259,37 @@ def test_model_triton_matches_cpu(policy, fill, surrogate_at):
     assert st_c["forward_steps"].max() > 3 and sum(float(g.abs().sum()) for g in g_c) > 0, "vacuous"
 
 
+def test_fused_backward_launches_once_per_run():
+    """The backward of the fused steps replays and sweeps each run of consecutive event
+    steps (one pass's steps within one checkpoint segment) in one launch of each
+    kernel, where it launched both kernels per step: launches counted as a GPU would
+    see them (tests/specialization.py), runs from the steps replayed. Long passes
+    (K = 1) in one segment: at most one launch per 8 backward steps in all."""
+    from asynctrain import fused
+    from specialization import record_variants
+
+    replayed = []
+    replay = fused.FusedMode.replay
+
+    def counting(self, op):
+        replayed.append((op.t, op.step))
+        return replay(self, op)
+
+    cfg = SimConfig(**{**BASE, "policy": "RS", "forward_group_size": 1})
+    net = make_net(SIZES)
+    fused.FusedMode.replay = counting
+    try:
+        with record_variants({"replay": _replay_kernel, "backward": _backward_kernel}) as seen:
+            snn = AsyncSNN(net, cfg, backend="triton", checkpoint_every=10_000).train()
+            snn(make_frames(2, 3, SIZES[0]), seed=7).sum().backward()
+    finally:
+        fused.FusedMode.replay = replay
+    runs = 1 + sum((t, step) != (t0, step0 + 1) for (t0, step0), (t, step) in zip(replayed, replayed[1:]))
+    assert len(replayed) >= 16 * runs, f"vacuous: {len(replayed)} steps in {runs} runs"
+    assert seen.launches["replay"] == seen.launches["backward"] == runs, dict(seen.launches)
+    assert 8 * (seen.launches["replay"] + seen.launches["backward"]) <= len(replayed)
+
+
 # --- compile-only (no GPU needed) -----------------------------------------------------------
 def _sig(kernel, fp: str) -> dict:
     """Signature of `kernel` as the launcher calls it: float tensors `fp`, masks u8,
@@ -260,8 +297,8 @@ def _sig(kernel, fp: str) -> dict:
     ints = dict(source_slot_ptr="*i64", slot_lo_ptr="*i64", slot_hi_ptr="*i64", is_source_ptr="*u8",
                 is_input_ptr="*u8", sync_ptr="*i32", refr_ptr="*u8", n_in_ptr="*i32", pend_ptr="*u8",
                 steps_ptr="*i64", first_ptr="*i64", done_ptr="*u8", sel_ptr="*i32", sd_ptr="*i32",
-                fired_ptr="*u8", taken_ptr="*i32", keys_ptr="*i64", cand_ptr="*i64", refrb_ptr="*u8",
-                recv_ptr="*u8", gate_ptr="*u8", fill_ptr="*u8", armed_ptr="*u8", h_key_t="i64", h_order="i64", h_fill_t="i64", h_drop_t="i64", h_ref_t="i64", h_ref="i64",
+                fired_ptr="*u8", taken_ptr="*i32", keys_ptr="*i64", cand_ptr="*i64",
+                flags_ptr="*u8", fill_ptr="*u8", armed_ptr="*u8", h_key_t="i64", h_order="i64", h_fill_t="i64", h_drop_t="i64", h_ref_t="i64",
                 noise="fp32", p_ref="fp32", p_net="fp32")
     sig = {}
     for name in kernel.arg_names:
@@ -313,10 +350,11 @@ def test_compile_without_spills(case, arch, fp, tmp_path):
     dtype = {"fp32": F32, "fp64": F64}[fp]
     consts = dict(consts, **_C(_WIDTH.get(case, 755), dtype, forward=name == "_forward_kernel"))
     warps = consts.pop("num_warps")
+    limits = {"maxnreg": consts.pop("maxnreg")} if "maxnreg" in consts else {}
     kernel = getattr(steps_triton, name)
     sig = {n: ("constexpr" if n in consts else t) for n, t in _sig(kernel, fp).items()}
     ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=tc.TARGETS[arch],
-                        options=dict(num_warps=warps, enable_fp_fusion=False))
+                        options=dict(num_warps=warps, enable_fp_fusion=False, **limits))
     path = tmp_path / f"{case}.cubin"
     path.write_bytes(ck.asm["cubin"])
     out = subprocess.run([tc._tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True,

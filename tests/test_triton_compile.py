@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from asynctrain.kernels import conv_deliver, deliver, lif, rng_triton, rows_deliver, select  # noqa: E402
+from asynctrain.kernels import conv_deliver, deliver, lif, rng_triton, rows_deliver, select, select_keyed  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
@@ -106,13 +106,13 @@ def _image_case(kernel, sig: dict, **consts):
 def _conv_tile(c_out: int) -> dict:
     """The conv launchers' tile for a layer of `c_out` output channels."""
     block_e, block_o = conv_deliver._blocks(0, c_out)
-    return dict(BLOCK_E=block_e, BLOCK_O=block_o)
+    return dict(BLOCK_E=block_e, BLOCK_OUT=block_o)
 
 
 def _rows_tile(m: int) -> dict:
     """The rows launchers' tile for a linear layer of `m` neurons."""
     block_e, block_m = rows_deliver._blocks(0, m)
-    return dict(BLOCK_E=block_e, BLOCK_M=block_m)
+    return dict(BLOCK_E=block_e, BLOCK_OUT=block_m)
 
 
 _SELECT_SIG = {"pending_ptr": "*u8", "keys_ptr": "*fp32", "out_ptr": "*i64", "width": "i32", "k": "i32",
@@ -121,7 +121,8 @@ _KEYED_SIG = {"pending_ptr": "*u8", "values_ptr": "*fp32", "is_input_ptr": "*u8"
               "out_ptr": "*i64", "keys_ptr": "*i64", "fill_ptr": "*i64", "width": "i32", "k": "i32", "kk": "i32",
               "stride_p": "i32", "stride_v": "i32", "stride_s": "i32", "stride_o": "i32", "h_key": "i64",
               "h_order": "i64", "noise": "fp32"}
-_RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32"}
+_RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32", "n_cols": "i32",
+            "rs0": "i32", "rs1": "i32", "is0": "i32", "is1": "i32"}
 
 # id -> (kernel, signature, constexprs, num_warps). "all" variants compile for both
 # targets; the fp64 and flag variants for sm_90 only (the code paths are the same).
@@ -135,7 +136,7 @@ def _keyed_case(width: int, fp: str = "fp32", **flags):
     key math) unless `flags` say otherwise."""
     consts = {**dict(FROM_VALUES=True, HAS_NOISE=True, INPUTS_FIRST=True, INPUT_RANDOM=True, FILL=False),
               **flags, **select._config(width)}
-    return select._select_keyed_kernel, dict(_KEYED_SIG, values_ptr=f"*{fp}"), consts, consts.pop("num_warps")
+    return select_keyed._select_keyed_kernel, dict(_KEYED_SIG, values_ptr=f"*{fp}"), consts, consts.pop("num_warps")
 
 
 CASES = {
@@ -171,9 +172,9 @@ CASES = {
     "conv_bwd_parts": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp32"),
                                   **_conv_tile(3), ATOMIC_WEIGHT=False),
     "conv_wgrad_det": _image_case(conv_deliver._conv_weight_grad_kernel, _conv_wgrad_sig("fp32"),
-                                  BLOCK_O=_conv_tile(128)["BLOCK_O"]),
+                                  BLOCK_OUT=_conv_tile(128)["BLOCK_OUT"]),
     "conv_wgrad_det_narrow": _image_case(conv_deliver._conv_weight_grad_kernel, _conv_wgrad_sig("fp32"),
-                                         BLOCK_O=_conv_tile(3)["BLOCK_O"]),
+                                         BLOCK_OUT=_conv_tile(3)["BLOCK_OUT"]),
     # rows: the two tiles, wide (M > 32, a 1024-neuron linear layer: 4 x 256) and narrow
     # (M <= 32, VGG-7's 10-way output: 16 x 32)
     "rows_deliver_wide": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp32"), **_rows_tile(1024)),
@@ -183,7 +184,7 @@ CASES = {
     "rows_bwd_parts": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp32"),
                                   **_rows_tile(10), ATOMIC_WEIGHT=False),
     "rows_wgrad_det": _image_case(rows_deliver._rows_weight_grad_kernel, _rows_wgrad_sig("fp32"),
-                                  BLOCK_M=_rows_tile(1024)["BLOCK_M"]),
+                                  BLOCK_OUT=_rows_tile(1024)["BLOCK_OUT"]),
     # the sync-free path's segmented launches (start, count read in the kernel)
     "conv_deliver_wide_seg": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"),
                                          **_conv_tile(256), SEGMENT=True),
@@ -220,13 +221,13 @@ SM90_ONLY = {
     "conv_bwd_fp64": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp64"),
                                  **_conv_tile(128), ATOMIC_WEIGHT=True),
     "conv_wgrad_fp64": _image_case(conv_deliver._conv_weight_grad_kernel, _conv_wgrad_sig("fp64"),
-                                   BLOCK_O=_conv_tile(128)["BLOCK_O"]),
+                                   BLOCK_OUT=_conv_tile(128)["BLOCK_OUT"]),
     "rows_deliver_fp64_i32": _image_case(rows_deliver._rows_deliver_kernel, _image_sig("fp64", "i32"),
                                          **_rows_tile(1024)),
     "rows_bwd_fp64": _image_case(rows_deliver._rows_deliver_backward_kernel, _image_bwd_sig("fp64"),
                                  **_rows_tile(1024), ATOMIC_WEIGHT=True),
     "rows_wgrad_fp64": _image_case(rows_deliver._rows_weight_grad_kernel, _rows_wgrad_sig("fp64"),
-                                   BLOCK_M=_rows_tile(1024)["BLOCK_M"]),
+                                   BLOCK_OUT=_rows_tile(1024)["BLOCK_OUT"]),
     "conv_deliver_fp64_seg": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp64"),
                                          **_conv_tile(128), SEGMENT=True),
     "conv_bwd_fp64_seg": _image_case(conv_deliver._conv_deliver_backward_kernel, _image_bwd_sig("fp64"),

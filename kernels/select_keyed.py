@@ -1,0 +1,246 @@
+"""Keyed select: one forward step's selection with its keys computed from the state
+(SPEC 5.1, 6, 8), no list and no host sync: the engine's sync-free path (CUDA).
+
+`select_keyed_triton` is the radix search of `select.select_triton` with the
+keys computed in the kernel from the pending flags, the potentials, the input flags
+and counter hashes mixed on the host (`_keys_block`: RS uniforms, MS pre-spike +
+noise, inputs at +inf or in their random order above it; fill candidates: V or the
+fill uniforms): no [B, W] float keys, int64 order or packed keys per step. Its twin
+`select_keyed_torch` computes the keys over every column (`select.selection_keys_torch`)
+and selects with `select.select_keys_torch`; the fused steps (kernels/steps_forward.py)
+share the kernel's key helpers (`_row_keys`, `_fill_keys`). Tests: tests/test_select_keyed.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import rng
+from ._triton import check_dtype, check_shape, check_tensors, hash_arg, jit, tl
+from .rng_triton import _bits_at_from_hash, _uniform_at_from_hash
+from .select import (_config, _radix_threshold, _sortable, _take, fill_free_slots, select_keys_torch,
+                     selection_keys_torch)
+
+
+
+def select_keyed_torch(pending: torch.Tensor, values: torch.Tensor, is_input: torch.Tensor, k: int,
+                       seed: int, t: int, step: int, *, policy_ms: bool, noise: float = 0.0,
+                       input_random: bool = False, sel: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward step's selection with its keys computed from the state (the twin
+    of `select_keyed_triton`; the engine's sync-free path, no list, no host sync).
+
+    Args:
+        pending: bool ``[B, W]``: the pending entries, or (`sel` given) the fill
+            candidates; the last column is the dump and is never set.
+        values: float ``[B, W]``: pre-spike potentials (MS), or V (`sel` given, MS);
+            RS reads none.
+        is_input: bool ``[W]``: the input columns (MS: they rank above every neuron).
+        k: forward group size K >= 1.
+        seed, t, step: the call's seed, the timestep and the forward step (the
+            counter hash of `rng`).
+        policy_ms, noise, input_random: the keys (`selection_keys_torch`).
+        sel: fill mode (SPEC 8 fill_slots): the step's selection int64 ``[B, min(k, W)]``;
+            its dump slots take the best candidates (the j-th free slot the j-th best),
+            recorded as -1 - column. `noise` and `input_random` are not read.
+
+    Returns:
+        int64 ``[B, min(k, W)]``: the selection, highest key first (ties: lower
+        index first), the dump ``W - 1`` in unused slots; or (`sel`) `sel` with its
+        free slots filled.
+    """
+    keys, order = selection_keys_torch(values, is_input, seed, t, step, policy_ms=policy_ms, noise=noise,
+                                       input_random=input_random, fill=sel is not None)
+    if sel is None:
+        return select_keys_torch(pending, keys, k, order)
+    return fill_free_slots(sel, select_keys_torch(pending, keys, k), pending.shape[1] - 1)
+
+
+@jit
+def _keys_block(b, cols, inside, keep, val_row, is_input_ptr, h_key, h_order, noise,
+                FROM_VALUES: tl.constexpr, HAS_NOISE: tl.constexpr, INPUTS_FIRST: tl.constexpr,
+                INPUT_RANDOM: tl.constexpr):
+    """Selection keys of row `b`'s columns `cols`, computed from the state (SPEC 6, 8),
+    mapped as `_mapped_keys` (-1 where not `keep`): FROM_VALUES the row's values as
+    float32 (MS: pre-spike potential, fill: V), + HAS_NOISE `noise` x the uniform of
+    hash `h_key`; else that uniform (RS, RS fill). INPUTS_FIRST: inputs at +inf, and
+    (INPUT_RANDOM) above it at 0x7F800000 + their order key (`rng.input_order_key`
+    from hash `h_order`), as the C's `packed_key`. Hashes: uint32, mixed on the host
+    (`rng.counter_hash`). The key math of `selection_keys_torch`, and of the fused
+    steps (`_row_keys`, `_fill_keys`)."""
+    if FROM_VALUES:
+        key = tl.load(val_row + cols, mask=inside, other=0.0).to(tl.float32)
+        if HAS_NOISE:
+            key = key + noise * _uniform_at_from_hash(h_key, b, cols)
+    else:
+        key = _uniform_at_from_hash(h_key, b, cols)
+    if INPUTS_FIRST:
+        inp = tl.load(is_input_ptr + cols, mask=inside, other=0) != 0
+        key = tl.where(inp, float("inf"), key)
+    s = _sortable(key)
+    if INPUTS_FIRST:
+        if INPUT_RANDOM:
+            q = (_bits_at_from_hash(h_order, b, cols) >> 9).to(tl.int32)
+            s = tl.where(inp, 0x7F800000 + q, s)
+    return tl.where(keep, s.to(tl.int64) + 2147483648, -1)
+
+
+@jit
+def _row_keys(b, W, pend_row, pre_row, is_input_ptr, keys_row, h_key, h_order, noise,
+              FROM_VALUES: tl.constexpr, HAS_NOISE: tl.constexpr, INPUTS_FIRST: tl.constexpr,
+              INPUT_RANDOM: tl.constexpr, BLOCK: tl.constexpr):
+    """Mapped keys (uint32 order held in int64, -1 where not pending) of one row's
+    pending entries into `keys_row` (`_keys_block`: RS uniform; FROM_VALUES the values,
+    MS pre-spike or fill V, + noise; INPUTS_FIRST inputs at +inf or, INPUT_RANDOM,
+    0x7F800000 + their order key); returns the number of
+    pending entries. The fused steps' (kernels/steps_forward.py) and the streaming path
+    of `_select_keyed_kernel`."""
+    n_pending = 0
+    for start in range(0, W, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < W
+        pend = tl.load(pend_row + cols, mask=inside, other=0) != 0
+        u = _keys_block(b, cols, inside, pend, pre_row, is_input_ptr, h_key, h_order, noise,
+                        FROM_VALUES, HAS_NOISE, INPUTS_FIRST, INPUT_RANDOM)
+        tl.store(keys_row + cols, u, mask=inside)
+        n_pending += tl.sum(pend.to(tl.int32))
+    return n_pending
+
+
+@jit
+def _fill_keys(b, W, fill_row, pend_row, v_row, keys_row, h_fill, POLICY_MS: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """fill_slots: mapped keys (as `_row_keys`) of the fill candidates (`fill_row` set,
+    `pend_row` not: outbox holds gradient, not pending) into `keys_row`, MS: V as
+    float32, RS: the STREAM_FILL uniform of hash `h_fill`; returns the number of
+    candidates."""
+    n_cand = 0
+    for start in range(0, W, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < W
+        cand = (tl.load(fill_row + cols, mask=inside, other=0) != 0) & \
+            (tl.load(pend_row + cols, mask=inside, other=0) == 0)
+        u = _keys_block(b, cols, inside, cand, v_row, fill_row, h_fill, h_fill, 0.0,
+                        POLICY_MS, False, False, False)
+        tl.store(keys_row + cols, u, mask=inside)
+        n_cand += tl.sum(cand.to(tl.int32))
+    return n_cand
+
+
+
+# Constants (fixed for an engine: one compile per row-width class, dtype and K, and
+# per key kind, pending or fill): width, k, kk, the strides and the constexprs. Not
+# specialised on: the two hashes h_key and h_order (i64, `hash_arg`), which change
+# with every timestep and forward step. t and the step are mixed into them on the
+# host; the fill mode's per-row group size (the free slots) is computed here. Keys:
+# ONE_BLOCK rows compute them once, in registers; wider rows write them once to the
+# int64 scratch row `keys_ptr` and every radix round reads them back (8 bytes per
+# entry, L2-resident), instead of re-hashing them each of the 32 / DIGIT_BITS + 2
+# passes (RS and noise: two fmix32 per entry and pass) and re-reading the flags and
+# potentials (2-10 bytes per entry): the same bits either way, the scratch row is
+# one allocation per step of the caching allocator.
+@jit(do_not_specialize=("h_key", "h_order"))
+def _select_keyed_kernel(pending_ptr, values_ptr, is_input_ptr, sel_ptr, out_ptr, keys_ptr, fill_ptr,
+                         width, k, kk, stride_p, stride_v, stride_s, stride_o, h_key, h_order, noise,
+                         FROM_VALUES: tl.constexpr, HAS_NOISE: tl.constexpr, INPUTS_FIRST: tl.constexpr,
+                         INPUT_RANDOM: tl.constexpr, FILL: tl.constexpr, BLOCK: tl.constexpr,
+                         ONE_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    p_row = pending_ptr + row * stride_p
+    v_row = values_ptr + row * stride_v
+    o_row = out_ptr + row * stride_o
+    keys_row = keys_ptr + row * width
+    hk = h_key.to(tl.uint32)
+    ho = h_order.to(tl.uint32)
+    cols = tl.arange(0, BLOCK)
+    if FILL:  # the group: the free (dump) slots of the step's selection
+        s_row = sel_ptr + row * stride_s
+        f_row = fill_ptr + row * kk
+        kr = 0
+        for start in range(0, kk, BLOCK):
+            slot = start + cols
+            sl = tl.load(s_row + slot, mask=slot < kk, other=0)
+            kr += tl.sum(((sl == width - 1) & (slot < kk)).to(tl.int32))
+    else:
+        kr = k
+    if ONE_BLOCK:
+        inside = cols < width
+        keep = tl.load(p_row + cols, mask=inside, other=0) != 0
+        u = _keys_block(row, cols, inside, keep, v_row, is_input_ptr, hk, ho, noise,
+                        FROM_VALUES, HAS_NOISE, INPUTS_FIRST, INPUT_RANDOM)
+        n_pending = tl.sum(keep.to(tl.int32))
+    else:
+        u = tl.zeros((), tl.int64)  # not read: each round streams the scratch row
+        n_pending = _row_keys(row, width, p_row, v_row, is_input_ptr, keys_row, hk, ho, noise,
+                              FROM_VALUES, HAS_NOISE, INPUTS_FIRST, INPUT_RANDOM, BLOCK)
+        tl.debug_barrier()  # the keys are read back by other threads of the program
+    prefix = _radix_threshold(keys_row, keys_row, u, width, kr, n_pending, BLOCK, DIGIT_BITS, ONE_BLOCK, True)
+    if FILL:
+        # the fillers, ascending index, to the fill scratch row; then the j-th free
+        # slot of the selection takes the j-th of them (-1 - column)
+        n_sel = _take(keys_row, keys_row, u, f_row, width, kr, kk, prefix, BLOCK, ONE_BLOCK, True, False)
+        tl.debug_barrier()
+        n_free = 0
+        for start in range(0, kk, BLOCK):
+            slot = start + cols
+            inside = slot < kk
+            sl = tl.load(s_row + slot, mask=inside, other=0)
+            free = (sl == width - 1) & inside
+            rank = n_free + tl.cumsum(free.to(tl.int32), axis=0) - 1
+            has = free & (rank < n_sel)
+            f = tl.load(f_row + rank, mask=has, other=0)
+            tl.store(o_row + slot, tl.where(has, -1 - f, sl), mask=inside)
+            n_free += tl.sum(free.to(tl.int32))
+    else:
+        _take(keys_row, keys_row, u, o_row, width, kr, kk, prefix, BLOCK, ONE_BLOCK, True, True)
+
+
+def select_keyed_triton(pending: torch.Tensor, values: torch.Tensor, is_input: torch.Tensor, k: int,
+                        seed: int, t: int, step: int, *, policy_ms: bool, noise: float = 0.0,
+                        input_random: bool = False, sel: torch.Tensor | None = None) -> torch.Tensor:
+    """`select_keyed_torch` in one launch (one program per sample): the keys computed
+    in the kernel from the flags, values and hashes (`_keys_block`), no [B, W] keys
+    or order tensor, no topk. The same selected sets as the twin (ties to the lower
+    index); the order within a row differs: ascending index (the twin: highest key
+    first), and with `sel` the fillers take the free slots in ascending column order.
+    Callers must not rely on either order. Arguments and result as the twin's."""
+    op = "select_keyed_triton"
+    check_tensors(op, _select_keyed_kernel, pending=pending, values=values, is_input=is_input)
+    check_shape(op, "pending", pending, (None, None))
+    check_dtype(op, "pending", pending, (torch.bool,))
+    check_shape(op, "values", values, tuple(pending.shape))
+    b, width = pending.shape
+    check_shape(op, "is_input", is_input, (width,))
+    check_dtype(op, "is_input", is_input, (torch.bool,))
+    if not values.is_floating_point():
+        raise TypeError(f"{op}: values must be floating point, got {values.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be an int >= 1, got {k!r}")
+    kk = min(k, width)
+    fill = sel is not None
+    if fill:
+        check_shape(op, "sel", sel, (b, kk))
+        check_dtype(op, "sel", sel, (torch.int64,))
+    out = torch.empty(b, kk, dtype=torch.int64, device=pending.device)
+    if b == 0 or width == 0:
+        return out
+    cfg = _config(width)
+    dev = pending.device
+    # rows wider than one block: the scratch row of mapped keys (see the kernel)
+    scratch = torch.empty((b, width) if not cfg["ONE_BLOCK"] else (1,), dtype=torch.int64, device=dev)
+    fillers = torch.empty((b, kk) if fill else (1,), dtype=torch.int64, device=dev)
+    sel = sel.contiguous() if fill else out  # (not read without fill)
+    pending = pending.contiguous().view(torch.uint8)
+    values = values.contiguous()
+    is_input = is_input.contiguous().view(torch.uint8)
+    stream = (rng.STREAM_FILL if not policy_ms else rng.STREAM_MOMENTUM_NOISE) if fill else \
+        (rng.STREAM_MOMENTUM_NOISE if policy_ms else rng.STREAM_RS_KEY)
+    input_random = bool(policy_ms and input_random and not fill)
+    h_order = rng.counter_hash(seed, rng.STREAM_INPUT_ORDER, t, 0) if input_random else 0
+    has_noise = bool(policy_ms and noise > 0 and not fill)
+    _select_keyed_kernel[(b,)](
+        pending, values, is_input, sel, out, scratch, fillers, width, k, kk, pending.stride(0),
+        values.stride(0), sel.stride(0), out.stride(0), hash_arg(rng.counter_hash(seed, stream, t, step)),
+        hash_arg(h_order), float(noise) if has_noise else 0.0,
+        FROM_VALUES=bool(policy_ms), HAS_NOISE=has_noise, INPUTS_FIRST=bool(policy_ms and not fill),
+        INPUT_RANDOM=input_random, FILL=fill, enable_fp_fusion=False, **cfg)  # no FMA: key + noise * u
+    return out
