@@ -293,6 +293,14 @@ class ImageSynapses:
         widest map's 9 x C_out (conv) or M (linear); VGG-7: 2304."""
         return max(9 * m.out_shape[0] if m.kind == "conv" else m.n_out for m in self.maps)
 
+    def prepare(self, device) -> None:
+        """Build the device tables the per-step methods read (`receiver_list`'s
+        geometry, `segments`' layer offsets) now, at a call's set-up (`engine.Engine`):
+        built on first use inside a step loop they would be tensors from Python values
+        copied to the device there (a blocking copy on CUDA)."""
+        self._geometry(device)
+        self._layer_offsets(device)
+
     def _geometry(self, device) -> torch.Tensor:
         """int64 [L, 7] per map: conv, pool, the source layer's H and W (a flat one: 1
         and n), C_out (conv) or M (linear), its first source and first target."""

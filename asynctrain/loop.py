@@ -206,13 +206,8 @@ class CallLoop:
                 states[i] = st.pack(eng.plan.sync_free)  # a copy: the steps go on in place
             rec = None
             match op:
-                case EventStep() if self.fused is not None:
-                    if not owned:
-                        st, owned = self.fused.own(st), True
-                    rec = self.fused.replay(op)
-                case EventStep(t=t, step=step):
-                    st, info, mode = self.mode.step(st, *op.selections(), wt, t, step)
-                    rec = mode.record(info, stores) if keep else None
+                case EventStep():
+                    st, rec, owned = self._replay_step(op, st, wt, stores if keep else None, owned)
                 case PassStart():
                     st = eng.op_start(st)
                 case InputStep(t=t):
@@ -226,6 +221,18 @@ class CallLoop:
             if keep:
                 records.append(rec)
         return records if keep else states
+
+    def _replay_step(self, op: EventStep, st: State, wt: torch.Tensor, stores: RecordStores | None,
+                     owned: bool) -> tuple[State, StepRecord | None, bool]:
+        """Event step `op` again from `st`: (the state after it, its record -- None
+        without `stores`, but for the fused steps' own --, whether the fused steps own
+        the state now: they replay in place, on a copy made at the first step)."""
+        if self.fused is not None:
+            if not owned:
+                st = self.fused.own(st)
+            return st, self.fused.replay(op), True
+        st, info, mode = self.mode.step(st, *op.selections(), wt, op.t, op.step)
+        return st, None if stores is None else mode.record(info, stores), False
 
     def backward(self, ops: list[Op], ckpts: dict[int, PackedState], frames: torch.Tensor, wt: torch.Tensor,
                  grad_out: torch.Tensor, want_frames: bool) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -127,7 +127,9 @@ class _Receivers(PerOpMode):
         return self._g_current
 
     def release(self, rec: ReceiverRecord) -> None:
-        self._g_current.view(-1)[rec.idx.long()] = 0
+        # index_fill_ takes the zero as a kernel argument (``x[idx] = 0`` would copy a
+        # host tensor to the device, blocking)
+        self._g_current.view(-1).index_fill_(0, rec.idx.long(), 0)
 
 
 class AtReceivers(_Receivers):
@@ -234,9 +236,9 @@ class ListedReceivers(_Receivers):
         current, n_add = cur.view(-1)[idx], cnt.view(-1)[idx]
         if eng.fill:
             current = current + bufs[1][0].view(-1)[idx]
-        for c_buf, n_buf in bufs:  # zero again where the step wrote
-            c_buf.view(-1)[idx] = 0.0
-            n_buf.view(-1)[idx] = 0
+        for c_buf, n_buf in bufs:  # zero again where the step wrote (no host tensor: `release`)
+            c_buf.view(-1).index_fill_(0, idx, 0.0)
+            n_buf.view(-1).index_fill_(0, idx, 0)
         st.o.scatter_(1, sel_all, 0.0)
         col = idx % w
         v0, o0, n_before, refr = (x.view(-1)[idx] for x in (st.v, st.o, st.n_in, st.refr))
