@@ -159,11 +159,11 @@ class CallLoop:
             # int32 halves the per-step record; flat indices stay far below 2**31
             self._next(ckpt, ops, st, EventStep(t, step, ps.keep(sel.to(torch.int32)),
                                                 None if sel_deliv is sel else ps.keep(sel_deliv.to(torch.int32))))
-            st, info, mode = self.mode.step(st, sel, sel_deliv, wt, t, step)
             sel_all = eng.decode(sel)[1]
-            ps.pending = ps.pending.scatter(1, sel_all, False)
+            ps.pending.scatter_(1, sel_all, False)  # the pass's own (`Pass`): before the step's bookkeeping
             if eng.fill:  # delivered (or dropped): emptied
-                ps.fillable = ps.fillable.scatter(1, sel_all, False)
+                ps.fillable.scatter_(1, sel_all, False)
+            st, info, mode = self.mode.step(st, sel, sel_deliv, wt, t, step, ps)
             ps.delivered.append(ps.keep(sel_deliv))
             ps.values.append(ps.keep(info.vals))
             ps.steps += ~done
@@ -231,7 +231,7 @@ class CallLoop:
             if not owned:
                 st = self.fused.own(st)
             return st, self.fused.replay(op), True
-        st, info, mode = self.mode.step(st, *op.selections(), wt, op.t, op.step)
+        st, info, mode = self.mode.step(st, *op.selections(), wt, op.t, op.step, None, stores)
         return st, None if stores is None else mode.record(info, stores), False
 
     def backward(self, ops: list[Op], ckpts: dict[int, PackedState], frames: torch.Tensor, wt: torch.Tensor,

@@ -51,10 +51,10 @@ CEILINGS: dict[tuple[str, str], dict[str, float]] = {
     ("shd-mlp", "forward"): {"setup_launches_per_pass": 89.0},
     ("shd-mlp-per-op", "forward"): {"launches_per_step": 42.9, "setup_launches_per_pass": 74.0},
     ("shd-mlp-per-op", "backward"): {"launches_per_step": 40.0},
-    ("vgg7-K8", "forward"): {"launches_per_step": 184.9, "setup_launches_per_pass": 69.0},
-    ("vgg7-K8", "backward"): {"launches_per_step": 371.4, "setup_launches_per_pass": 43.0},
-    ("vgg7-K64", "forward"): {"launches_per_step": 68.9, "setup_launches_per_pass": 74.0},
-    ("vgg7-K64", "backward"): {"launches_per_step": 139.5},
+    ("vgg7-K8", "forward"): {"launches_per_step": 21.9, "setup_launches_per_pass": 69.0},
+    ("vgg7-K8", "backward"): {"launches_per_step": 17.5, "setup_launches_per_pass": 43.0},
+    ("vgg7-K64", "forward"): {"launches_per_step": 43.9, "setup_launches_per_pass": 74.0},
+    ("vgg7-K64", "backward"): {"launches_per_step": 45.8},
 }
 
 
