@@ -3,13 +3,14 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch/torchvision are pinned no tighter than setup.py needs; these versions are the
-# ones served offline on our machines.
+# The torch and torchvision releases served from local disk on our machines, installed
+# first so that the package's own "torch>=2.1" (pyproject.toml) finds them and pip
+# downloads no other torch. Override on a machine that has other ones.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test test-fast lint bench gpu-check clean
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>/dev/null || true
 	$(BIN)/pip install -q $(TORCH_PKGS)
@@ -19,8 +20,17 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python recipes/demo.py
 
-test: $(STAMP)
+# ruff (its rules in pyproject.toml), then every test: what CI runs (.ci/run)
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# ruff, then the tests that are neither slow nor start other processes (< 3 minutes
+# on 2 CPU cores); the markers are set in tests/conftest.py
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow and not subprocess" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cost.py
@@ -35,4 +45,4 @@ gpu-check:
 	PYTHON=$(GPU_PYTHON) bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) demo-out gpu-results *.egg-info
+	rm -rf $(VENV) demo-out byom-out audit-out gpu-results *.egg-info

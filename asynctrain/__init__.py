@@ -11,6 +11,6 @@ _layout.install()  # a checkout on sys.path: asynctrain.kernels / .models are ..
 from .config import SimConfig  # noqa: E402
 from .module import AsyncSNN  # noqa: E402
 from .network import Network  # noqa: E402
+from ._version import __version__  # noqa: E402
 
-__all__ = ["AsyncSNN", "Network", "SimConfig"]
-__version__ = "0.1.0"
+__all__ = ["AsyncSNN", "Network", "SimConfig", "__version__"]

@@ -1,6 +1,6 @@
 """Importing the package from a checkout, without installing it.
 
-setup.py installs `kernels/` and `models/` as ``asynctrain.kernels`` and
+pyproject.toml installs `kernels/` and `models/` as ``asynctrain.kernels`` and
 ``asynctrain.models`` (``package_dir``), so with only the checkout on ``sys.path``
 (``PYTHONPATH=.``, ``python -m pytest`` from the root, a benchmark that inserts the
 root) ``import asynctrain`` works but its two subpackages would not be found: they

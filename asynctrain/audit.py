@@ -2,7 +2,7 @@
 
     python -m asynctrain.audit model.nir --data digits
     python -m asynctrain.audit runs/nmnist/layered/model.pt --data nmnist --data-dir data
-    python -m asynctrain.audit model.nir --data frames.pt --finetune 10 --out audit-out
+    python -m asynctrain.audit model.nir --data frames.pt --finetune-epochs 10 --out audit-out
 
 MODEL: a ``.nir`` file (`asynctrain.nir`; graphs of other libraries need ``--dt`` when
 they carry none) or one of our checkpoints (`asynctrain.checkpoint`). DATA: a
@@ -10,19 +10,25 @@ recipe's data set (``nmnist``, ``shd``, ``dvs_gesture``: tonic's files under
 ``--data-dir``, framed at the recipe's dt), the demo's ``digits`` (scikit-learn, rate
 coded into ``--T`` frames) or a ``.pt`` file holding ``{"frames": [N, T, ...],
 "labels": [N]}`` (optionally ``"train_frames"`` / ``"train_labels"`` for
-``--finetune``). Each frame is one timestep of the model.
+``--finetune-epochs``). Each frame is one timestep of the model.
 
 The model is evaluated (`asynctrain.evaluate`) layered and asynchronously: RS and MS
-at the model's K with the accuracy-vs-F curve, a K sweep (``--K``, default 1 8 64),
+at the model's K with the accuracy-vs-F curve, further executions (``--eval``,
+default RS and MS at K = 1, 8, 64),
 and the chip presets of SPEC 7 (``--presets``, scheduled by MS). Printed: the paper's table
 (`asynctrain.report`), the accuracy vs forward steps after the first output, and
 one sentence on the accuracy lost asynchronously. Written under ``--out``: the
 report files of `report.write_report` (table.md, results.json, latency.png,
 accuracy_vs_steps.png, currents_to_spike.png) and ``audit.md``.
 
-``--finetune EPOCHS`` then trains the model unlayered (``--finetune-policy``, default
+``--finetune-epochs N`` then trains the model unlayered (``--finetune-policy``, default
 MS) from those weights with `asynctrain.train.fit`, evaluates it again under the same
 executions, and writes ``finetuned.nir`` and ``finetuned.pt`` (checkpoint).
+
+One audit per ``--out``: a folder holding another audit's results (other settings, in
+its ``audit-run.json``) is refused before any work unless ``--fresh``; the same
+command again replaces its own results. Exit status: 0 done, 1 fine-tuning diverged,
+2 bad arguments, data, model files or paths, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import SimConfig
-from .data import collate_time_major
+from .data import DataFileError, collate_time_major
 from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, ExecutionResult, evaluate
 from .module import AsyncSNN
+from .outdir import write_text
 
 __all__ = ["main", "load_model_file", "load_data", "RECIPE_DATA", "PRESETS", "audit",
            "loss_sentence"]
@@ -83,6 +90,10 @@ class _Frames(Dataset):
                              f"{tuple(labels.shape)}")
         if labels.is_floating_point() or (labels < 0).any():
             raise ValueError(f"{where}: labels must be integers >= 0")
+        if frames.is_floating_point() and not bool(torch.isfinite(frames).all()):
+            bad = (~torch.isfinite(frames)).flatten(1).any(1).nonzero()[:, 0]
+            raise DataFileError(f"{where}: frames of {len(bad)} sample(s) hold NaN/inf values, first "
+                                f"sample {int(bad[0])}")
         self.frames, self.labels = frames, labels.to(torch.int64)
         self.num_classes = int(self.labels.max()) + 1 if len(labels) else 0
         self.num_features = math.prod(frames.shape[2:])
@@ -119,7 +130,7 @@ def load_data(name: str, *, train: bool, data_dir: str | None = None, T: int = 8
     keys = ("train_frames", "train_labels") if train else ("frames", "labels")
     if not all(k in blob for k in keys):
         raise ValueError(f"{name}: has keys {sorted(blob)}; needs {list(keys)}"
-                         + (" for --finetune (a training split)" if train else ""))
+                         + (" for --finetune-epochs (a training split)" if train else ""))
     return _Frames(blob[keys[0]], blob[keys[1]], name)
 
 
@@ -140,18 +151,22 @@ def check_fit(snn: AsyncSNN, ds: Dataset, data_name: str) -> None:
 
 # --------------------------------------------------------------------- the audit
 def audit(snn: AsyncSNN, loader: Any, *, Ks: Sequence[int] = DEFAULT_K,
+          executions: Sequence[str] | None = None,
           presets: Sequence[str] = tuple(PRESETS), neurons_per_core: int = 32,
           steps_after_output: Sequence[int] = DEFAULT_STEPS_AFTER_OUTPUT, seed: int = 0,
           progress: bool = True, max_batches: int | None = None) -> dict[str, ExecutionResult]:
     """Every execution of the audit: ``{name: ExecutionResult}`` (layered, RS and MS at
-    the model's K with the F curve, the K sweep, then ``preset:<chip>``)."""
+    the model's K with the F curve, the K sweep, then ``preset:<chip>``). `executions`
+    (strings of `asynctrain.evaluate.Execution`) replace the K sweep (RS and MS at each
+    of `Ks` but the model's own)."""
     K0 = snn.cfg.K
     kw = dict(seed=seed, progress=progress, max_batches=max_batches)
     res = dict(evaluate(snn, loader, ["layered", "RS", "MS"], steps_after_output=steps_after_output,
                         **kw))
     for p in ("RS", "MS"):  # say the K in the row, as the sweep's rows do
         res[p] = dataclasses.replace(res[p], label=f"{res[p].label} (K={K0})")
-    sweep = [f"{p}:K={k}" for p in ("RS", "MS") for k in Ks if k != K0]
+    sweep = list(executions) if executions is not None else \
+        [f"{p}:K={k}" for p in ("RS", "MS") for k in Ks if k != K0]
     if sweep:
         res.update(evaluate(snn, loader, sweep, steps_after_output=None, **kw))
     for chip in presets:
@@ -201,6 +216,16 @@ def loss_sentence(results: dict[str, ExecutionResult], what: str = "The model") 
 
 
 # -------------------------------------------------------------------------- CLI
+QUICK = dict(max_test=64, max_train=64, steps_after_output=[0, 1])
+"""``--quick``: a smoke run (options given on the command line win), under <out>/quick."""
+OUTPUTS = ("audit.md", "table.md", "results.json", "latency.png", "accuracy_vs_steps.png",
+           "currents_to_spike.png", "finetuned.nir", "finetuned.pt", "finetune.jsonl")
+"""What an audit writes under --out (``--fresh`` deletes them)."""
+RECORD = "audit-run.json"
+"""The settings of the audit whose results --out holds (another audit is refused)."""
+_NOT_IDENTITY = ("out", "no_progress", "threads", "device", "fresh", "quick", "K")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import cli
 
@@ -212,25 +237,41 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"{', '.join(RECIPE_DATA)} (with --data-dir), digits, or a .pt with "
                          f"'frames' [N, T, ...] and 'labels' [N]")
     ap.add_argument("--data-dir", default="data", help="root of tonic's data set folders")
-    ap.add_argument("--min-files", type=pos_int, default=None, help="accept a partial tonic copy")
+    ap.add_argument("--min-files", type=pos_int, default=None,
+                    help="accept a partial tonic copy with at least this many files (none: tonic's)")
     ap.add_argument("--T", type=pos_int, default=8, help="frames per digits sample")
     ap.add_argument("--dt", type=cli.positive(float), default=None,
                     help="ms per timestep for a .nir graph without dt in its metadata "
-                         "(snnTorch exports: 0.1)")
-    ap.add_argument("--out", default="audit-out", help="output folder")
-    ap.add_argument("--K", type=pos_int, nargs="*", default=list(DEFAULT_K), help="K sweep (RS, MS)")
+                         "(snnTorch exports: 0.1; none: the graph's)")
+    ap.add_argument("--out", default="audit-out", help="output folder (--quick: <out>/quick)")
+    ap.add_argument("--eval", nargs="*", type=cli.execution, default=None, metavar="EXECUTION",
+                    help="executions besides layered, RS and MS at the model's K, e.g. RS:K=1 "
+                         "MS:K=64 MS:drain (none: RS and MS at K = 1, 8 and 64 but the model's own)")
+    ap.add_argument("--K", type=pos_int, nargs="*", default=None,
+                    action=cli.deprecated("--eval RS:K=k MS:K=k"), help=argparse.SUPPRESS)
     ap.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS),
                     help="chip presets of SPEC 7")
     ap.add_argument("--neurons-per-core", type=pos_int, default=32, help="for the spinnaker preset")
     ap.add_argument("--steps-after-output", type=nonneg_int, nargs="*",
-                    default=list(DEFAULT_STEPS_AFTER_OUTPUT), help="F values of the accuracy curve")
-    ap.add_argument("--max-samples", type=pos_int, default=None, help="evaluate a random subset")
+                    default=list(DEFAULT_STEPS_AFTER_OUTPUT),
+                    help="F values of the accuracy-vs-F curve (none given: skip the curve)")
+    ap.add_argument("--max-test", type=pos_int, default=None,
+                    help="evaluate a seeded random subset of this many test samples (none: all)")
+    ap.add_argument("--max-samples", dest="max_test", type=pos_int, default=None,
+                    action=cli.deprecated("--max-test"), help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=pos_int, default=64, help="samples per batch")
     ap.add_argument("--seed", type=nonneg_int, default=0,
                     help="evaluation randomness (RS), subsets, fine-tuning")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 64 test (and training) samples, F in {0, 1} (options given "
+                         "on the command line win), written under <out>/quick")
+    ap.add_argument("--fresh", action="store_true",
+                    help="replace the results of another audit in --out")
     ft = ap.add_argument_group("fine-tuning (unlayered training from the model's weights)")
-    ft.add_argument("--finetune", type=nonneg_int, default=0, metavar="EPOCHS",
-                    help="0: no fine-tuning")
+    ft.add_argument("--finetune-epochs", type=nonneg_int, default=0, metavar="EPOCHS",
+                    help="epochs of unlayered fine-tuning (0: none)")
+    ft.add_argument("--finetune", dest="finetune_epochs", type=nonneg_int, default=0,
+                    action=cli.deprecated("--finetune-epochs"), help=argparse.SUPPRESS)
     ft.add_argument("--finetune-policy", choices=["MS", "RS"], default="MS",
                     help="scheduling policy trained through")
     ft.add_argument("--lr", type=cli.positive(float), default=1e-3, help="Adam learning rate")
@@ -238,12 +279,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="Adam L2 coefficient")
     ft.add_argument("--refractory-dropout", type=cli.probability, default=0.8, help="paper: 0.8")
     ft.add_argument("--momentum-noise", type=cli.at_least(0.0, float), default=1e-6, help="MS only")
-    ft.add_argument("--no-fill-slots", action="store_true",
-                    help="train without slot filling (SPEC 8 fill_slots: unused slots carry "
-                         "silent neurons' zero outboxes, so the gradient reaches them)")
-    ft.add_argument("--max-train", type=pos_int, default=None, help="train on a random subset")
-    ap.add_argument("--device", type=cli.device, default="cpu", help="cpu, cuda, cuda:N or auto")
-    ap.add_argument("--threads", type=cli.threads, default=None, help="torch CPU threads")
+    ft.add_argument("--fill-slots", action=argparse.BooleanOptionalAction, default=True,
+                    help="unlayered training with slot filling (SPEC 8 fill_slots: unused slots "
+                         "carry silent neurons' zero outboxes, so the gradient reaches them)")
+    ft.add_argument("--max-train", type=pos_int, default=None,
+                    help="train on a seeded random subset of this many samples (none: all)")
+    ap.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--threads", type=cli.threads, default=None,
+                    help="torch CPU threads (none: torch's choice)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
@@ -273,30 +316,57 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m asynctrain.audit``: the exit status (0 done, 1 fine-tuning diverged,
+    2 bad arguments, data, model files or paths, 130 interrupted)."""
+    from . import cli
+    from .outdir import check_owner, claim
+
     ap = _parser()
     a = ap.parse_args(argv)
+    if a.K is not None and a.eval is None:  # the deprecated --K sweep
+        a.eval = [f"{p}:K={k}" for p in ("RS", "MS") for k in a.K]
+    if a.quick:
+        changed = cli.apply_quick(a, cli.explicit(ap, argv), QUICK)
+        a.out = str(Path(a.out) / "quick")
+        print(f"--quick: {', '.join(changed) or 'nothing changed (every value given)'}; out {a.out}")
     _validate(ap, a)
     if a.threads:
         torch.set_num_threads(a.threads)
+    out = Path(a.out)
+
+    def body() -> int:
+        with claim(out):
+            check_owner(out, RECORD, _identity(a), fresh=a.fresh, outputs=OUTPUTS)
+            return _run(a, out)
+
+    return cli.guarded(body, "rerun the same command (the audit starts over)")
+
+
+def _identity(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(a).items() if k not in _NOT_IDENTITY}
+
+
+def _run(a: argparse.Namespace, out: Path) -> int:
     from .experiment import subset
+    from .outdir import write_record
     from .report import markdown_table, table_rows, write_report
+    from .train import TrainingDiverged
 
     try:
         snn = load_model_file(a.model, a.dt).to(a.device)
         test_ds = load_data(a.data, train=False, data_dir=a.data_dir, T=a.T, min_files=a.min_files)
         check_fit(snn, test_ds, a.data)
         train_ds = None
-        if a.finetune:
+        if a.finetune_epochs:
             train_ds = load_data(a.data, train=True, data_dir=a.data_dir, T=a.T,
                                  min_files=a.min_files)
             check_fit(snn, train_ds, a.data)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    test_ds = subset(test_ds, a.max_samples, a.seed + 1)
+    test_ds = subset(test_ds, a.max_test, a.seed + 1)
     loader = DataLoader(test_ds, batch_size=a.batch_size, shuffle=False,
                         collate_fn=collate_time_major)
-    out = Path(a.out)
     layers = list(snn.graph.layer_sizes)
     print(f"audit of {a.model}: layers {layers}, K={snn.cfg.K}, dt={snn.cfg.dt:g} ms; data "
           f"{a.data}: {len(test_ds)} test samples; out: {out}")
@@ -305,22 +375,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {a.data} is framed at {frame_dt:g} ms per frame (its recipe) and each frame "
               f"is one timestep of the model, whose decay per timestep was set for dt = "
               f"{snn.cfg.dt:g} ms")
-    kw = dict(Ks=a.K, presets=a.presets, neurons_per_core=a.neurons_per_core,
+    kw = dict(executions=a.eval, presets=a.presets, neurons_per_core=a.neurons_per_core,
               steps_after_output=a.steps_after_output, seed=a.seed, progress=not a.no_progress)
     label = "As given"
-    from .data import DataFileError
-
+    write_record(out, RECORD, _identity(a))  # from here on, --out holds this audit's files
     try:  # samples are read lazily: a corrupt one shows up here
         results = {label: audit(snn, loader, **kw)}
         sentences = [loss_sentence(results[label], "The model")]
-        if a.finetune:
+        if a.finetune_epochs:
             tuned = _finetune(snn, train_ds, a, out)
-            label_ft = f"Fine-tuned unlayered {a.finetune_policy} ({a.finetune} epochs)"
+            label_ft = f"Fine-tuned unlayered {a.finetune_policy} ({a.finetune_epochs} epochs)"
             results[label_ft] = audit(tuned, loader, **kw)
             sentences.append(loss_sentence(results[label_ft], "Fine-tuned, it"))
     except DataFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: fine-tuning diverged: {err}", file=sys.stderr)
+        return 1
     title = f"Audit of {Path(a.model).name} on {a.data} ({len(test_ds)} test samples)"
     paths = write_report(out, results, title, extra=dict(args=vars(a), sentences=sentences))
     text = [markdown_table(table_rows(results), title)]
@@ -328,11 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         text += [f"Accuracy vs forward steps allowed after the first output spike ({lab}):", "",
                  curve_table(res)]
     text += sentences
-    (out / "audit.md").write_text("\n".join(text) + "\n")
+    write_text(out / "audit.md", "\n".join(text) + "\n", "audit report")
     print()
     print("\n".join(text))
     print(f"\nwritten under {out}/: audit.md, " + ", ".join(p.name for p in paths.values())
-          + (", finetuned.nir, finetuned.pt" if a.finetune else ""))
+          + (", finetuned.nir, finetuned.pt" if a.finetune_epochs else ""))
     return 0
 
 
@@ -348,15 +420,17 @@ def _finetune(snn: AsyncSNN, train_ds: Dataset, a: argparse.Namespace, out: Path
     cfg = snn.cfg.replace(policy=a.finetune_policy, stop="spiking_done",
                           refractory_dropout=a.refractory_dropout,
                           momentum_noise=a.momentum_noise if ms else 0.0,
-                          fill_slots=not a.no_fill_slots)
+                          fill_slots=a.fill_slots)
     tuned = AsyncSNN(copy.deepcopy(snn.net), cfg, backend=snn.backend, input_shape=snn.graph.input_shape)
-    fit(tuned, dl, a.finetune, a.lr, a.weight_decay, seed=a.seed, progress=not a.no_progress,
-        log_path=out / "finetune.jsonl", resume=False,
-        desc=f"fine-tune unlayered {a.finetune_policy}")
+    log = out / "finetune.jsonl"
+    if log.exists():
+        log.unlink()  # this audit's log only (check_owner let this run own --out)
+    fit(tuned, dl, a.finetune_epochs, a.lr, a.weight_decay, seed=a.seed, progress=not a.no_progress,
+        log_path=log, resume=False, desc=f"fine-tune unlayered {a.finetune_policy}")
     tuned.cfg = snn.cfg.replace(policy=a.finetune_policy)  # the training knobs stay behind
     out.mkdir(parents=True, exist_ok=True)
     anir.write(out / "finetuned.nir", tuned)
-    save_model(out / "finetuned.pt", tuned, finetune=dict(epochs=a.finetune, lr=a.lr,
+    save_model(out / "finetuned.pt", tuned, finetune=dict(epochs=a.finetune_epochs, lr=a.lr,
                                                           source=str(a.model), data=a.data))
     return tuned
 

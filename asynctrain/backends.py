@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from . import rng
+from ._warn import warn
 from .kernels import _triton
 from .kernels import image_steps
 from .kernels.conv_deliver import conv_deliver_backward_triton, conv_deliver_triton
@@ -131,18 +132,31 @@ def triton_ops(deterministic: bool) -> Ops:
 
 
 def resolve(backend: str, device: torch.device, *, deterministic: bool = False) -> Ops:
-    """The ops for `backend` on `device`; an impossible choice raises with the reason."""
+    """The ops for `backend` on `device`; an impossible choice raises with the reason.
+
+    "auto" on CPU tensors with Triton's interpreter on (TRITON_INTERPRET=1 when Triton
+    was imported) runs the interpreted kernels, as the tests of the triton backend
+    want, but warns: left in a shell, the variable makes every call orders of
+    magnitude slower without a word. A cache folder for the fused CPU steps that
+    cannot be written falls back to "torch" with a warning ("auto") or raises naming
+    it ("cpu")."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu" or (backend == "auto" and device.type == "cpu" and not _interpreting()):
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpu' needs CPU tensors, got {device}")
-        if backend == "cpu":
-            cpu_step.load()  # raises with the compiler's message
-            return CPU
-        if _cpu_builds():
-            return CPU
-        return TORCH
+        try:
+            if backend == "cpu":
+                cpu_step.load()  # raises with the compiler's message
+                return CPU
+            return CPU if _cpu_builds() else TORCH
+        except OSError as e:  # the build folder ($ASYNCTRAIN_CACHE) cannot be written
+            why = (f"the fused CPU steps cannot be built: {e} (set ASYNCTRAIN_CACHE to a writable "
+                   f"folder)")
+            if backend == "cpu":
+                raise RuntimeError(f"backend='cpu': {why}; or use backend='torch'") from None
+            warn(f"{why}; using backend='torch' (slower)", RuntimeWarning)
+            return TORCH
     runnable = _triton.HAS_TRITON and (device.type == "cuda" or _triton.is_interpreted(_select_kernel))
     if backend == "torch" or (backend == "auto" and not runnable):
         return TORCH
@@ -151,6 +165,11 @@ def resolve(backend: str, device: torch.device, *, deterministic: bool = False) 
     if not runnable:
         raise RuntimeError(f"backend='triton' needs CUDA tensors, got {device} (or TRITON_INTERPRET=1 "
                            f"set before Triton is first imported, to interpret the kernels on CPU)")
+    if backend == "auto" and device.type == "cpu":
+        warn("TRITON_INTERPRET=1 was set when Triton was imported, so backend='auto' runs the "
+             "Triton interpreter on these CPU tensors: thousands of times slower than the fused "
+             "CPU steps. Unset TRITON_INTERPRET for normal runs, or pass backend='triton' to "
+             "interpret on purpose", RuntimeWarning)
     return triton_ops(deterministic)
 
 

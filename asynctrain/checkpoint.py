@@ -31,8 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SimConfig
+from ._version import __version__
+from .config import SimConfig, short
 from .module import AsyncSNN
+from .outdir import saving
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_model", "load_model",
            "read_checkpoint", "load_into", "describe_model", "build_model", "config_to_dict",
@@ -166,18 +168,6 @@ def config_diff(a: SimConfig, b: SimConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def short(v: Any) -> str:
-    """A value as text of bounded length (per-neuron tensors summarised)."""
-    if isinstance(v, torch.Tensor):
-        if v.numel() == 0:
-            return f"tensor{list(v.shape)}"
-        lo, hi = float(v.min()), float(v.max())
-        return (f"per-neuron [{v.numel()}], all {lo:g}" if lo == hi else
-                f"per-neuron [{v.numel()}] in [{lo:g}, {hi:g}]")
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 # ----------------------------------------------------------------------- writing
 def check_writable(path: str | os.PathLike, what: str = "checkpoint path") -> Path:
     """Raise ValueError (naming `path`) unless a file can be written at `path`: its
@@ -211,25 +201,26 @@ def check_folder_writable(folder: str | os.PathLike, what: str = "--out") -> Pat
 def save_model(path: str | os.PathLike, snn: AsyncSNN, **meta: Any) -> None:
     """Write `snn` (model description, weights, config) and `meta` to `path`,
     atomically: a temporary file in the same folder, then ``os.replace``, so a crash
-    mid-write leaves the previous checkpoint intact. `meta` must be plain data
-    (numbers, strings, lists, dicts, tensors, optimizer state dicts); `Path`s and other
-    objects are stored as their text."""
-    from . import __version__
-
+    mid-write leaves the previous checkpoint intact (`outdir.saving`: a failed write,
+    e.g. a full disk, is an `outdir.OutputError` naming the file). `meta` must be plain
+    data (numbers, strings, lists, dicts, tensors, optimizer state dicts); `Path`s and
+    other objects are stored as their text. Refused (ValueError): a folder as `path`,
+    NaN/inf weights (`load_model` would refuse the file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a file: give a file name such as "
+                         f"{path / 'model.pt'}")
+    for name, w in snn.net.state_dict().items():
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"not saving {path}: weight {name} holds {int((~torch.isfinite(w)).sum())} "
+                             f"NaN/inf values (load_model would refuse the file)")
     state = dict(format=FORMAT, format_version=FORMAT_VERSION, asynctrain_version=__version__,
                  torch_version=str(torch.__version__), model=describe_model(snn.net),
                  layer_sizes=list(snn.graph.layer_sizes), config=config_to_dict(snn.cfg),
                  weights={k: v.detach() for k, v in snn.net.state_dict().items()},
                  meta=_plain(meta))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with saving(path, "checkpoint") as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _plain(obj: Any) -> Any:

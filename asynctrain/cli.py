@@ -6,7 +6,12 @@ with a usage line naming the option and the value, before any data is loaded:
     ap.add_argument("--lr", type=cli.positive(float), default=5e-4, help="Adam learning rate")
 
 `explicit` tells which options were given on the command line (so a stored
-checkpoint can supply the rest), `conflicts` compares them with stored values.
+checkpoint can supply the rest), `conflicts` compares them with stored values,
+`apply_quick` sets the smoke-run values of ``--quick`` that were not given, and
+`deprecated` keeps an old option name working with a FutureWarning. `guarded` runs an
+entry point's body: Ctrl-C ends it with one line saying how to resume (exit 130), a
+file that cannot be written or read with one line naming it (exit 2), and warnings
+print as one line each.
 """
 
 from __future__ import annotations
@@ -15,17 +20,30 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["positive", "at_least", "probability", "finite", "device", "threads", "out_folder",
-           "explicit", "conflicts", "HelpFormatter"]
+__all__ = ["positive", "at_least", "probability", "finite", "execution", "device", "threads", "out_folder",
+           "explicit", "conflicts", "HelpFormatter", "apply_quick", "deprecated", "guarded",
+           "EXIT_DONE", "EXIT_DIVERGED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+
+EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+"""Exit status of every entry point: done; training diverged; bad arguments, data,
+checkpoints or paths (a file that cannot be read or written, an output folder in use
+by another run); interrupted (Ctrl-C)."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every default (``(default: ...)``) and keeps the description's layout."""
+    """Shows every default (``(default: ...)``) and keeps the description's layout;
+    never breaks a line inside a hyphenated word (``audit-out``, ``--max-train``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _number(kind: type, text: str, what: str) -> Any:
@@ -62,6 +80,17 @@ def at_least(lo: float, kind: type = int) -> Callable[[str], Any]:
         return v
     parse.__name__ = f"{kind.__name__} >= {lo:g}"
     return parse
+
+
+def execution(text: str) -> str:
+    """An execution of `asynctrain.evaluate` ("layered", "RS", "MS:K=4", "RS:drain", ...)."""
+    from .evaluate import Execution
+
+    try:
+        Execution.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def finite(text: str) -> float:
@@ -157,3 +186,52 @@ def _text(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return " ".join(map(str, v))
     return str(v)
+
+
+def apply_quick(args: argparse.Namespace, given: set[str], values: Mapping[str, Any]) -> list[str]:
+    """``--quick``: set `values` (dest -> smoke-run value) on `args` for the options not
+    given on the command line (given ones win); returns ``["--epochs 1", ...]``, what
+    was set, for the run to print."""
+    changed = []
+    for dest, value in values.items():
+        if dest in given:
+            continue
+        setattr(args, dest, value)
+        changed.append(f"--{dest.replace('_', '-')} {_text(value)}")
+    return changed
+
+
+def deprecated(new: str, convert: Callable[[Any], Any] | None = None) -> type[argparse.Action]:
+    """An argparse action for an old option name: stores into the new option's `dest`
+    (after `convert`) and warns (FutureWarning, shown by default) naming `new`."""
+
+    class _Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            warnings.warn(f"{option_string} is deprecated and will be removed: use {new}",
+                          FutureWarning, stacklevel=2)
+            setattr(namespace, self.dest, convert(values) if convert is not None else values)
+
+    return _Deprecated
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
+    return f"warning: {message} ({category.__name__}, {os.path.basename(filename)}:{lineno})\n"
+
+
+def guarded(body: Callable[[], int], resume: str) -> int:
+    """Run an entry point's `body` and return its exit status; Ctrl-C prints one line
+    ending in `resume` (how to continue) and returns `EXIT_INTERRUPTED`; a file or
+    folder that cannot be used (`OSError`, incl. `outdir.OutputError`) prints one line
+    and returns `EXIT_BAD_INPUT`. Warnings print as one line each while it runs."""
+    old = warnings.formatwarning
+    warnings.formatwarning = _one_line
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C); {resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        warnings.formatwarning = old

@@ -138,8 +138,6 @@ class SimConfig:
 
     def __repr__(self) -> str:
         # per-neuron knobs can hold 200k values: summarise them, never print them
-        from .checkpoint import short  # late: checkpoint imports this module's users
-
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -177,7 +175,7 @@ class SimConfig:
 
         `overrides` are applied last (e.g. `policy="RS"`).
         """
-        from .network import Network  # late: network imports config
+        from .network import Network  # late: importing network loads the kernels
 
         graph = Network.from_module(net)
         key = name.lower()
@@ -306,3 +304,15 @@ def describe(cfg: SimConfig, keys: Sequence[str] | None = None) -> str:
         v = getattr(cfg, k)
         parts.append(f"{k}=<per-neuron>" if isinstance(v, torch.Tensor) else f"{k}={v}")
     return " ".join(parts)
+
+
+def short(v: Any) -> str:
+    """A value as text of bounded length (per-neuron tensors summarised)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 0:
+            return f"tensor{list(v.shape)}"
+        lo, hi = float(v.min()), float(v.max())
+        return (f"per-neuron [{v.numel()}], all {lo:g}" if lo == hi else
+                f"per-neuron [{v.numel()}] in [{lo:g}, {hi:g}]")
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -55,10 +54,10 @@ import torch
 from . import rng
 from .config import SimConfig
 from .module import AsyncSNN
-from .guards import SILENT_FRACTION
-from .train import logits_of
+from ._warn import warn
+from .guards import SILENT_FRACTION, check_batch, check_loader, loader_length, unpack_batch
 
-__all__ = ["Execution", "ExecutionResult", "evaluate", "inference_config", "TRAINING_ONLY",
+__all__ = ["Execution", "ExecutionResult", "evaluate", "inference_config", "logits_of", "TRAINING_ONLY",
            "UBRAIN_ENERGY_PER_SO", "DEFAULT_STEPS_AFTER_OUTPUT"]
 
 UBRAIN_ENERGY_PER_SO = 0.26
@@ -78,6 +77,15 @@ _OVERRIDE_KEYS = {"K": "forward_group_size", "F": "steps_after_output",
                   "forward_group_size": "forward_group_size",
                   "prioritize_input": "prioritize_input", "carry_pending": "carry_pending",
                   "max_steps": "max_steps"}
+
+
+def logits_of(out: torch.Tensor, readout: str) -> torch.Tensor:
+    """Output of `AsyncSNN` ``[T, B, n_out]`` -> logits ``[B, n_out]`` (SPEC 8).
+
+    "counts": output spike counts summed over the timesteps (rates up to a factor T).
+    "potential": the output potentials after the last pass (CIFAR-10: T = 1).
+    """
+    return out.sum(0) if readout == "counts" else out[-1]
 
 
 TRAINING_ONLY = {"input_dropout": 0.0, "network_dropout": 0.0, "refractory_dropout": 0.0,
@@ -275,6 +283,7 @@ def evaluate(snn: AsyncSNN, loader: Iterable, executions: Sequence[str | Executi
     execs = [Execution.parse(e) for e in executions]
     if not execs:
         raise ValueError("executions is empty")
+    check_loader(loader, "the evaluation loader")
     sweep = [int(f) for f in (steps_after_output or ())]
     if any(f < 0 for f in sweep):
         raise ValueError(f"steps_after_output values must be >= 0, got {sweep}")
@@ -289,7 +298,7 @@ def evaluate(snn: AsyncSNN, loader: Iterable, executions: Sequence[str | Executi
     bar = None
     if progress:
         from tqdm import tqdm
-        n_batches = _n_batches(loader, max_batches)
+        n_batches = loader_length(loader, max_batches) or max_batches
         bar = tqdm(total=None if n_batches is None else sum(runs) * n_batches,
                    desc=f"evaluate {len(execs)} execution(s), {sum(runs)} passes over the data",
                    unit="batch", dynamic_ncols=True)
@@ -325,19 +334,10 @@ def evaluate(snn: AsyncSNN, loader: Iterable, executions: Sequence[str | Executi
 
 def _warn_if_silent(r: "ExecutionResult", readout: str) -> None:
     if readout == "counts" and r.samples and 1.0 - r.passes_with_output >= SILENT_FRACTION:
-        warnings.warn(f"evaluate {r.execution}: no output spike in "
-                      f"{100 * (1 - r.passes_with_output):.0f}% of passes (density "
-                      f"{r.density:.3f}); the network is (nearly) silent, so its predictions "
-                      f"are mostly class 0. Lower theta or train longer.", RuntimeWarning,
-                      stacklevel=3)
-
-
-def _n_batches(loader: Iterable, max_batches: int | None) -> int | None:
-    try:
-        n = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    return n if max_batches is None else min(n, max_batches)
+        warn(f"evaluate {r.execution}: no output spike in "
+             f"{100 * (1 - r.passes_with_output):.0f}% of passes (density "
+             f"{r.density:.3f}); the network is (nearly) silent, so its predictions "
+             f"are mostly class 0. Lower theta or train longer.", RuntimeWarning)
 
 
 def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
@@ -350,9 +350,12 @@ def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
     capped = 0
     with snn.configured(**overrides):
         readout = snn.cfg.readout
-        for b, (frames, labels) in enumerate(loader):
+        for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
+            where = f"evaluate {name or 'loader'}, batch {b + 1}"
+            frames, labels = unpack_batch(batch, where)
+            check_batch(frames, labels, where, snn.graph.n_outputs)
             frames, labels = frames.to(device), labels.to(device)
             out = snn(frames, seed=rng.counter_hash(int(seed), _STREAM_EVAL, b, 0))
             st = snn.stats
@@ -374,7 +377,7 @@ def _run(snn: AsyncSNN, loader: Iterable, overrides: dict[str, Any], seed: int,
                 bar.update(1)
                 bar.set_postfix_str(name, refresh=False)
     if not keep["correct"]:
-        raise ValueError("the loader yielded no batch")
+        raise ValueError("the evaluation loader yielded no batch")
     arrays = {k: torch.cat(v).numpy() for k, v in keep.items()}
     arrays["accuracy"] = float(arrays["correct"].mean())
     arrays["capped"] = capped

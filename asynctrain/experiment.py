@@ -164,7 +164,8 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
                log: Callable[[str], None] = print, val_ds: Dataset | None = None,
                on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
                init_from: str | Path | None = None,
-               recipe_args: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+               recipe_args: Mapping[str, Any] | None = None,
+               eval_config: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Train one model per policy (checkpoint ``out/<policy>/model.pt``) and evaluate
     it on `test_ds`; returns ``{training label: {execution name: ExecutionResult}}``.
     `h` is one `Hyper` for all, or one per policy; `recipe_args` are stored in every
@@ -173,6 +174,8 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
     `val_ds`: evaluated after every epoch under the model's own execution
     (``val_accuracy`` in the log and the history; choose settings on it, not on
     `test_ds`). `on_epoch(policy, record)`: called after every epoch.
+    `eval_config`: SimConfig changes for the evaluation only (e.g. another input
+    mode of the same trained model: ``dict(prioritize_input=True)``).
     Warm start: a policy whose `Hyper.finetune_epochs` is > 0 starts from the
     layered weights (`init_from`, a layered checkpoint, or else this call's layered
     model, which then trains first) and trains that many epochs."""
@@ -211,10 +214,11 @@ def run_models(train_ds: Dataset, test_ds: Dataset, n_inputs: int, n_classes: in
                 f"{last['loss']:.3f}, train accuracy {last['train_accuracy']:.3f}, "
                 f"{sum(r['seconds'] for r in history):.0f} s")
         execs = paper_executions(policy, eval_specs)
-        results[TRAIN_LABELS[policy]] = evaluate(
-            snn, test_dl, execs, steps_after_output=steps_after_output,
-            energy_per_so=energy_per_so, energy_unit=energy_unit, seed=seed, device=device,
-            progress=progress, max_batches=max_batches)
+        with snn.configured(**dict(eval_config or {})):
+            results[TRAIN_LABELS[policy]] = evaluate(
+                snn, test_dl, execs, steps_after_output=steps_after_output,
+                energy_per_so=energy_per_so, energy_unit=energy_unit, seed=seed, device=device,
+                progress=progress, max_batches=max_batches)
     return results
 
 
@@ -228,13 +232,3 @@ def _training_order(policies: Sequence[str], hypers: Mapping[str, Hyper],
                              f"or pass init_from (a layered checkpoint)")
         return ["layered", *[p for p in policies if p != "layered"]]
     return list(policies)
-
-
-# ------------------------------------------------------------------- recipes' CLI
-def __getattr__(name: str) -> Any:
-    # the recipes' command line lives in asynctrain.recipe (which imports this module)
-    if name in ("DataSpec", "recipe_main"):
-        from . import recipe
-
-        return getattr(recipe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

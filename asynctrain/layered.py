@@ -23,7 +23,7 @@ def layered_forward(net: Network, cfg, weights: list[torch.Tensor], frames: torc
     """Args: frames ``[T, B, n_inputs]``; theta, decay: ``[n_neurons]``.
     Returns (out ``[T, B, n_out]``, stats) with the engine's stats keys."""
     T, B = frames.shape[:2]
-    dev, dt = frames.device, frames.dtype
+    dev = frames.device
     sizes, offs, L = net.layer_sizes, net.offsets, net.n_layers
     bounds = [(offs[l] - net.n_inputs, offs[l] - net.n_inputs + sizes[l]) for l in range(1, L + 1)]
     thetas = [theta[a:b] for a, b in bounds]

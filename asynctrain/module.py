@@ -12,13 +12,13 @@ The weights stay in `net` (``snn.net``), so one state_dict serves every executio
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from . import rng
+from ._warn import warn
 from .backends import BACKENDS, resolve
 from .config import SimConfig, per_neuron
 from .backward import EventFunction
@@ -106,6 +106,7 @@ class AsyncSNN(nn.Module):
         n = self.graph.n_neurons
         for name in ("theta", "tau", "sync_threshold"):
             per_neuron(getattr(cfg, name), n, name, torch.float64)  # raises on a wrong length
+        _warn_if_unsyncable(self.graph, cfg)
         self._cfg = cfg
 
     @contextlib.contextmanager
@@ -134,7 +135,7 @@ class AsyncSNN(nn.Module):
         potentials after each pass with ``readout="potential"``).
         """
         weights = linear_weights(self.net)
-        frames = self._check_frames(frames, weights[0])
+        frames = self._check_frames(frames, weights)
         cfg, graph = self.cfg, self.graph
         seed = self._call_seed(seed)
         if self.training and cfg.input_dropout > 0:
@@ -162,14 +163,13 @@ class AsyncSNN(nn.Module):
         stats["capped_passes"] = int(stats["capped"].sum())
         stats["seed"] = seed
         if stats["capped_passes"]:
-            warnings.warn(f"{stats['capped_passes']} of {T * B} passes reached max_steps="
-                          f"{cfg.max_steps} with spikes still pending (see stats['capped'])",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"{stats['capped_passes']} of {T * B} passes reached max_steps="
+                 f"{cfg.max_steps} with spikes still pending (see stats['capped'])", RuntimeWarning)
         self.stats = stats
         return out
 
-    def _check_frames(self, frames: Any, w: torch.Tensor) -> torch.Tensor:
-        n_in = self.graph.n_inputs
+    def _check_frames(self, frames: Any, weights: list[torch.Tensor]) -> torch.Tensor:
+        n_in, w = self.graph.n_inputs, weights[0]
         if not isinstance(frames, torch.Tensor):
             raise TypeError(f"frames must be a torch.Tensor [T, B, {n_in}], got {type(frames).__name__}")
         shape = self.graph.input_shape
@@ -188,13 +188,21 @@ class AsyncSNN(nn.Module):
                             f"use frames.float()")
         if frames.device != w.device:
             raise ValueError(f"frames are on {frames.device} but the weights on {w.device}")
-        # one reduction when all is well (NaN/inf propagate into the sum); a finite sum
-        # that overflows only sends us to the exact check
-        bad = None if bool(torch.isfinite(frames.sum())) else ~torch.isfinite(frames)
-        if bad is not None and bad.any():
-            where = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"frames contain {int(bad.sum())} NaN/inf value(s), first at "
-                             f"[t, b, feature] = {list(where)}")
+        # one reduction and one host read when all is well (NaN/inf propagate into the
+        # sums); a finite sum that overflows only sends us to the exact checks
+        sums = torch.stack([frames.detach().sum().to(w.dtype), *(v.detach().sum() for v in weights)])
+        if not bool(torch.isfinite(sums).all()):
+            for (name, v) in zip(_weight_names(self.net), weights):
+                bad = ~torch.isfinite(v.detach())
+                if bad.any():
+                    raise ValueError(f"weight {name} holds {int(bad.sum())} NaN/inf value(s) of "
+                                     f"{v.numel()}, first at {[int(i) for i in bad.nonzero()[0]]}; "
+                                     f"the module cannot run (a diverged training or a corrupt import?)")
+            bad = ~torch.isfinite(frames)
+            if bad.any():
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"frames contain {int(bad.sum())} NaN/inf value(s), first at "
+                                 f"[t, b, feature] = {list(where)}")
         return frames.to(w.dtype)
 
     def _call_seed(self, seed: int | None) -> int:
@@ -223,3 +231,38 @@ def _input_dropout(frames: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     out = frames.clone()
     out[t[drop], rows[drop], cols[drop]] = 0.0
     return out
+
+
+def _weight_names(net: nn.Module) -> list[str]:
+    """Parameter names of `linear_weights(net)`, in the same order (``net.0.weight``)."""
+    layers = list(net) if isinstance(net, nn.Sequential) else [net]
+    prefix = "net." if isinstance(net, nn.Sequential) else "net"
+    return [f"{prefix}{i}.weight" if prefix == "net." else "net.weight"
+            for i, m in enumerate(layers) if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _warn_if_unsyncable(graph: Network, cfg: SimConfig) -> None:
+    """Warn when some neurons' sync threshold exceeds the currents they can receive in
+    a pass: they can never fire (SPEC 5). With refractoriness every source is delivered
+    at most once per pass, plus once more with barrier messages (a barrier, then a
+    spike) and with carried outboxes; without it there is no bound."""
+    sync = cfg.sync_threshold
+    if not cfg.refractory or (not isinstance(sync, torch.Tensor) and sync <= 1):
+        return
+    reach = graph.fan_in_per_neuron() * (1 + int(cfg.barrier_messages) + int(cfg.carry_pending))
+    never = per_neuron(sync, graph.n_neurons, "sync_threshold", torch.float64) > reach.to(torch.float64)
+    if not bool(never.any()):
+        return
+    layers, lo = [], 0
+    for l, n in enumerate(graph.layer_sizes[1:]):
+        k = int(never[lo:lo + n].sum())
+        if k:
+            layers.append(f"layer {l + 1}: {k} of {n}")
+        lo += n
+    outputs = bool(never[-graph.n_outputs:].all())
+    shown = sync if not isinstance(sync, torch.Tensor) else f"up to {int(sync.max())}"
+    warn(f"sync_threshold={shown} is above what {int(never.sum())} neurons can receive in a pass "
+         f"(their fan-in {int(reach[never].min())}..{int(reach[never].max())}; {', '.join(layers)}): "
+         f"they can never fire" + ("; no output neuron can, so the network outputs nothing"
+                                   if outputs else "") + ". Lower sync_threshold (a barrier preset "
+         "sets it to the fan-in: SimConfig.preset('loihi', net)).", RuntimeWarning)

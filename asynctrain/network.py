@@ -60,8 +60,11 @@ class Network:
         if input_shape is None:
             input_shape = getattr(net, "input_shape", None)
         layers = list(net) if isinstance(net, nn.Sequential) else [net]
-        if all(isinstance(m, nn.Linear) for m in layers):
-            sizes = tuple(_linear_sizes(net))
+        if layers and all(isinstance(m, nn.Linear) for m in layers):
+            # the one validation of layer stacks (conv.parse_layers); a stack of linear
+            # layers may read image-shaped frames, flattened, so its shape is checked here
+            maps, _ = parse_layers(net, None)
+            sizes = (maps[0].n_in, *(m.n_out for m in maps))
             shape = tuple(input_shape) if input_shape is not None else None
             if shape is not None and math.prod(shape) != sizes[0]:
                 raise ValueError(f"input_shape {shape} has {math.prod(shape)} features but layer 0 "
@@ -238,27 +241,6 @@ class IndexTables:
         return IndexTables(*(t.to(device) for t in (targets, fan_out, is_source, is_input,
                                                      is_hidden, cols, source_slot, receive_slot)),
                            n_slots=net.n_layers + 2)
-
-
-def _linear_sizes(net: nn.Module) -> list[int]:
-    layers = list(net) if isinstance(net, nn.Sequential) else [net]
-    if not layers:
-        raise ValueError("the network is an empty nn.Sequential")
-    sizes: list[int] = []
-    for i, m in enumerate(layers):
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"layer {i} ({type(m).__name__}) is not supported: this backend takes "
-                            f"an nn.Sequential of bias-free nn.Linear layers")
-        if m.bias is not None:
-            raise ValueError(f"layer {i} (nn.Linear {m.in_features}->{m.out_features}) has a bias; "
-                             f"SNN layers here are bias-free: use nn.Linear(..., bias=False)")
-        if sizes and sizes[-1] != m.in_features:
-            raise ValueError(f"layer {i} takes {m.in_features} features but the previous layer "
-                             f"gives {sizes[-1]}")
-        if not sizes:
-            sizes.append(m.in_features)
-        sizes.append(m.out_features)
-    return sizes
 
 
 def linear_weights(net: nn.Module) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@
     snn = from_nir(read("model.nir"))      # AsyncSNN, weights and execution settings
     snn = from_nir(snntorch_graph, SimConfig(dt=0.1, K=8))  # a graph without our metadata
 
-Needs ``pip install asynctrain[nir]`` (the `nir` package).
+Needs the `nir` package (``pip install -e ".[nir]"`` in the checkout, or ``pip install nir``).
 
 What maps to what (everything the engine runs; anything else is refused, naming the
 node and the parameter, never approximated):
@@ -47,8 +47,8 @@ module uses the same convention both ways:
   Reading a snnTorch graph with ``exp(-dt / tau_nir)`` as the decay instead is a
   different model: on the cross-library test network (tests/test_nir_snntorch.py:
   40-30-20-10, beta 0.05-0.95, 20 frames, 64 samples) 40 % of the per-sample output
-  counts differ that way, none with this convention (issue 13 quotes 1.6 % for its
-  network; the two decays are close only when beta is near 1).
+  counts differ that way, none with this convention (on a network whose betas are all
+  near 1 the two decays differ little: 1.6 % of the counts was measured on one).
 - export: ``tau_nir = dt / (1 - exp(-dt / tau))``, ``r = tau_nir / dt`` (input scale
   1), v_leak = v_reset = 0; IF neurons (every tau of the layer infinite) as ``IF``
   with ``r = 1 / dt``. A layer mixing IF and LIF neurons is refused (NIR has one
@@ -108,131 +108,20 @@ from torch import nn
 try:
     import nir
 except ImportError as err:  # pragma: no cover - the extra is installed in CI
-    raise ImportError("asynctrain.nir needs the `nir` package: pip install asynctrain[nir]") from err
+    raise ImportError("asynctrain.nir needs the `nir` package: pip install nir (or pip install -e '.[nir]' "
+                      "in the asynctrain checkout)") from err
 
-from .config import SimConfig, per_neuron
+from ._warn import warn
+from .config import SimConfig
 from .module import AsyncSNN
+from .outdir import saving
+from .nir_export import SETTINGS_KEY as _SETTINGS_KEY, to_nir
 from .nir_nodes import (RESET_KEY, SNNTORCH_DT_MS, UNIT_SCALE_TOL, chain, fold_scale, io_shape,
                         layer_of, neurons_of, out_shape)
 
 __all__ = ["to_nir", "from_nir", "write", "read", "from_snntorch", "SNNTORCH_DT_MS",
            "UNIT_SCALE_TOL"]
 
-_SETTINGS_KEY = "asynctrain_config"
-# knobs that live in the neuron nodes or in "dt", not in the settings JSON
-_NODE_KNOBS = ("tau", "theta", "dt")
-
-
-# ------------------------------------------------------------------------ export
-def to_nir(snn: AsyncSNN) -> "nir.NIRGraph":
-    """`snn` (weights, neurons, execution settings) as a NIR graph.
-
-    Node names: ``input``, ``layer<i>`` for ``snn.net[i]`` (weights, pooling,
-    flattening), ``neurons<l>`` after weight layer l, ``output``. Weights are written
-    as float32 copies (the module's dtype when it is float64), neuron parameters in
-    float64. Raises ValueError for a layer that mixes IF and LIF neurons.
-
-    Mapping (module docstring for the why): our per-step decay ``d = exp(-dt / tau)``
-    becomes forward-Euler parameters ``tau_nir = dt_s / (1 - d)``, ``r = tau_nir / dt_s``
-    (input scale ``r dt_s / tau_nir = 1``), ``v_leak = v_reset = 0``, with ``dt_s =
-    cfg.dt / 1000`` in the graph's metadata (``"dt"``, seconds); IF layers as ``IF``
-    with ``r = 1 / dt_s``; ``v_threshold = nextafter(float32(theta), -inf)`` (NIR fires
-    at ``v > v_threshold``). Every other `SimConfig` field goes into
-    ``metadata["asynctrain_config"]`` (JSON), so `from_nir` restores the execution.
-    """
-    if not isinstance(snn, AsyncSNN):
-        raise TypeError(f"to_nir takes an AsyncSNN, got {type(snn).__name__}")
-    cfg, graph = snn.cfg, snn.graph
-    dt_s = float(cfg.dt) / 1000.0
-    n = graph.n_neurons
-    tau = per_neuron(cfg.tau, n, "tau", torch.float64).cpu().numpy()
-    theta = per_neuron(cfg.theta, n, "theta", torch.float64).cpu().numpy()
-    layers = list(snn.net) if isinstance(snn.net, nn.Sequential) else [snn.net]
-    in_shape = graph.input_shape if graph.input_shape is not None else (graph.n_inputs,)
-    nodes: dict[str, Any] = {"input": nir.Input(input_type={"input": np.array(in_shape)})}
-    order = ["input"]
-    shape = tuple(in_shape)
-    if len(shape) > 1 and isinstance(layers[0], nn.Linear):
-        # image-shaped frames into a fully connected layer: NIR wants the flattening said
-        nodes["flatten_input"] = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0,
-                                             end_dim=-1)
-        order.append("flatten_input")
-        shape = (math.prod(shape),)
-    lo, l = 0, 0
-    for i, m in enumerate(layers):
-        name = f"layer{i}"
-        if isinstance(m, nn.Linear):
-            nodes[name] = nir.Linear(weight=_np_weight(m.weight))
-            shape = (m.out_features,)
-        elif isinstance(m, nn.Conv2d):
-            nodes[name] = nir.Conv2d(
-                input_shape=tuple(shape[1:]), weight=_np_weight(m.weight), stride=1, padding=1,
-                dilation=1, groups=1, bias=np.zeros(m.out_channels, dtype=np.float32))
-            shape = (m.out_channels, *shape[1:])
-        elif isinstance(m, nn.AvgPool2d):
-            nodes[name] = nir.AvgPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]),
-                                        padding=np.array([0, 0]))
-            shape = (shape[0], shape[1] // 2, shape[2] // 2)
-            order.append(name)
-            continue
-        elif isinstance(m, nn.Flatten):
-            nodes[name] = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0,
-                                      end_dim=-1)
-            shape = (math.prod(shape),)
-            order.append(name)
-            continue
-        else:  # Network.from_module accepted the module, so this cannot happen
-            raise TypeError(f"layer {i} ({type(m).__name__}) has no NIR mapping")
-        order.append(name)
-        size = math.prod(shape)
-        sl = slice(lo, lo + size)
-        nodes[f"neurons{l}"] = _neuron_node(tau[sl].reshape(shape), theta[sl].reshape(shape),
-                                            cfg.dt, dt_s, l)
-        order.append(f"neurons{l}")
-        lo, l = lo + size, l + 1
-    nodes["output"] = nir.Output(output_type={"output": np.array(shape)})
-    order.append("output")
-    meta = {"source": "asynctrain", "dt": dt_s, "dt_unit": "s",
-            "discretization": "forward Euler: beta = 1 - dt/tau, input scale r*dt/tau",
-            _SETTINGS_KEY: json.dumps(_settings(cfg))}
-    return nir.NIRGraph(nodes=nodes, edges=list(zip(order[:-1], order[1:])), metadata=meta)
-
-
-def _np_weight(w: torch.Tensor) -> np.ndarray:
-    w = w.detach().cpu()
-    return w.numpy().copy() if w.dtype == torch.float64 else w.to(torch.float32).numpy().copy()
-
-
-def _neuron_node(tau: np.ndarray, theta: np.ndarray, dt_ms: float, dt_s: float, l: int) -> Any:
-    decay = np.exp(-dt_ms / tau)  # float64, 1.0 where tau is inf
-    thr = _below(theta)
-    if (decay == 1.0).all():
-        return nir.IF(r=np.full(tau.shape, 1.0 / dt_s), v_threshold=thr,
-                      v_reset=np.zeros(tau.shape))
-    if (decay == 1.0).any():
-        raise ValueError(f"neuron layer {l} mixes IF (tau = inf, or so long that exp(-dt/tau) "
-                         f"rounds to 1) and LIF neurons; NIR has one neuron type per node: "
-                         f"give the layer one kind")
-    tau_nir = dt_s / (1.0 - decay)
-    return nir.LIF(tau=tau_nir, r=tau_nir / dt_s, v_leak=np.zeros(tau.shape), v_threshold=thr,
-                   v_reset=np.zeros(tau.shape))
-
-
-def _below(theta: np.ndarray) -> np.ndarray:
-    """``v > below(theta)`` is ``v >= theta`` for float32 v (theta rounded to float32)."""
-    t = theta.astype(np.float32)
-    return np.nextafter(t, np.float32(-np.inf)).astype(np.float64)
-
-
-def _settings(cfg: SimConfig) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if f.name in _NODE_KNOBS:
-            continue
-        v = getattr(cfg, f.name)
-        out[f.name] = v.tolist() if isinstance(v, torch.Tensor) else v
-    out["dt_ms"] = float(cfg.dt)
-    return out
 
 
 # ------------------------------------------------------------------------ import
@@ -267,15 +156,16 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
     Raises: ValueError naming the node and the parameter for anything the engine
     cannot run exactly (see the module docstring), or when no dt is known.
     """
+    source = None
     if isinstance(graph, (str, os.PathLike)):
-        graph = read(graph)
+        source, graph = os.fspath(graph), read(graph)
     if not isinstance(graph, nir.NIRGraph):
         raise TypeError(f"from_nir takes a nir.NIRGraph or a .nir path, got {type(graph).__name__}")
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
-    dt_ms, stored = _dt_and_settings(meta, cfg)
+    dt_ms, stored = _dt_and_settings(meta, cfg, source or getattr(graph, "_asynctrain_source", None))
     path = chain(graph)
-    in_shape = tuple(int(s) for s in io_shape(graph.nodes[path[0]], "input"))
     body = path[1:-1]
+    in_shape = _input_shape(io_shape(graph.nodes[path[0]], "input"), graph.nodes[body[0]] if body else None)
     if body and isinstance(graph.nodes[body[0]], nir.Flatten):
         body = body[1:]  # a flat input: frames may be image-shaped or flat
         in_shape_eff: tuple[int, ...] = (math.prod(in_shape),)
@@ -283,7 +173,7 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
         in_shape_eff = in_shape
     modules: list[nn.Module] = []
     taus, thetas = [], []
-    shape = in_shape_eff
+    shape = shape_before = in_shape_eff
     want_neurons: tuple[str, nn.Module] | None = None
     for name in body:
         node = graph.nodes[name]
@@ -319,36 +209,68 @@ def from_nir(graph: "nir.NIRGraph | str | os.PathLike", cfg: SimConfig | None = 
                     input_shape=in_shape if len(in_shape) == 3 else None)
 
 
-def _dt_and_settings(meta: dict, cfg: SimConfig | None) -> tuple[float, dict[str, Any]]:
+def _input_shape(shape: np.ndarray, first: Any) -> tuple[int, ...]:
+    """The Input node's shape without leading singleton axes that exporters add for the
+    batch (``(1, 20)`` before a Linear is 20 features, ``(1, C, H, W)`` before a
+    Conv2d or a Flatten is an image)."""
+    dims = [int(s) for s in shape]
+    keep = 1 if isinstance(first, (nir.Linear, nir.Affine)) else 3
+    while len(dims) > keep and dims[0] == 1:
+        dims = dims[1:]
+    return tuple(dims)
+
+
+_DT_UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3}
+"""Units the graph metadata's ``dt_unit`` may name, in ms (NIR's own unit is seconds)."""
+
+
+def _dt_and_settings(meta: dict, cfg: SimConfig | None,
+                     source: str | None = None) -> tuple[float, dict[str, Any]]:
+    where = f"{source}: " if source else ""
     stored: dict[str, Any] = {}
     stored_dt = None
     if _SETTINGS_KEY in meta:
         raw = meta[_SETTINGS_KEY]
-        stored = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+        try:
+            stored = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+        except ValueError as err:
+            raise ValueError(f"{where}graph metadata {_SETTINGS_KEY!r} is not JSON ({err}); the file "
+                             f"was not written by asynctrain.nir, or was damaged: remove the key "
+                             f"and pass cfg=SimConfig(...) instead") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{where}graph metadata {_SETTINGS_KEY!r} must hold a JSON object, got "
+                             f"{type(stored).__name__}")
         stored_dt = stored.pop("dt_ms", None)
         known = {f.name for f in dataclasses.fields(SimConfig)}
         unknown = sorted(set(stored) - known)
         if unknown:  # written by another version of asynctrain
-            warnings.warn(f"the graph's execution settings name field(s) {unknown} that this "
-                          f"SimConfig does not have; they are ignored", UserWarning, stacklevel=3)
+            warn(f"{where}the graph's execution settings name field(s) {unknown} that this "
+                 f"SimConfig does not have; they are ignored", UserWarning)
             stored = {k: v for k, v in stored.items() if k in known}
         for k, v in list(stored.items()):
             if isinstance(v, list):
                 stored[k] = torch.tensor(v)
     if "dt" in meta:
-        dt_ms = float(np.asarray(meta["dt"])) * 1000.0
+        unit = meta.get("dt_unit", "s")
+        unit = unit.decode() if isinstance(unit, bytes) else str(unit)
+        if unit not in _DT_UNITS:
+            raise ValueError(f"{where}graph metadata 'dt_unit' is {unit!r}; known units: "
+                             f"{', '.join(_DT_UNITS)} (NIR's own unit is seconds)")
+        try:
+            dt_ms = float(np.asarray(meta["dt"], dtype=np.float64)) * _DT_UNITS[unit]
+        except (TypeError, ValueError):
+            dt_ms = math.nan
         if not (math.isfinite(dt_ms) and dt_ms > 0):
-            raise ValueError(f"graph metadata 'dt' must be a positive number of seconds, got "
+            raise ValueError(f"{where}graph metadata 'dt' must be a positive number (of {unit}), got "
                              f"{meta['dt']!r}")
         if stored_dt is not None and math.isclose(stored_dt, dt_ms, rel_tol=1e-9):
             dt_ms = float(stored_dt)  # our own ms value, without the round trip through s
         if cfg is not None and not math.isclose(cfg.dt, dt_ms, rel_tol=1e-12):
-            warnings.warn(f"the graph's metadata fixes dt = {dt_ms:g} ms; cfg.dt = {cfg.dt:g} ms "
-                          f"is ignored (the neurons' decay was exported for the graph's dt)",
-                          UserWarning, stacklevel=3)
+            warn(f"the graph's metadata fixes dt = {dt_ms:g} ms; cfg.dt = {cfg.dt:g} ms "
+                 f"is ignored (the neurons' decay was exported for the graph's dt)", UserWarning)
         return dt_ms, stored
     if cfg is None:
-        raise ValueError("the graph's metadata has no 'dt' and no cfg was given: from_nir needs "
+        raise ValueError(f"{where}the graph's metadata has no 'dt' and no cfg was given: from_nir needs "
                          "the discretization step; pass cfg=SimConfig(dt=...) in ms (snnTorch "
                          f"1.0 exports assume dt = {SNNTORCH_DT_MS} ms)")
     return float(cfg.dt), stored
@@ -360,8 +282,11 @@ def write(path: str | os.PathLike, model: "AsyncSNN | nir.NIRGraph") -> None:
     graph = to_nir(model) if isinstance(model, AsyncSNN) else model
     if not isinstance(graph, nir.NIRGraph):
         raise TypeError(f"write takes an AsyncSNN or a nir.NIRGraph, got {type(model).__name__}")
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    nir.write(path, graph)
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)!r} is a folder: give a file name such as "
+                         f"{os.path.join(os.fspath(path), 'model.nir')!r}")
+    with saving(path, ".nir file") as tmp:
+        nir.write(tmp, graph)
 
 
 def read(path: str | os.PathLike) -> "nir.NIRGraph":
@@ -369,12 +294,13 @@ def read(path: str | os.PathLike) -> "nir.NIRGraph":
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no .nir file at {os.fspath(path)!r}")
     try:
-        graph = nir.read(path)
+        graph = nir.read(path, type_check=False)  # from_nir checks every shape itself, naming the node
     except (OSError, KeyError, ValueError, TypeError, AssertionError) as err:
         raise ValueError(f"{os.fspath(path)!r} is not a readable NIR file (HDF5 written by "
                          f"nir.write): {type(err).__name__}: {str(err).splitlines()[0][:160]}") from None
     if isinstance(graph.metadata, dict):  # h5py gives strings back as bytes
         graph.metadata = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in graph.metadata.items()}
+    graph._asynctrain_source = os.fspath(path)  # named by from_nir's errors
     return graph
 
 
@@ -420,7 +346,7 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, cfg: SimConfig | None = 
         warnings.simplefilter("ignore", DeprecationWarning)
         graph = export_to_nir(net, sample, ignore_dims=[0])
     graph.metadata = dict(source="snntorch", dt=SNNTORCH_DT_MS / 1000.0, dt_unit="s")
-    for name, node in graph.nodes.items():
+    for node in graph.nodes.values():
         if isinstance(node, nir.LIF):
             node.metadata = dict(node.metadata or {}, **{RESET_KEY: "zero"})
     cfg = None if cfg is None else cfg.replace(dt=SNNTORCH_DT_MS)

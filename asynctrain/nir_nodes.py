@@ -119,12 +119,20 @@ def _ints(v: Any, n: int = 2) -> tuple[int, ...]:
     return tuple(int(x) for x in a)
 
 
+def _finite_weight(name: str, kind: str, weight: Any) -> np.ndarray:
+    w = np.asarray(weight)
+    if w.dtype.kind == "f" and not np.isfinite(w).all():
+        raise ValueError(f"node {name!r} ({kind}): weight holds {int((~np.isfinite(w)).sum())} NaN/inf "
+                         f"value(s) of {w.size}; the model cannot run (a diverged training?)")
+    return w
+
+
 def layer_of(name: str, node: Any, shape: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
     kind = type(node).__name__
     if isinstance(node, (nir.Linear, nir.Affine)):
         if isinstance(node, nir.Affine):
             _zero(name, kind, "bias", node.bias)
-        w = np.asarray(node.weight)
+        w = _finite_weight(name, kind, node.weight)
         if w.ndim != 2:
             raise ValueError(f"node {name!r} ({kind}): weight must be 2-D [out, in], got {w.shape}")
         if len(shape) != 1 or w.shape[1] != shape[0]:
@@ -135,7 +143,7 @@ def layer_of(name: str, node: Any, shape: tuple[int, ...]) -> tuple[nn.Module, t
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
         return m, (w.shape[0],)
     if isinstance(node, nir.Conv2d):
-        w = np.asarray(node.weight)
+        w = _finite_weight(name, kind, node.weight)
         if w.ndim != 4 or w.shape[2:] != (3, 3):
             raise ValueError(f"node {name!r} (Conv2d): kernel size must be 3x3, got weight shape "
                              f"{tuple(w.shape)}")

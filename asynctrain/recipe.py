@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from . import cli
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data import DataFileError, collate_time_major
-from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, Execution, evaluate
+from .evaluate import DEFAULT_STEPS_AFTER_OUTPUT, UBRAIN_ENERGY_PER_SO, evaluate
 from .experiment import TRAIN_LABELS, Hyper, paper_executions, run_models, subset
+from .outdir import claim
 from .report import markdown_table, table_rows, write_report
 from .train import LOSSES, TrainingDiverged
 
@@ -67,13 +68,7 @@ class DataSpec:
 
 
 def _execution(text: str) -> str:
-    if text == "paper":
-        return text
-    try:
-        Execution.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    return text if text == "paper" else cli.execution(text)
 
 
 def parser(spec: DataSpec) -> argparse.ArgumentParser:
@@ -120,8 +115,8 @@ def parser(spec: DataSpec) -> argparse.ArgumentParser:
     ap.add_argument("--max-test", type=pos_i, default=None,
                     help="use a seeded random subset of this many test samples (all: none)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"smoke run: 64 train / 64 test samples, 1 epoch, batch 16, F in {{0, 1}}, "
-                         f"written under <out>/{QUICK_FOLDER}")
+                    help=f"smoke run: 64 train / 64 test samples, 1 epoch, batch 16, F in {{0, 1}} "
+                         f"(options given on the command line win), written under <out>/{QUICK_FOLDER}")
     ap.add_argument("--fresh", action="store_true",
                     help="start over: delete the checkpoints of the --train models in --out")
     ap.add_argument("--eval-only", nargs="+", type=Path, default=None, metavar="CKPT",
@@ -145,8 +140,8 @@ def _training_args(ap: argparse.ArgumentParser) -> None:
                          "silent neurons so gradients reach them (docs/semantics.md section 8); "
                          "changes no spike; on by default, the one change that helped in every "
                          "case of docs/unlayered_training.md")
-    ap.add_argument("--gradient-fill", action="store_true",
-                    help="deprecated alias of --fill-slots")
+    ap.add_argument("--gradient-fill", action="store_true",  # deprecated alias of --fill-slots
+                    help=argparse.SUPPRESS)
     ap.add_argument("--train-stop", choices=["spiking_done", "output"], default="spiking_done",
                     help="stop condition of the training passes")
     ap.add_argument("--train-F", type=cli.at_least(0), default=1,
@@ -183,10 +178,10 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: DataSpec
         ap.error(f"--eval: 'paper' stands for table 2's rows and cannot be combined with "
                  f"other executions, got {' '.join(args.eval)}")
     if getattr(args, "duration_ms", None) is not None:
-        from .data import _timesteps
+        from .data import timesteps
 
         try:
-            _timesteps(spec.hyper.dt, args.duration_ms)
+            timesteps(spec.hyper.dt, args.duration_ms)
         except ValueError as err:
             ap.error(f"--duration-ms: {err}")
     try:
@@ -199,23 +194,37 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, spec: DataSpec
                 ap.error(f"--eval-only: no checkpoint file at {p}")
 
 
+QUICK = dict(max_train=64, max_test=64, epochs=1, batch_size=16, steps_after_output=[0, 1])
+"""``--quick``: what a smoke run changes (options given on the command line win); it
+writes under ``<out>/quick``."""
+
+
 def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
     """Run a recipe's command line; returns the exit status (module docstring)."""
     ap = parser(spec)
     args = ap.parse_args(argv)
     given = cli.explicit(ap, argv)
     if args.quick:
-        args.max_train = min(args.max_train or 64, 64)
-        args.max_test = min(args.max_test or 64, 64)
-        args.epochs = min(args.epochs, 1)
-        args.batch_size = min(args.batch_size, 16)
-        args.steps_after_output = [f for f in args.steps_after_output if f <= 1]
+        changed = cli.apply_quick(args, given, QUICK)
         args.out = str(Path(args.out) / QUICK_FOLDER)
+        print(f"--quick: {', '.join(changed) or 'nothing changed (every value given)'}; out {args.out}")
     _check(ap, args, spec)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.eval_only:
-        return _eval_only(spec, args, given)
+    out = Path(args.out) / "eval" if args.eval_only else Path(args.out)
+
+    def body() -> int:
+        with claim(out):
+            try:
+                return _eval_only(spec, args, given) if args.eval_only else _train(spec, args, given)
+            except DataFileError as err:  # samples are read lazily: a corrupt one shows up late
+                print(f"error: corrupt data: {err}", file=sys.stderr)
+                return 2
+
+    return cli.guarded(body, f"rerun the same command to resume: finished epochs are kept in {out}")
+
+
+def _train(spec: DataSpec, args: argparse.Namespace, given: set[str]) -> int:
     out = Path(args.out)
     if args.fresh:
         for policy in args.train:
@@ -246,8 +255,11 @@ def recipe_main(spec: DataSpec, argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
-    except (CheckpointError, ValueError) as err:
-        if "trained with other settings" not in str(err) and not isinstance(err, CheckpointError):
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        if "trained with other settings" not in str(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2

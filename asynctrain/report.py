@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .evaluate import ExecutionResult
+from .outdir import saving, write_text
 
 __all__ = ["table_rows", "markdown_table", "plot_latency", "plot_accuracy_vs_steps",
            "plot_currents_to_spike", "write_report", "COLUMNS"]
@@ -42,10 +43,13 @@ COLUMNS = (("accuracy", "Acc.", "{:.3f}"), ("density", "Density", "{:.3f}"),
 
 
 def _per_seed(results: Results) -> dict[str, list[Mapping[str, ExecutionResult]]]:
+    if not results:
+        raise ValueError("no results to report: give {training label: {execution: "
+                         "ExecutionResult}} (what evaluate returns, per trained model)")
     out = {}
     for train, res in results.items():
         out[train] = [res] if isinstance(res, Mapping) else list(res)
-        if not out[train]:
+        if not out[train] or not all(out[train]):
             raise ValueError(f"no results for {train!r}")
     return out
 
@@ -116,12 +120,40 @@ def _row_label(train: str, res: ExecutionResult) -> str:
     return f"{train} / {res.label}"
 
 
-def plot_latency(results: Results, path: str | os.PathLike) -> Path:
+def _integer_bins(values: np.ndarray, most: int = 30) -> np.ndarray:
+    """Histogram edges for integer data: every bin spans the same number of integers,
+    edges halfway between them (equal-width float bins over integers leave some bins
+    that no value can reach, gaps that look like data)."""
+    lo, hi = int(np.floor(values.min())), int(np.ceil(values.max()))
+    width = max(1, math.ceil((hi - lo + 1) / most))
+    return lo - 0.5 + width * np.arange(math.ceil((hi - lo + 1) / width) + 1)
+
+
+def _legend_below(fig: Any, handles: list, labels: list, axes_height: float, cols: int,
+                  title: str | None, ax: Any = None) -> None:
+    """Grow `fig` so that its axes keep `axes_height` inches and the legend gets rows of
+    its own below them (readable with 20 curves: no squashed axes, nothing cut off);
+    the legend belongs to `ax` if given, else to the figure."""
+    rows = math.ceil(len(labels) / cols)
+    legend_h, axis_h = 0.18 * rows + 0.15, 0.7
+    title_h = 0.35 + 0.22 * (title.count("\n") + 1) if title else 0.3
+    height = axes_height + legend_h + title_h + axis_h
+    fig.set_size_inches(fig.get_size_inches()[0], height)
+    fig.subplots_adjust(bottom=(legend_h + axis_h) / height, top=1 - title_h / height)
+    (fig if ax is None else ax).legend(handles, labels, loc="lower center", ncol=cols, fontsize=8,
+                                       frameon=False, bbox_to_anchor=(0.5, 0.0),
+                                       bbox_transform=fig.transFigure)
+    if title:
+        fig.suptitle(title, fontsize=10)
+
+
+def plot_latency(results: Results, path: str | os.PathLike, title: str | None = None) -> Path:
     """Distribution over samples of the latency until the decision, in spikes
     processed (left; the paper's figure 6; every execution) and in forward steps
     (right; asynchronous executions only: a layered forward step integrates a whole
     layer, so its count is not comparable and is written in the panel instead); one
-    curve per (training, execution), samples of all seeds pooled."""
+    curve per (training, execution), samples of all seeds pooled. Bins are aligned to
+    the integers. `title`: the run (data set, input mode)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     curves, layered_steps = {}, {}
@@ -140,25 +172,24 @@ def plot_latency(results: Results, path: str | os.PathLike) -> Path:
             ax.text(0.5, 0.5, "no asynchronous execution evaluated", ha="center",
                     transform=ax.transAxes)
             continue
-        allv = np.concatenate([c[key] for c in shown.values()])
-        bins = np.linspace(allv.min(), allv.max() + 1, 31)  # shared bins: comparable bars
+        bins = _integer_bins(np.concatenate([c[key] for c in shown.values()]))  # shared: comparable
         for label, c in shown.items():
             i = list(curves).index(label)  # one colour and style per curve in both panels
             ax.hist(c[key], bins=bins, histtype="step", linewidth=1.6, label=label,
-                    color=f"C{i % 10}", linestyle=_STYLES[i % len(_STYLES)],
+                    color=f"C{i % 10}", linestyle=_STYLES[(i // 10) % len(_STYLES)],
                     weights=np.full(len(c[key]), 1.0 / len(c[key])))
         ax.set_ylabel("fraction of samples")
     axes[0].set_xlabel("spikes processed until the decision (per sample)")
     axes[1].set_xlabel("forward steps until the decision (per sample)")
     axes[0].set_title("all executions", fontsize=9)
-    axes[1].set_title("asynchronous executions" + ("".join(
-        f"\n{k}: {v:.0f} layer steps per sample (not comparable)" for k, v in layered_steps.items())),
-        fontsize=8)
+    axes[1].set_title("asynchronous executions" + (" (layered ones: in the legend)"
+                                                   if layered_steps else ""), fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8,
-               frameon=False)
-    fig.suptitle("Inference latency")
-    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) + 0.02, 1, 1))
+    # a layered forward step delivers a whole layer: its count is said, not plotted
+    labels = [f"{k} ({layered_steps[k]:.0f} layer steps per sample, not comparable)"
+              if k in layered_steps else k for k in labels]
+    _legend_below(fig, handles, labels, 3.6, 2 if len(labels) > 6 else 3,
+                  "Inference latency" + (f": {title}" if title else ""))
     return _save(fig, path, layout=False)
 
 
@@ -166,14 +197,17 @@ _STYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
-def plot_accuracy_vs_steps(results: Results, path: str | os.PathLike) -> Path:
+def plot_accuracy_vs_steps(results: Results, path: str | os.PathLike, title: str | None = None) -> Path:
     """Accuracy as a function of the forward steps F allowed after a pass's first
     output spike (the paper's figure 5); "drain" = run until nothing is pending.
-    Asynchronous executions only; mean ± std over seeds as a band. Curves that
-    coincide are told apart by marker and line style and a small sideways offset;
-    the legend sits below the axes, off the data."""
+    Asynchronous executions only; mean over seeds, the band ± one standard deviation
+    over seeds (said in the legend). Curves that coincide are told apart by marker and
+    line style and a small sideways offset; the legend sits below the axes, off the
+    data. `title`: the run (data set, input mode)."""
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     keys: list[str] = []
     n_async = 0
     series = []
@@ -183,6 +217,7 @@ def plot_accuracy_vs_steps(results: Results, path: str | os.PathLike) -> Path:
             curve = seeds[0][name].accuracy_vs_steps_after_output
             if curve:
                 series.append((train, name, seeds, list(curve)))
+    banded = 0
     for i, (train, name, seeds, k) in enumerate(series):
         keys = k
         acc = np.array([[s[name].accuracy_vs_steps_after_output[q] for q in keys]
@@ -191,34 +226,45 @@ def plot_accuracy_vs_steps(results: Results, path: str | os.PathLike) -> Path:
         x = np.arange(len(keys)) + offset
         mean = acc.mean(0)
         ax.plot(x, mean, marker=_MARKERS[i % len(_MARKERS)], linestyle=_STYLES[i % len(_STYLES)],
-                markersize=6, markerfacecolor="none", label=_row_label(train, seeds[0][name]))
+                markersize=6, markerfacecolor="none", color=f"C{i % 10}",
+                label=_row_label(train, seeds[0][name]))
         if len(acc) > 1:
             std = acc.std(0, ddof=1)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-    if keys:
-        ax.set_xticks(np.arange(len(keys)))
-        ax.set_xticklabels(keys)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
-                  ncol=2, frameon=False)
-    else:
-        ax.text(0.5, 0.5, "accuracy-vs-F sweep not run (no --steps-after-output values)"
-                if n_async else "no asynchronous execution evaluated", ha="center",
-                transform=ax.transAxes)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=f"C{i % 10}")
+            banded = max(banded, len(acc))
     ax.set_xlabel("forward steps allowed after the first output spike (F)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    heading = "Accuracy vs forward steps after the first output" + (f"\n{title}" if title else "")
+    if not keys:
+        ax.text(0.5, 0.5, "accuracy-vs-F sweep not run (no --steps-after-output values)"
+                if n_async else "no asynchronous execution evaluated", ha="center",
+                transform=ax.transAxes)
+        fig.suptitle(heading, fontsize=10)
+        return _save(fig, path)
+    ax.set_xticks(np.arange(len(keys)))
+    ax.set_xticklabels(keys)
+    handles, labels = ax.get_legend_handles_labels()
+    if banded:
+        handles.append(Patch(color="0.5", alpha=0.3))
+        labels.append(f"shaded: ± 1 std over {banded} seeds (lines: the mean)")
+    _legend_below(fig, handles, labels, 3.8, 2, heading, ax)
+    return _save(fig, path, layout=False)
 
 
-def plot_currents_to_spike(results: Results, path: str | os.PathLike) -> Path:
+def plot_currents_to_spike(results: Results, path: str | os.PathLike, title: str | None = None) -> Path:
     """Fraction of spikes emitted after integrating n currents in the pass (the
-    paper's figure 4, top); one panel per (training, execution), seeds summed."""
+    paper's figure 4, top); one panel per (training, execution), seeds summed; one
+    bar per integer n. Panel titles are wrapped, so 20 panels stay readable."""
+    import textwrap
+
     plt = _pyplot()
     panels = [(train, name, seeds) for train, seeds in _per_seed(results).items()
               for name in seeds[0]]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows + (0.5 if title else 0)),
+                             squeeze=False)
     for ax, (train, name, seeds) in zip(axes.flat, panels):
         hists = [np.asarray(s[name].currents_to_spike, dtype=float) for s in seeds if name in s]
         n = max(len(h) for h in hists)
@@ -235,12 +281,16 @@ def plot_currents_to_spike(results: Results, path: str | os.PathLike) -> Path:
             ax.text(0.97, 0.85, note, transform=ax.transAxes, ha="right", va="top", fontsize=8)
         else:
             ax.text(0.5, 0.5, "no spikes", ha="center", transform=ax.transAxes)
-        ax.set_title(_row_label(train, seeds[0][name]), fontsize=9)
-        ax.set_xlabel("currents integrated before the spike")
-        ax.set_ylabel("fraction of spikes")
+        ax.set_title("\n".join(textwrap.wrap(_row_label(train, seeds[0][name]), 44)), fontsize=8)
+        ax.set_xlabel("currents integrated before the spike", fontsize=8)
+        ax.set_ylabel("fraction of spikes", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    return _save(fig, path)
+    height = fig.get_size_inches()[1]
+    if title:
+        fig.suptitle(f"Currents integrated before a spike: {title}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 / height if title else 0)))
+    return _save(fig, path, layout=False)
 
 
 def _x_range(h: np.ndarray, keep: float = 0.995) -> tuple[int, int, float]:
@@ -257,13 +307,15 @@ def _x_range(h: np.ndarray, keep: float = 0.995) -> tuple[int, int, float]:
 
 def _save(fig: Any, path: str | os.PathLike, layout: bool = True) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if layout:
         fig.tight_layout()
-    fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        with saving(path, "figure") as tmp:
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -273,17 +325,16 @@ def write_report(out_dir: str | os.PathLike, results: Results, title: str | None
     """Write ``table.md``, ``results.json`` (every number, per-sample ones included,
     plus `extra`) and the three figures under `out_dir`; returns their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(results)
     paths = {"table": out / "table.md", "results": out / "results.json"}
-    paths["table"].write_text(markdown_table(rows, title))
+    write_text(paths["table"], markdown_table(rows, title), "table")
     payload = dict(title=title, rows=rows, extra=dict(extra or {}),
                    results={train: [{k: r.to_dict() for k, r in s.items()} for s in seeds]
                             for train, seeds in _per_seed(results).items()})
-    paths["results"].write_text(json.dumps(payload, indent=1, default=_json_default))
-    paths["latency"] = plot_latency(results, out / "latency.png")
-    paths["accuracy_vs_steps"] = plot_accuracy_vs_steps(results, out / "accuracy_vs_steps.png")
-    paths["currents_to_spike"] = plot_currents_to_spike(results, out / "currents_to_spike.png")
+    write_text(paths["results"], json.dumps(payload, indent=1, default=_json_default), "results")
+    paths["latency"] = plot_latency(results, out / "latency.png", title)
+    paths["accuracy_vs_steps"] = plot_accuracy_vs_steps(results, out / "accuracy_vs_steps.png", title)
+    paths["currents_to_spike"] = plot_currents_to_spike(results, out / "currents_to_spike.png", title)
     return paths
 
 

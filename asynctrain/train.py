@@ -8,17 +8,20 @@ training-only regularisers of SPEC 8 (input spike dropout, network spike dropout
 refractory dropout, momentum noise) are fields of ``snn.cfg``; `fit` runs the module in
 training mode, so they apply, and adds the last regulariser, weight decay, through
 Adam (``torch.optim.Adam(weight_decay=...)`` adds ``weight_decay * w`` to the
-gradient, i.e. an L2 term in the loss as in the paper).
+gradient, i.e. an L2 term in the loss as in the paper). The objectives are in
+`asynctrain.losses`, the run's files (checkpoint, log) in `asynctrain.run_files`, a
+run over several processes in `asynctrain.distributed`.
 
 Reproducibility: every epoch starts by seeding torch's RNG from ``(seed, epoch)``
-(so a shuffling DataLoader draws the same order whether or not the run was resumed)
-and every forward call gets its own seed from ``(seed, epoch, batch)``. Hence
-"train 2 epochs" and "train 1 epoch, stop, resume for 1 more" give identical weights.
+(so a shuffling DataLoader draws the same order whether or not the run was resumed;
+a DistributedSampler gets the epoch) and every forward call gets its own seed from
+``(seed, epoch, batch)`` (and the rank). Hence "train 2 epochs" and "train 1 epoch,
+stop, resume for 1 more" give identical weights, also when the stop falls inside an
+epoch (``max_steps``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -26,67 +29,29 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from . import rng
-from .checkpoint import config_diff, load_into, read_checkpoint, save_model, short
 from .config import describe
-from .guards import (TrainingDiverged, check_batch, check_before_training, check_finite,
-                     run_settings, warn_if_silent)
+from .distributed import Distributed
+from .evaluate import evaluate, logits_of
+from .guards import (TrainingDiverged, check_batch, check_before_training, check_device,
+                     check_finite, check_loss, loader_length, run_settings, unpack_batch,
+                     warn_if_silent)
+from .losses import LOSSES, LR_SCHEDULES, scheduled_lr
 from .module import AsyncSNN
+from .run_files import JsonLines, load_checkpoint, load_init, resume as resume_from, save_checkpoint
 
 __all__ = ["fit", "logits_of", "LOSSES", "LR_SCHEDULES", "scheduled_lr", "TrainingDiverged",
-           "save_checkpoint", "load_checkpoint",
-           "call_seed", "check_finite"]
+           "save_checkpoint", "load_checkpoint", "call_seed", "check_finite"]
 
 _STREAM_FIT = 101  # counter-hash stream of fit's seeds (the engine uses 1-5)
-
-LR_SCHEDULES = (None, "cosine")
-
-
-def scheduled_lr(lr: float, schedule: str | None, epoch: int, epochs: int) -> float:
-    """Adam's learning rate in epoch `epoch` (from 0) of `epochs` (`fit`'s `lr_schedule`)."""
-    if schedule == "cosine":
-        return lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
-    return lr
+_STREAM_RANK = 103  # a rank's seeds, derived from rank 0's
 
 
-def logits_of(out: torch.Tensor, readout: str) -> torch.Tensor:
-    """Output of `AsyncSNN` ``[T, B, n_out]`` -> logits ``[B, n_out]`` (SPEC 8).
-
-    "counts": output spike counts summed over the timesteps (rates up to a factor T).
-    "potential": the output potentials after the last pass (CIFAR-10: T = 1).
-    """
-    return out.sum(0) if readout == "counts" else out[-1]
-
-
-def _loss_counts(out: torch.Tensor, labels: torch.Tensor, readout: str) -> torch.Tensor:
-    return F.cross_entropy(logits_of(out, readout), labels)
-
-
-def _loss_rate(out: torch.Tensor, labels: torch.Tensor, readout: str) -> torch.Tensor:
-    return F.cross_entropy(logits_of(out, readout) / (out.shape[0] if readout == "counts" else 1),
-                           labels)
-
-
-def _loss_per_pass(out: torch.Tensor, labels: torch.Tensor, readout: str) -> torch.Tensor:
-    T, B, C = out.shape
-    return F.cross_entropy(out.reshape(T * B, C), labels.repeat(T))
-
-
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]] = {
-    "counts": _loss_counts, "rate": _loss_rate, "per_pass": _loss_per_pass}
-"""Cross-entropy variants (`fit(loss=...)`); the prediction is always the argmax of
-`logits_of`. "counts": softmax of the output counts summed over the timesteps
-(SPEC 8, the default). "rate": of the mean count per pass (counts / T: a softmax
-temperature of T; gentler when T is large). "per_pass": the mean over passes of the
-cross-entropy of each pass's counts (snntorch's ``ce_rate_loss``, used by the paper's
-code examples): every pass is pushed to rank the right class first."""
-
-
-def call_seed(seed: int, epoch: int, batch: int) -> int:
-    """Seed of one forward call: a hash of (seed, epoch, batch), in [0, 2**32)."""
-    return rng.counter_hash(int(seed), _STREAM_FIT, int(epoch), int(batch))
+def call_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """Seed of one forward call: a hash of (seed, epoch, batch[, rank]), in [0, 2**32)."""
+    s = rng.counter_hash(int(seed), _STREAM_FIT, int(epoch), int(batch))
+    return s if rank == 0 else rng.counter_hash(s, _STREAM_RANK, int(rank), 0)
 
 
 def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
@@ -99,7 +64,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         stop: str | None = None, steps_after_output: int | None = None,
         init_from: str | os.PathLike | dict | None = None, val_loader: Iterable | None = None,
         val_execution: str | None = None, recipe_args: dict[str, Any] | None = None,
-        lr_schedule: str | None = None,
+        lr_schedule: str | None = None, max_steps: int | None = None,
+        distributed: Distributed | None = None,
         ) -> list[dict[str, Any]]:
     """Train `snn` with Adam and cross-entropy on its logits (`logits_of`).
 
@@ -143,15 +109,34 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
             MS over 40 epochs (docs/unlayered_training.md, round 2).
         val_loader: evaluated after every epoch under `val_execution` (default: the
             trained policy with the paper's inference stop, or "layered"); adds
-            ``val_accuracy`` and ``val_density`` to the epoch record.
+            ``val_accuracy`` and ``val_density`` to the epoch record. Checked non-empty
+            before training; if it fails later, the trained epoch is saved first.
+        max_steps: stop after this many optimizer steps in all (resumed ones included),
+            in the middle of an epoch if need be: the checkpoint then records the
+            batches done, and a resume skips them, so a stopped and resumed run ends
+            with the same weights as one that was never stopped. The partial epoch is
+            logged as a "stop" line, not added to the history.
+        distributed: an `asynctrain.distributed.Distributed` for a run over several
+            processes (torchrun): give each a loader with a ``DistributedSampler``
+            (its epoch is set here); gradients are averaged over the processes after
+            every backward, the epoch records summed over them, and only rank 0
+            writes `checkpoint_path`, `log_path` and the progress bar (every rank reads
+            the checkpoint to resume). `on_epoch_end` is called on every rank.
 
-    Returns: the history, one record per completed epoch (the resumed ones included).
+    Returns: the history, one record per completed epoch (the resumed ones included):
+    ``epoch`` (from 1), ``loss``, ``train_accuracy``, ``density`` (hidden spikes per
+    sample and hidden neuron), ``passes_with_output``, ``forward_steps_per_pass``,
+    ``synops_per_sample``, ``hidden_spikes_per_sample``, ``capped_passes``,
+    ``batches``, ``samples``, ``step`` (optimizer steps so far), ``seconds``.
 
     Raises: TrainingDiverged at the first NaN or infinite loss, gradient or weight
     (naming epoch, batch and tensor); nothing of that epoch is saved, so the last
-    checkpoint holds the last finite state. ValueError before the first epoch for an
-    empty or batch-first loader or an unwritable path, during it for a batch whose
-    frames are not ``[T, B, ...]``. `asynctrain.checkpoint.CheckpointError` for a
+    checkpoint holds the last finite state. Before the first epoch: ValueError for an
+    empty or batch-first loader (or validation loader), an unwritable path, a device
+    that is not there or does not hold the weights; RuntimeError under
+    ``torch.no_grad()`` / ``torch.inference_mode()``. During it, ValueError naming the
+    batch for one that is not a (frames ``[T, B, ...]``, integer labels within the
+    model's outputs) pair, and for a loss that is not a scalar. `asynctrain.checkpoint.CheckpointError` for a
     checkpoint that cannot be resumed. Warns (RuntimeWarning) after an epoch in which
     at least 90% of the passes had no output spike.
     """
@@ -163,7 +148,8 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
                        desc=desc, max_batches=max_batches, device=device,
                        on_epoch_end=on_epoch_end, loss=loss, init_from=init_from,
                        val_loader=val_loader, val_execution=val_execution,
-                       recipe_args=recipe_args, lr_schedule=lr_schedule)
+                       recipe_args=recipe_args, lr_schedule=lr_schedule, max_steps=max_steps,
+                       distributed=distributed)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -173,91 +159,161 @@ def fit(snn: AsyncSNN, train_loader: Iterable, epochs: int, lr: float,
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ValueError(f"max_steps must be None or an int >= 1, got {max_steps!r}")
+    dist = distributed or Distributed()
     params = [p for p in snn.parameters() if p.requires_grad]
     if not params:
         raise ValueError("snn has no trainable parameters")
-    device = torch.device(device) if device is not None else params[0].device
+    device = check_device(device, params[0].device) if device is not None else params[0].device
     settings = run_settings(seed, lr, weight_decay, loss)
     settings["lr_schedule"] = lr_schedule  # None: constant (older checkpoints lack the key)
-    check_before_training(train_loader, checkpoint_path, log_path)
+    writes = dist.lead  # rank 0 writes the files
+    check_before_training(train_loader, checkpoint_path if writes else None,
+                          log_path if writes else None, val_loader)
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
         loss = LOSSES[loss]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    history: list[dict[str, Any]] = []
-    log = _JsonLines(log_path)
-    start = 0
+    log = JsonLines(log_path if writes else None)
+    start, skip, step, history = 0, 0, 0, []
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
-        start, history = _resume(checkpoint_path, snn, opt, settings, epochs, log)
+        start, skip, step, history = resume_from(checkpoint_path, snn, opt, settings, epochs, log,
+                                                 say=dist.lead)
     else:
         log.write(event="start", epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
-                  layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg))
+                  layers=list(snn.graph.layer_sizes), cfg=describe(snn.cfg), world=dist.world)
         if init_from is not None:
-            log.write(event="init_from", source=_load_init(snn, init_from))
-    if start >= epochs:
+            log.write(event="init_from", source=load_init(snn, init_from))
+    dist.broadcast_(params)
+    if start >= epochs or (max_steps is not None and step >= max_steps):
         return history
 
-    try:
-        n_batches = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        n_batches = None
-    if n_batches is not None and max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    bar = _progress(progress, desc or f"train {snn.cfg.policy}",
-                    None if n_batches is None else (epochs - start) * n_batches)
+    def save(**meta: Any) -> None:
+        if checkpoint_path is not None and writes:
+            save_checkpoint(checkpoint_path, snn, opt, **meta, **settings,
+                            args=dict(recipe_args or {}))
+
+    n_batches = loader_length(train_loader, max_batches)
+    total = None if n_batches is None else (epochs - start) * n_batches - skip
+    if total is not None and max_steps is not None:
+        total = min(total, max_steps - step)
+    bar = _progress(progress and dist.lead, desc or f"train {snn.cfg.policy}", total)
+    epoch_run = _Epoch(snn, opt, loss, seed, device, log, dist, max_batches, bar)
     snn.train()
     try:
         for epoch in range(start, epochs):
             for group in opt.param_groups:
                 group["lr"] = scheduled_lr(lr, lr_schedule, epoch, epochs)
-            record = _one_epoch(snn, opt, train_loader, epoch, seed, device, max_batches,
-                                bar, log, loss)
+            record, done = epoch_run(train_loader, epoch, skip if epoch == start else 0, step, max_steps)
+            step = record["step"]
+            if done is not None:  # max_steps inside the epoch: keep its position
+                log.write(event="stop", **record)
+                save(epoch=epoch, batch=done, step=step, history=history, partial=record)
+                break
             if val_loader is not None:
-                record.update(_validate(snn, val_loader, val_execution, seed))
+                try:
+                    record.update(_validate(snn, val_loader, val_execution, seed))
+                except Exception:  # the trained epoch is kept, without its validation
+                    save(epoch=epoch + 1, batch=0, step=step, history=[*history, record])
+                    raise
             history.append(record)
             log.write(event="epoch", **record)
-            if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, snn, opt, epoch=epoch + 1, history=history,
-                                **settings, args=dict(recipe_args or {}))
+            save(epoch=epoch + 1, batch=0, step=step, history=history)
             if on_epoch_end is not None:
                 on_epoch_end(record)
+            if max_steps is not None and step >= max_steps:
+                break
     finally:
         if bar is not None:
             bar.close()
     return history
 
 
-def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoch: int,
-               seed: int, device: torch.device, max_batches: int | None, bar: Any,
-               log: "_JsonLines", loss_fn: Callable) -> dict[str, Any]:
-    # Seeding here (not once per run) makes the shuffle of epoch e independent of
-    # whether epochs 0..e-1 ran in this process or in one that was resumed.
-    torch.manual_seed(call_seed(seed, epoch, 2**31 - 1))
-    t0 = time.perf_counter()
-    sums = dict(loss=0.0, correct=0, samples=0, steps=0.0, passes=0, synops=0.0,
-                hidden=0.0, capped=0, batches=0, with_output=0)
-    last_loss = None
-    for b, (frames, labels) in enumerate(loader):
-        if max_batches is not None and b >= max_batches:
-            break
-        check_batch(loader, frames, labels, epoch, b)
-        frames, labels = frames.to(device), labels.to(device)
-        out = snn(frames, seed=call_seed(seed, epoch, b))
-        logits = logits_of(out, snn.cfg.readout)
-        loss = loss_fn(out, labels, snn.cfg.readout)
-        _check_finite(snn, "loss", epoch, b, log, opt, loss=loss, last_loss=last_loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _check_finite(snn, "gradient", epoch, b, log, opt)
-        opt.step()
-        _check_finite(snn, "weight", epoch, b, log, opt)
-        last_loss = loss.item()
-        st = snn.stats
-        fo = st["first_output_step"]
-        sums["with_output"] += int((fo > 0).sum())
+_SUMS = ("loss", "correct", "samples", "steps", "passes", "synops", "hidden", "capped", "batches",
+         "with_output")
+
+
+class _Epoch:
+    """One epoch of `fit`: batches, checks, the optimizer step, the epoch's record."""
+
+    def __init__(self, snn: AsyncSNN, opt: torch.optim.Optimizer, loss_fn: Callable, seed: int,
+                 device: torch.device, log: JsonLines, dist: Distributed, max_batches: int | None,
+                 bar: Any):
+        self.snn, self.opt, self.loss_fn, self.seed, self.device = snn, opt, loss_fn, seed, device
+        self.log, self.dist, self.max_batches, self.bar = log, dist, max_batches, bar
+        self.params = [p for p in snn.parameters() if p.requires_grad]
+
+    def __call__(self, loader: Iterable, epoch: int, skip: int, step: int,
+                 max_steps: int | None) -> tuple[dict[str, Any], int | None]:
+        """Train epoch `epoch` (from 0) after its first `skip` batches; returns its record
+        and, when `max_steps` stopped it early, the batches done (else None)."""
+        snn, dist = self.snn, self.dist
+        # Seeding here (not once per run) makes the shuffle of epoch e independent of
+        # whether epochs 0..e-1 ran in this process or in one that was resumed.
+        torch.manual_seed(call_seed(self.seed, epoch, 2**31 - 1))
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = dict.fromkeys(_SUMS, 0.0)
+        last_loss, done = None, None
+        for b, batch in enumerate(loader):
+            if self.max_batches is not None and b >= self.max_batches:
+                break
+            if b < skip:
+                continue  # trained before the run was stopped and resumed
+            where = f"train_loader, epoch {epoch + 1}, batch {b + 1}"
+            frames, labels = unpack_batch(batch, where)
+            check_batch(frames, labels, where, snn.graph.n_outputs)
+            frames, labels = frames.to(self.device), labels.to(self.device)
+            out = snn(frames, seed=call_seed(self.seed, epoch, b, dist.rank))
+            logits = logits_of(out, snn.cfg.readout)
+            loss = self.loss_fn(out, labels, snn.cfg.readout)
+            check_loss(loss, where)
+            self.check("loss", epoch, b, loss=loss, last_loss=last_loss)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.average_gradients_(self.params)
+            self.check("gradient", epoch, b)
+            self.opt.step()
+            self.check("weight", epoch, b)
+            step += 1
+            last_loss = loss.item()
+            self.add(sums, snn.stats, logits, labels, last_loss)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.3f}",
+                                     acc=f"{sums['correct'] / sums['samples']:.3f}", refresh=False)
+            if max_steps is not None and step >= max_steps:
+                done = b + 1
+                break
+        if done is not None and done == loader_length(loader, self.max_batches):
+            done = None  # the stop fell on the epoch's last batch: the epoch is complete
+        sums = dict(zip(_SUMS, dist.all_sum([sums[k] for k in _SUMS])))
+        if sums["batches"] == 0 and skip == 0:
+            raise ValueError(f"train_loader yielded no batch in epoch {epoch + 1}; nothing was "
+                             f"trained or saved (an empty data set, or a sampler with nothing left?)")
+        n, passes = max(sums["samples"], 1), max(sums["passes"], 1)
+        warn_if_silent(sums["with_output"] / passes, snn.cfg.readout, epoch, sums["loss"] / n)
+        record = dict(epoch=epoch + 1, loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
+                      density=sums["hidden"] / (n * max(snn.graph.n_hidden, 1)),
+                      passes_with_output=sums["with_output"] / passes,
+                      forward_steps_per_pass=sums["steps"] / passes,
+                      synops_per_sample=sums["synops"] / n, hidden_spikes_per_sample=sums["hidden"] / n,
+                      capped_passes=int(sums["capped"]), batches=int(sums["batches"]),
+                      samples=int(sums["samples"]), step=step, seconds=time.perf_counter() - t0)
+        if skip:
+            record["resumed_at_batch"] = skip
+        return record, done
+
+    @staticmethod
+    def add(sums: dict, st: dict, logits: torch.Tensor, labels: torch.Tensor, loss: float) -> None:
         B = labels.numel()
-        sums["loss"] += last_loss * B
+        sums["with_output"] += int((st["first_output_step"] > 0).sum())
+        sums["loss"] += loss * B
         sums["correct"] += int((logits.argmax(1) == labels).sum())
         sums["samples"] += B
         sums["steps"] += float(st["forward_steps"].sum())
@@ -266,22 +322,21 @@ def _one_epoch(snn: AsyncSNN, opt: torch.optim.Optimizer, loader: Iterable, epoc
         sums["hidden"] += float(st["hidden_spikes"].sum())
         sums["capped"] += int(st["capped_passes"])
         sums["batches"] += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.3f}",
-                            acc=f"{sums['correct'] / sums['samples']:.3f}", refresh=False)
-    if sums["batches"] == 0:
-        raise ValueError(f"train_loader yielded no batch in epoch {epoch + 1}; nothing was "
-                         f"trained or saved (an empty data set, or a sampler with nothing left?)")
-    warn_if_silent(sums["with_output"] / max(sums["passes"], 1), snn.cfg.readout, epoch,
-                    sums["loss"] / sums["samples"])
-    n = max(sums["samples"], 1)
-    return dict(epoch=epoch + 1, loss=sums["loss"] / n, train_accuracy=sums["correct"] / n,
-                passes_with_output=sums["with_output"] / max(sums["passes"], 1),
-                forward_steps_per_pass=sums["steps"] / max(sums["passes"], 1),
-                synops_per_sample=sums["synops"] / n, hidden_spikes_per_sample=sums["hidden"] / n,
-                capped_passes=sums["capped"], batches=sums["batches"], samples=sums["samples"],
-                seconds=time.perf_counter() - t0)
+
+    def check(self, what: str, epoch: int, b: int, **loss: Any) -> None:
+        """`guards.check_finite`, the abort logged. A non-finite loss on any rank stops
+        every rank (gradients and weights are equal on all ranks after the average)."""
+        try:
+            if what == "loss" and self.dist.world > 1:
+                bad = not bool(torch.isfinite(loss["loss"].detach()).all())
+                if self.dist.any(bad) and not bad:
+                    raise TrainingDiverged(f"loss is not finite on another rank at epoch {epoch + 1}, "
+                                           f"batch {b + 1}; training aborted, nothing of this epoch "
+                                           f"was saved.")
+            check_finite(self.snn, what, epoch, b, lr=self.opt.param_groups[0]["lr"], **loss)
+        except TrainingDiverged as err:
+            self.log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=str(err))
+            raise
 
 
 def _stop_changes(snn: AsyncSNN, stop: str | None, steps_after_output: int | None) -> dict:
@@ -294,88 +349,13 @@ def _stop_changes(snn: AsyncSNN, stop: str | None, steps_after_output: int | Non
     return changes
 
 
-def _load_init(snn: AsyncSNN, source: str | os.PathLike | dict) -> str:
-    """Warm start: weights only, from a checkpoint path or a state dict."""
-    if isinstance(source, dict):
-        snn.net.load_state_dict(source.get("net", source))
-        return "<state dict>"
-    if not Path(source).is_file():
-        raise FileNotFoundError(f"init_from={str(source)!r}: no such checkpoint")
-    load_checkpoint(source, snn)
-    return str(source)
-
-
 def _validate(snn: AsyncSNN, loader: Iterable, execution: str | None, seed: int) -> dict:
-    from .evaluate import evaluate  # late: evaluate imports this module
-
     ex = execution or ("layered" if snn.cfg.policy == "layered" else snn.cfg.policy)
-    r = next(iter(evaluate(snn, loader, [ex], steps_after_output=None, seed=seed).values()))
-    return dict(val_execution=r.execution, val_accuracy=r.accuracy, val_density=r.density)
-
-
-# ------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str | os.PathLike, snn: AsyncSNN, opt: torch.optim.Optimizer | None,
-                    **extra: Any) -> None:
-    """`checkpoint.save_model` with the optimizer state (the one format of the
-    project: model description, config, version, `extra`); atomic."""
-    save_model(path, snn, optimizer=None if opt is None else opt.state_dict(), **extra)
-
-
-def load_checkpoint(path: str | os.PathLike, snn: AsyncSNN,
-                    opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a checkpoint into `snn` (and `opt`); returns what the writer stored
-    (``epoch``, ``history``, ...) plus ``config`` (the stored `SimConfig`).
-    `CheckpointError` (naming the file) for anything unusable."""
-    ck = load_into(path, snn, opt)
-    return dict(ck["meta"], config=ck["config"], version=ck.get("asynctrain_version"))
-
-
-# ----------------------------------------------------------- checks of fit's run
-def _check_finite(snn: AsyncSNN, what: str, epoch: int, b: int, log: "_JsonLines",
-                  opt: torch.optim.Optimizer, **loss: Any) -> None:
-    """`guards.check_finite`, the abort logged; `loss`: its loss and last_loss."""
     try:
-        check_finite(snn, what, epoch, b, lr=opt.param_groups[0]["lr"], **loss)
-    except TrainingDiverged as err:
-        log.write(event="abort", epoch=epoch + 1, batch=b + 1, reason=str(err))
-        raise
-
-
-def _resume(path: Any, snn: AsyncSNN, opt: torch.optim.Optimizer, settings: dict[str, Any],
-            epochs: int, log: "_JsonLines") -> tuple[int, list[dict[str, Any]]]:
-    """Load `path` into `snn` and `opt` after checking it was made by the same run:
-    a differing setting is named, with the ways to start over."""
-    ck = read_checkpoint(path)
-    diffs = [f"{k}: {short(ck['meta'].get(k))} there, {short(v)} here"
-             for k, v in settings.items() if ck["meta"].get(k) != v]
-    diffs += [f"{n}: {a} there, {b} here" for n, a, b in config_diff(ck["config"], snn.cfg)]
-    if diffs:
-        raise ValueError(f"checkpoint {path} was trained with other settings ({'; '.join(diffs)}); "
-                         f"use the same settings to resume it, or start over: --fresh in the "
-                         f"recipes, resume=False for fit, or another --out / checkpoint_path")
-    load_into(path, snn, opt, ck=ck)
-    start, history = int(ck["meta"].get("epoch") or 0), list(ck["meta"].get("history") or [])
-    print(f"resumed from {path} at epoch {start}" + (
-        f" (already {start} >= epochs={epochs}: nothing to train)" if start >= epochs else ""))
-    log.write(event="resume", epoch=start, checkpoint=str(path))
-    return start, history
-
-
-# ---------------------------------------------------------------------- helpers
-class _JsonLines:
-    """Appends one JSON object per line; a no-op without a path."""
-
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = None if path is None else Path(path)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, **record: Any) -> None:
-        if self.path is None:
-            return
-        record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), **record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        r = next(iter(evaluate(snn, loader, [ex], steps_after_output=None, seed=seed).values()))
+    except ValueError as err:
+        raise ValueError(f"val_loader: {err}") from err
+    return dict(val_execution=r.execution, val_accuracy=r.accuracy, val_density=r.density)
 
 
 def _progress(enabled: bool, desc: str, total: int | None) -> Any:

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]
 import cifar_vgg7  # noqa: E402
+from asynctrain import rng  # noqa: E402
+
+_STREAM = 7  # this script's calls: a seed per optimizer step
 
 
 def cifar_like(n: int, seed: int, classes: int = 10, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,19 +62,43 @@ def cifar_like(n: int, seed: int, classes: int = 10, size: int = 32) -> tuple[to
     return images, labels
 
 
+def order_noise(args, images: torch.Tensor, seeds: int = 3) -> dict:
+    """How much of the untrained model's output is the order of the spikes: the
+    logits' spread (std, averaged over logits) over RS seeds for the same image,
+    against their spread over images; and the hidden spikes per neuron and pass."""
+    net, snn = cifar_vgg7.build(args, torch.device("cpu"))
+    snn.train()
+    frames = (images.float() / 255).flatten(1)[None]
+    with torch.no_grad():
+        outs = torch.stack([snn(frames, seed=s)[0] for s in range(seeds)])
+    spikes = float(snn.stats["hidden_spikes"].float().mean()) / (snn.graph.n_neurons - snn.graph.n_outputs)
+    return dict(order_noise=True, K=args.K, policy=args.policy, width=args.width, images=len(images), seeds=seeds,
+                spread_over_seeds=float(outs.std(0).mean()), spread_over_images=float(outs.mean(0).std(0).mean()),
+                hidden_spikes_per_neuron=spikes, forward_steps=float(snn.stats["forward_steps"].float().mean()))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps")
     ap.add_argument("--images", type=int, default=2048, help="training images generated")
     ap.add_argument("--window", type=int, default=25, help="steps averaged at the start and the end")
     ap.add_argument("--log", type=Path, default=None, help="append the JSON lines here too")
+    ap.add_argument("--detach-reset", action="store_true", help="SimConfig.detach_reset=True (not a recipe flag)")
+    ap.add_argument("--order-noise", type=int, default=0, metavar="N",
+                    help="instead of training: the untrained logits' spread over 3 RS seeds against "
+                         "their spread over N images")
     ap.add_argument("recipe_args", nargs="*", help="after --: recipes/cifar_vgg7.py flags")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     args = cifar_vgg7.parse_args(a.recipe_args + (["--out", "/tmp/cifar-proxy-out"]
                                                   if "--out" not in a.recipe_args else []))
-    net, snn = cifar_vgg7.build(args, torch.device("cpu"))
     images, labels = cifar_like(a.images, seed=args.seed)
+    if a.order_noise:
+        print(json.dumps(order_noise(args, images[:a.order_noise])))
+        return
+    net, snn = cifar_vgg7.build(args, torch.device("cpu"))
+    if a.detach_reset:
+        snn.cfg = snn.cfg.replace(detach_reset=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     losses = []
@@ -90,7 +117,7 @@ def main(argv=None) -> None:
     for step in range(a.steps):
         idx = torch.randint(0, a.images, (args.batch_size,), generator=gen)
         frames = (images[idx].float() / 255).flatten(1)[None]
-        out = snn(frames, seed=cifar_vgg7.call_seed(args.seed, step, 0))
+        out = snn(frames, seed=rng.counter_hash(args.seed, _STREAM, step, 0))
         loss = F.cross_entropy(out.sum(0), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

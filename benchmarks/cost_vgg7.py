@@ -22,7 +22,7 @@ it (a few ms against seconds per iteration).
     python benchmarks/cost_vgg7.py --width 0.25         # a narrower VGG-7 (quick look)
     python benchmarks/cost_vgg7.py --width 0.0625 --image-size 8 --points engine:8 --single  # smoke test
 
-Targets (issue): peak memory at K=8 at most 2x that at K=512.
+Target: peak memory at K=8 at most 2x that at K=512.
 """
 
 from __future__ import annotations

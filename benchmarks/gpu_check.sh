@@ -128,7 +128,7 @@ if [[ $DRY -eq 1 ]]; then
     VGG_ARGS=(--points engine:8 --batch 2 --width 0.0625 --image-size 8 --single)
     PROFILE_ARGS=(--tiny)
 else
-    # the targets: K=8 vs layered (time, memory), K=64 -> K=8 memory; bandwidth
+    # the targets: K=8 vs layered (time, memory), K=64 -> K=8 memory; bandwidth
     # at large K x fan-out; launches per forward step (kernels.py's fused_steps, K 8 and 64)
     COST_ARGS=(--points shd:layered:-:1,shd:engine:MS:8,shd:engine:MS:64 --repeat 3 --width-pairs 0)
     KERNEL_ARGS=(--ks 512 --fanouts 4096)

@@ -1,4 +1,4 @@
-"""Microbenchmarks: each per-step kernel against its torch twin (STYLE 5).
+"""Microbenchmarks: each per-step kernel against its torch twin (the twins the tests use).
 
 Grid: forward group size K in {1, 8, 64, 512} x fan-out F in {64, 1024, 4096} for
 deliver (forward, backward with atomics, backward deterministic); K for select (F

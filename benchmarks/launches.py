@@ -17,7 +17,7 @@ passes, the top launches per step). What counts as a launch, a copy and a sync:
 and reverse (`traffic.step_methods`), divided by the call's forward steps; set-up: the
 rest of the phase, per pass.
 
-The budgets (issue 17, items 2 and 3) are `BUDGETS`; tests/test_launches.py holds
+The budgets (launches and host syncs per step) are `BUDGETS`; tests/test_launches.py holds
 them (where a budget is not met yet it holds `CEILINGS`, today's counts, which may
 only go down).
 """
@@ -42,8 +42,8 @@ import asynctrain as at  # noqa: E402
 from asynctrain import plan, traffic  # noqa: E402
 from asynctrain.models import mlp, vgg7  # noqa: E402
 
-# Issue 17: launches per forward step, per phase (item 2), set-up launches per pass
-# (item 2), host syncs per step (item 3, the stop test excepted).
+# The budgets: launches per forward step, per phase, set-up launches per pass, host
+# syncs per step (the stop test excepted).
 BUDGETS = dict(launches_per_step=16, setup_launches_per_pass=40, host_syncs_per_step=0)
 # Where a budget is not met yet: today's counts, per (case, phase) and field, that
 # tests/test_launches.py holds as ceilings (lower them as the counts go down).

@@ -5,7 +5,7 @@ busy fraction and launches per forward step from torch.profiler, the top kernels
     python benchmarks/profile_iteration.py --device cuda --cases vgg7-K8 --max-steps 300
     TRITON_INTERPRET=1 python benchmarks/profile_iteration.py --device cpu --tiny   # the dry run (CPU, tiny sizes)
 
-Cases (issue 17): the shd-like MLP (350-128-128-128-20, batch 32, T = 20, RS, K = 8),
+Cases: the shd-like MLP (350-128-128-128-20, batch 32, T = 20, RS, K = 8),
 a wide MLP (700-1024-1024-1024-20, batch 256, T = 20, RS, K = 8) and VGG-7 (batch 64,
 one analog frame, the CIFAR recipe's settings) at K = 512, 64 and 8. Passes are capped
 (``--max-steps``, SimConfig.max_steps; default 200 steps for VGG-7 at K <= 64, whose

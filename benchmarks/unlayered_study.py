@@ -146,10 +146,9 @@ def run_one(name: str, changes: dict, policy: str, mode: str, seed: int, epochs:
         fit(snn, train_dl, 0, h.lr, progress=False, init_from=init_from)
     before = gradient_report(snn, frames, labels, seed=seed, loss=h.loss)
     start = final_eval(snn, val_dl, policy, infer_K or h.K) if init_from is not None else None
-    with lr_schedule(schedule, ep) as on_epoch_end:
+    with lr_schedule(schedule, ep):
         hist = fit(snn, train_dl, ep, h.lr, h.weight_decay, seed=seed, progress=False,
-                   loss=h.loss, stop=stop, steps_after_output=F, val_loader=val_dl,
-                   on_epoch_end=on_epoch_end)
+                   loss=h.loss, stop=stop, steps_after_output=F, val_loader=val_dl)
     after = gradient_report(snn, frames, labels, seed=seed, loss=h.loss)
     from asynctrain.evaluate import evaluate
 
@@ -217,41 +216,46 @@ def final_eval(snn, val_dl, policy: str, K: int, ms8: bool = True) -> dict:
 
 
 class lr_schedule:
-    """Context: an `on_epoch_end` for `fit` that sets Adam's learning rate for the
-    next epoch ("cosine": lr * (1 + cos(pi e / epochs)) / 2; "step": lr / 10 from
-    epoch 2/3 epochs on; None: constant). `fit` builds its Adam inside, so the
-    optimizer is caught by wrapping torch.optim.Adam for the duration."""
+    """Context: the learning rate of `fit`'s epoch e (from 0) of `epochs` becomes
+    lr * factor(e): "cosine": (1 + cos(pi e / epochs)) / 2; "step": 1/10 from epoch
+    2/3 epochs on; "warmup": a linear ramp (e + 1) / (WARMUP + 1) over the first WARMUP
+    epochs, then 1; "warmup_cosine": the ramp, then cosine decay over the rest; None:
+    constant. `fit` sets Adam's lr at the start of every epoch from
+    `asynctrain.train.scheduled_lr`, which this replaces for the duration (an lr set
+    on Adam between epochs would be overwritten)."""
+
+    WARMUP = 2
+    KINDS = (None, "cosine", "step", "warmup", "warmup_cosine")
 
     def __init__(self, kind: str | None, epochs: int):
-        if kind not in (None, "cosine", "step"):
-            raise ValueError(f"schedule must be cosine or step, got {kind!r}")
-        self.kind, self.epochs, self.opts = kind, epochs, []
-
-    def __enter__(self):
-        if self.kind is None:
-            return None
-        self.adam, opts = torch.optim.Adam, self.opts
-
-        class Caught(self.adam):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                opts.append(self)
-        torch.optim.Adam = Caught
-        return self.on_epoch_end
+        if kind not in self.KINDS:
+            raise ValueError(f"schedule must be one of {self.KINDS[1:]}, got {kind!r}")
+        self.kind, self.epochs = kind, epochs
 
     def factor(self, e: int) -> float:
         if self.kind == "cosine":
             return (1 + np.cos(np.pi * e / self.epochs)) / 2
-        return 0.1 if e >= round(2 * self.epochs / 3) else 1.0
+        if self.kind == "step":
+            return 0.1 if e >= round(2 * self.epochs / 3) else 1.0
+        if self.kind in ("warmup", "warmup_cosine") and e < self.WARMUP:
+            return (e + 1) / (self.WARMUP + 1)
+        if self.kind == "warmup_cosine":
+            return (1 + np.cos(np.pi * (e - self.WARMUP) / (self.epochs - self.WARMUP))) / 2
+        return 1.0
 
-    def on_epoch_end(self, record: dict) -> None:
-        for g in self.opts[-1].param_groups:
-            g.setdefault("initial_lr", g["lr"])
-            g["lr"] = g["initial_lr"] * self.factor(record["epoch"])
+    def __enter__(self):
+        if self.kind is not None:
+            from asynctrain import train
+
+            self.saved = train.scheduled_lr
+            train.scheduled_lr = lambda lr, schedule, epoch, epochs: lr * float(self.factor(epoch))
+        return self
 
     def __exit__(self, *exc):
         if self.kind is not None:
-            torch.optim.Adam = self.adam
+            from asynctrain import train
+
+            train.scheduled_lr = self.saved
 
 
 def _round(v):

@@ -1,7 +1,7 @@
 """VGG-7 for CIFAR-10 (paper, appendix A.10 and figure 11), as a plain ``nn.Sequential``.
 
-Reading of the paper (its figure 11 did not survive the text extraction; the issue
-and SPEC 10 fix the rest): seven weight layers, no batch norm, no dropout, no biases,
+Reading of the paper (its figure 11 did not survive the text extraction; SPEC 10
+fixes the rest): seven weight layers, no batch norm, no dropout, no biases,
 
     conv3x3 64 - conv3x3 64 - avgpool2 - conv3x3 128 - conv3x3 128 - avgpool2
     - conv3x3 256 - conv3x3 256 - avgpool2 - flatten - linear 4096 -> 10

@@ -7,19 +7,27 @@ with random scheduling (RS) and unlayered with momentum scheduling (MS), K = 8,
 unlayered with slot filling (`fill_slots`). Each model is then run the way an
 asynchronous chip runs it (no layer synchronization, K spikes per forward step, the
 pass stops one forward step after the first output spike) and, for the layered
-model, also layered. All of it twice, once per input mode: the whole input frame as
-one forward step ("frame", `prioritize_input`, as the paper's code does) and input
-spikes queued with the others in a random order ("queued", SPEC 6). Printed per mode:
+model, also layered. All of it for both input modes: the whole input frame as one
+forward step ("frame", `prioritize_input`, as the paper's code does) and input
+spikes queued with the others in a random order ("queued", SPEC 6). The unlayered
+models are trained per mode (the mode is part of their training execution); the
+layered model is trained once per seed (layered training delivers whole layers, so
+the input mode does not change it) and evaluated under both. Printed per mode:
 the paper's tables 2 and 3 for this data set (accuracy, spike density, synaptic
 operations, energy) plus the latency until the decision, the training accuracies,
-and what the numbers say about the finding. Written under --out: summary.json and
+and what the numbers say about the finding. Written under --out: summary.json,
 per mode <mode>/table.md, results.json, latency.png, accuracy_vs_steps.png,
-currents_to_spike.png, per seed the checkpoints and logs.
+currents_to_spike.png and per seed the unlayered checkpoints and logs
+(<mode>/seed<s>/<RS|MS>/), and the layered ones (layered/seed<s>/layered/).
 
     python recipes/demo.py                  # 3 seeds, both modes (about 3 min on 2 CPU cores)
     python recipes/demo.py --seeds 1        # one seed
     python recipes/demo.py --modes queued   # one input mode
     python recipes/demo.py --quick          # smoke run (seconds)
+
+Exit status: 0 done, 1 training diverged, 2 bad arguments or unusable files (a
+checkpoint of other settings in --out, a folder in use by another run, a full
+disk), 130 interrupted (rerun the same command to resume).
 
 The settings below were chosen on a validation split carved from the training split
 (never the test split); see MODE_SETTINGS, docs/unlayered_training.md and README.md.
@@ -37,10 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asynctrain import cli, data
+from asynctrain import cli, data, outdir
 from asynctrain.checkpoint import read_checkpoint
 from asynctrain.experiment import TRAIN_LABELS, Hyper, run_models, subset
 from asynctrain.report import markdown_table, table_rows, write_report
+from asynctrain.train import TrainingDiverged
 
 T = 8
 # tau = 1 ms at dt = 10 ms: a pass forgets the previous one (as the paper's N-MNIST
@@ -88,6 +97,18 @@ def mode_hyper(mode: str, policy: str, epochs: int | None = None) -> Hyper:
 def hypers(mode: str, epochs: dict[str, int | None] | None = None) -> dict[str, Hyper]:
     epochs = epochs or {}
     return {p: mode_hyper(mode, p, epochs.get(p)) for p in TRAIN_LABELS}
+
+
+def layered_hyper(epochs: int | None = None) -> Hyper:
+    """The layered model's Hyper, the same for both modes: layered training delivers
+    whole layers, so neither `prioritize_input` nor `input_order` changes it (the
+    queued mode's settings are stored; `eval_config` sets the mode at evaluation)."""
+    return mode_hyper("queued", "layered", epochs)
+
+
+def eval_config(mode: str) -> dict:
+    """How the input reaches the network in `mode`, for evaluating the layered model."""
+    return dict(prioritize_input=(mode == "frame"), input_order="random")
 
 
 def _cell(rows: list[dict], train: str, infer: str, key: str) -> tuple[float, float]:
@@ -171,76 +192,103 @@ def _train_accuracy(folder: Path, policy: str) -> float:
     return float(meta["history"][-1]["train_accuracy"])
 
 
-def main(argv: list[str] | None = None) -> int:
+QUICK = dict(seeds=1, layered_epochs=1, rs_epochs=1, ms_epochs=1, max_train=128, max_test=64)
+"""``--quick``: a smoke run (options given on the command line win), under <out>/quick."""
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     ap.add_argument("--out", default="demo-out", help="output folder (--quick: <out>/quick)")
     ap.add_argument("--seeds", type=cli.positive(int), default=3, help="training seeds")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 seed, tiny subset, 1 epoch, written under <out>/quick")
+                    help="smoke run: 1 seed, 128 train / 64 test samples, 1 epoch, F in {0, 1} "
+                         "(options given on the command line win), written under <out>/quick")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                     help="input modes")
     ap.add_argument("--layered-epochs", type=cli.positive(int), default=None,
-                    help="layered epochs (all modes; none: the mode's own)")
+                    help="layered epochs (none: the demo's 20)")
     ap.add_argument("--rs-epochs", type=cli.positive(int), default=None,
                     help="unlayered RS epochs (none: the mode's own)")
     ap.add_argument("--ms-epochs", type=cli.positive(int), default=None,
                     help="unlayered MS epochs (none: the mode's own)")
+    ap.add_argument("--max-train", type=cli.positive(int), default=None,
+                    help="use a seeded random subset of this many training samples (none: all 1347)")
+    ap.add_argument("--max-test", type=cli.positive(int), default=None,
+                    help="use a seeded random subset of this many test samples (none: all 450)")
     ap.add_argument("--threads", type=cli.threads, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--fresh", action="store_true", help="ignore checkpoints left in --out")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over: delete what an earlier run left in --out")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     a = ap.parse_args(argv)
-    epochs = {"layered": a.layered_epochs, "RS": a.rs_epochs, "MS": a.ms_epochs}
-    if a.seeds < 1 or any(e is not None and e < 1 for e in epochs.values()):
-        ap.error("--seeds and the epoch counts must be >= 1")
-    torch.set_num_threads(a.threads)
-    t_start = time.perf_counter()
-    train_ds = data.digits(train=True, T=T, seed=0)
-    test_ds = data.digits(train=False, T=T, seed=0)
-    sweep = (0, 1, 2, 4, 8, 16)
     if a.quick:
-        a.seeds = 1
-        epochs = {p: 1 for p in epochs}
-        train_ds, test_ds = subset(train_ds, 128, 0), subset(test_ds, 64, 1)
-        sweep = (0, 1)
+        changed = cli.apply_quick(a, cli.explicit(ap, argv), QUICK)
+        print(f"--quick: {', '.join(changed) or 'nothing changed (every value given)'}")
     out = Path(a.out) / "quick" if a.quick else Path(a.out)  # a smoke run never meets a full one
     try:
         cli.out_folder(out)
     except ValueError as err:
         ap.error(str(err))
-    if a.fresh and out.exists():
-        import shutil
+    torch.set_num_threads(a.threads)
 
-        shutil.rmtree(out)
+    def body() -> int:
+        with outdir.claim(out):
+            if a.fresh:
+                outdir.clear(out)
+            return _run(a, out)
+
+    return cli.guarded(body, f"rerun the same command to resume: finished epochs are kept in {out}")
+
+
+def _run(a: argparse.Namespace, out: Path) -> int:
+    t_start = time.perf_counter()
+    epochs = {"layered": a.layered_epochs, "RS": a.rs_epochs, "MS": a.ms_epochs}
+    train_ds = subset(data.digits(train=True, T=T, seed=0), a.max_train, 0)
+    test_ds = subset(data.digits(train=False, T=T, seed=0), a.max_test, 1)
+    sweep = (0, 1) if a.quick else (0, 1, 2, 4, 8, 16)
     print(f"digits (scikit-learn load_digits, UCI optical digits): {len(train_ds)} train / "
           f"{len(test_ds)} test samples, T={T} Bernoulli frames; network "
           f"{[64, *DEMO_HYPER.hidden, 10]}, theta={DEMO_HYPER.theta}, tau={DEMO_HYPER.tau} ms, "
           f"K={DEMO_HYPER.K}; input modes: {', '.join(MODES[m] for m in a.modes)}; "
           f"seeds: {a.seeds}", flush=True)
-    summary: dict = dict(seeds=a.seeds, quick=a.quick, T=T, modes={})
+    summary: dict = dict(seeds=a.seeds, quick=a.quick, T=T, modes={},
+                         layered=dict(hyper=asdict(layered_hyper(epochs["layered"])),
+                                      trained_once_for=list(a.modes)))
     printed = []
+    lay = layered_hyper(epochs["layered"])
     for mode in a.modes:
         hs = hypers(mode, epochs)
+        hs["layered"] = lay
         print(f"\n== {MODES[mode]}: epochs " + ", ".join(
-            f"{p} {h.finetune_epochs or h.epochs}" + (" (fine-tuned from layered)"
-                                                    if h.finetune_epochs and p != "layered" else "")
-            for p, h in hs.items()), flush=True)
+            f"{p} {h.finetune_epochs or h.epochs}" for p, h in hs.items())
+            + " (the layered model is trained once and shared by the modes)", flush=True)
         per_seed: dict[str, list] = {label: [] for label in TRAIN_LABELS.values()}
         train_acc: dict[str, list[float]] = {p: [] for p in TRAIN_LABELS}
         for seed in range(a.seeds):
-            folder = out / mode / f"seed{seed}"
-            try:
-                res = run_models(train_ds, test_ds, 64, 10, hs, list(TRAIN_LABELS), folder,
-                                 seed=seed, steps_after_output=sweep,
-                                 progress=not a.no_progress, resume=not a.fresh)
-            except ValueError as err:  # a checkpoint of other settings left in --out
-                if "trained with other settings" not in str(err):
-                    raise
-                print(f"error: {err}\n(run with --fresh to retrain from scratch)", file=sys.stderr)
-                return 2
-            for label, r in res.items():
-                per_seed[label].append(r)
-            for p in TRAIN_LABELS:
-                train_acc[p].append(_train_accuracy(folder, p))
+            runs = ((["layered"], out / "layered" / f"seed{seed}", eval_config(mode)),
+                    (["RS", "MS"], out / mode / f"seed{seed}", None))
+            for policies, folder, config in runs:
+                try:
+                    res = run_models(train_ds, test_ds, 64, 10, hs, policies, folder,
+                                     seed=seed, steps_after_output=sweep,
+                                     progress=not a.no_progress, resume=not a.fresh,
+                                     eval_config=config)
+                except TrainingDiverged as err:
+                    print(f"error: training diverged: {err}", file=sys.stderr)
+                    return 1
+                except ValueError as err:  # a checkpoint of other settings left in --out
+                    if "trained with other settings" not in str(err):
+                        raise
+                    print(f"error: {err}\n(run with --fresh to retrain from scratch)", file=sys.stderr)
+                    return 2
+                for label, r in res.items():
+                    per_seed[label].append(r)
+                for p in policies:
+                    train_acc[p].append(_train_accuracy(folder, p))
         rows = table_rows(per_seed)
         tacc = {p: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
                 for p, v in train_acc.items()}
@@ -253,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         printed.append((markdown_table(rows, title), lines))
     wall = time.perf_counter() - t_start
     summary["wall_seconds"] = wall
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    outdir.write_text(out / "summary.json", json.dumps(summary, indent=1, default=float), "summary")
     for table, lines in printed:
         print()
         print(table)

@@ -28,10 +28,11 @@ HYPER = Hyper(hidden=(128, 128, 128), dt=20.0, batch_size=32, epochs=70, lr=1e-4
 
 def _args(ap) -> None:
     ap.add_argument("--duration-ms", type=cli.positive(float), default=1500.0,
-                    help=f"recording time used, in ms, a whole number of dt = {HYPER.dt:g} ms frames; longer recordings are cropped")
+                    help=f"recording time used, in ms, a whole number of dt = {HYPER.dt:g} ms frames; "
+                         f"longer recordings are cropped")
     ap.add_argument("--min-files", type=cli.positive(int), default=None,
                     help="accept a partial copy of the data set with at least this many "
-                         ".npy files (default: tonic's 100)")
+                         ".npy files (none: tonic's 100)")
 
 
 def _load(args, train: bool):

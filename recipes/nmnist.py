@@ -25,10 +25,11 @@ HYPER = Hyper(hidden=(64, 64, 64), dt=10.0, batch_size=256, epochs=50, lr=5e-4, 
 
 def _args(ap) -> None:
     ap.add_argument("--duration-ms", type=cli.positive(float), default=100.0,
-                    help="recording time used, in ms, a whole number of dt = 10 ms frames (paper: the first 100 ms saccade)")
+                    help="recording time used, in ms, a whole number of dt = 10 ms frames (paper: the "
+                         "first 100 ms saccade)")
     ap.add_argument("--min-files", type=cli.positive(int), default=None,
                     help="accept a partial copy of the data set with at least this many "
-                         ".bin files (default: tonic's 10000)")
+                         ".bin files (none: tonic's 10000)")
 
 
 def _load(args, train: bool):

@@ -26,7 +26,8 @@ HYPER = Hyper(hidden=(128, 128, 128), dt=10.0, batch_size=32, epochs=100, lr=7e-
 
 def _args(ap) -> None:
     ap.add_argument("--duration-ms", type=cli.positive(float), default=1000.0,
-                    help=f"recording time used, in ms, a whole number of dt = {HYPER.dt:g} ms frames; longer recordings are cropped")
+                    help=f"recording time used, in ms, a whole number of dt = {HYPER.dt:g} ms frames; "
+                         f"longer recordings are cropped")
 
 
 def _load(args, train: bool):

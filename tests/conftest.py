@@ -1,6 +1,6 @@
 """Shared helpers for the engine tests: tiny random networks and inputs, one call of
 the engine (`AsyncSNN`) and one of the dense oracle with the same weights, seed and
-mode, and the comparison rule of STYLE point 4 (spikes and stats exact, potentials
+mode, and the comparison rule of the engine tests (spikes and stats exact, potentials
 and gradients within a stated tolerance).
 
 The test files import these as ``from conftest import ...`` (``tests/`` is on
@@ -8,6 +8,8 @@ The test files import these as ``from conftest import ...`` (``tests/`` is on
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -137,3 +139,68 @@ def cuda_or_skip() -> torch.device:
     if is_interpreted(steps_triton._forward_kernel):
         pytest.skip("Triton was imported with TRITON_INTERPRET=1: no compiled kernels in this process")
     return torch.device("cuda")
+
+
+# ---------------------------------------------------------------- markers
+# The markers of pyproject.toml, set here by what a test does (one place for every test
+# file). `make test-fast` runs -m "not slow and not subprocess" in under 3 minutes on 2
+# idle CPU cores; `make test` (CI) runs everything.
+SLOW = {
+    # more than about a second on 2 idle cores (measured with --durations=0)
+    "test_audit.py": ("test_audit_and_finetune_on_a_small_pt", "test_audit_conv_nir_on_image_frames",
+                      "test_audit_on_a_recipe_data_set", "test_byom_recipe_tiny",
+                      "test_byom_checks_out_before_training_and_keeps_other_runs",
+                      "test_one_audit_per_folder_and_the_old_option_names"),
+    "test_cifar_recipe.py": ("test_quick_run_and_a_busy_folder",
+                             "test_checkpoints_rebuild_the_model_and_refuse_contradictions",
+                             "test_layered_model_evaluates_async_from_checkpoint",
+                             "test_nan_weights_stop_the_recipe_naming_the_tensor"),
+    "test_conv_engine.py": ("test_checkpointed_backward_equals_plain_autograd_conv",
+                            "test_conv_engine_matches_oracle",
+                            "test_nested_segments_backward_equals_plain_autograd_conv",
+                            "test_steps_at_receivers_or_whole_state_match_oracle"),
+    "test_demo.py": ("test_demo_quick",),
+    # the three that read the counts: their module fixture runs benchmarks/launches.py in a
+    # Triton-interpreter child (minutes)
+    "test_launches.py": ("test_every_case_and_phase_is_counted", "test_no_host_sync_in_the_loops",
+                         "test_launch_budgets_or_todays_ceilings"),
+    "test_listed_steps.py": ("test_listed_steps_change_nothing",
+                             "test_listed_steps_convert_nothing_but_the_stop_test",
+                             "test_nested_segments_with_listed_records"),
+    "test_nir.py": ("test_round_trip_conv_exact",),
+    "test_no_sync.py": ("test_step_loop_converts_nothing_but_the_stop_test",
+                        "test_stop_every_n_steps_changes_nothing", "test_sync_free_mode_changes_nothing",
+                        "test_sync_free_mode_changes_nothing_under_plain_autograd"),
+    "test_recipe_cli.py": ("test_quick_and_full_runs_do_not_share_checkpoints",
+                           "test_eval_only_rebuilds_the_model_from_the_checkpoint",
+                           "test_quick_keeps_the_options_given", "test_a_lock_left_by_a_dead_run_is_taken_over",
+                           "test_a_full_disk_names_the_file_and_exits_2"),
+    "test_recipes.py": ("test_recipe_one_short_epoch", "test_recipe_resumes_and_evaluates_other_executions"),
+    "test_report_figures.py": ("test_twenty_executions_stay_readable",),
+}
+_STARTS_PROCESSES = ("subprocess.", "_torchrun(", "Popen(")
+_CUDA = ("cuda_or_skip(", "skipif(not torch.cuda.is_available()")
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(inspect.unwrap(fn))
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None:
+            continue
+        src, name = _source(fn), item.originalname
+        if name in SLOW.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)
+        # run in the Triton-interpreter child (tests/interpreter_child.py), start a
+        # process themselves, or compile cubins with ptxas / cuobjdump
+        if getattr(fn, "_in_interpreter", False) or any(s in src for s in _STARTS_PROCESSES) \
+                or "cubin" in name or "without_spills" in name:
+            item.add_marker(pytest.mark.subprocess)
+        if any(s in src for s in _CUDA) or name.startswith("test_cuda"):
+            item.add_marker(pytest.mark.cuda)

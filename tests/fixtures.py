@@ -1,4 +1,5 @@
-"""Tiny, format-faithful copies of the data sets, written into a temporary folder.
+"""Tiny, format-faithful copies of the data sets, written into a temporary folder, and
+`load_recipe` (a recipe script imported as a module).
 
 Each writer produces the files tonic 1.7.0 (or the CIFAR-10 reader) looks for, in the
 byte format of the real releases, so the loaders run their real code paths offline:
@@ -18,6 +19,7 @@ byte format of the real releases, so the loaders run their real code paths offli
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,6 +27,17 @@ from typing import Iterable, Sequence
 import numpy as np
 
 Event = tuple[int, int, int, int]  # (x, y, p, t) in the data set's own time unit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe(name: str, alias: str | None = None):
+    """``recipes/<name>.py`` imported as a fresh module (recipes/ is not a package);
+    `alias`: its module name, when one test needs two independent copies."""
+    spec = importlib.util.spec_from_file_location(alias or f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def write_nmnist(root: Path, samples: Sequence[tuple[int, Iterable[Event]]],

@@ -4,7 +4,6 @@ fine-tuned model written back; the snnTorch -> NIR -> audit recipe at tiny size.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from asynctrain import AsyncSNN, SimConfig  # noqa: E402
 from asynctrain import audit as audit_cli  # noqa: E402
 from asynctrain import nir as anir  # noqa: E402
 from asynctrain.checkpoint import load_model, save_model  # noqa: E402
+from fixtures import load_recipe  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +49,20 @@ def test_help_lists_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         audit_cli.main(["--help"])
     assert e.value.code == 0
-    text = capsys.readouterr().out
-    for piece in ("--data", "--finetune EPOCHS", "(default: 8)", "(default: [1, 8, 64])",
-                  "(default: audit-out)", "--presets"):
+    text = " ".join(capsys.readouterr().out.split())
+    for piece in ("--data", "--finetune-epochs EPOCHS", "(default: 8)", "--eval [EXECUTION ...]",
+                  "(default: audit-out)", "--presets", "--quick", "--fresh", "--max-test"):
         assert piece in text
+    assert "--max-samples" not in text and "--finetune " not in text  # deprecated: hidden
 
 
 @pytest.mark.parametrize("argv, match", [
     (["missing.nir", "--data", "digits"], "no such file"),
     (["{model}", "--data", "mnist"], "choose nmnist, shd, dvs_gesture, digits or a .pt"),
     (["{model}", "--data", "nmnist", "--data-dir", "/nonexistent"], "is not a folder"),
-    (["{model}", "--data", "digits", "--K", "0"], "argument --K: expected an integer > 0, got '0'"),
-    (["{model}", "--data", "digits", "--finetune", "-1"], "--finetune: expected an integer >= 0"),
+    (["{model}", "--data", "digits", "--eval", "RS:K=0"], "K must be an integer >= 1, got '0'"),
+    (["{model}", "--data", "digits", "--finetune-epochs", "-1"],
+     "--finetune-epochs: expected an integer >= 0"),
     (["{model}", "--data", "digits", "--T", "0"], "argument --T: expected an integer > 0"),
     (["{model}", "--data", "digits", "--refractory-dropout", "2"], "a probability in [0, 1]"),
     (["{model}", "--data", "digits", "--out", "{model}"], "is a file, not a folder"),
@@ -87,9 +89,9 @@ def test_model_data_mismatch_named(tmp_path, capsys):
     assert "has 3 outputs but data 'digits' has 10 classes" in capsys.readouterr().err
     data = _pt(tmp_path / "d.pt", train=False)
     anir.write(model, _mlp([8, 4, 3]))
-    assert audit_cli.main([str(model), "--data", str(data), "--finetune", "1",
+    assert audit_cli.main([str(model), "--data", str(data), "--finetune-epochs", "1",
                            "--no-progress"]) == 2
-    assert "needs ['train_frames', 'train_labels'] for --finetune" in capsys.readouterr().err
+    assert "needs ['train_frames', 'train_labels'] for --finetune-epochs" in capsys.readouterr().err
 
 
 def test_unreadable_models_named(tmp_path, capsys):
@@ -121,9 +123,10 @@ def test_audit_and_finetune_on_a_small_pt(tmp_path, capsys):
     save_model(model, snn)
     data = _pt(tmp_path / "d.pt")
     out = tmp_path / "out"
-    rc = audit_cli.main([str(model), "--data", str(data), "--out", str(out), "--K", "1", "4",
-                         "--presets", "loihi", "speck", "--steps-after-output", "0", "1",
-                         "--finetune", "2", "--lr", "0.05", "--batch-size", "8", "--no-progress"])
+    rc = audit_cli.main([str(model), "--data", str(data), "--out", str(out), "--eval", "RS:K=1",
+                         "RS:K=4", "MS:K=1", "MS:K=4", "--presets", "loihi", "speck",
+                         "--steps-after-output", "0", "1", "--finetune-epochs", "2", "--lr", "0.05",
+                         "--batch-size", "8", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
     for piece in ("| As given | Layered |", "| As given | Async RS (K=1) |", "Async MS (K=4)",
@@ -164,27 +167,39 @@ def test_barrier_preset_gives_layered_results():
 
 def test_recipe_data_match_the_recipes():
     for name, spec in audit_cli.RECIPE_DATA.items():
-        path = ROOT / "recipes" / f"{name}.py"
-        mod_spec = importlib.util.spec_from_file_location(f"_recipe_{name}", path)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
+        mod = load_recipe(name, f"_recipe_{name}")
         assert mod.HYPER.dt == spec["dt"], name
         assert mod.SPEC.name == name
 
 
 def test_byom_recipe_tiny(tmp_path, capsys):
     pytest.importorskip("snntorch")
-    path = ROOT / "recipes" / "byom_snntorch.py"
-    mod_spec = importlib.util.spec_from_file_location("_byom", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    mod = load_recipe("byom_snntorch", "_byom")
     rc = mod.main(["--quick", "--out", str(tmp_path), "--hidden", "8", "--T", "3",
-                   "--max-train", "32", "--max-test", "16", "--K", "2", "--no-progress"])
+                   "--max-train", "32", "--max-test", "16", "--eval", "MS:K=2", "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "output spikes identical" in text
-    assert (tmp_path / "model.nir").is_file() and (tmp_path / "finetuned.nir").is_file()
-    assert "| As given | Layered |" in text
+    assert "output spikes identical" in text and "--quick: --epochs 1, --finetune-epochs 1" in text
+    out = tmp_path / "quick"
+    assert (out / "model.nir").is_file() and (out / "finetuned.nir").is_file()
+    assert "| As given | Layered |" in text and "Async MS (K=2)" in text
+
+
+def test_byom_checks_out_before_training_and_keeps_other_runs(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("snntorch")
+    mod = load_recipe("byom_snntorch", "_byom2")
+    monkeypatch.setattr(mod, "train_snntorch", lambda *a: pytest.fail("trained before the check"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--out", str(tmp_path / "f" / "o"), "--no-progress"])
+    assert e.value.code == 2 and "is a file, so no folder can be made" in capsys.readouterr().err
+    # a folder holding the results of a run with other settings
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / mod.RECORD).write_text('{"hidden": [64]}')
+    assert mod.main(["--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the results of another run (hidden: [64] there, [32, 32, 32] here" in err
+    assert "--fresh replaces them" in err
 
 
 def test_audit_on_a_recipe_data_set(tmp_path, capsys):
@@ -203,7 +218,7 @@ def test_audit_on_a_recipe_data_set(tmp_path, capsys):
     snn.cfg = snn.cfg.replace(dt=5.0)
     save_model(model, snn)
     rc = audit_cli.main([str(model), "--data", "nmnist", "--data-dir", str(tmp_path / "data"),
-                         "--min-files", "6", "--out", str(tmp_path / "out"), "--K", "--presets",
+                         "--min-files", "6", "--out", str(tmp_path / "out"), "--eval", "--presets",
                          "--steps-after-output", "0", "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -228,11 +243,50 @@ def test_audit_conv_nir_on_image_frames(tmp_path, capsys):
     anir.write(model, AsyncSNN(net, SimConfig(K=64, tau=30.0, theta=0.25), backend="torch"))
     data = _pt(tmp_path / "img.pt", n=8, T=2, shape=(3, 8, 8))
     rc = audit_cli.main([str(model), "--data", str(data), "--out", str(tmp_path / "out"),
-                         "--K", "64", "--presets", "loihi", "spinnaker", "speck",
-                         "--neurons-per-core", "16", "--steps-after-output", "0",
-                         "--finetune", "1", "--batch-size", "4", "--no-progress"])
+                         "--eval", "RS:K=64", "MS:K=64", "--presets", "loihi", "spinnaker",
+                         "speck", "--neurons-per-core", "16", "--steps-after-output", "0",
+                         "--finetune-epochs", "1", "--batch-size", "4", "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "spinnaker (timer/core: K=16" in text and "layers [192, 128, 128, 64, 64" in text
     back = anir.from_nir(tmp_path / "out" / "finetuned.nir", backend="torch")
     assert back.graph.input_shape == (3, 8, 8)
+
+
+def test_one_audit_per_folder_and_the_old_option_names(tmp_path, capsys):
+    model = tmp_path / "m.pt"
+    save_model(model, _mlp([8, 6, 3]))
+    data = _pt(tmp_path / "d.pt")
+    out = tmp_path / "out"
+    base = [str(model), "--data", str(data), "--out", str(out), "--presets", "--eval",
+            "--steps-after-output", "--batch-size", "8", "--no-progress"]
+    with pytest.warns(FutureWarning, match="--finetune is deprecated and will be removed: use "
+                                           "--finetune-epochs"):
+        assert audit_cli.main(base + ["--finetune", "1"]) == 0
+    first = (out / "finetuned.pt").read_bytes()
+    capsys.readouterr()
+    # another audit into the same folder: refused before any work, naming the difference
+    assert audit_cli.main(base + ["--finetune-epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the results of another run (finetune_epochs: 1 there, 2 here)" in err
+    assert "--fresh replaces them" in err and (out / "finetuned.pt").read_bytes() == first
+    # the same audit again replaces its own results; --fresh replaces another's
+    assert audit_cli.main(base + ["--finetune-epochs", "1"]) == 0
+    assert audit_cli.main(base + ["--finetune-epochs", "2", "--fresh"]) == 0
+    assert (out / "finetune.jsonl").read_text().count('"event": "epoch"') == 2
+    with pytest.warns(FutureWarning, match="--max-samples is deprecated"):
+        assert audit_cli.main(base + ["--max-samples", "6", "--fresh", "--out", str(tmp_path / "o2")]) == 0
+    assert "6 test samples" in capsys.readouterr().out
+
+
+def test_nan_frames_in_a_data_file_exit_2_naming_the_sample(tmp_path, capsys):
+    model = tmp_path / "m.pt"
+    save_model(model, _mlp([8, 6, 3]))
+    frames = torch.zeros(5, 3, 8)
+    frames[3, 1, 2] = float("nan")
+    torch.save({"frames": frames, "labels": torch.arange(5) % 3}, tmp_path / "nan.pt")
+    assert audit_cli.main([str(model), "--data", str(tmp_path / "nan.pt"), "--out",
+                           str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "nan.pt: frames of 1 sample(s) hold NaN/inf values, first sample 3" in err
+    assert "Traceback" not in err

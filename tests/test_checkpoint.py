@@ -83,9 +83,15 @@ def test_truncated_missing_folder_and_foreign_files(tmp_path):
 
 def test_nan_weights_and_other_model_are_refused(tmp_path):
     snn = _snn()
+    save_model(tmp_path / "nan.pt", snn)
     with torch.no_grad():
         snn.net[0].weight[1, 2] = float("nan")
-    save_model(tmp_path / "nan.pt", snn)
+    with pytest.raises(ValueError, match=r"not saving .*nan\.pt: weight 0\.weight holds 1 NaN/inf "
+                                         r"values \(load_model would refuse the file\)"):
+        save_model(tmp_path / "nan.pt", snn)
+    state = torch.load(tmp_path / "nan.pt", weights_only=True)  # a file written by other means
+    state["weights"]["0.weight"][1, 2] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(CheckpointError, match=r"nan\.pt: weight 0\.weight holds 1 NaN"):
         load_model(tmp_path / "nan.pt")
     save_model(tmp_path / "m.pt", _snn())
@@ -111,3 +117,22 @@ def test_check_writable(tmp_path):
         check_writable(tmp_path)
     assert check_writable(tmp_path / "new" / "m.pt") == tmp_path / "new" / "m.pt"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_writes_that_fail_name_the_file_and_keep_the_previous_one(tmp_path, monkeypatch):
+    from asynctrain.outdir import OutputError
+
+    save_model(tmp_path / "m.pt", _snn(), epoch=1)
+    with pytest.raises(ValueError, match=r"checkpoint .* is a folder, not a file"):
+        save_model(tmp_path, _snn())
+
+    def full_disk(obj, f, *a, **k):  # what torch raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 774")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputError, match=rf"could not write checkpoint {tmp_path / 'm.pt'}: the write "
+                                          r"stopped part way .*\(the previous one is intact\)"):
+        save_model(tmp_path / "m.pt", _snn(), epoch=2)
+    monkeypatch.undo()
+    assert load_model(tmp_path / "m.pt")[1]["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]

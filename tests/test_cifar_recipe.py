@@ -9,7 +9,6 @@ which spikes still reach the output layer with the default initialisation.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -22,18 +21,15 @@ import pytest
 import torch
 
 from asynctrain.checkpoint import read_checkpoint
-from fixtures import write_cifar10
+from fixtures import load_recipe, write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "cifar_vgg7.py"
-TINY = ["--width", "0.125", "--batch-size", "2", "--limit-test", "4", "--epochs", "2"]
+TINY = ["--width", "0.125", "--batch-size", "2", "--max-test", "4", "--epochs", "2"]
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("cifar_vgg7", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe("cifar_vgg7", "cifar_vgg7")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +45,15 @@ def _ck(path):
     return dict(ck["meta"], model=ck["weights"])
 
 
+def _log(out):
+    return [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+
+
 def _torchrun(args, cwd):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    # the checkout first: the processes import this asynctrain, not an installed one
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT / "tests")] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+        [str(ROOT), str(ROOT / "tests")] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(RECIPE), *args],
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
@@ -61,27 +62,31 @@ def _torchrun(args, cwd):
 
 def test_torchrun_two_ranks_resume_and_equal_weights(data, tmp_path):
     out = tmp_path / "run"
-    common = ["--K", "64", "--data-dir", str(data), "--out", str(out), "--eval-K", "64", *TINY]
+    common = ["--K", "64", "--data-dir", str(data), "--out", str(out), "--eval", "layered", "RS:K=64",
+              *TINY]
     _torchrun([*common, "--max-steps", "2", "--no-eval"], tmp_path)
     first = _ck(out / "last.pt")
-    assert first["step"] == 2 and first["world_size"] == 2 and first["batch"] == 2
-    log = json.loads((out / "log.json").read_text())
-    assert log[0]["train"]["samples"] == 8 and log[-1]["rank_weight_max_abs_diff"] == 0.0
-    for key in ("loss", "accuracy", "density", "synops", "forward_steps"):
-        assert key in log[0]["train"]
-    assert log[0]["train"]["density"] > 0 and log[0]["train"]["forward_steps"] > 0
+    # 10 images, 2 ranks, batch 2 per rank: 2 steps are the first epoch
+    assert (first["step"], first["epoch"], first["batch"]) == (2, 1, 0)
+    stop = _log(out)[-1]
+    assert stop["event"] == "epoch" and stop["samples"] == 8  # summed over both ranks
+    for key in ("loss", "train_accuracy", "density", "synops_per_sample", "forward_steps_per_pass"):
+        assert key in stop
+    assert stop["density"] > 0 and stop["forward_steps_per_pass"] > 0
+    assert json.loads((out / "summary.json").read_text())["rank_weight_max_abs_diff"] == 0.0
     r = _torchrun([*common, "--max-steps", "3", "--resume"], tmp_path)
     resumed = _ck(out / "last.pt")
-    assert resumed["step"] == 3
+    assert (resumed["step"], resumed["epoch"], resumed["batch"]) == (3, 1, 1)
+    assert _log(out)[-1]["event"] == "stop"  # inside epoch 2
     assert any(not torch.equal(a, b) for a, b in zip(first["model"].values(), resumed["model"].values()))
-    log = json.loads((out / "log.json").read_text())
-    assert log[-1]["rank_weight_max_abs_diff"] == 0.0
-    assert set(log[-2]["eval"]) == {"layered", "RS K=64"}
-    assert "RS K=64" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rank_weight_max_abs_diff"] == 0.0 and summary["world_size"] == 2
+    assert set(summary["eval"]) == {"layered", "RS:K=64"}
+    assert summary["eval"]["RS:K=64"]["samples"] == 2  # one test image per rank, merged
+    assert "| Async RS (K=64) |" in r.stdout
     # the same three steps without a stop give the same weights
     straight = tmp_path / "straight"
-    _torchrun([*common[:-6], "--out", str(straight), "--eval-K", "64", *TINY, "--max-steps", "3",
-               "--no-eval"], tmp_path)
+    _torchrun([*common[:-8], "--out", str(straight), *TINY, "--max-steps", "3", "--no-eval"], tmp_path)
     ref = _ck(straight / "last.pt")
     for k, v in ref["model"].items():
         assert torch.equal(v, resumed["model"][k]), f"{k} differs after resume"
@@ -92,13 +97,14 @@ def test_layered_model_evaluates_async_from_checkpoint(data, tmp_path, capsys):
     out = tmp_path / "lay"
     rec.main(["--policy", "layered", "--data-dir", str(data), "--out", str(out), "--max-steps", "1",
               "--no-eval", *TINY])
-    rec.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--data-dir", str(data),
-              "--out", str(out), "--eval-K", "512,8", *TINY])
-    res = json.loads((out / "eval.json").read_text())["eval"]
-    assert set(res) == {"layered", "RS K=512", "RS K=8"}
-    assert res["RS K=8"]["forward_steps"] > res["RS K=512"]["forward_steps"] >= 1
-    assert res["layered"]["forward_steps"] == 7  # one step per layer
-    assert "RS K=8" in capsys.readouterr().out
+    with pytest.warns(FutureWarning, match="--checkpoint is deprecated"):
+        rec.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--data-dir", str(data),
+                  "--out", str(out), "--eval-K", "512,8", *TINY])
+    res = json.loads((out / "eval.json").read_text())["runs"][0]["eval"]
+    assert set(res) == {"layered", "RS:K=512", "RS:K=8"}
+    assert res["RS:K=8"]["latency_steps"] > res["RS:K=512"]["latency_steps"] >= 1
+    assert res["layered"]["latency_steps"] == 7  # one step per layer
+    assert "| Async RS (K=8) |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -117,9 +123,11 @@ def test_bad_arguments(argv, match, capsys):
 
 
 def _exit(rec, argv, capsys, code=2):
-    with pytest.raises(SystemExit) as ex:
-        rec.main(argv)
-    assert ex.value.code == code
+    try:
+        rc = rec.main(argv)
+    except SystemExit as ex:
+        rc = ex.code
+    assert rc == code
     return capsys.readouterr().err
 
 
@@ -170,7 +178,9 @@ def test_out_under_a_file_and_help(tmp_path, capsys):
         _recipe().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "SPEC.md" not in text and "docs/semantics.md" in text
-    assert text.count("(default:") >= 25 and "Adam learning rate (default: 0.0002)" in text
+    assert text.count("(default:") >= 28 and "Adam learning rate (default: 0.0002)" in text
+    for old in ("--limit-train", "--eval-K", "--checkpoint"):  # deprecated spellings: hidden
+        assert old not in text
 
 
 def test_checkpoints_rebuild_the_model_and_refuse_contradictions(data, tmp_path, capsys):
@@ -179,16 +189,16 @@ def test_checkpoints_rebuild_the_model_and_refuse_contradictions(data, tmp_path,
     base = ["--data-dir", str(data), "--out", str(out), "--no-progress"]
     rec.main([*base, "--policy", "layered", "--max-steps", "1", "--no-eval", "--theta", "0.3", *TINY])
     ck = out / "last.pt"
-    assert json.loads((out / "log.json").read_text())[0]["epoch"] == 1  # epochs count from 1
+    assert _log(out)[-1]["epoch"] == 1  # epochs count from 1
     # --eval-only CKPT alone: width and theta come from the file (no size-mismatch traceback,
     # no silently different numbers)
     rec.main(["--eval-only", str(ck), "--data-dir", str(data), "--out", str(tmp_path / "e1"),
-              "--limit-test", "4", "--eval-K", "64", "--no-progress"])
+              "--max-test", "4", "--eval", "layered", "RS:K=64", "--no-progress"])
     rec.main(["--eval-only", str(ck), "--data-dir", str(data), "--out", str(tmp_path / "e2"),
-              "--limit-test", "4", "--eval-K", "64", "--no-progress", "--width", "0.125",
+              "--max-test", "4", "--eval", "layered", "RS:K=64", "--no-progress", "--width", "0.125",
               "--theta", "0.3"])
-    a = json.loads((tmp_path / "e1" / "eval.json").read_text())["eval"]
-    b = json.loads((tmp_path / "e2" / "eval.json").read_text())["eval"]
+    a = json.loads((tmp_path / "e1" / "eval.json").read_text())["runs"][0]["eval"]
+    b = json.loads((tmp_path / "e2" / "eval.json").read_text())["runs"][0]["eval"]
     assert a == b
     err = _exit(rec, ["--eval-only", str(ck), "--data-dir", str(data), "--width", "0.25"], capsys)
     assert "--width 0.25 (the checkpoint has 0.125)" in err
@@ -218,7 +228,7 @@ def test_checkpoints_rebuild_the_model_and_refuse_contradictions(data, tmp_path,
     assert meta["step"] == 2 and meta["args"]["policy"] == "layered" and meta["args"]["theta"] == 0.3
 
 
-def test_nan_weight_stops_the_recipe_naming_the_tensor(data, tmp_path, capsys, monkeypatch):
+def test_nan_weights_stop_the_recipe_naming_the_tensor(data, tmp_path, capsys, monkeypatch):
     rec = _recipe()
     build = rec.build
 
@@ -228,11 +238,44 @@ def test_nan_weight_stops_the_recipe_naming_the_tensor(data, tmp_path, capsys, m
             net[0].weight[0, 0, 0, 0] = float("nan")
         return net, snn
 
-    monkeypatch.setattr(rec, "build", poisoned)
+    monkeypatch.setattr(rec, "build", poisoned)  # a broken model: refused before a step
     err = _exit(rec, ["--data-dir", str(data), "--out", str(tmp_path / "n"), "--no-progress",
-                      "--no-eval", *TINY], capsys, code=1)
-    assert re.search(r"(gradient|loss) .*at epoch 1, batch 1", err)
+                      "--no-eval", *TINY], capsys, code=2)
+    assert "weight net.0.weight holds 1 NaN/inf value(s)" in err
     assert not (tmp_path / "n" / "last.pt").exists()
+    monkeypatch.undo()
+    step = torch.optim.Adam.step
+
+    def diverging(self, *a, **k):  # training that diverges in its first step
+        out = step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", diverging)
+    err = _exit(rec, ["--data-dir", str(data), "--out", str(tmp_path / "d"), "--no-progress",
+                      "--no-eval", *TINY], capsys, code=1)
+    assert re.search(r"weight net\.0\.weight holds 1 of \d+ NaN/inf values at epoch 1, batch 1", err)
+    assert "last.pt holds the last saved state" in err and not (tmp_path / "d" / "last.pt").exists()
+
+
+def test_quick_run_and_a_busy_folder(data, tmp_path, capsys):
+    import os
+
+    rec = _recipe()
+    out = tmp_path / "q"
+    assert rec.main(["--quick", "--data-dir", str(data), "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "--quick: --width 0.125, --max-train 64, --max-test 32, --epochs 1, --batch-size 8" in text
+    summary = json.loads((out / "quick" / "summary.json").read_text())
+    assert set(summary["eval"]) == {"layered", "RS:K=64"} and (out / "quick" / "epoch001.pt").is_file()
+    from asynctrain.outdir import LOCK_NAME
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / LOCK_NAME).write_text(json.dumps(dict(pid=os.getppid(), host=os.uname()[1],
+                                                           started="t", command="cifar_vgg7.py")))
+    err = _exit(rec, ["--data-dir", str(data), "--out", str(tmp_path / "b"), "--no-progress", *TINY],
+                capsys)
+    assert "is in use by another run" in err
 
 
 def test_resume_from_an_unusable_checkpoint_names_it(data, tmp_path, capsys):

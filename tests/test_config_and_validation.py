@@ -257,10 +257,10 @@ def test_per_neuron_length_checked_at_construction():
     (nn.Conv2d(2, 4, 3), TypeError, r"layer 0 \(Conv2d\) is not supported"),
     (nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False)), TypeError,
      r"layer 1 \(ReLU\) is not supported"),
-    (nn.Sequential(nn.Linear(4, 3)), ValueError, r"layer 0 \(nn.Linear 4->3\) has a bias"),
+    (nn.Sequential(nn.Linear(4, 3)), ValueError, r"layer 0 \(Linear\) has a bias.*bias=False"),
     (nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2)), ValueError, r"layer 1 .* has a bias"),
     (nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(5, 2, bias=False)), ValueError,
-     r"layer 1 takes 5 features but the previous layer gives 3"),
+     r"layer 1 \(Linear\) takes 5 features but the previous layer gives 3"),
     (nn.Sequential(), ValueError, r"empty nn.Sequential"),
 ], ids=["conv2d", "relu", "bias", "bias-layer1", "mismatch", "empty"])
 def test_network_rejects(net, exc, match):

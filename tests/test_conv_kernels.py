@@ -139,7 +139,7 @@ def test_rows_deliver_matches_dense_and_autograd(in_shape, n_out, pool):
 
 
 def test_conv_deliver_fp32_within_tolerance():
-    """fp32 twin vs an fp64 oracle: error at most 2x that of F.conv2d in fp32 (STYLE 4),
+    """fp32 twin vs an fp64 oracle: error at most 2x that of F.conv2d in fp32 (the tolerance rule),
     with a floor for sums that are exact in both."""
     m = _map((8, 9, 9), 16, True)
     B, E = 4, 200

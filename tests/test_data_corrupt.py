@@ -52,7 +52,7 @@ def test_dvs_gesture_bad_files(tmp_path):
     paths[1].write_bytes(b"garbage, not numpy")
     np.save(paths[2], np.zeros((3, 3), dtype=np.int64))
     ds = data.dvs_gesture(tmp_path, min_files=1)
-    with pytest.raises(DataFileError, match=rf"4\.npy \(sample 0\): event 0 has x=500, outside "
+    with pytest.raises(DataFileError, match=r"4\.npy \(sample 0\): event 0 has x=500, outside "
                                             r"the sensor's 0..127"):
         ds[0]
     with pytest.raises(DataFileError, match=r"5\.npy \(sample 1\): not a numpy \.npy array"):

@@ -1,19 +1,16 @@
-"""`make demo` in its smoke-run form: trains the three models in both input modes on
-a digits subset, prints both tables and the verdicts, writes every file."""
+"""`make demo` in its smoke-run form: trains the three models on a digits subset (the
+layered one once, the unlayered ones per input mode), prints both tables and the
+verdicts, writes every file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.py"
+from fixtures import load_recipe
 
 
 def test_demo_quick(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("demo", DEMO)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_recipe("demo", "demo")
     assert demo.main(["--quick", "--out", str(tmp_path.parent / tmp_path.name), "--no-progress"]) == 0
     tmp_path = tmp_path / "quick"  # --quick writes to its own folder
     text = capsys.readouterr().out
@@ -29,7 +26,13 @@ def test_demo_quick(tmp_path, capsys):
         assert set(m["shows"]) == {"RS", "MS"}
         assert m["numbers"]["layered_RS"][0] == m["table"][1]["accuracy"][0]
         assert 0 <= m["numbers"]["train_accuracy_MS"][0] <= 1
-        assert m["hyper"]["layered"]["prioritize_input"] == (mode == "frame")
+        assert m["hyper"]["MS"]["prioritize_input"] == (mode == "frame")
         for name in ("table.md", "results.json", "latency.png", "accuracy_vs_steps.png",
                      "currents_to_spike.png", "seed0/MS/model.pt", "seed0/RS/train.jsonl"):
             assert (tmp_path / mode / name).is_file(), name
+        assert not (tmp_path / mode / "seed0" / "layered").exists()
+    # the layered model is trained once and evaluated in both modes
+    log = (tmp_path / "layered" / "seed0" / "layered" / "train.jsonl").read_text()
+    assert log.count('"event": "start"') == 1 and log.count('"event": "epoch"') == 1
+    frame, queued = (summary["modes"][m]["table"][0] for m in ("frame", "queued"))
+    assert frame["infer"] == queued["infer"] == "Layered" and frame["accuracy"] == queued["accuracy"]

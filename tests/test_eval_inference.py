@@ -80,3 +80,20 @@ def test_silent_network_is_warned_about():
         snn.net[1].weight.zero_()
     with pytest.warns(RuntimeWarning, match=r"no output spike in 100% of passes"):
         evaluate(snn, _loader(), ["RS"], steps_after_output=None)
+
+
+def test_evaluate_refuses_batch_first_loaders_and_labels_beyond_the_outputs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(4, 3, bias=False))
+    snn = at.AsyncSNN(net, at.SimConfig(forward_group_size=2))
+    frames = (torch.rand(8, 8, 6) < 0.5).float()  # [B = T = 8, T, F]: the shape alone cannot tell
+    labels = torch.arange(8) % 3
+    with pytest.raises(ValueError, match=r"default collate"):  # B == T: the loader tells
+        evaluate(snn, DataLoader(TensorDataset(frames, labels), batch_size=8), ["RS"])
+    with pytest.raises(ValueError, match=r"batch 1: frames \(8, 5, 6\) look batch-first"):
+        evaluate(snn, [(frames[:, :5], labels)], ["RS"])
+    with pytest.raises(ValueError, match=r"batch 1: label 5 is outside 0\.\.2 \(the model has 3 outputs"):
+        evaluate(snn, [(frames.transpose(0, 1), labels.clamp(max=2).index_fill(0, torch.tensor([3]), 5))],
+                 ["RS"])
+    with pytest.raises(ValueError, match=r"got a tuple of 3 items"):
+        evaluate(snn, [(frames.transpose(0, 1), labels, labels)], ["RS"])

@@ -45,17 +45,25 @@ def _events(log):
     return [json.loads(s)["event"] for s in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_nan_in_one_weight_stops_at_the_first_gradient(tmp_path):
+def test_nan_in_one_weight_is_refused_by_the_first_forward(tmp_path):
     snn = _snn()
     with torch.no_grad():
         snn.net[0].weight[3, 4] = float("nan")
-    with pytest.raises(TrainingDiverged, match=r"gradient net\.0\.weight holds \d+ of 120 NaN/inf "
-                                               r"values at epoch 1, batch 1.*weights net\.0\.weight "
-                                               r"already hold NaN"):
+    with pytest.raises(ValueError, match=r"weight net\.0\.weight holds 1 NaN/inf value\(s\) of 120, "
+                                         r"first at \[3, 4\]"):
         fit(snn, _loader(), 2, 1e-2, progress=False, checkpoint_path=tmp_path / "m.pt",
             log_path=tmp_path / "log.jsonl")
     assert not (tmp_path / "m.pt").exists()
-    assert _events(tmp_path / "log.jsonl") == ["start", "abort"]
+    assert _events(tmp_path / "log.jsonl") == ["start"]
+
+
+def test_inf_weight_is_refused_by_the_module_itself():
+    snn = _snn()
+    with torch.no_grad():
+        snn.net[1].weight[1, 2] = float("inf")
+    frames, _ = _data()
+    with pytest.raises(ValueError, match=r"weight net\.1\.weight holds 1 NaN/inf value\(s\) of 20"):
+        snn(frames[:4].transpose(0, 1).contiguous())
 
 
 def test_huge_finite_frames_stop_training(tmp_path):
@@ -167,3 +175,64 @@ def test_progress_bar_stays_and_counts_epochs_from_one(capsys):
     err = capsys.readouterr().err
     assert "toy" in err and "8/8" in err and err.rstrip().endswith("]")  # the final bar is kept
     assert "epoch=2" in err and "epoch=0" not in err
+
+
+# ---- what a first user hits (each a clear error before or at the first batch)
+def test_a_loader_of_triples_is_named():
+    frames, labels = _data()
+    triples = [(frames[:8].transpose(0, 1), labels[:8], torch.zeros(8))]
+    with pytest.raises(ValueError, match=r"train_loader, epoch 1, batch 1: the loader must yield "
+                                         r"\(frames, labels\) pairs, got a tuple of 3 items"):
+        fit(_snn(), triples, 1, 1e-2, progress=False)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (torch.full((8,), 0.0), r"labels must be class indices \(an integer dtype\), got torch.float32"),
+    (torch.full((8,), 2), r"label 2 is outside 0\.\.1 \(the model has 2 outputs"),
+    (torch.full((8,), -1), r"label -1 is outside 0\.\.1"),
+])
+def test_labels_that_are_not_class_indices_are_named(labels, match):
+    frames, _ = _data()
+    with pytest.raises(ValueError, match=match):
+        fit(_snn(), [(frames[:8].transpose(0, 1), labels)], 1, 1e-2, progress=False)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_fit_under_no_grad_or_inference_mode_is_refused(mode, tmp_path):
+    with mode(), pytest.raises(RuntimeError, match=rf"fit was called under torch\.{mode.__name__}\(\)"):
+        fit(_snn(), _loader(), 1, 1e-2, progress=False, checkpoint_path=tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_device_that_is_not_there_or_not_the_models_is_named():
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda': no CUDA device is available here"):
+            fit(_snn(), _loader(), 1, 1e-2, progress=False, device="cuda")
+    with pytest.raises(ValueError, match=r"device='meta' but the weights are on cpu: move the model"):
+        fit(_snn(), _loader(), 1, 1e-2, progress=False, device="meta")
+
+
+def test_a_loss_that_is_not_a_scalar_is_named():
+    def per_sample(out, labels, readout):
+        return torch.nn.functional.cross_entropy(out.sum(0), labels, reduction="none")
+
+    with pytest.raises(ValueError, match=r"batch 1: the loss must be a scalar, got a tensor of shape \(8,\)"):
+        fit(_snn(), _loader(), 1, 1e-2, progress=False, loss=per_sample)
+
+
+def test_an_empty_val_loader_is_refused_before_training_and_a_late_failure_keeps_the_epoch(tmp_path):
+    calls = []
+    snn = _snn()
+    snn.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"val_loader is empty \(0 batches\)"):
+        fit(snn, _loader(), 1, 1e-2, progress=False, val_loader=[], checkpoint_path=tmp_path / "m.pt")
+    assert not calls and not (tmp_path / "m.pt").exists()
+
+    class NoLen:  # passes the up-front check, yields nothing
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(ValueError, match=r"val_loader: the evaluation loader yielded no batch"):
+        fit(_snn(), _loader(), 1, 1e-2, progress=False, val_loader=NoLen(),
+            checkpoint_path=tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt")[1]["epoch"] == 1  # the trained epoch was saved

@@ -1,17 +1,17 @@
-"""The launch budget and the zero host syncs of the step loops (issue 17, items 2, 3
-and 7), counted on the CPU (`asynctrain.traffic`) by benchmarks/launches.py: one
-training iteration per case with CUDA's loops (`plan.forced(sync_free=True,
-stop_every=8)`), backend="triton" interpreted (a child process started with
-``TRITON_INTERPRET=1``), at the small `launches.TEST_SIZES`.
+"""The launch budget and the zero host syncs of the step loops, counted on the CPU
+(`asynctrain.traffic`) by benchmarks/launches.py: one training iteration per case with
+CUDA's loops (`plan.forced(sync_free=True, stop_every=8)`), backend="triton"
+interpreted (a child process started with ``TRITON_INTERPRET=1``), at the small
+`launches.TEST_SIZES`.
 
 Demanded, per case (shd-like MLP with the fused steps and with the per-op kernels,
 a narrow VGG-7 with listed steps at K = 8 and whole-state steps at K = 64) and phase
 (forward; backward: recompute and sweep):
 
-- no host sync per step (item 3), besides the stop test: at most one read per 8
+- no host sync per step, besides the stop test: at most one read per 8
   per-op steps (or per launch of fused steps) and one per pass;
 - launches per forward step and set-up launches per pass within `launches.BUDGETS`
-  (item 2: 16, 40), or, where a budget is not met yet, within today's counts
+  (16, 40), or, where a budget is not met yet, within today's counts
   (`launches.CEILINGS`), which may only go down: a count well below its ceiling
   fails too, until the ceiling is lowered to it;
 - not vacuous: steps ran, and Triton kernels were among the launches.

@@ -312,3 +312,46 @@ def test_settings_of_a_newer_version_warn_and_are_dropped():
     assert back.cfg.K == 3
 
 
+
+
+# ------------------------------------------------- what a first user hits
+def test_nan_weights_are_refused_on_import_naming_the_node():
+    w = np.ones((3, 4), dtype=np.float32) * 0.1
+    w[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"node 'fc' \(Linear\): weight holds 1 NaN/inf value\(s\) of 12"):
+        anir.from_nir(_graph(_chain_nodes(fc=nir.Linear(weight=w))))
+
+
+def test_dt_unit_is_honoured_and_an_unknown_one_named():
+    g = _graph(_chain_nodes(), dt=None)
+    g.metadata = {"dt": 10.0, "dt_unit": "ms"}
+    assert anir.from_nir(g).cfg.dt == 10.0  # not 10 s
+    g.metadata = {"dt": 0.01, "dt_unit": "s"}
+    assert anir.from_nir(g).cfg.dt == 10.0
+    g.metadata = {"dt": 10.0, "dt_unit": "fortnights"}
+    with pytest.raises(ValueError, match=r"'dt_unit' is 'fortnights'; known units: s, ms, us"):
+        anir.from_nir(g)
+
+
+def test_settings_that_are_not_json_name_the_file(tmp_path):
+    graph = anir.to_nir(_fc_snn("MS"))
+    graph.metadata["asynctrain_config"] = "{not json"
+    nir.write(tmp_path / "bad.nir", graph)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'bad.nir'}: graph metadata 'asynctrain_config' "
+                                         r"is not JSON"):
+        anir.from_nir(tmp_path / "bad.nir")
+
+
+def test_a_batch_axis_on_the_input_node_is_dropped(tmp_path):
+    nodes = _chain_nodes(input=nir.Input(input_type={"input": np.array([1, 4])}))
+    snn = anir.from_nir(_graph(nodes))
+    assert snn.graph.n_inputs == 4 and snn(torch.ones(2, 3, 4)).shape == (2, 3, 3)
+    nir.write(tmp_path / "b.nir", _graph(nodes))
+    assert anir.from_nir(tmp_path / "b.nir").graph.n_inputs == 4
+
+
+def test_writing_onto_a_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder: give a file name such as .*model\.nir"):
+        anir.write(tmp_path, _fc_snn("MS"))
+    anir.write(tmp_path / "m.nir", _fc_snn("MS"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.nir"]  # no temporary file left

@@ -311,7 +311,8 @@ def test_surrogate_constants_are_cached_and_copy_nothing_from_the_host():
     from asynctrain.kernels.lif import surrogate_constants
     alpha = 2.3  # alpha / 2 and pi / 2 * alpha round differently in fp32 and fp64
     with traffic.HostReads() as guard, guard.watching():
-        got = {dtype: surrogate_constants(alpha, dtype, torch.device("cpu")) for dtype in (torch.float32, torch.float64)}
+        got = {dtype: surrogate_constants(alpha, dtype, torch.device("cpu"))
+               for dtype in (torch.float32, torch.float64)}
         again = {dtype: surrogate_constants(alpha, dtype, torch.device("cpu")) for dtype in got}
     assert guard.seen == []
     for dtype, c in got.items():

@@ -5,23 +5,19 @@ default, --quick has its own folder, --eval-only rebuilds the model from the fil
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from asynctrain.checkpoint import save_model
+from fixtures import load_recipe
 from test_recipes import _nmnist
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", RECIPES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe(name, f"cli_{name}")
 
 
 @pytest.fixture
@@ -144,3 +140,78 @@ def test_eval_only_rebuilds_the_model_from_the_checkpoint(tmp_path, capsys):
     save_model(tmp_path / "shd.pt", at.AsyncSNN(mlp("shd")))
     assert mod.main(base + ["--eval-only", str(tmp_path / "shd.pt")]) == 2
     assert "N-MNIST needs 2312 inputs and 10 outputs" in capsys.readouterr().err
+
+
+# ----------------------------------------------------- one run per folder, no raw failure
+def _lock(folder: Path, pid: int) -> Path:
+    import json
+    import socket
+
+    from asynctrain.outdir import LOCK_NAME
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_NAME).write_text(json.dumps(dict(pid=pid, host=socket.gethostname(),
+                                                   started="2026-01-01 00:00:00",
+                                                   command="shd.py --quick --K 8")))
+    return folder / LOCK_NAME
+
+
+def test_quick_keeps_the_options_given(tmp_path, capsys):
+    assert _recipe("nmnist").main(_args(tmp_path) + ["--quick", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "--quick: --max-train 64, --max-test 64, --batch-size 16" in out and "--epochs" not in \
+        out.split("--quick:")[1].splitlines()[0]
+    from asynctrain.checkpoint import read_checkpoint
+    assert read_checkpoint(tmp_path / "out" / "quick" / "layered" / "model.pt")["meta"]["epoch"] == 2
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    import os
+
+    mod = _recipe("nmnist")
+    monkeypatch.setattr(mod.SPEC, "load", lambda *a: pytest.fail("data loaded while the folder is busy"))
+    lock = _lock(tmp_path / "out" / "quick", os.getppid())  # a live process, not this one
+    assert mod.main(_args(tmp_path) + ["--quick"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'out' / 'quick'} is in use by another run (pid {os.getppid()}" in err
+    assert "`shd.py --quick --K 8`" in err and lock.is_file()
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = _lock(tmp_path / "out" / "quick", gone.pid)
+    assert _recipe("nmnist").main(_args(tmp_path) + ["--quick"]) == 0
+    assert "was locked by a run that is gone" in capsys.readouterr().err and not lock.exists()
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_hint(tmp_path, capsys, monkeypatch):
+    from asynctrain import recipe
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "run_models", interrupted)
+    assert _recipe("nmnist").main(_args(tmp_path) + ["--quick"]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"interrupted (Ctrl-C); rerun the same command to resume: finished epochs are kept "
+                   f"in {tmp_path / 'out' / 'quick'}"]
+    assert not any((tmp_path / "out" / "quick").glob(".asynctrain.lock"))
+
+
+def test_a_full_disk_names_the_file_and_exits_2(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from asynctrain import run_files
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_files, "open", full, raising=False)  # the training log's append
+    assert _recipe("nmnist").main(_args(tmp_path) + ["--quick"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: could not write the training log {tmp_path / 'out' / 'quick' / 'layered' / 'train.jsonl'}" \
+        f": [Errno 28] No space left on device" in err and "Traceback" not in err

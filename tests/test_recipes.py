@@ -3,25 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fixtures import write_dvs_gesture, write_nmnist, write_shd
+from fixtures import load_recipe, write_dvs_gesture, write_nmnist, write_shd
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _recipe(name: str):
-    """Import recipes/<name>.py as a module (recipes/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe(name)
 
 
 def _nmnist(root: Path) -> list[str]:

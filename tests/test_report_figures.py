@@ -80,7 +80,10 @@ def test_latency_keeps_layered_forward_steps_off_the_async_axis(results, figures
     report.plot_latency(results, tmp_path / "l.png")
     left, right = figures[0].axes[:2]
     assert len(left.patches) == 4 and len(right.patches) == 3  # layered only on the left
-    assert "Layered / Layered" in right.get_title() and "not comparable" in right.get_title()
+    legend = figures[0].legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "Layered / Layered (8 layer steps per sample, not comparable)" in labels  # T = 4, 2 layers
+    assert "layered ones: in the legend" in right.get_title()
 
 
 def test_currents_axis_spans_the_data_not_the_fan_in(results, figures, tmp_path):
@@ -105,3 +108,51 @@ def test_simconfig_repr_summarises_per_neuron_tensors():
     text = repr(cfg)
     assert "theta=per-neuron [100000], all 0.2" in text and "tau=per-neuron [100000] in [1, 2]" in text
     assert len(text) < 600 and "tensor(" not in text
+
+
+def test_latency_bins_are_aligned_to_the_integers():
+    values = np.array([41, 42, 44, 47, 50, 53, 58, 61, 65, 70, 71])
+    edges = report._integer_bins(values)
+    assert np.all(edges % 1 == 0.5) and edges[0] < values.min() < values.max() < edges[-1]
+    widths = np.diff(edges)
+    assert np.all(widths == widths[0]) and widths[0] == int(widths[0])  # whole integers per bin
+    assert len(edges) - 1 <= 30
+    assert np.array_equal(report._integer_bins(np.array([3, 3, 4])), [2.5, 3.5, 4.5])
+
+
+def _many(results, n):
+    """`n` executions (copies with their own labels), as an audit of 20 rows has."""
+    import dataclasses
+
+    base = results["Layered"]["RS"]
+    return {"Model": {f"RS:K={k}": dataclasses.replace(base, label=f"Async RS (K={k}, a long label)")
+                      for k in range(1, n + 1)}}
+
+
+@pytest.mark.parametrize("plot", ["plot_latency", "plot_accuracy_vs_steps", "plot_currents_to_spike"])
+def test_twenty_executions_stay_readable(results, figures, tmp_path, plot):
+    getattr(report, plot)(_many(results, 20), tmp_path / "f.png", "digits, queued input, random order")
+    fig = figures[0]
+    r = fig.canvas.get_renderer()
+    box = fig.bbox
+    axes = [a for a in fig.axes if a.get_visible() and a.axison]
+    for ax in axes:
+        ext = ax.get_window_extent(r)
+        assert ext.height >= 1.8 * fig.dpi, "squashed axes"  # at least 1.8 inches tall
+        title = ax.title.get_window_extent(r)
+        if fig._suptitle is not None:
+            assert fig._suptitle.get_window_extent(r).y0 >= title.y1 - 1, "titles overlap"
+    legends = fig.legends + [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    for legend in legends:
+        ext = legend.get_window_extent(r)
+        assert ext.y0 >= box.y0 - 1 and ext.x0 >= box.x0 - 1 and ext.x1 <= box.x1 + 1, "cut off"
+        assert ext.y1 <= min(a.get_window_extent(r).y0 for a in axes), "legend on the data"
+        assert len(legend.get_texts()) >= 20
+    assert "queued input" in fig._suptitle.get_text()  # the input mode is named
+
+
+def test_the_band_is_explained_in_the_legend(results, figures, tmp_path):
+    two_seeds = {"Layered": [results["Layered"], results["Layered"]]}
+    report.plot_accuracy_vs_steps(two_seeds, tmp_path / "a.png")
+    texts = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert "shaded: ± 1 std over 2 seeds (lines: the mean)" in texts

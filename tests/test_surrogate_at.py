@@ -166,7 +166,7 @@ def test_surrogate_at_is_validated():
 # --- the CIFAR recipe's model (recipes/cifar_vgg7.py) ------------------------------------------
 def test_cifar_recipe_gradient_is_bounded():
     """The recipe's VGG-7 (width 1/8, K = 32, one image of CIFAR-like noise): the exact
-    rule's gradient grows far beyond the last layer's (the explosion of the issue,
+    rule's gradient grows far beyond the last layer's (the explosion of docs/gradients.md,
     ~1e7 at width 0.25 and K = 64), the recipe's default rule stays finite with every
     layer's max |grad| within 100x of the last layer's (benchmarks/gradient_study.py)."""
     import sys

@@ -80,6 +80,31 @@ def test_resume_gives_identical_weights(tmp_path):
             checkpoint_path=tmp_path / "m.pt")
 
 
+def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_exactly(tmp_path):
+    loader = _toy_loader()  # 3 batches per epoch
+    straight = _toy_snn("MS")
+    fit(straight, loader, epochs=3, lr=1e-2, seed=4, progress=False)
+    stopped = _toy_snn("MS")
+    hist = fit(stopped, loader, epochs=3, lr=1e-2, seed=4, progress=False, max_steps=4,
+               checkpoint_path=tmp_path / "m.pt", log_path=tmp_path / "log.jsonl")
+    assert len(hist) == 1  # epoch 1 complete; epoch 2 stopped after 1 of its 3 batches
+    meta = load_model(tmp_path / "m.pt")[1]
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 1, 4)
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["event"] == "stop"
+    resumed = _toy_snn("MS", seed=5)
+    hist = fit(resumed, loader, epochs=3, lr=1e-2, seed=4, progress=False,
+               checkpoint_path=tmp_path / "m.pt")
+    assert [r["epoch"] for r in hist] == [1, 2, 3] and hist[1]["resumed_at_batch"] == 1
+    assert hist[1]["batches"] == 2 and hist[-1]["step"] == 9
+    for a, b in zip(straight.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(a, b)
+    # a stop on an epoch's last batch completes that epoch
+    fit(_toy_snn("MS"), loader, epochs=3, lr=1e-2, seed=4, progress=False, max_steps=3,
+        checkpoint_path=tmp_path / "e.pt")
+    meta = load_model(tmp_path / "e.pt")[1]
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 0, 3)
+
+
 def test_nan_loss_aborts_with_a_clear_message(tmp_path):
     snn = _toy_snn("layered")
     calls = []

@@ -56,3 +56,12 @@ def test_round2_keys_and_schedule(study, tmp_path):
     assert study.lr_schedule("step", 3).factor(1) == 1.0
     with pytest.raises(ValueError, match="linear"):
         study.lr_schedule("linear", 3)
+    # fit sets Adam's lr at the start of every epoch from train.scheduled_lr: the
+    # schedule must act there (an lr set on Adam between epochs is overwritten)
+    from asynctrain import train
+
+    with study.lr_schedule("step", 3):
+        assert train.scheduled_lr(1.0, None, 2, 3) == 0.1 and train.scheduled_lr(1.0, None, 1, 3) == 1.0
+    with study.lr_schedule("warmup_cosine", 6):
+        assert [round(train.scheduled_lr(2.0, None, e, 6), 3) for e in (0, 3)] == [0.667, 1.707]
+    assert train.scheduled_lr(2.0, None, 0, 6) == 2.0
