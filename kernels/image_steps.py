@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from . import rng
-from ._triton import check_accumulators, check_dtype, check_shape, check_tensors, hash_arg, jit, tl, triton
+from ._triton import (check_accumulators, check_dtype, check_shape, check_tensors, hash_arg, is_interpreted, jit, tl,
+                      triton)
 from .conv_deliver import conv_deliver_backward_torch, conv_deliver_torch
 from .lif import lif_backward_torch, lif_torch, surrogate_constants
 from .rng_triton import _uniform_at_from_hash
@@ -156,6 +157,15 @@ def image_deliver_torch(vals: torch.Tensor, sel: torch.Tensor, flat: torch.Tenso
 _FLOATS = (torch.float32, torch.float64)
 # (BLOCK_E, BLOCK_F), 4 warps: entries x targets per program.
 _BLOCK_E, _BLOCK_F = 2, 256
+# Interpreted (TRITON_INTERPRET=1: the tests, `make gpu-check`'s CPU dry run), programs
+# run one after another at a cost that hardly depends on their size: entry tiles of 64
+# there (32x fewer programs, the same lanes: a K=512 training iteration of the dry
+# run's tiny VGG-7 in 1.5 s instead of 41 s), 2 on a GPU.
+_INTERPRETED_BLOCK_E = 64
+
+
+def _block_e(kernel) -> int:
+    return _INTERPRETED_BLOCK_E if is_interpreted(kernel) else _BLOCK_E
 
 
 @jit
@@ -251,10 +261,11 @@ def image_deliver_triton(vals: torch.Tensor, sel: torch.Tensor, flat: torch.Tens
     b, k = vals.shape
     if b * k == 0:
         return
-    grid = (triton.cdiv(b * k, _BLOCK_E), triton.cdiv(layers.list_width, _BLOCK_F))
+    block_e = _block_e(_image_deliver_kernel)
+    grid = (triton.cdiv(b * k, block_e), triton.cdiv(layers.list_width, _BLOCK_F))
     _image_deliver_kernel[grid](vals.contiguous(), sel.contiguous(), source_slot.contiguous(), layers.table,
                                 flat.contiguous(), current, counts, b * k, k, layers.width, layers.n_maps,
-                                layers.list_width, int(unit), BLOCK_E=_BLOCK_E, BLOCK_F=_BLOCK_F)
+                                layers.list_width, int(unit), BLOCK_E=block_e, BLOCK_F=_BLOCK_F)
 
 
 # --- a step's receivers ---------------------------------------------------------------------
@@ -629,10 +640,11 @@ def image_deliver_backward_triton(grad_current: torch.Tensor, vals: torch.Tensor
     part = torch.empty(b * k, n_fb, dtype=vals.dtype, device=vals.device)
     if b * k == 0:
         return vals.new_zeros(b, k)
-    _image_deliver_backward_kernel[(triton.cdiv(b * k, _BLOCK_E), n_fb)](
+    block_e = _block_e(_image_deliver_backward_kernel)
+    _image_deliver_backward_kernel[(triton.cdiv(b * k, block_e), n_fb)](
         grad_current.contiguous(), vals.contiguous(), sel.contiguous(), source_slot.contiguous(), layers.table,
         flat.contiguous(), part, grad_flat, b * k, k, layers.width, layers.n_maps, layers.list_width, n_fb,
-        BLOCK_E=_BLOCK_E, BLOCK_F=_BLOCK_F)
+        BLOCK_E=block_e, BLOCK_F=_BLOCK_F)
     return (part.sum(1) if n_fb > 1 else part.view(-1)).view(b, k)
 
 
