@@ -35,11 +35,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cost.py
 
-# On a CUDA machine whose python3 has torch and triton: CUDA tests, cost.py, kernel
-# microbenchmarks, the VGG-7 point (< 7 min); installs nothing and needs no venv (the
-# package is imported from this checkout). Python: GPU_PYTHON if given, else .venv's if
-# there is one, else python3. Results into $OUT if set, else ./gpu-results/
-# (benchmarks/gpu_check.sh).
+# On a CUDA machine whose python3 has torch and triton: CUDA tests, one profiled
+# iteration per case, cost.py, kernel microbenchmarks, the VGG-7 point (< 8 min);
+# installs nothing and needs no venv (the package is imported from this checkout).
+# Python: GPU_PYTHON if given, else .venv's if there is one, else python3. Results
+# into $OUT if set, else ./gpu-results/ (benchmarks/gpu_check.sh).
 GPU_PYTHON ?=
 gpu-check:
 	PYTHON=$(GPU_PYTHON) bash benchmarks/gpu_check.sh

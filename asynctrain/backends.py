@@ -31,10 +31,9 @@ import torch
 from . import rng
 from ._warn import warn
 from .kernels import _triton
-from .kernels.conv_deliver import (conv_deliver_backward_torch, conv_deliver_backward_triton,
-                                   conv_deliver_torch, conv_deliver_triton)
-from .kernels.rows_deliver import (rows_deliver_backward_torch, rows_deliver_backward_triton,
-                                   rows_deliver_torch, rows_deliver_triton)
+from .kernels import image_steps
+from .kernels.conv_deliver import conv_deliver_backward_triton, conv_deliver_triton
+from .kernels.rows_deliver import rows_deliver_backward_triton, rows_deliver_triton
 from .kernels.deliver import deliver_backward_torch, deliver_backward_triton, deliver_torch, deliver_triton
 from .kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton
 from .kernels.rng_triton import uniform_at_triton
@@ -66,6 +65,19 @@ class Ops:
     select_keyed: Callable
     # conv networks: map kind ("conv", "fc") -> (deliver, deliver_backward), conv.ImageSynapses
     image: dict
+    # conv networks, sync-free: a step's deliveries through every layer in one launch
+    # (`kernels/image_steps.py` image_deliver); None: each layer through `image`, over
+    # its segment of the entries sorted by layer (what the twin computes)
+    image_deliver: Callable | None = None
+    # conv networks, listed steps: a step's receivers evaluated once each, with the
+    # pass's bookkeeping or the backward record (`kernels/image_steps.py` listed_step)
+    listed_step: Callable = image_steps.listed_step_torch
+    # conv networks, the reverse of a step's deliveries through every layer in one
+    # launch (`kernels/image_steps.py` image_deliver_backward; float atomics); None:
+    # each layer through `image`, over its segment
+    image_deliver_backward: Callable | None = None
+    # conv networks, the reverse of a listed step's evaluation (`listed_backward`)
+    listed_backward: Callable = image_steps.listed_backward_torch
     fused: type | None = None  # CpuSteps / TritonSteps: whole steps (fully connected networks)
     deterministic: bool = False  # weight gradients without float atomics (triton)
 
@@ -95,13 +107,12 @@ def select_listed_kernel(select: Callable, pending: torch.Tensor, at: tuple[torc
     return select(pending, dense.index_put_(at, keys), k)
 
 
-TORCH_IMAGE = {"conv": (conv_deliver_torch, conv_deliver_backward_torch),
-               "fc": (rows_deliver_torch, rows_deliver_backward_torch)}
+TORCH_IMAGE = image_steps.TWINS  # map kind -> the torch twins (deliver, deliver_backward)
 
 TORCH = Ops("torch", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
             rng.uniform_at, select_listed, select_keyed_torch, TORCH_IMAGE)
 CPU = Ops("cpu", select_torch, deliver_torch, deliver_backward_torch, lif_torch, lif_backward_torch,
-          rng.uniform_at, select_listed, select_keyed_torch, TORCH_IMAGE, cpu_step.CpuSteps)
+          rng.uniform_at, select_listed, select_keyed_torch, TORCH_IMAGE, fused=cpu_step.CpuSteps)
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,8 +127,9 @@ def triton_ops(deterministic: bool) -> Ops:
                functools.partial(deliver_backward_triton, deterministic=deterministic),
                lif_triton, lif_backward_triton, uniform_at_triton,
                functools.partial(select_listed_kernel, select_triton),
-               select_keyed_triton, image,
-               None if deterministic else TritonSteps, deterministic)
+               select_keyed_triton, image, image_steps.image_deliver_triton, image_steps.listed_step_triton,
+               None if deterministic else image_steps.image_deliver_backward_triton,
+               image_steps.listed_backward_triton, None if deterministic else TritonSteps, deterministic)
 
 
 def resolve(backend: str, device: torch.device, *, deterministic: bool = False) -> Ops:

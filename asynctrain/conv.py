@@ -37,6 +37,7 @@ from torch import nn
 
 from .backends import TORCH_IMAGE
 from .kernels.image_deliver import map_position, window
+from .kernels.image_steps import ImageLayers, backward_segments, deliver_segments, receiver_list
 
 
 @dataclass(frozen=True)
@@ -275,46 +276,32 @@ class ImageSynapses:
         widest map's 9 x C_out (conv) or M (linear); VGG-7: 2304."""
         return max(9 * m.out_shape[0] if m.kind == "conv" else m.n_out for m in self.maps)
 
-    def _geometry(self, device) -> torch.Tensor:
-        """int64 [L, 7] per map: conv, pool, the source layer's H and W (a flat one: 1
-        and n), C_out (conv) or M (linear), its first source and first target."""
-        cache = self.__dict__.setdefault("_geometry_cache", {})
-        if device not in cache:
-            rows = []
-            for l, m in enumerate(self.maps):
-                h, w = (m.in_shape[1], m.in_shape[2]) if len(m.in_shape) == 3 else (1, m.in_shape[0])
-                rows.append([m.kind == "conv", m.pool, h, w, m.out_shape[0] if m.kind == "conv" else m.n_out,
-                             self.offsets[l], self.offsets[l + 1]])
-            cache[device] = torch.tensor(rows, dtype=torch.int64, device=device)
-        return cache[device]
+    def prepare(self, device) -> None:
+        """Build the device tables the per-step methods read (`layers`) now, at a
+        call's set-up (`engine.Engine`): built on first use inside a step loop they
+        would be tensors from Python values copied to the device there (a blocking
+        copy on CUDA)."""
+        self.layers(device)
+
+    def layers(self, device) -> ImageLayers:
+        """The maps as the per-step kernels read them (`kernels/image_steps.py`), with
+        their device tables (geometry, layer offsets), built once per device."""
+        cache = self.__dict__.setdefault("_layers_cache", {})
+        key = torch.device(device)
+        if key not in cache:
+            n = len(self.maps)
+            cache[key] = ImageLayers.build([m.kind for m in self.maps], [m.in_shape for m in self.maps],
+                                           [m.pool for m in self.maps], self.offsets[:n], self.offsets[1:n + 1],
+                                           [m.weight_shape for m in self.maps], self.width, key)
+        return cache[key]
 
     def receiver_list(self, sel: torch.Tensor, source_slot: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every target of every delivered entry of a [B, K] selection, in shapes that
         do not depend on the data (no host read): (flat positions int64
-        ``[B * K * list_width]`` into ``[B * W]``, bool valid). A column reached by
-        several entries is listed once per entry; a slot that reaches nobody (the dump,
-        outputs, a tap outside the map, a pooled row dropped by the floor) lists its
-        sample's dump column, not valid. The same targets as `kernels/conv_deliver.py`
-        and `kernels/rows_deliver.py` reach (conv: tap t = ky * 3 + kx of channel o at
-        f = 9 o + t; linear: target f)."""
-        b, k = sel.shape
-        n_maps, width = len(self.maps), self.width
-        geo = self._geometry(sel.device)
-        slot = source_slot[sel].view(-1)
-        real = slot < n_maps
-        g = geo[slot.clamp(max=n_maps - 1)]                                   # [E, 7]
-        is_conv, pool, h, w, c_out, src0, dst0 = (g[:, i] for i in range(7))
-        # the channel does not move the window (`kernels/image_deliver.py`'s geometry)
-        _, y, x, hm, wm, inside = map_position(sel.reshape(-1) - src0, h, w, pool)
-        pos, ok = window(y, x, hm, wm)                                        # [E, 9]
-        f = torch.arange(self.list_width, device=sel.device)
-        o, t = f // 9, f % 9
-        conv = is_conv[:, None] > 0
-        valid = (real & inside)[:, None] & torch.where(conv, (o < c_out[:, None]) & ok[:, t], f < c_out[:, None])
-        tgt = dst0[:, None] + torch.where(conv, o * (hm * wm)[:, None] + pos[:, t], f)
-        row = (torch.arange(b * k, device=sel.device) // k)[:, None] * width
-        return (row + torch.where(valid, tgt, width - 1)).view(-1), valid.view(-1)
+        ``[B * K * list_width]`` into ``[B * W]``, bool valid), repeats included
+        (`kernels/image_steps.py` receiver_list)."""
+        return receiver_list(sel, source_slot, self.layers(sel.device))
 
     def buffers(self, batch: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(current, counts) zero ``[B, W]`` buffers for `deliver(out=...)`; the caller
@@ -348,59 +335,47 @@ class ImageSynapses:
 
     def deliver(self, vals: torch.Tensor, sel: torch.Tensor, flat: torch.Tensor,
                 source_slot: torch.Tensor, ops=None, sync_free: bool = False,
-                out: tuple[torch.Tensor, torch.Tensor] | None = None
+                out: tuple[torch.Tensor, torch.Tensor] | None = None, unit: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(current ``[B, N + 1]``, received counts int32 ``[B, N + 1]``) of one step;
         differentiable in `vals` and `flat` (one autograd node). `ops`: the call's
         `backends.Ops` (its `image` kernels; None: the torch twins). `sync_free`: the
         per-layer split without a host read (`segments`); `out` (sync-free, no
         autograd): zero ``[B, W]`` buffers (`buffers`) to add into instead of new ones,
-        returned."""
+        returned; `unit` (sync-free, no autograd): what each delivery adds to the counts
+        (`kernels/image_steps.py` FILLER_COUNT for fillers)."""
         if torch.is_grad_enabled() and (vals.requires_grad or flat.requires_grad):
             return _ImageDeliver.apply(vals, sel, flat, self, source_slot, ops, sync_free)
-        return self._forward(vals, sel, flat, source_slot, ops, sync_free, out)
+        return self._forward(vals, sel, flat, source_slot, ops, sync_free, out, unit)
 
     def segments(self, sel: torch.Tensor, source_slot: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`entries` without a host read (CUDA), in shapes fixed by B x K: the flattened
         [B * K] selection sorted by source layer once (stable, so each layer's entries
-        keep the order `entries` gives them), and each layer's run in that order.
+        keep the order `entries` gives them), and each layer's run in that order
+        (`ImageLayers.segments`: order, sources inside their layers, (start, count)
+        per layer on the device). Layer l's kernel gets the permuted arrays and its
+        segment: it reads start and count on the device and delivers only those
+        entries (L launches of about B x K entries in all, each sized for B x K;
+        `kernels/conv_deliver.py`)."""
+        return self.layers(sel.device).segments(sel, source_slot)
 
-        Returns (order int64 ``[B * K]``: positions into the flattened selection;
-        src int64 ``[B * K]``: each sorted entry's source index inside its own layer;
-        segments int64 ``[L + 2, 2]``: (start, count) of layer l's entries in `order`,
-        outputs and the dump last, on the device). Layer l's kernel gets the permuted
-        arrays and ``segments[l]``: it reads start and count on the device and delivers
-        only those entries (L launches of about B x K entries in all, each sized for
-        B x K; `kernels/conv_deliver.py`)."""
-        slot = source_slot[sel].view(-1)
-        slot_sorted, order = torch.sort(slot, stable=True)
-        n_slots = len(self.maps) + 2
-        # not bincount: its output size needs the largest slot on the host
-        counts = torch.zeros(n_slots, dtype=torch.int64, device=sel.device)
-        counts.scatter_add_(0, slot, torch.ones_like(slot))
-        seg = torch.stack([counts.cumsum(0) - counts, counts], 1)
-        return order, sel.reshape(-1)[order] - self._layer_offsets(sel.device)[slot_sorted], seg
-
-    def _layer_offsets(self, device) -> torch.Tensor:
-        """int64 [L + 2]: first flat index of each source layer (0 for outputs and dump)."""
-        cache = self.__dict__.setdefault("_offsets_cache", {})
-        if device not in cache:
-            cache[device] = torch.tensor(list(self.offsets[:len(self.maps)]) + [0, 0], dtype=torch.int64,
-                                         device=device)
-        return cache[device]
-
-    def _forward(self, vals, sel, flat, source_slot, ops=None, sync_free=False, out=None):
+    def _forward(self, vals, sel, flat, source_slot, ops=None, sync_free=False, out=None, unit=1):
         b, k = sel.shape
         kernels = _kernels(ops)
-        if sync_free:  # each layer's kernel delivers its own segment of the sorted entries
+        one_launch = getattr(ops, "image_deliver", None)
+        # no host read: every layer in one launch (in every mode, so the modes sum each
+        # current in the same order), or (sync-free) each over its own segment
+        if one_launch is not None or sync_free:
             current, counts = self.buffers(b, vals.dtype, vals.device) if out is None else out
-            order, src, seg = self.segments(sel, source_slot)
-            sorted_vals = vals.reshape(-1)[order]
-            for l, m in enumerate(self.maps):
-                kernels[m.kind][0](sorted_vals, order // k, src, self.weight(flat, l), m.in_shape, m.pool,
-                                   self.offsets[l + 1], current, counts, seg[l])
+            layers = self.layers(vals.device)
+            if one_launch is not None:
+                one_launch(vals, sel, flat, source_slot, layers, current, counts, unit)
+            else:
+                deliver_segments(vals, sel, flat, source_slot, layers, current, counts, kernels, unit)
             return current, counts
+        if unit != 1:
+            raise ValueError(f"unit={unit}: only the sync-free delivery adds counts other than 1")
         current = vals.new_zeros(b, self.width)
         counts = torch.zeros(b, self.width, dtype=torch.int32, device=vals.device)
         for l, pos in self.entries(sel, source_slot):
@@ -420,23 +395,18 @@ class ImageSynapses:
         seven, and a fresh 1.2 M-float vector per step cost as much as the step) and
         returned. `ops`, `sync_free` as in `deliver`."""
         b, k = sel.shape
-        grad_vals = torch.zeros_like(vals).view(-1)
         kernels = _kernels(ops)
+        one_launch = getattr(ops, "image_deliver_backward", None)
+        if sync_free or one_launch is not None:  # no host read, as `_forward`
+            grad_flat = torch.zeros_like(flat) if grad_flat is None else grad_flat
+            layers = self.layers(vals.device)
+            if one_launch is not None:
+                return one_launch(grad_current, vals, sel, flat, source_slot, layers, grad_flat), grad_flat
+            return backward_segments(grad_current, vals, sel, flat, source_slot, layers, grad_flat,
+                                     kernels), grad_flat
+        grad_vals = torch.zeros_like(vals).view(-1)
         grads = [None] * len(self.maps)
-        if sync_free:  # as `_forward`: layer l's kernel over its segment of the sorted entries
-            order, src, seg = self.segments(sel, source_slot)
-            sorted_vals, sample = vals.reshape(-1)[order], order // k
-            sorted_grad = torch.zeros_like(sorted_vals)
-            for l, m in enumerate(self.maps):
-                gv, gw = kernels[m.kind][1](grad_current, sorted_vals, sample, src, self.weight(flat, l),
-                                            m.in_shape, m.pool, self.offsets[l + 1], seg[l])
-                sorted_grad += gv  # 0 outside the segment: each entry gets its own layer's
-                if grad_flat is not None:
-                    self.weight(grad_flat, l).add_(gw)
-                else:
-                    grads[l] = gw
-            grad_vals.index_copy_(0, order, sorted_grad)  # outputs and the dump: 0
-        for l, pos in ([] if sync_free else self.entries(sel, source_slot)):
+        for l, pos in self.entries(sel, source_slot):
             m = self.maps[l]
             gv, gw = kernels[m.kind][1](grad_current, vals.reshape(-1)[pos], pos // k,
                                         sel.reshape(-1)[pos] - self.offsets[l], self.weight(flat, l),

@@ -88,6 +88,7 @@ class Engine:
         # prioritized input step counts each layer-1 neuron's own fan-in.
         self.syn = net.synapses if net.image else None
         if self.syn is not None:
+            self.syn.prepare(device)
             fan_in1 = torch.zeros(w, dtype=torch.int32)
             fan_in1[layer1] = self.syn.fan_in[:net.layer_sizes[1]].to(torch.int32)
             self.input_n_add = fan_in1.to(device).expand(batch, w)

@@ -159,11 +159,11 @@ class CallLoop:
             # int32 halves the per-step record; flat indices stay far below 2**31
             self._next(ckpt, ops, st, EventStep(t, step, ps.keep(sel.to(torch.int32)),
                                                 None if sel_deliv is sel else ps.keep(sel_deliv.to(torch.int32))))
-            st, info, mode = self.mode.step(st, sel, sel_deliv, wt, t, step)
             sel_all = eng.decode(sel)[1]
-            ps.pending = ps.pending.scatter(1, sel_all, False)
+            ps.pending.scatter_(1, sel_all, False)  # the pass's own (`Pass`): before the step's bookkeeping
             if eng.fill:  # delivered (or dropped): emptied
-                ps.fillable = ps.fillable.scatter(1, sel_all, False)
+                ps.fillable.scatter_(1, sel_all, False)
+            st, info, mode = self.mode.step(st, sel, sel_deliv, wt, t, step, ps)
             ps.delivered.append(ps.keep(sel_deliv))
             ps.values.append(ps.keep(info.vals))
             ps.steps += ~done
@@ -208,13 +208,8 @@ class CallLoop:
                 states[i] = st.pack(eng.plan.sync_free)  # a copy: the steps go on in place
             rec = None
             match op:
-                case EventStep() if self.fused is not None:
-                    if not owned:
-                        st, owned = self.fused.own(st), True
-                    rec = self.fused.replay(op)
-                case EventStep(t=t, step=step):
-                    st, info, mode = self.mode.step(st, *op.selections(), wt, t, step)
-                    rec = mode.record(info, stores) if keep else None
+                case EventStep():
+                    st, rec, owned = self._replay_step(op, st, wt, stores if keep else None, owned)
                 case PassStart():
                     st = eng.op_start(st)
                 case InputStep(t=t):
@@ -230,6 +225,18 @@ class CallLoop:
         if owned:
             self.fused.flush()
         return records if keep else states
+
+    def _replay_step(self, op: EventStep, st: State, wt: torch.Tensor, stores: RecordStores | None,
+                     owned: bool) -> tuple[State, StepRecord | None, bool]:
+        """Event step `op` again from `st`: (the state after it, its record -- None
+        without `stores`, but for the fused steps' own --, whether the fused steps own
+        the state now: they replay in place, on a copy made at the first step)."""
+        if self.fused is not None:
+            if not owned:
+                st = self.fused.own(st)
+            return st, self.fused.replay(op), True
+        st, info, mode = self.mode.step(st, *op.selections(), wt, op.t, op.step, None, stores)
+        return st, None if stores is None else mode.record(info, stores), False
 
     def backward(self, ops: list[Op], ckpts: dict[int, PackedState], frames: torch.Tensor, wt: torch.Tensor,
                  grad_out: torch.Tensor, want_frames: bool) -> tuple[torch.Tensor | None, torch.Tensor]:

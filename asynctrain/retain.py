@@ -47,14 +47,18 @@ class FlatStore:
         self._open: dict[tuple, list] = {}  # (dtype, device) -> [chunk, used]
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.numel()
-        key = (x.dtype, x.device)
+        out = self.empty(x.numel(), x.dtype, x.device)
+        out.copy_(x.reshape(-1))
+        return out
+
+    def empty(self, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """`n` uninitialised elements of a chunk, for a kernel to write (no copy)."""
+        key = (dtype, torch.device(device))
         slot = self._open.get(key)
         if slot is None or slot[1] + n > slot[0].numel():
-            slot = [torch.empty(max(self.min_chunk, n), dtype=x.dtype, device=x.device), 0]
+            slot = [torch.empty(max(self.min_chunk, n), dtype=dtype, device=device), 0]
             self._open[key] = slot
         out = slot[0][slot[1]:slot[1] + n]
-        out.copy_(x.reshape(-1))
         slot[1] += n
         return out
 
@@ -70,4 +74,8 @@ class RecordStores:
 
     def __init__(self, chunked: bool):
         self.small = ChunkStore().keep if chunked else identity
-        self.flat = FlatStore().keep if chunked else identity
+        flat = FlatStore() if chunked else None
+        self.flat = flat.keep if chunked else identity
+        # (n, dtype, device) -> n uninitialised elements for a kernel to write a record into
+        self.flat_empty = flat.empty if chunked else \
+            (lambda n, dtype, device: torch.empty(n, dtype=dtype, device=device))

@@ -82,10 +82,14 @@ class PerOpMode(StepMode):
 
     @abstractmethod
     def step(self, st: State, sel: torch.Tensor, sel_deliv: torch.Tensor, wt: torch.Tensor, t: int,
-             step: int) -> tuple[State, object, "PerOpMode"]:
+             step: int, ps: Pass | None = None, stores: RecordStores | None = None
+             ) -> tuple[State, object, "PerOpMode"]:
         """Event step `step` of pass `t` with the selection (sel, sel_deliv int64 [B, K],
         as recorded). Returns (the state after it, what the evaluation leaves, the mode
-        that evaluated it: this one, or one it handed the step to)."""
+        that evaluated it: this one, or one it handed the step to). `ps` (the forward)
+        and `stores` (a replay that keeps records): for modes whose step does the
+        pass's bookkeeping or writes its record itself (`receivers.ListedReceivers`);
+        the others do them in `bookkeep` and `record`."""
 
     @abstractmethod
     def bookkeep(self, ps: Pass, st: State, info) -> None:
@@ -147,7 +151,7 @@ class WholeState(PerOpMode):
 
     name = "whole"
 
-    def step(self, st, sel, sel_deliv, wt, t, step):
+    def step(self, st, sel, sel_deliv, wt, t, step, ps=None, stores=None):
         eng = self.eng
         d = eng.deliver(st, sel_deliv, wt)
         st = eng.empty_outboxes(st, eng.decode(sel)[1])

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU session: the CUDA tests, then the end-to-end cost, the kernel
-# microbenchmarks and the VGG-7 point on CUDA, each stage with its own timeout. Made
+# One prepared GPU session: the CUDA tests, one profiled training iteration per case,
+# then the end-to-end cost, the kernel microbenchmarks and the VGG-7 point on CUDA,
+# each stage with its own timeout. Made
 # for a bare machine: a `python3` that already has torch and triton (numpy, pytest),
 # no package registry. Nothing is installed: the package is imported from this
 # checkout (PYTHONPATH=<root>; asynctrain/_layout.py maps asynctrain.kernels and
 # asynctrain.models to kernels/ and models/). Stage limits, kill grace included, add
-# up to 415 s (< 7 min); a failing or timed-out stage is recorded and the next one
+# up to 475 s (< 8 min); a failing or timed-out stage is recorded and the next one
 # still runs; summary.json is rewritten after every stage, so a run cut short still
 # brings back what finished. Results go to $OUT when set (the device runner collects
-# it), else ./gpu-results/, seven files:
+# it), else ./gpu-results/, eight files:
 #   summary.json          per stage: exit (124 = timed out), seconds, limit, last log lines
 #   stages.log            every stage's output (env first: GPU, driver, versions, paths)
 #   pytest-fused.xml      JUnit of the fused-steps CUDA tests (tests/test_steps_triton.py,
@@ -17,6 +18,10 @@
 #                         sync in the step loops)
 #   pytest-kernels.xml    JUnit of the per-op kernel CUDA tests (tests/test_kernels_triton*.py,
 #                         tests/test_select_keyed.py)
+#   profile.jsonl         benchmarks/profile_iteration.py: one training iteration per case (shd-like
+#                         MLP, wide MLP, VGG-7 batch 64 at K=512, 64, 8, passes capped): wall
+#                         time, ms per forward step, GPU busy fraction, launches per step,
+#                         top kernels
 #   cost.jsonl            benchmarks/cost.py: shd-like layered vs engine MS K=8 / K=64
 #   kernels.jsonl         benchmarks/kernels.py: select, deliver, conv/rows, LIF, fused steps
 #   vgg7.jsonl            benchmarks/cost_vgg7.py: VGG-7 batch 64 at K=64 (peak memory, epoch)
@@ -56,7 +61,7 @@ fi
 LOG="$OUT_DIR/stages.log"
 SUMMARY="$OUT_DIR/summary.json"
 : >"$LOG"
-rm -f "$OUT_DIR"/{pytest-fused.xml,pytest-kernels.xml,cost.jsonl,kernels.jsonl,vgg7.jsonl}
+rm -f "$OUT_DIR"/{pytest-fused.xml,pytest-kernels.xml,profile.jsonl,cost.jsonl,kernels.jsonl,vgg7.jsonl}
 
 STAGES_JSON=()
 FAILED=()
@@ -106,13 +111,14 @@ run_stage() {
     return 0
 }
 
-# Stage limits in seconds; with GRACE each, they must stay below 420 s (checked here):
-# 15 + 135 + 90 + 55 + 40 + 50 + 6 x 5 = 415 s. The fused stage compiles the most
-# (three kernels per policy, K and flag set, 2-4 s each on sm_90).
-LIMITS=(env:15 pytest-fused:135 pytest-kernels:90 cost:55 kernels:40 vgg7:50)
+# Stage limits in seconds; with GRACE each, they must stay below 480 s (checked here):
+# 15 + 135 + 90 + 55 + 55 + 40 + 50 + 7 x 5 = 475 s. The fused stage compiles the most
+# (three kernels per policy, K and flag set, 2-4 s each on sm_90); the profile stage
+# compiles the conv kernels once, then runs five iterations of a few seconds each.
+LIMITS=(env:15 pytest-fused:135 pytest-kernels:90 profile:55 cost:55 kernels:40 vgg7:50)
 total=0
 for s in "${LIMITS[@]}"; do total=$(( total + ${s#*:} * SCALE + GRACE )); done
-[[ $SCALE -ne 1 || $total -lt 420 ]] || { echo "stage limits add up to ${total}s >= 420s" >&2; exit 2; }
+[[ $SCALE -ne 1 || $total -lt 480 ]] || { echo "stage limits add up to ${total}s >= 480s" >&2; exit 2; }
 limit() { local s; for s in "${LIMITS[@]}"; do [[ ${s%%:*} == "$1" ]] && echo "${s#*:}"; done; }
 
 PYTEST=("$PY" -m pytest -v --tb=short -p no:cacheprovider -rs -k cuda)  # -v: a killed stage still shows which tests passed
@@ -120,12 +126,14 @@ if [[ $DRY -eq 1 ]]; then
     COST_ARGS=(--points tiny:engine:MS:8 --repeat 1 --width-pairs 0)
     KERNEL_ARGS=(--batch 2 --width 129 --ks 1,8 --fanouts 64 --repeat 1)
     VGG_ARGS=(--points engine:8 --batch 2 --width 0.0625 --image-size 8 --single)
+    PROFILE_ARGS=(--tiny)
 else
     # the targets: K=8 vs layered (time, memory), K=64 -> K=8 memory; bandwidth
     # at large K x fan-out; launches per forward step (kernels.py's fused_steps, K 8 and 64)
     COST_ARGS=(--points shd:layered:-:1,shd:engine:MS:8,shd:engine:MS:64 --repeat 3 --width-pairs 0)
     KERNEL_ARGS=(--ks 512 --fanouts 4096)
     VGG_ARGS=(--points engine:64 --batch 64 --single)
+    PROFILE_ARGS=()
 fi
 
 run_stage env "$(limit env)" bash -c '
@@ -148,6 +156,8 @@ run_stage pytest-fused "$(limit pytest-fused)" "${PYTEST[@]}" --junitxml="$OUT_D
     tests/test_listed_steps.py
 run_stage pytest-kernels "$(limit pytest-kernels)" "${PYTEST[@]}" --junitxml="$OUT_DIR/pytest-kernels.xml" \
     tests/test_kernels_triton.py tests/test_kernels_triton_conv.py tests/test_select_keyed.py
+run_stage profile "$(limit profile)" "$PY" benchmarks/profile_iteration.py --device "$DEV" \
+    ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"} --out "$OUT_DIR/profile.jsonl"
 run_stage cost "$(limit cost)" "$PY" benchmarks/cost.py --device "$DEV" "${COST_ARGS[@]}" \
     --out "$OUT_DIR/cost.jsonl"
 run_stage kernels "$(limit kernels)" "$PY" benchmarks/kernels.py --device "$DEV" "${KERNEL_ARGS[@]}" \

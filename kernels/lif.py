@@ -134,6 +134,24 @@ def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_pt
     tl.store(grad_v_ptr + at, tl.where(recv, g_pre, gvn), mask=inside)
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def surrogate_constants(alpha: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[alpha / 2, pi / 2 * alpha]`` in `dtype` on `device` (the surrogate's constants
+    as the kernels read them), cached per (alpha, dtype, device). Filled from the
+    Python floats as kernel arguments (`torch.full`, `fill_`: rounded to `dtype` as
+    ``torch.tensor`` rounds them), so even the first call copies nothing from the host
+    (on CUDA a ``torch.tensor`` of Python values is a blocking copy, a host sync inside
+    the backward sweep)."""
+    key = (float(alpha), dtype, torch.device(device))
+    if key not in _CONSTANTS:
+        const = torch.full((2,), alpha / 2, dtype=dtype, device=device)
+        const[1:].fill_(math.pi / 2 * alpha)
+        _CONSTANTS[key] = const
+    return _CONSTANTS[key]
+
+
 def _check(op: str, kernel, floats: dict, masks: dict, theta: torch.Tensor):
     check_tensors(op, kernel, **floats, **masks, theta=theta)
     name0, t0 = next(iter(floats.items()))
@@ -193,7 +211,7 @@ def lif_backward_triton(grad_v_new: torch.Tensor, grad_spikes: torch.Tensor | No
     fl, masks, theta = _check("lif_backward_triton", _lif_backward_kernel, floats, mask_args, theta)
     grad_v_new, v_pre = fl[0], fl[1]
     gs = fl[2] if grad_spikes is not None else grad_v_new  # never read without grad_spikes
-    const = torch.tensor([alpha / 2, math.pi / 2 * alpha], dtype=v_pre.dtype, device=v_pre.device)
+    const = surrogate_constants(alpha, v_pre.dtype, v_pre.device)
     grad_v, grad_cur = torch.empty_like(v_pre), torch.empty_like(v_pre)
     b, width = v_pre.shape
     if v_pre.numel():

@@ -48,13 +48,12 @@ Tests: tests/test_steps_triton.py.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import host, rng
 from ._triton import check_tensors, hash_arg, triton
 from .cpu_step import _int32
+from .lif import surrogate_constants
 from .step_spec import FusedRecord, OneStep, PassTensors, StepSpec, as_spec
 from .steps_backward import _backward_kernel, _replay_kernel
 from .steps_forward import _forward_kernel
@@ -153,8 +152,7 @@ class TritonSteps(OneStep):
         self.NS = max(2, triton.next_power_of_2(self.n_slots))
         self._fwd_cfg = _config(self.W, self.dtype, forward=True)
         self._step_cfg = _config(self.W, self.dtype, forward=False)
-        self._const = torch.tensor([spec.alpha / 2, math.pi / 2 * spec.alpha], dtype=self.dtype,
-                                   device=dev)
+        self._const = surrogate_constants(spec.alpha, self.dtype, dev)  # no host tensor (a sync on CUDA)
         self._keys = torch.empty(self.B, self.W, dtype=torch.int64, device=dev)
         self._cand = torch.empty(self.B, self.KB, dtype=torch.int64, device=dev)
         self._bound: dict = {}

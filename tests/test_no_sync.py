@@ -5,14 +5,22 @@
   bitwise equal (the extra steps after the last sample is done are recorded no-ops,
   replayed by the backward too), fully connected (MS with noise and both dropouts,
   RS with fill_slots) and conv.
-- A CPU guard that can fail: with the loop in its sync-free mode (as on CUDA,
-  `plan.SYNC_FREE_DEVICES`, forced with `plan.forced`), one training iteration (fused
-  `cpu` steps, the per-op torch loop, conv networks) calls no tensor-to-host
-  conversion (item, tolist, bool, int, float, nonzero, boolean-mask indexing, ...)
-  inside the forward's loops (`loop.CallLoop.forward`) or the backward's segment
-  sweeps (`loop.CallLoop.sweep_segment`), except the stop test (`kernels/host.py`).
-  The same run in the default CPU mode does call them (listing pending entries and
-  receivers, packing checkpoints sparsely): the guard sees them.
+- A CPU guard that can fail (`asynctrain.traffic.HostReads`): with the loop in its
+  sync-free mode (as on CUDA, `plan.SYNC_FREE_DEVICES`, forced with `plan.forced`),
+  one training iteration (fused `cpu` steps, the per-op torch loop, conv networks with
+  whole-state and listed steps; whole iterations with the optimizer step, twice)
+  calls nothing a CUDA run would pay a host sync or a blocking copy for inside the
+  forward's loops (`loop.CallLoop.forward`) or the backward's segment sweeps
+  (`loop.CallLoop.sweep_segment`), except the stop test (`kernels/host.py`): no
+  conversion to a host value (item, tolist, bool, int, float, index, complex, numpy,
+  cpu, __array__), no op of data-dependent shape (nonzero, argwhere, masked_select,
+  unique, bincount, repeat_interleave, one-argument where) or host bool (equal,
+  allclose, is_nonzero), no boolean-mask indexing, no Python number assigned through
+  a tensor index, no tensor built from Python values (`traffic.KINDS`). Each kind
+  has deliberately bad snippets that the guard must catch, in the forward's step
+  loop and in the backward sweep. The same run in the default CPU mode does call
+  them (listing pending entries and receivers, packing checkpoints sparsely): the
+  guard sees them.
 - The sync-free mode against the default one on the CPU: bitwise equal (fused and
   per-op fully connected loops, fill_slots, random input order, histogram; conv
   networks: the per-layer split without a host read, dense steps and records);
@@ -28,16 +36,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 import asynctrain as at
-from asynctrain import plan
+from asynctrain import plan, traffic
 from asynctrain.kernels import host
 from asynctrain.loop import CallLoop
 from conftest import BASE, STAT_KEYS, cuda_or_skip, make_frames, make_net
@@ -99,56 +109,13 @@ def test_stop_every_n_steps_changes_nothing(case, every, monkeypatch):
 
 
 # --- the guard: tensor-to-host conversions inside the loop --------------------------
-_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy",
-            "masked_select", "argwhere", "unique", "bincount", "repeat_interleave")
+class _Conversions(traffic.HostReads):
+    """The guard (`asynctrain.traffic.HostReads`: every kind of `traffic.KINDS`),
+    installed for one test; records while `watching`, not while `allowed`."""
 
-
-class _Conversions:
-    """Counts, while `on`, the calls of `_METHODS` and boolean-mask indexing on tensors."""
-
-    def __init__(self, monkeypatch):
-        self.on, self.seen = False, []
-        for name in _METHODS:
-            self._wrap(monkeypatch, torch.Tensor, name)
-        self._wrap(monkeypatch, torch, "nonzero")
-        for name in ("__getitem__", "__setitem__", "index_put", "index_put_"):
-            self._wrap(monkeypatch, torch.Tensor, name, bool_index=True)
-
-    def _wrap(self, monkeypatch, owner, name, bool_index=False):
-        orig = getattr(owner, name)
-
-        def wrapper(*a, **kw):
-            if self.on and (not bool_index or _has_bool_index(a[1:])):
-                self.seen.append(name)
-            return orig(*a, **kw)
-
-        monkeypatch.setattr(owner, name, wrapper)
-
-    @contextlib.contextmanager
-    def watching(self):
-        was, self.on = self.on, True
-        try:
-            yield
-        finally:
-            self.on = was
-
-    @contextlib.contextmanager
-    def allowed(self):
-        was, self.on = self.on, False
-        try:
-            yield
-        finally:
-            self.on = was
-
-
-def _has_bool_index(args) -> bool:
-    def is_bool(x):
-        if isinstance(x, torch.Tensor):
-            return x.dtype == torch.bool
-        if isinstance(x, (tuple, list)):
-            return any(is_bool(y) for y in x)
-        return False
-    return bool(args) and is_bool(args[0])
+    def __init__(self, monkeypatch, on_read=None):
+        super().__init__(on_read=on_read, setattr=monkeypatch.setattr)
+        self.__enter__()
 
 
 def _watch_loops(monkeypatch, region, allow):
@@ -254,6 +221,136 @@ def test_step_loop_converts_nothing_but_the_stop_test(name, monkeypatch):
     # one read per pass, then one per launch of fused steps or per step (N = 1 on CPU)
     assert T <= len(reads) <= T + int(stats["forward_steps"].max(1).values.sum()), reads
     assert int(stats["forward_steps"].sum()) > 0 and any(g.abs().sum() > 0 for g in grads), "vacuous"
+
+
+def _setitem_scalar(m, x):
+    y = x.clone()
+    y[m.view(-1)[:2].long()] = 0.0  # rows 0 / 1: a Python number through a tensor index
+
+
+def _setitem_mask(m, x):
+    y = x.clone()
+    y[m] = 0.0
+
+
+# kind -> deliberately bad snippets, each called with (flags bool [B, W], values [B, W])
+BAD = {
+    "item": [lambda m, x: x.sum().item()],
+    "tolist": [lambda m, x: x[:1].tolist()],
+    "bool": [lambda m, x: bool(m.any()), lambda m, x: 1 if m.any() else 0],
+    "int": [lambda m, x: int(m.sum())],
+    "float": [lambda m, x: float(x.sum())],
+    "index": [lambda m, x: operator.index(m.sum()), lambda m, x: list(range(m.sum()))],
+    "complex": [lambda m, x: complex(x.sum())],
+    "numpy": [lambda m, x: x.numpy()],
+    "cpu": [lambda m, x: x.cpu()],
+    "array": [lambda m, x: np.asarray(x)],
+    "nonzero": [lambda m, x: m.nonzero(), lambda m, x: torch.nonzero(m), lambda m, x: m.nonzero(as_tuple=True)],
+    "argwhere": [lambda m, x: torch.argwhere(m)],
+    "masked_select": [lambda m, x: x.masked_select(m), lambda m, x: torch.masked_select(x, m)],
+    "unique": [lambda m, x: torch.unique(x), lambda m, x: x.unique()],
+    "bincount": [lambda m, x: torch.bincount(m.view(-1).long(), minlength=3)],
+    "repeat_interleave": [lambda m, x: torch.repeat_interleave(x.view(-1), m.view(-1).long()),
+                          lambda m, x: x.view(-1).repeat_interleave(m.view(-1).long())],
+    "where(cond)": [lambda m, x: torch.where(m)],
+    "equal": [lambda m, x: torch.equal(x, x), lambda m, x: x.equal(x)],
+    "allclose": [lambda m, x: torch.allclose(x, x)],
+    "is_nonzero": [lambda m, x: torch.is_nonzero(m.any())],
+    "bool-mask index": [lambda m, x: x[m], _setitem_mask, lambda m, x: x.clone().index_put_((m,), x[0, 0]),
+                        lambda m, x: x.index_put((m,), x[0, 0])],
+    "scalar through a tensor index": [_setitem_scalar],
+    "tensor from Python values": [lambda m, x: torch.tensor([0.5]), lambda m, x: torch.as_tensor([1, 2]),
+                                  lambda m, x: torch.asarray([1.0], device=x.device)],
+}
+
+
+def test_every_kind_has_bad_snippets():
+    assert set(BAD) == set(traffic.KINDS)
+
+
+@pytest.mark.parametrize("kind,i", [(k, i) for k in sorted(BAD) for i in range(len(BAD[k]))])
+def test_the_guard_catches_each_kind_in_the_loops(kind, i, monkeypatch):
+    """A deliberately bad snippet run inside the forward's step loop (at each step's
+    selection) and inside the backward sweep (at each step's reverse) of a sync-free
+    per-op iteration: the guard records its kind, at both places, and nothing else;
+    good code around it (the same iteration without the snippet) records nothing."""
+    from asynctrain.engine import Engine
+    from asynctrain.steps import PerOpMode
+    snippet, site, where = BAD[kind][i], [None], set()
+    guard = _Conversions(monkeypatch, on_read=lambda k: where.add((site[0], k)))
+    _watch_loops(monkeypatch, guard.watching, guard.allowed)
+    select, step_backward = Engine.select, PerOpMode.step_backward
+    bad = [False]
+
+    def at(name, fn, args):
+        if bad[0]:
+            site[0] = name
+            snippet(*args)
+            site[0] = None
+        return fn()
+
+    monkeypatch.setattr(Engine, "select", lambda self, pending, pre, *a, **kw: at(
+        "forward", lambda: select(self, pending, pre, *a, **kw), (pending, pre)))
+    monkeypatch.setattr(PerOpMode, "step_backward", lambda self, op, rec, sweep: at(
+        "backward", lambda: step_backward(self, op, rec, sweep), (sweep.adj.v > 0, sweep.adj.v)))
+    net, cfg, frames = _fc("MS")
+    with plan.forced(sync_free=True):
+        _iteration(net, cfg, frames[:2], "torch")
+        assert guard.seen == [], guard.where
+        bad[0] = True
+        _iteration(net, cfg, frames[:2], "torch")
+    assert where == {("forward", kind), ("backward", kind)}, (where, guard.where[:4])
+
+
+def test_surrogate_constants_are_cached_and_copy_nothing_from_the_host():
+    """The LIF backward's and the fused backward's surrogate constants
+    (`kernels/lif.py` `surrogate_constants`): the numbers ``torch.tensor`` gives, built
+    from kernel arguments (no tensor from Python values, even at the first call) and
+    cached per (alpha, dtype, device)."""
+    import math
+    from asynctrain.kernels.lif import surrogate_constants
+    alpha = 2.3  # alpha / 2 and pi / 2 * alpha round differently in fp32 and fp64
+    with traffic.HostReads() as guard, guard.watching():
+        got = {dtype: surrogate_constants(alpha, dtype, torch.device("cpu"))
+               for dtype in (torch.float32, torch.float64)}
+        again = {dtype: surrogate_constants(alpha, dtype, torch.device("cpu")) for dtype in got}
+    assert guard.seen == []
+    for dtype, c in got.items():
+        assert again[dtype] is c
+        assert c.dtype == dtype and torch.equal(c, torch.tensor([alpha / 2, math.pi / 2 * alpha], dtype=dtype))
+
+
+ITERATIONS = {  # name: (backend, make, the step mode forced)
+    "mlp-fused": ("cpu", lambda: _knobs("RS"), None),
+    "mlp-per-op": ("torch", lambda: _knobs("MS", fill_slots=True, surrogate_at="fire_or_last"), None),
+    "conv-whole": ("torch", lambda: _conv("MS", momentum_noise=0.1, network_dropout=0.2), "whole"),
+    "conv-listed": ("torch", lambda: _conv("RS", "odd", fill_slots=True), "listed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ITERATIONS))
+def test_training_iterations_convert_nothing_but_the_stop_test(name, monkeypatch):
+    """Whole training iterations (forward, checkpointed backward, optimizer step), twice,
+    in the sync-free mode: MLPs with the fused and the per-op steps, conv networks with
+    the whole-state and the listed steps; nothing in their loops converts to the host
+    but the stop test."""
+    backend, make, steps = ITERATIONS[name]
+    net, cfg, frames = make()
+    guard = _Conversions(monkeypatch)
+    reads = _watch_loops(monkeypatch, guard.watching, guard.allowed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    snn = at.AsyncSNN(net, cfg, backend=backend).train()
+    w = None
+    with plan.forced(sync_free=True, steps=steps):
+        for _ in range(2):
+            opt.zero_grad()
+            out = snn(frames, seed=5)
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)) if w is None else w
+            (out * w).sum().backward()
+            opt.step()
+    assert guard.seen == [], guard.where
+    assert reads and int(snn.stats["forward_steps"].sum()) > 0, "vacuous"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters()), "vacuous"
 
 
 # --- on a GPU -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from asynctrain.kernels import conv_deliver, deliver, lif, rng_triton, rows_deliver, select, select_keyed  # noqa: E402
+from asynctrain.kernels import (conv_deliver, deliver, image_steps, lif, rng_triton, rows_deliver,  # noqa: E402
+                                select, select_keyed)
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
@@ -115,6 +116,31 @@ def _rows_tile(m: int) -> dict:
     return dict(BLOCK_E=block_e, BLOCK_OUT=block_m)
 
 
+def _image_deliver_sig(fp: str) -> dict:
+    return {"vals_ptr": f"*{fp}", "sel_ptr": "*i64", "slot_ptr": "*i64", "table_ptr": "*i64", "w_ptr": f"*{fp}",
+            "cur_ptr": f"*{fp}", "cnt_ptr": "*i32", "e": "i32", "k": "i32", "width": "i32", "n_maps": "i32",
+            "list_width": "i32", "unit": "i32"}
+
+
+def _listed_step_sig(fp: str) -> dict:
+    f = f"*{fp}"
+    return {"cols_ptr": "*i64", "slot_ptr": "*i64", "table_ptr": "*i64", "cur_ptr": f, "cnt_ptr": "*i32",
+            "v_ptr": f, "o_ptr": f, "nin_ptr": "*i32", "refr_ptr": "*u8", "acc_ptr": f, "sync_ptr": "*i32",
+            "theta_ptr": f, "srcf_ptr": f, "is_src_ptr": "*u8", "hidden_ptr": "*u8", "pend_ptr": "*u8",
+            "fillable_ptr": "*u8", "pre_ptr": f, "ssum_ptr": f, "fired_ptr": "*u8", "hist_ptr": "*i64",
+            "r_idx_ptr": "*i32", "r_vpre_ptr": f, "r_refr_ptr": "*u8", "r_gate_ptr": "*u8", "r_recv_ptr": "*u8",
+            "e": "i32", "k": "i32", "width": "i32", "n_maps": "i32", "list_width": "i32", "out_lo": "i32",
+            "out_hi": "i32", "n_bins": "i32", "h_refr": "i64", "p_ref": "fp32"}
+
+
+def _listed_case(fp: str, record: bool) -> tuple:
+    """The listed step with every knob on: the forward's (bookkeeping) or a replay's (record)."""
+    consts = dict(BLOCK_E=image_steps._LISTED_BLOCK_E, BLOCK_F=image_steps._LISTED_BLOCK_F, REFRACTORY=True,
+                  HAS_PREF=True, BARRIER=True, POLICY_MS=True, FILL=not record, BOOKKEEP=not record,
+                  HISTOGRAM=not record, RECORD=record)
+    return image_steps._listed_step_kernel, _listed_step_sig(fp), consts, 4
+
+
 _SELECT_SIG = {"pending_ptr": "*u8", "keys_ptr": "*fp32", "out_ptr": "*i64", "width": "i32", "k": "i32",
                "kk": "i32", "stride_p": "i32", "stride_k": "i32", "stride_o": "i32"}
 _KEYED_SIG = {"pending_ptr": "*u8", "values_ptr": "*fp32", "is_input_ptr": "*u8", "sel_ptr": "*i64",
@@ -163,6 +189,11 @@ CASES = {
     "lif_bwd_last": (lif._lif_backward_kernel, _lif_bwd_sig("fp32"),
                      dict(BLOCK=lif._BLOCK, HAS_GRAD_SPIKES=True, DETACH_RESET=False, HAS_LAST=True), 4),
     "uniform_at": (rng_triton._uniform_at_kernel, _RNG_SIG, dict(BLOCK=rng_triton._BLOCK), 4),
+    # every layer of an image network in one launch (kernels/image_steps.py)
+    "image_deliver": (image_steps._image_deliver_kernel, _image_deliver_sig("fp32"),
+                      dict(BLOCK_E=image_steps._BLOCK_E, BLOCK_F=image_steps._BLOCK_F), 4),
+    "listed_step": _listed_case("fp32", record=False),
+    "listed_step_record": _listed_case("fp32", record=True),
     # conv: the launchers' two tiles, wide (C_out > 16, VGG-7: 4 x 64) and narrow
     # (C_out <= 16: 16 x 16); pool is a runtime argument
     "conv_deliver_wide": _image_case(conv_deliver._conv_deliver_kernel, _image_sig("fp32"), **_conv_tile(256)),
@@ -202,6 +233,9 @@ CASES = {
                                       **_rows_tile(10), ATOMIC_WEIGHT=False, SEGMENT=True),
 }
 SM90_ONLY = {
+    "image_deliver_fp64": (image_steps._image_deliver_kernel, _image_deliver_sig("fp64"),
+                           dict(BLOCK_E=image_steps._BLOCK_E, BLOCK_F=image_steps._BLOCK_F), 4),
+    "listed_step_fp64": _listed_case("fp64", record=False),
     "select_keyed_fp64_one_block": _keyed_case(select._ONE_BLOCK_MAX, "fp64"),
     "select_keyed_fp64_stream": _keyed_case(70001, "fp64"),
     "deliver_fp64": (deliver._deliver_kernel, _deliver_sig("fp64"), dict(BLOCK_K=8, BLOCK_F=256), 4),
