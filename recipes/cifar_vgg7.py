@@ -100,7 +100,8 @@ def _k_list(text: str) -> list[int]:
 MODEL_ARGS = ("width", "theta", "output_threshold", "steepness", "queue_input")
 """Arguments that define the trained model (fixed by a checkpoint)."""
 RUN_ARGS = MODEL_ARGS + ("K", "policy", "batch_size", "lr", "weight_decay", "refractory_dropout",
-                         "momentum_noise", "max_forward_steps", "seed", "max_train", "surrogate_at")
+                         "momentum_noise", "max_forward_steps", "seed", "max_train", "surrogate_at",
+                         "detach_reset")
 """Arguments a resumed run takes from its checkpoint (giving another value is an error)."""
 QUICK = dict(width=0.125, max_train=64, max_test=32, epochs=1, batch_size=8)
 """``--quick``: a smoke run (options given on the command line win), under <out>/quick;
@@ -147,6 +148,11 @@ def parser() -> argparse.ArgumentParser:
                          "exponentially with the forward steps at K=64 and below; at K=512, "
                          "where it is finite, it learned a CIFAR-like proxy much faster than "
                          "fire_or_last (one run each): use 'every' there")
+    ap.add_argument("--detach-reset", action=argparse.BooleanOptionalAction, default=False,
+                    help="no gradient through the reset (SimConfig.detach_reset); with "
+                         "--surrogate-at every it learned a narrow CIFAR-like proxy at K=64 "
+                         "fastest of the rules measured, with gradients finite but not "
+                         "bounded (docs/gradients.md section 4)")
     ap.add_argument("--refractory-dropout", type=cli.probability, default=0.7,
                     help="probability that a spike does not make its neuron refractory (training)")
     ap.add_argument("--momentum-noise", type=cli.at_least(0.0, float), default=0.1,
@@ -243,7 +249,7 @@ def build(args, device: torch.device) -> tuple[torch.nn.Module, at.AsyncSNN]:
         refractory_dropout=args.refractory_dropout,
         momentum_noise=args.momentum_noise if args.policy == "MS" else 0.0,
         tau=math.inf, theta=theta, dt=1.0, surrogate_steepness=args.steepness, readout="potential",
-        surrogate_at=args.surrogate_at)
+        surrogate_at=args.surrogate_at, detach_reset=args.detach_reset)
     return net, snn
 
 

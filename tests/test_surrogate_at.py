@@ -177,6 +177,11 @@ def test_cifar_recipe_gradient_is_bounded():
     import gradient_study
 
     assert cifar_vgg7.parse_args(["--out", "/tmp/x"]).surrogate_at == "fire_or_last"
+    assert not cifar_vgg7.parse_args(["--out", "/tmp/x"]).detach_reset
+    args = cifar_vgg7.parse_args(["--out", "/tmp/x", "--surrogate-at", "every", "--detach-reset",
+                                  "--width", "0.125"])
+    cfg = cifar_vgg7.build(args, torch.device("cpu"))[1].cfg
+    assert (cfg.surrogate_at, cfg.detach_reset) == ("every", True)
     ratios = {}
     for rule in ("every", "fire_or_last"):
         row = gradient_study.run_vgg(0.125, 32, rule, batch=1, seed=0)
