@@ -11,10 +11,11 @@ their random keys), `select_keyed` the same with no list and no host sync (CUDA)
 the triton kernel computes the keys itself from the pending flags, potentials and
 hashes (no [B, W] keys, order or packed tensors, no topk), the twin over every
 column; it also fills free slots (SPEC 8). `image` holds the conv and rows
-deliveries of convolutional networks (`conv.ImageSynapses`). `fused` (cpu: kernels/cpu_step.py; triton: kernels/steps_triton.py, a persistent
-forward kernel running many steps per launch) replaces whole forward steps, replays
-and backward steps of the checkpointed path; `triton` with ``deterministic=True``
-keeps the per-op kernels (the fused backward sums the weight-table gradient with
+deliveries of convolutional networks (`conv.ImageSynapses`). `fused` (cpu:
+kernels/cpu_step.py; triton: kernels/steps_triton.py, a persistent forward kernel
+running many steps per launch) replaces whole forward steps, replays and backward
+steps of the checkpointed path; `triton` with ``deterministic=True`` keeps the per-op
+kernels (the fused backward sums the weight-table gradient with
 float atomics). `auto`: triton on CUDA, cpu on CPU when it builds (else torch,
 with a warning once).
 """

@@ -31,7 +31,8 @@ State tensors are updated in place; a checkpoint is a packed copy
 (`state.PackedState`), so the steps never touch one. The library is built from the C source on
 first use with the system C compiler (``$CC``, else ``cc``) into
 ``$ASYNCTRAIN_CACHE`` (default ``~/.cache/asynctrain``, or a folder in the
-temporary directory when the home is not writable), keyed by a hash of the source, and loaded with ctypes: no torch headers, a build takes about a second.
+temporary directory when the home is not writable), keyed by a hash of the source,
+and loaded with ctypes: no torch headers, a build takes about a second.
 Single-threaded; float32 and float64.
 """
 

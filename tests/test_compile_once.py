@@ -1,4 +1,4 @@
-"""The Triton kernels compile once per dtype, K and network (ARCHITECTURE: per-launch
+"""The Triton kernels compile once per dtype, K and network (per-launch
 integers are never specialised on), counted with Triton's own rules
 (tests/specialization.py) over one training iteration on backend="triton".
 

@@ -42,13 +42,12 @@ def test_semantics_covers_every_choice_the_readme_names():
         assert topic in sem, topic
 
 
-# Words that point at a document or a tracker the repository does not hold. The files
-# in PENDING still have some (files maintained elsewhere at the time of writing); the
-# test keeps the list honest: a file that is clean must leave it.
+# Words that point at a document or a tracker the repository does not hold. PENDING
+# would list files allowed to keep some for a while (none now); the test keeps such a
+# list honest: a file that is clean must leave it.
 GONE = re.compile(r"\bSTYLE \d|\bSTYLE point|\bSTYLE tolerance|ARCHITECTURE|DEVELOPERS\.md|SPEC\.md|"
                   r"\b[Ii]ssues? \d+|\b[Ii]ssue's|\b[Ii]ssue:|\bthe issue\b|\(issue\)|\bsession \d")
-PENDING = {"tests/test_kernels_triton.py", "tests/test_kernels_triton_conv.py",
-           "tests/test_compile_once.py"}
+PENDING: set[str] = set()
 
 
 def test_no_reference_to_documents_or_issues_outside_the_repository():

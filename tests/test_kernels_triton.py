@@ -1,4 +1,4 @@
-"""Triton kernels against their torch twins (STYLE 1, 4).
+"""Triton kernels against their torch twins (every kernel has one; the 2x tolerance rule).
 
 Where the tests run (tests/interpreter_child.py): every test here except
 ``test_cuda_*`` and ``test_compiled_*`` runs with the kernels interpreted, in this

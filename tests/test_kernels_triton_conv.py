@@ -1,5 +1,5 @@
 """Triton conv/rows deliver kernels against their torch twins, and a conv network on
-backend="triton" against backend="torch" (STYLE 1, 4).
+backend="triton" against backend="torch" (twins; the 2x tolerance rule).
 
 Where the tests run: as in tests/test_kernels_triton.py (tests/interpreter_child.py);
 ``test_cuda_*`` run the compiled kernels on a GPU at VGG-7-like sizes and skip with

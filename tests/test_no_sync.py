@@ -578,8 +578,8 @@ def test_sync_free_conv_iteration_launches_only_segments(monkeypatch):
         assert steps and all(seg is not None for _, _, seg, _ in log)
         n_maps = len([m for m in net if hasattr(m, "weight")])
         skipped = 0
-        for at, n_real, n_all in steps:
-            launches = log[at:at + n_maps]
+        for first, n_real, n_all in steps:
+            launches = log[first:first + n_maps]
             assert [d for d, *_ in launches] == ["forward"] * n_maps
             assert sum(int(seg[1]) for _, _, seg, _ in launches) == n_real
             skipped += n_all - n_real

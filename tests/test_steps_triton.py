@@ -225,7 +225,7 @@ def test_replay_and_backward_match_c(name, dtype, armed):
             assert torch.equal(rc.v_pre[i][recv], rt.v_pre[i][recv]), "v_pre"
     assert recv.any() and gw_c.abs().sum() > 0, "vacuous"
     for what, x, y in (("g_v", gv_c, gv_t), ("g_o", go_c, go_t), ("grad_wt", gw_c, gw_t)):
-        torch.testing.assert_close(y, x, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(y, x, **TOL[dtype], msg=lambda m, what=what: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("surrogate_at", ["every", "fire_or_last"])
@@ -298,7 +298,8 @@ def _sig(kernel, fp: str) -> dict:
                 is_input_ptr="*u8", sync_ptr="*i32", refr_ptr="*u8", n_in_ptr="*i32", pend_ptr="*u8",
                 steps_ptr="*i64", first_ptr="*i64", done_ptr="*u8", sel_ptr="*i32", sd_ptr="*i32",
                 fired_ptr="*u8", taken_ptr="*i32", keys_ptr="*i64", cand_ptr="*i64",
-                flags_ptr="*u8", fill_ptr="*u8", armed_ptr="*u8", h_key_t="i64", h_order="i64", h_fill_t="i64", h_drop_t="i64", h_ref_t="i64",
+                flags_ptr="*u8", fill_ptr="*u8", armed_ptr="*u8", h_key_t="i64", h_order="i64",
+                h_fill_t="i64", h_drop_t="i64", h_ref_t="i64",
                 noise="fp32", p_ref="fp32", p_net="fp32")
     sig = {}
     for name in kernel.arg_names:
@@ -311,8 +312,8 @@ def _sig(kernel, fp: str) -> dict:
     return sig
 
 
-_FLAGS = dict(POLICY_MS=True, HAS_NOISE=True, INPUT_RANDOM=True, FILL=False, HAS_PNET=True, REFRACTORY=True, HAS_PREF=True, BARRIER=True,
-              STOP_OUTPUT=True)
+_FLAGS = dict(POLICY_MS=True, HAS_NOISE=True, INPUT_RANDOM=True, FILL=False, HAS_PNET=True, REFRACTORY=True,
+              HAS_PREF=True, BARRIER=True, STOP_OUTPUT=True)
 _C = steps_triton._config
 COMPILE = {  # case -> (kernel, dtype, constexprs and warps as the launcher picks them)
     "forward_ms_k8_w755": ("_forward_kernel", dict(_FLAGS, KB=8, NS=8)),
@@ -326,7 +327,8 @@ COMPILE = {  # case -> (kernel, dtype, constexprs and warps as the launcher pick
     "backward_armed_k8": ("_backward_kernel", dict(DETACH_RESET=False, KB=8, NS=8, ARMED=True)),
     "backward_armed_k512": ("_backward_kernel", dict(DETACH_RESET=True, KB=512, NS=8, ARMED=True)),
 }
-_WIDTH = {"forward_ms_k8_w755": 755, "forward_fill_ms_k8_w755": 755, "forward_fill_rs_k512_w20000": 20000, "forward_rs_k512_w20000": 20000, "forward_k1_w40": 40}
+_WIDTH = {"forward_ms_k8_w755": 755, "forward_fill_ms_k8_w755": 755, "forward_fill_rs_k512_w20000": 20000,
+          "forward_rs_k512_w20000": 20000, "forward_k1_w40": 40}
 # fp64 on sm_90: the three kernels at the shape of the shd-like network (W = 755, K = 8).
 # fp64 with fill_slots: the filler search (a second radix select in the step) leaves
 # a 16-byte stack frame on sm_90 at the 128 registers ptxas allots; a known cost,
@@ -334,7 +336,8 @@ _WIDTH = {"forward_ms_k8_w755": 755, "forward_fill_ms_k8_w755": 755, "forward_fi
 _FP64_FILL = pytest.param("forward_fill_ms_k8_w755", "sm90", "fp64", marks=pytest.mark.xfail(
     strict=True, reason="fp64 forward with fill_slots: 16-byte stack frame on sm_90"))
 _PARAMS = [(c, a, "fp32") for c in COMPILE for a in ("sm90", "sm80")] + \
-          [(c, "sm90", "fp64") for c in ("forward_ms_k8_w755", "replay_k8", "backward_k8", "backward_armed_k8")] + [_FP64_FILL]
+          [(c, "sm90", "fp64") for c in ("forward_ms_k8_w755", "replay_k8", "backward_k8", "backward_armed_k8")] + \
+          [_FP64_FILL]
 
 
 @pytest.mark.parametrize("case,arch,fp", _PARAMS)
