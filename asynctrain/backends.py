@@ -32,7 +32,7 @@ import torch
 from . import rng
 from ._warn import warn
 from .kernels import _triton
-from .kernels import image_steps
+from .kernels import image_steps, listed_steps
 from .kernels.conv_deliver import conv_deliver_backward_triton, conv_deliver_triton
 from .kernels.rows_deliver import rows_deliver_backward_triton, rows_deliver_triton
 from .kernels.deliver import deliver_backward_torch, deliver_backward_triton, deliver_torch, deliver_triton
@@ -71,14 +71,14 @@ class Ops:
     # its segment of the entries sorted by layer (what the twin computes)
     image_deliver: Callable | None = None
     # conv networks, listed steps: a step's receivers evaluated once each, with the
-    # pass's bookkeeping or the backward record (`kernels/image_steps.py` listed_step)
-    listed_step: Callable = image_steps.listed_step_torch
+    # pass's bookkeeping or the backward record (`kernels/listed_steps.py` listed_step)
+    listed_step: Callable = listed_steps.listed_step_torch
     # conv networks, the reverse of a step's deliveries through every layer in one
     # launch (`kernels/image_steps.py` image_deliver_backward; float atomics); None:
     # each layer through `image`, over its segment
     image_deliver_backward: Callable | None = None
     # conv networks, the reverse of a listed step's evaluation (`listed_backward`)
-    listed_backward: Callable = image_steps.listed_backward_torch
+    listed_backward: Callable = listed_steps.listed_backward_torch
     fused: type | None = None  # CpuSteps / TritonSteps: whole steps (fully connected networks)
     deterministic: bool = False  # weight gradients without float atomics (triton)
 
@@ -128,9 +128,9 @@ def triton_ops(deterministic: bool) -> Ops:
                functools.partial(deliver_backward_triton, deterministic=deterministic),
                lif_triton, lif_backward_triton, uniform_at_triton,
                functools.partial(select_listed_kernel, select_triton),
-               select_keyed_triton, image, image_steps.image_deliver_triton, image_steps.listed_step_triton,
+               select_keyed_triton, image, image_steps.image_deliver_triton, listed_steps.listed_step_triton,
                None if deterministic else image_steps.image_deliver_backward_triton,
-               image_steps.listed_backward_triton, None if deterministic else TritonSteps, deterministic)
+               listed_steps.listed_backward_triton, None if deterministic else TritonSteps, deterministic)
 
 
 def resolve(backend: str, device: torch.device, *, deterministic: bool = False) -> Ops:

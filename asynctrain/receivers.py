@@ -9,7 +9,7 @@ as `steps.WholeState` on every column, so the same numbers.
   deliveries add into kept [B, W] buffers, the neurons are evaluated at
   `ImageSynapses.receiver_list` (every target of every delivered entry, repeats
   included: each received column once, at one of its lanes) and the buffers are
-  zeroed there again, not over [B, W]; one op (`kernels/image_steps.py`
+  zeroed there again, not over [B, W]; one op (`kernels/listed_steps.py`
   listed_step: a Triton kernel or its twin) does it all, the pass's bookkeeping
   included. Lanes that do not evaluate a column list their sample's dump column
   (never a receiver) and change nothing.
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from . import rng
-from .kernels.image_steps import FILLER_COUNT, ReceiverRows
+from .kernels.image_steps import FILLER_COUNT
+from .kernels.listed_steps import ReceiverRows
 from .kernels.lif import lif_backward_torch, lif_torch
 from .passes import Pass
 from .retain import RecordStores
@@ -51,7 +52,7 @@ class StepInfoAt:
 @dataclass
 class StepInfoListed:
     """What an evaluation at a step's listed receivers leaves (`ListedReceivers`): the
-    rest happened in place (`kernels/image_steps.py` listed_step)."""
+    rest happened in place (`kernels/listed_steps.py` listed_step)."""
 
     vals: torch.Tensor                  # [B, K]
     out_fired: torch.Tensor | None      # bool [B] an output neuron fired (the forward's)

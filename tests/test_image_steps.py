@@ -24,7 +24,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from asynctrain.kernels import image_steps  # noqa: E402
+from asynctrain.kernels import image_steps, listed_steps  # noqa: E402
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 from asynctrain.kernels.step_spec import PassTensors  # noqa: E402
 from asynctrain.models import vgg7  # noqa: E402
@@ -133,7 +133,7 @@ def _run_listed(fn, args, book, record, knobs):
     rows = None
     if record:
         n = cols.numel() * layers.list_width
-        rows = image_steps.ReceiverRows.empty(n, st.v.dtype, torch.int32,
+        rows = listed_steps.ReceiverRows.empty(n, st.v.dtype, torch.int32,
                                               lambda n, dtype: torch.full((n,), 7, dtype=dtype))
     out = net.output_slice
     fn(cols, tables.source_slot, layers, cur, cnt, st, sync, theta, tables.is_source.to(st.v.dtype),
@@ -165,8 +165,8 @@ def test_listed_step_matches_the_twin(kind, knobs):
     args = _listed_inputs(kind, dtype, knobs.get("fill", False))
     book, w = args[7], args[0].width + 1
     for record, bk in ((False, book), (True, None)):  # the forward (bookkeeping), a replay (the record)
-        got = _run_listed(image_steps.listed_step_triton, args, bk, record, knobs)
-        want = _run_listed(image_steps.listed_step_torch, args, bk, record, knobs)
+        got = _run_listed(listed_steps.listed_step_triton, args, bk, record, knobs)
+        want = _run_listed(listed_steps.listed_step_torch, args, bk, record, knobs)
         for name, a, b in zip(("current", "counts"), got[:2], want[:2]):
             assert torch.equal(a, b) and not a.any(), f"{name}: not zero again"
         for name in ("v", "o", "acc", "refr", "n_in"):
@@ -225,7 +225,7 @@ def test_listed_backward_matches_the_twin(kind, detach_reset, armed):
     elsewhere), the armed flags."""
     dtype = F32
     args = _listed_inputs(kind, dtype, fill=True)
-    rows = _run_listed(image_steps.listed_step_torch, args, None, True, dict(p_ref=0.3))[5]
+    rows = _run_listed(listed_steps.listed_step_torch, args, None, True, dict(p_ref=0.3))[5]
     net = args[0]
     B, w = args[3].shape[0], net.width + 1
     g = torch.Generator().manual_seed(5)
@@ -235,7 +235,7 @@ def test_listed_backward_matches_the_twin(kind, detach_reset, armed):
     theta, out = args[8], net.output_slice
     source_f = args[2].is_source.to(dtype)
     res = []
-    for fn in (image_steps.listed_backward_triton, image_steps.listed_backward_torch):
+    for fn in (listed_steps.listed_backward_triton, listed_steps.listed_backward_torch):
         v, gcur, arm = adj["v"].clone(), torch.zeros(B, w), armed0.clone() if armed else None
         fn(rows, v, adj["o"], adj["acc"], arm, gcur, theta, source_f, out.start, out.stop, 2.3, detach_reset)
         res.append((v, gcur, arm))

@@ -26,8 +26,8 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from asynctrain.kernels import (conv_deliver, deliver, image_steps, lif, rng_triton, rows_deliver,  # noqa: E402
-                                select, select_keyed)
+from asynctrain.kernels import (conv_deliver, deliver, image_steps, lif, listed_steps, rng_triton,  # noqa: E402
+                                rows_deliver, select, select_keyed)
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
@@ -135,10 +135,10 @@ def _listed_step_sig(fp: str) -> dict:
 
 def _listed_case(fp: str, record: bool) -> tuple:
     """The listed step with every knob on: the forward's (bookkeeping) or a replay's (record)."""
-    consts = dict(BLOCK_E=image_steps._LISTED_BLOCK_E, BLOCK_F=image_steps._LISTED_BLOCK_F, REFRACTORY=True,
+    consts = dict(BLOCK_E=listed_steps._LISTED_BLOCK_E, BLOCK_F=listed_steps._LISTED_BLOCK_F, REFRACTORY=True,
                   HAS_PREF=True, BARRIER=True, POLICY_MS=True, FILL=not record, BOOKKEEP=not record,
                   HISTOGRAM=not record, RECORD=record)
-    return image_steps._listed_step_kernel, _listed_step_sig(fp), consts, 4
+    return listed_steps._listed_step_kernel, _listed_step_sig(fp), consts, 4
 
 
 _SELECT_SIG = {"pending_ptr": "*u8", "keys_ptr": "*fp32", "out_ptr": "*i64", "width": "i32", "k": "i32",
