@@ -8,8 +8,8 @@ test starts one child ``pytest`` on the file's selected wrapped tests with
 ``TRITON_INTERPRET=1`` set from the start (CPU tensors), and each test reports its
 own outcome from the child's JUnit XML (failures with the child's message). Nothing
 leaks into other test files; ``TRITON_INTERPRET=1 pytest <file>`` runs them
-in-process. Used by test_kernels_triton.py, test_kernels_triton_conv.py and
-test_steps_triton.py.
+in-process. Used by test_kernels_triton.py, test_kernels_triton_conv.py,
+test_kernels_triton_segments.py and test_steps_triton.py.
 """
 
 from __future__ import annotations
