@@ -9,7 +9,8 @@ line per run on stdout (and appended to --log).
 A variant is ``key=value,key=value`` (values JSON, or plain strings), applied on top
 of the base recipe `BASE` (the demo's unlayered recipe; `base=hyper` starts from
 `Hyper()`'s defaults instead, which is what part 3 of the study checks). Keys: any
-`Hyper` field; SimConfig fields (`detach_reset`, `readout`, ...: set on the model's
+`Hyper` field (`detach_reset` and `surrogate_at` among them: unlayered training
+only); SimConfig fields (`readout`, ...: set on the model's
 config after it is built); and the study's own:
 
 - ``calib``: data-driven initialisation, `asynctrain.calibrate.calibrate_rates` with

@@ -196,12 +196,8 @@ def lif_backward_triton(grad_v_new: torch.Tensor, grad_spikes: torch.Tensor | No
                         v_pre: torch.Tensor, refractory: torch.Tensor, received: torch.Tensor,
                         gate: torch.Tensor, theta: torch.Tensor, alpha: float, detach_reset: bool,
                         last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `lif_torch` w.r.t. v and current (the same on receivers).
-
-    `last` (bool ``[B, W]``, `SimConfig.surrogate_at="fire_or_last"`): the evaluations
-    that end their outbox window; the spike's surrogate derivative is then taken only
-    where the neuron fired or `last` holds (0 elsewhere, in the outbox path and the
-    reset path alike). None: at every synced evaluation (SPEC 8)."""
+    """`lif_backward_torch` (its twin: same arguments, `last` included, and results) as
+    one Triton kernel."""
     floats = dict(grad_v_new=grad_v_new, v_pre=v_pre)
     if grad_spikes is not None:
         floats["grad_spikes"] = grad_spikes

@@ -105,11 +105,14 @@ def test_engine_matches_oracle_fp64(policy, training, ck):
     _check_exercised(cfg, ora[1])
 
 
+@pytest.mark.parametrize("surrogate_at", ["every", "fire_or_last"])
 @pytest.mark.parametrize("ck", [0, None])
-def test_carry_pending_with_cap_matches_oracle(ck):
+def test_carry_pending_with_cap_matches_oracle(ck, surrogate_at):
     # The cap leaves outboxes pending; carried into the next pass, they are delivered
     # with a cleared pre-spike potential (SPEC 3). Non-vacuous: some passes capped.
-    cfg = SimConfig(**BASE, policy="MS", forward_group_size=2, max_steps=4, carry_pending=True)
+    # fire_or_last: windows end with each pass even when the outbox is carried on.
+    cfg = SimConfig(**BASE, policy="MS", forward_group_size=2, max_steps=4, carry_pending=True,
+                    surrogate_at=surrogate_at)
     net, frames = make_net(SIZES), make_frames(4, 3, SIZES[0])
     with pytest.warns(RuntimeWarning, match="max_steps=4"):
         eng = run_engine(net, cfg, frames, checkpoint_every=ck)

@@ -77,18 +77,6 @@ def test_fire_or_last_matches_oracle_fp64(policy, ck):
     assert_match(eng, ora)
 
 
-@pytest.mark.parametrize("ck", [0, None])
-def test_fire_or_last_carry_pending_with_cap(ck):
-    """Windows end with each pass even when the outbox is carried into the next."""
-    cfg = _cfg(dict(policy="MS", forward_group_size=2, max_steps=4, carry_pending=True))
-    net, frames = make_net(SIZES), make_frames(4, 3, SIZES[0])
-    with pytest.warns(RuntimeWarning, match="max_steps=4"):
-        eng = run_engine(net, cfg, frames, checkpoint_every=ck)
-    ora = run_oracle(net, cfg, frames)
-    assert_match(eng, ora)
-    assert ora[1]["capped"][:-1].any()
-
-
 @pytest.mark.parametrize("policy", ["MS", "RS"])
 def test_forward_unchanged_gradient_changed(policy):
     """The option is backward-only; with K small most neurons are evaluated several
