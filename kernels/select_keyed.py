@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from . import rng
-from ._triton import check_dtype, check_shape, check_tensors, hash_arg, jit, tl
+from ._triton import check_dtype, check_shape, check_tensors, hash_arg, jit, tl, triton
 from .rng_triton import _bits_at_from_hash, _uniform_at_from_hash
-from .select import (_config, _radix_threshold, _sortable, _take, fill_free_slots, select_keys_torch,
+from .select import (_ONE_BLOCK_MAX, _config, _radix_threshold, _sortable, _take, fill_free_slots, select_keys_torch,
                      selection_keys_torch)
 
 
@@ -194,12 +194,131 @@ def _select_keyed_kernel(pending_ptr, values_ptr, is_input_ptr, sel_ptr, out_ptr
         _take(keys_row, keys_row, u, o_row, width, kr, kk, prefix, BLOCK, ONE_BLOCK, True, True)
 
 
+# --- staged: chunks of a wide row in parallel, then a merge over their candidates -----
+# A row wider than one block is cut into chunks of _CHUNK columns, one program per
+# (row, chunk): the chunk's keys are computed once, in registers (the one-block
+# search), and its best kk entries (key, column) go to a candidate row, in ascending
+# column order, -1 keys after them. The row's best kk are among its chunks' best kk
+# (an entry preceded by fewer than kk in the whole row is preceded by fewer than kk
+# in its chunk; the order: key descending, then index ascending), so one program per
+# row then runs the usual radix search over n_chunks x kk candidates instead of W
+# columns, and maps the taken candidates back to their columns. Bytes per call: the
+# flags (and values) read once, 12 bytes per candidate written and read: no int64
+# [B, W] scratch row, and B x n_chunks programs instead of B.
+_CHUNK = _ONE_BLOCK_MAX
+_STAGED_MAX_KK = _CHUNK // 4
+"""Largest kk of the staged path (below it a row's candidates are at most a quarter of
+its columns); larger K streams the row as before."""
+
+
+def staged_plan(width: int, kk: int) -> dict | None:
+    """The staged path's sizes for a row width and group size kk (None: the row is
+    searched by one program, in registers or streamed): chunks, candidates per row,
+    scratch bytes per row. What tests/test_select_keyed.py holds the path to."""
+    if width <= _ONE_BLOCK_MAX or kk > _STAGED_MAX_KK:
+        return None
+    n_chunks = -(-width // _CHUNK)
+    n_cand = n_chunks * kk
+    return dict(n_chunks=n_chunks, n_cand=n_cand, scratch_bytes=n_cand * 12 + kk * 8)
+
+
+@jit(do_not_specialize=("h_key", "h_order"))
+def _chunk_top_kernel(pending_ptr, values_ptr, is_input_ptr, ckey_ptr, ccol_ptr, width, kk, n_chunks,
+                      stride_p, stride_v, h_key, h_order, noise, FROM_VALUES: tl.constexpr,
+                      HAS_NOISE: tl.constexpr, INPUTS_FIRST: tl.constexpr, INPUT_RANDOM: tl.constexpr,
+                      CHUNK: tl.constexpr, KPAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    inside = cols < width
+    keep = tl.load(pending_ptr + row * stride_p + cols, mask=inside, other=0) != 0
+    u = _keys_block(row, cols, inside, keep, values_ptr + row * stride_v, is_input_ptr, h_key.to(tl.uint32),
+                    h_order.to(tl.uint32), noise, FROM_VALUES, HAS_NOISE, INPUTS_FIRST, INPUT_RANDOM)
+    n_pending = tl.sum(keep.to(tl.int32))
+    base = (row * n_chunks + chunk) * kk
+    prefix = _radix_threshold(ckey_ptr, ckey_ptr, u, CHUNK, kk, n_pending, CHUNK, 1, True, True)
+    # the chunk's best kk (ties to the lower index, as `_take`), ascending column
+    m = kk - tl.sum((u > prefix).to(tl.int32))
+    tied = (u == prefix).to(tl.int32)
+    take = (u > prefix) | ((tied != 0) & (tl.cumsum(tied, axis=0) <= m))
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(ckey_ptr + base + pos, u, mask=take)
+    tl.store(ccol_ptr + base + pos, cols.to(tl.int32), mask=take)
+    slot = tl.arange(0, KPAD)
+    n_sel = tl.sum(take.to(tl.int32))
+    tl.store(ckey_ptr + base + slot, tl.full([KPAD], -1, tl.int64), mask=(slot >= n_sel) & (slot < kk))
+
+
+def _merge_config(n_cand: int) -> dict:
+    """The merge's launch constants: the candidates in registers (one block of 2048)
+    up to 2048 of them, else streamed in blocks of 1024, 4 warps either way: the
+    spill-free pairs on sm_90 and sm_80 for both key kinds at kk 8 and 64 (ptxas
+    left 8-byte stack frames at one block of 1024 with 4 warps, streaming with 8)."""
+    if n_cand <= _ONE_BLOCK_MAX:
+        return dict(BLOCK=_ONE_BLOCK_MAX, ONE_BLOCK=True, DIGIT_BITS=1, num_warps=4)
+    return dict(BLOCK=1024, ONE_BLOCK=False, DIGIT_BITS=4, num_warps=4)
+
+
+@jit
+def _merge_kernel(ckey_ptr, ccol_ptr, sel_ptr, out_ptr, pos_ptr, width, k, kk, n_cand, stride_s, stride_o,
+                  FILL: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                  KBLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c_row = ckey_ptr + row * n_cand
+    col_row = ccol_ptr + row * n_cand
+    o_row = out_ptr + row * stride_o
+    p_row = pos_ptr + row * kk
+    s_row = sel_ptr + row * stride_s
+    slots = tl.arange(0, KBLOCK)
+    if FILL:  # the group: the free (dump) slots of the step's selection
+        kr = 0
+        for start in range(0, kk, KBLOCK):
+            slot = start + slots
+            sl = tl.load(s_row + slot, mask=slot < kk, other=0)
+            kr += tl.sum(((sl == width - 1) & (slot < kk)).to(tl.int32))
+    else:
+        kr = k
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        u = tl.load(c_row + cols, mask=cols < n_cand, other=-1)
+        n_pending = tl.sum((u >= 0).to(tl.int32))
+    else:
+        u = tl.zeros((), tl.int64)  # not read: the rounds stream the candidate row
+        n_pending = 0
+        for start in range(0, n_cand, BLOCK):
+            c = start + cols
+            n_pending += tl.sum((tl.load(c_row + c, mask=c < n_cand, other=-1) >= 0).to(tl.int32))
+    prefix = _radix_threshold(c_row, c_row, u, n_cand, kr, n_pending, BLOCK, DIGIT_BITS, ONE_BLOCK, True)
+    # the taken candidates' positions (ascending = ascending column), then their columns
+    n_sel = _take(c_row, c_row, u, p_row, n_cand, kr, kk, prefix, BLOCK, ONE_BLOCK, True, False)
+    tl.debug_barrier()
+    n_free = 0
+    for start in range(0, kk, KBLOCK):
+        slot = start + slots
+        inside = slot < kk
+        if FILL:  # the j-th free slot takes the j-th filler (-1 - column)
+            sl = tl.load(s_row + slot, mask=inside, other=0)
+            free = (sl == width - 1) & inside
+            rank = n_free + tl.cumsum(free.to(tl.int32), axis=0) - 1
+            has = free & (rank < n_sel)
+            c = tl.load(col_row + tl.load(p_row + rank, mask=has, other=0), mask=has, other=0).to(tl.int64)
+            tl.store(o_row + slot, tl.where(has, -1 - c, sl), mask=inside)
+            n_free += tl.sum(free.to(tl.int32))
+        else:
+            has = inside & (slot < n_sel)
+            c = tl.load(col_row + tl.load(p_row + slot, mask=has, other=0), mask=has, other=0).to(tl.int64)
+            tl.store(o_row + slot, tl.where(has, c, width - 1), mask=inside)
+
+
 def select_keyed_triton(pending: torch.Tensor, values: torch.Tensor, is_input: torch.Tensor, k: int,
                         seed: int, t: int, step: int, *, policy_ms: bool, noise: float = 0.0,
                         input_random: bool = False, sel: torch.Tensor | None = None) -> torch.Tensor:
-    """`select_keyed_torch` in one launch (one program per sample): the keys computed
-    in the kernel from the flags, values and hashes (`_keys_block`), no [B, W] keys
-    or order tensor, no topk. The same selected sets as the twin (ties to the lower
+    """`select_keyed_torch` on the device, no host sync: the keys computed in the
+    kernels from the flags, values and hashes (`_keys_block`), no [B, W] keys or order
+    tensor, no topk. Rows up to `_ONE_BLOCK_MAX` wide: one launch, one program per
+    sample, keys in registers; wider rows with kk <= `_STAGED_MAX_KK`: two launches,
+    the staged search (`staged_plan`: a program per chunk, then a merge); wider rows
+    at larger K: one launch streaming an int64 scratch row. The same selected sets as the twin (ties to the lower
     index); the order within a row differs: ascending index (the twin: highest key
     first), and with `sel` the fillers take the free slots in ascending column order.
     Callers must not rely on either order. Arguments and result as the twin's."""
@@ -223,11 +342,9 @@ def select_keyed_triton(pending: torch.Tensor, values: torch.Tensor, is_input: t
     out = torch.empty(b, kk, dtype=torch.int64, device=pending.device)
     if b == 0 or width == 0:
         return out
-    cfg = _config(width)
     dev = pending.device
-    # rows wider than one block: the scratch row of mapped keys (see the kernel)
-    scratch = torch.empty((b, width) if not cfg["ONE_BLOCK"] else (1,), dtype=torch.int64, device=dev)
-    fillers = torch.empty((b, kk) if fill else (1,), dtype=torch.int64, device=dev)
+    plan = staged_plan(width, kk)
+    cfg = _merge_config(plan["n_cand"]) if plan else _config(width)
     sel = sel.contiguous() if fill else out  # (not read without fill)
     pending = pending.contiguous().view(torch.uint8)
     values = values.contiguous()
@@ -237,10 +354,27 @@ def select_keyed_triton(pending: torch.Tensor, values: torch.Tensor, is_input: t
     input_random = bool(policy_ms and input_random and not fill)
     h_order = rng.counter_hash(seed, rng.STREAM_INPUT_ORDER, t, 0) if input_random else 0
     has_noise = bool(policy_ms and noise > 0 and not fill)
+    h_key = hash_arg(rng.counter_hash(seed, stream, t, step))
+    keys = dict(FROM_VALUES=bool(policy_ms), HAS_NOISE=has_noise, INPUTS_FIRST=bool(policy_ms and not fill),
+                INPUT_RANDOM=input_random)
+    if plan:
+        n_chunks, n_cand = plan["n_chunks"], plan["n_cand"]
+        ckey = torch.empty(b, n_cand, dtype=torch.int64, device=dev)
+        ccol = torch.empty(b, n_cand, dtype=torch.int32, device=dev)
+        pos = torch.empty(b, kk, dtype=torch.int64, device=dev)
+        kpad = triton.next_power_of_2(kk)
+        _chunk_top_kernel[(b, n_chunks)](
+            pending, values, is_input, ckey, ccol, width, kk, n_chunks, pending.stride(0), values.stride(0),
+            h_key, hash_arg(h_order), float(noise) if has_noise else 0.0, CHUNK=_CHUNK, KPAD=kpad,
+            num_warps=4, enable_fp_fusion=False, **keys)  # no FMA: key + noise * u
+        _merge_kernel[(b,)](ckey, ccol, sel, out, pos, width, k, kk, n_cand, sel.stride(0), out.stride(0),
+                            FILL=fill, KBLOCK=kpad, **cfg)
+        return out
+    # rows wider than one block at large K: the scratch row of mapped keys (see the kernel)
+    scratch = torch.empty((b, width) if not cfg["ONE_BLOCK"] else (1,), dtype=torch.int64, device=dev)
+    fillers = torch.empty((b, kk) if fill else (1,), dtype=torch.int64, device=dev)
     _select_keyed_kernel[(b,)](
         pending, values, is_input, sel, out, scratch, fillers, width, k, kk, pending.stride(0),
-        values.stride(0), sel.stride(0), out.stride(0), hash_arg(rng.counter_hash(seed, stream, t, step)),
-        hash_arg(h_order), float(noise) if has_noise else 0.0,
-        FROM_VALUES=bool(policy_ms), HAS_NOISE=has_noise, INPUTS_FIRST=bool(policy_ms and not fill),
-        INPUT_RANDOM=input_random, FILL=fill, enable_fp_fusion=False, **cfg)  # no FMA: key + noise * u
+        values.stride(0), sel.stride(0), out.stride(0), h_key, hash_arg(h_order),
+        float(noise) if has_noise else 0.0, FILL=fill, enable_fp_fusion=False, **keys, **cfg)  # no FMA
     return out

@@ -7,9 +7,11 @@ the kernel interpreted on CPU tensors.
 Selected sets compared exactly (rows sorted: the kernel writes ascending index, the
 twin highest key first); in fill mode the selection's real slots are unchanged and
 the fillers are the twin's set. Policies RS, MS, MS + momentum noise, MS + random
-input order; widths one below and one above the one-block limit (`_ONE_BLOCK_MAX`:
-keys in registers, or a scratch row streamed per radix round); K = 1, a middle
-value, and K above the pending count and the width; fp32 and fp64 potentials. Rows
+input order; widths one below and above the one-block limit (`_ONE_BLOCK_MAX`: keys
+in registers) and a row of three chunks (the staged path, `staged_plan`, up to kk =
+`_STAGED_MAX_KK`; above it the row is streamed through a scratch row per radix
+round); K = 1, a middle value, the staged path's largest kk and one above it, and K
+above the pending count and the width; fp32 and fp64 potentials. Rows
 range from nothing pending to everything pending; potentials are coarse (many ties,
 to the lower index) and hold both -0.0 and +0.0 (equal keys).
 """
@@ -63,12 +65,15 @@ def _both(*args, **kw):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("width", [2039, 2053], ids=["one-block", "streamed"])
+@pytest.mark.parametrize("width", [2039, 2053, 4500], ids=["one-block", "staged-2", "staged-3"])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_selection_matches_the_twin(policy, width, dtype):
     assert (width <= select_mod._ONE_BLOCK_MAX) == (width == 2039)
     pending, values, is_input = _case(4, width, seed=width, dtype=dtype)
-    for k in (1, 37, 5000):  # 5000: above every row's pending count and the width
+    top = keyed_mod._STAGED_MAX_KK
+    # 5000: above every row's pending count and the width (streamed); top + 1 streamed
+    for k in (1, 37, top, top + 1, 5000) if width == 4500 else (1, 37, 5000):
+        assert (keyed_mod.staged_plan(width, min(k, width)) is not None) == (width > 2039 and k <= top)
         got, want = _both(pending, values, is_input, k, SEED, T, STEP, **POLICIES[policy])
         assert _rows(got) == _rows(want), (policy, k)
         assert got[0].eq(width - 1).all(), "nothing pending: all dump"
@@ -79,7 +84,7 @@ def test_selection_matches_the_twin(policy, width, dtype):
         assert all(r == sorted(r) for r in got.tolist()) and real.numel() > 0
 
 
-@pytest.mark.parametrize("width", [257, 2053], ids=["one-block", "streamed"])
+@pytest.mark.parametrize("width", [257, 4500], ids=["one-block", "staged"])
 def test_ties_and_signed_zeros_go_to_the_lower_index(width):
     """MS without noise: every pending key equal (+0.0 and -0.0 alternating), so the
     K lowest pending indices; inputs (+inf) first."""
@@ -94,7 +99,7 @@ def test_ties_and_signed_zeros_go_to_the_lower_index(width):
     assert _rows(got) == _rows(want) == [[20, 21, 22, 23, 24], [3, 20, 21, 22, 23]]
 
 
-@pytest.mark.parametrize("width", [2039, 2053], ids=["one-block", "streamed"])
+@pytest.mark.parametrize("width", [2039, 2053, 4500], ids=["one-block", "staged-2", "staged-3"])
 @pytest.mark.parametrize("policy", ["RS", "MS"])
 def test_fill_mode_matches_the_twin(policy, width):
     """fill_slots (SPEC 8): the free slots of a selection take the best candidates
@@ -113,6 +118,20 @@ def test_fill_mode_matches_the_twin(policy, width):
         assert _rows(got) == _rows(want), k
         assert torch.equal(got[2], sel[2])
         assert (want < 0).any(), "vacuous: no filler"
+
+
+def test_staged_path_sizes():
+    """The staged path's scratch against the streamed one's int64 [B, W] row: a
+    VGG-7-wide row (229,387 columns) at K = 8 and 64 (a chunk's best kk per 2,048
+    columns), and where it stops (rows searched in registers; kk above the cap)."""
+    w = 229_387
+    for kk, ratio in ((8, 100), (64, 15)):
+        plan = keyed_mod.staged_plan(w, kk)
+        assert plan["n_chunks"] == -(-w // keyed_mod._CHUNK) == 113 and plan["n_cand"] == 113 * kk
+        assert plan["scratch_bytes"] * ratio < w * 8, (kk, plan)
+    assert keyed_mod.staged_plan(select_mod._ONE_BLOCK_MAX, 8) is None
+    assert keyed_mod.staged_plan(w, keyed_mod._STAGED_MAX_KK) is not None
+    assert keyed_mod.staged_plan(w, keyed_mod._STAGED_MAX_KK + 1) is None
 
 
 def test_degenerate_sizes():

@@ -147,6 +147,11 @@ _KEYED_SIG = {"pending_ptr": "*u8", "values_ptr": "*fp32", "is_input_ptr": "*u8"
               "out_ptr": "*i64", "keys_ptr": "*i64", "fill_ptr": "*i64", "width": "i32", "k": "i32", "kk": "i32",
               "stride_p": "i32", "stride_v": "i32", "stride_s": "i32", "stride_o": "i32", "h_key": "i64",
               "h_order": "i64", "noise": "fp32"}
+_CHUNK_SIG = {"pending_ptr": "*u8", "values_ptr": "*fp32", "is_input_ptr": "*u8", "ckey_ptr": "*i64",
+              "ccol_ptr": "*i32", "width": "i32", "kk": "i32", "n_chunks": "i32", "stride_p": "i32",
+              "stride_v": "i32", "h_key": "i64", "h_order": "i64", "noise": "fp32"}
+_MERGE_SIG = {"ckey_ptr": "*i64", "ccol_ptr": "*i32", "sel_ptr": "*i64", "out_ptr": "*i64", "pos_ptr": "*i64",
+              "width": "i32", "k": "i32", "kk": "i32", "n_cand": "i32", "stride_s": "i32", "stride_o": "i32"}
 _RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32", "n_cols": "i32",
             "rs0": "i32", "rs1": "i32", "is0": "i32", "is1": "i32"}
 
@@ -165,6 +170,20 @@ def _keyed_case(width: int, fp: str = "fp32", **flags):
     return select_keyed._select_keyed_kernel, dict(_KEYED_SIG, values_ptr=f"*{fp}"), consts, consts.pop("num_warps")
 
 
+def _chunk_case(kk: int, fp: str = "fp32"):
+    """The staged select's chunk kernel (MS with noise and random input order)."""
+    consts = dict(FROM_VALUES=True, HAS_NOISE=True, INPUTS_FIRST=True, INPUT_RANDOM=True,
+                  CHUNK=select_keyed._CHUNK, KPAD=triton.next_power_of_2(kk))
+    return select_keyed._chunk_top_kernel, dict(_CHUNK_SIG, values_ptr=f"*{fp}"), consts, 4
+
+
+def _merge_case(width: int, kk: int, fill: bool):
+    """The staged select's merge over a VGG-7-wide row's candidates."""
+    plan = select_keyed.staged_plan(width, kk)
+    consts = dict(FILL=fill, KBLOCK=triton.next_power_of_2(kk), **select_keyed._merge_config(plan["n_cand"]))
+    return select_keyed._merge_kernel, _MERGE_SIG, consts, consts.pop("num_warps")
+
+
 CASES = {
     "select_w300": _select_case(300),
     "select_w1500": _select_case(1500),
@@ -176,6 +195,12 @@ CASES = {
                                                   INPUT_RANDOM=False, FILL=True),
     "select_keyed_ms_fill_stream": _keyed_case(70001, HAS_NOISE=False, INPUTS_FIRST=False, INPUT_RANDOM=False,
                                                FILL=True),
+    "select_chunk_k8": _chunk_case(8),
+    "select_chunk_k512": _chunk_case(select_keyed._STAGED_MAX_KK),
+    "select_merge_k8_one_block": _merge_case(229_387, 8, fill=False),
+    "select_merge_k8_one_block_fill": _merge_case(229_387, 8, fill=True),
+    "select_merge_k64_stream": _merge_case(229_387, 64, fill=False),
+    "select_merge_k64_stream_fill": _merge_case(229_387, 64, fill=True),
     "deliver_f256": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=8, BLOCK_F=256), 4),
     "deliver_k32": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=32, BLOCK_F=64), 4),
     "deliver_bwd_atomic": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp32"),
@@ -238,6 +263,7 @@ SM90_ONLY = {
     "listed_step_fp64": _listed_case("fp64", record=False),
     "select_keyed_fp64_one_block": _keyed_case(select._ONE_BLOCK_MAX, "fp64"),
     "select_keyed_fp64_stream": _keyed_case(70001, "fp64"),
+    "select_chunk_fp64": _chunk_case(64, "fp64"),
     "deliver_fp64": (deliver._deliver_kernel, _deliver_sig("fp64"), dict(BLOCK_K=8, BLOCK_F=256), 4),
     "deliver_bwd_fp64": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp64"),
                          dict(BLOCK_K=8, BLOCK_F=256, ATOMIC_TABLE=True), 4),
