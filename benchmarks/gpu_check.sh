@@ -124,7 +124,8 @@ limit() { local s; for s in "${LIMITS[@]}"; do [[ ${s%%:*} == "$1" ]] && echo "$
 PYTEST=("$PY" -m pytest -v --tb=short -p no:cacheprovider -rs -k cuda)  # -v: a killed stage still shows which tests passed
 if [[ $DRY -eq 1 ]]; then
     COST_ARGS=(--points tiny:engine:MS:8 --repeat 1 --width-pairs 0)
-    KERNEL_ARGS=(--batch 2 --width 129 --ks 1,8 --fanouts 64 --repeat 1)
+    KERNEL_ARGS=(--batch 2 --width 129 --ks 1,8 --fanouts 64 --repeat 1 --keyed-batch 2 --keyed-width 4500
+                 --keyed-ks 8)
     VGG_ARGS=(--points engine:8 --batch 2 --width 0.0625 --image-size 8 --single)
     PROFILE_ARGS=(--tiny)
 else

@@ -2,8 +2,9 @@
 
 Grid: forward group size K in {1, 8, 64, 512} x fan-out F in {64, 1024, 4096} for
 deliver (forward, backward with atomics, backward deterministic); K for select (F
-plays no part); one point per width for LIF (forward, backward) and the counter-hash
-uniforms (neither sees K nor F). Batch B (default 32) and width W = N + 1 (default
+plays no part); the keyed select on a VGG-7-wide row, staged against streamed;
+one point per width for LIF (forward, backward) and the counter-hash uniforms
+(neither sees K nor F). Batch B (default 32) and width W = N + 1 (default
 8193) are flags. Conv networks: conv deliver (forward, backward with atomics, backward
 deterministic) at K for two VGG-7-like maps (128x32x32 -> 128 channels; 128x32x32
 pooled -> 256 channels at 16x16) and rows deliver for a pooled 256x8x8 -> 1024 linear
@@ -55,6 +56,7 @@ from asynctrain.kernels.rows_deliver import (rows_deliver_backward_torch,  # noq
                                              rows_deliver_backward_triton, rows_deliver_torch,
                                              rows_deliver_triton)
 from asynctrain.kernels.rng_triton import uniform_at_torch, uniform_at_triton  # noqa: E402
+from asynctrain.kernels import select_keyed  # noqa: E402
 from asynctrain.kernels.select import select_torch, select_triton  # noqa: E402
 
 KS = (1, 8, 64, 512)
@@ -164,6 +166,7 @@ def points(a, dev):
                 "triton_deterministic": lambda: deliver_backward_triton(grad, vals, sel, table, targets,
                                                                         deterministic=True)}, _check_close
             del vals, sel, table, targets, grad
+    yield from keyed_points(a, dev, g)
     yield from image_points(a, dev, g, ks)
     v, cur, refr, recv, gate, theta, gvn, gs = lif_inputs(b, w, dev, g)
     yield "lif", dict(B=b, W=w), b * w * (4 * 2 + 3 + 4 * 3), {
@@ -178,6 +181,37 @@ def points(a, dev):
     yield "uniform_at", dict(B=b, W=w), b * w * 4, {
         "torch": lambda: uniform_at_torch(1, 2, 3, 4, rows, cols),
         "triton": lambda: uniform_at_triton(1, 2, 3, 4, rows, cols)}, _check_close
+
+
+def _streamed(pending, values, is_input, k):
+    """The keyed select as it was before the staged path (one program per row, an
+    int64 scratch row re-read per radix round): the baseline of the same run."""
+    cap = select_keyed._STAGED_MAX_KK
+    select_keyed._STAGED_MAX_KK = 0
+    try:
+        return select_keyed.select_keyed_triton(pending, values, is_input, k, 1, 2, 3, policy_ms=True)
+    finally:
+        select_keyed._STAGED_MAX_KK = cap
+
+
+def keyed_points(a, dev, g):
+    """The keyed select (MS keys computed in the kernel) on a whole-state row
+    (default: VGG-7's 229,387 columns, batch 64, 30 % pending): the staged path
+    ("triton") against the streamed one ("triton_streamed") and the twin. Bytes: the
+    flags and potentials read once, the selection written."""
+    b, w = a.keyed_batch, a.keyed_width
+    pending, values = select_inputs(b, w, dev, g)
+    is_input = torch.zeros(w, dtype=torch.bool, device=dev)
+    is_input[:w // 100] = True
+    for k in a.keyed_ks:
+        kk = min(k, w)
+        call = dict(policy_ms=True)
+        yield "select_keyed", dict(B=b, W=w, K=k, staged=select_keyed.staged_plan(w, kk) is not None), \
+            b * w * 5 + b * kk * 8, {
+                "torch": lambda k=k: select_keyed.select_keyed_torch(pending, values, is_input, k, 1, 2, 3, **call),
+                "triton": lambda k=k: select_keyed.select_keyed_triton(pending, values, is_input, k, 1, 2, 3,
+                                                                       **call),
+                "triton_streamed": lambda k=k: _streamed(pending, values, is_input, k)}, _check_select
 
 
 def image_points(a, dev, g, ks):
@@ -333,14 +367,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="K in {1, 8, 64}, F in {64, 1024}")
     ap.add_argument("--ks", type=_int_list, help="K values (overrides --quick), e.g. 8,512")
     ap.add_argument("--fanouts", type=_int_list, help="deliver fan-outs F (overrides --quick), e.g. 1024,4096")
+    ap.add_argument("--keyed-batch", type=int, default=64, help="batch of the keyed select points")
+    ap.add_argument("--keyed-width", type=int, default=229_387,
+                    help="row width of the keyed select points (default: VGG-7's whole state)")
+    ap.add_argument("--keyed-ks", type=_int_list, default=[8, 64], help="K of the keyed select points")
     ap.add_argument("--repeat", type=int, default=5, help="CPU: timed calls per point")
     ap.add_argument("--max-cpu-elems", type=int, default=2**24,
                     help="CPU: skip deliver points with B*K*F (the twin gathers [B, K, F]) or the "
                          "[W, F] tables above this")
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     a = ap.parse_args()
-    if a.batch < 1 or a.width < 2 or a.repeat < 1:
-        ap.error(f"need --batch >= 1, --width >= 2, --repeat >= 1; got {a.batch}, {a.width}, {a.repeat}")
+    if a.batch < 1 or a.width < 2 or a.repeat < 1 or a.keyed_batch < 1 or a.keyed_width < 2:
+        ap.error(f"need --batch, --keyed-batch >= 1, --width, --keyed-width >= 2, --repeat >= 1; got "
+                 f"{a.batch}, {a.keyed_batch}, {a.width}, {a.keyed_width}, {a.repeat}")
     if a.device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
