@@ -37,6 +37,7 @@ from .kernels.conv_deliver import conv_deliver_backward_triton, conv_deliver_tri
 from .kernels.rows_deliver import rows_deliver_backward_triton, rows_deliver_triton
 from .kernels.deliver import deliver_backward_torch, deliver_backward_triton, deliver_torch, deliver_triton
 from .kernels.lif import lif_backward_torch, lif_backward_triton, lif_torch, lif_triton
+from .kernels.pass_stats import pass_stats_torch, pass_stats_triton
 from .kernels.rng_triton import uniform_at_triton
 from .kernels.select import (_select_kernel, select_keys_torch, select_pending_torch, select_torch,  # noqa: F401
                              select_triton)
@@ -81,6 +82,8 @@ class Ops:
     listed_backward: Callable = listed_steps.listed_backward_torch
     fused: type | None = None  # CpuSteps / TritonSteps: whole steps (fully connected networks)
     deterministic: bool = False  # weight gradients without float atomics (triton)
+    # a pass's stats from its per-step records, written in place (`kernels/pass_stats.py`)
+    pass_stats: Callable = pass_stats_torch
 
 
 def select_listed(pending: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor,
@@ -130,7 +133,8 @@ def triton_ops(deterministic: bool) -> Ops:
                functools.partial(select_listed_kernel, select_triton),
                select_keyed_triton, image, image_steps.image_deliver_triton, listed_steps.listed_step_triton,
                None if deterministic else image_steps.image_deliver_backward_triton,
-               listed_steps.listed_backward_triton, None if deterministic else TritonSteps, deterministic)
+               listed_steps.listed_backward_triton, None if deterministic else TritonSteps, deterministic,
+               pass_stats_triton)
 
 
 def resolve(backend: str, device: torch.device, *, deterministic: bool = False) -> Ops:

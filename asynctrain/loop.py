@@ -117,7 +117,7 @@ class CallLoop:
                 st = self._fused_pass(st, ps, ckpt, ops, t, step)
             else:
                 st = self._steps(st, ps, ckpt, ops, wt, t, step)
-            ps.store(stats, t, cfg, eng.tables.fan_out, eng.hidden_f)
+            ps.store(stats, t, cfg, eng.tables.fan_out, eng.hidden_f, eng.ops.pass_stats)
             pending = ps.pending
             self._next(ckpt, ops, st, PassEnd(t))
             st, out = eng.op_end(st)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import SimConfig
+from .kernels.pass_stats import StatRows, pass_stats_torch
 from .kernels.step_spec import PassTensors
 from .retain import identity
 
@@ -68,39 +69,14 @@ class Pass:
         return done
 
     def store(self, stats: dict, t: int, cfg: SimConfig, fan_out: torch.Tensor,
-              hidden_f: torch.Tensor) -> None:
-        B = self.steps.shape[0]
-        zero = torch.zeros_like(self.steps)
-        synops = zero if self.input_synops is None else self.input_synops
-        per_step = [zero if self.input_processed is None else self.input_processed]
-        if self.values:
-            # [S, B, K]; fillers (-1 - column) hold 0: clamped to column 0, counted nowhere
-            vals, sel = torch.stack(self.values), torch.stack(self.delivered).long().clamp(min=0)
-            spikes = vals != 0  # empty and dropped slots hold 0; barrier messages are 0 too
-            synops = synops + (fan_out[sel] * spikes).sum((0, 2))
-            per_step.append(spikes.sum(2))
-        # spikes delivered up to and including each evaluation: [evaluations, B]
-        cum = torch.cat([p.reshape(-1, B) for p in per_step]).cumsum(0)
-        if self.input_processed is None:
-            cum = cum[1:]
-        if self.out_fired:
-            fired = torch.stack(self.out_fired)
-            any_out = fired.any(0)
-            first_eval = fired.to(torch.int8).argmax(0)  # first evaluation with an output spike
-        else:  # nothing was evaluated in this pass
-            any_out, first_eval = torch.zeros_like(self.steps, dtype=torch.bool), zero
-        at_cap = self.steps >= cfg.max_steps
-        capped = at_cap & self.pending.any(1)
-        if cfg.stop == "output":
-            capped &= ~((self.first_out >= 0) & (self.steps >= self.first_out + cfg.steps_after_output))
-        stats["forward_steps"][t] = self.steps
-        stats["synops"][t] = synops
-        stats["spikes_processed"][t] = cum[-1] if len(cum) else zero
-        # evaluation i is forward step i + 1 of a sample still running then
-        stats["first_output_step"][t] = torch.where(any_out, first_eval + 1, -1)
-        stats["spikes_to_first_output"][t] = torch.where(
-            any_out, cum.gather(0, first_eval[None]).squeeze(0) if len(cum) else zero, -1)
-        stats["capped"][t] = capped
-        stats["hidden_spikes"] += (self.spike_sum * hidden_f).sum(1).to(torch.int64)
+              hidden_f: torch.Tensor, pass_stats=pass_stats_torch) -> None:
+        """Reduce the pass's lists into the stats' row `t` with `pass_stats` (the
+        backend's: `kernels/pass_stats.py`, one launch on "triton")."""
+        rows = StatRows(*(stats[name][t] for name in StatRows._fields[:-1]), stats["hidden_spikes"])
+        stack = lambda xs: torch.stack(xs) if xs else None  # noqa: E731
+        pass_stats(rows, stack(self.values), stack(self.delivered), stack(self.out_fired), fan_out,
+                   self.input_synops, self.input_processed, self.steps, self.first_out, self.pending,
+                   self.spike_sum, hidden_f, max_steps=int(cfg.max_steps), stop_output=cfg.stop == "output",
+                   steps_after_output=int(cfg.steps_after_output))
         if self.currents is not None:
             stats["currents_to_spike"] += self.currents

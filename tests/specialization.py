@@ -100,11 +100,11 @@ def record_variants(kernels: dict):
 
 def all_kernels() -> dict:
     """Every `_*_kernel` of the kernels package: {"module._name_kernel": kernel}."""
-    from asynctrain.kernels import (conv_deliver, deliver, image_steps, lif, listed_steps, rng_triton,
-                                    rows_deliver, select, select_keyed, steps_triton)
+    from asynctrain.kernels import (conv_deliver, deliver, image_steps, lif, listed_steps, pass_stats,
+                                    rng_triton, rows_deliver, select, select_keyed, steps_triton)
     out = {}
     for mod in (select, select_keyed, deliver, lif, rng_triton, steps_triton, conv_deliver, rows_deliver,
-                image_steps, listed_steps):
+                image_steps, listed_steps, pass_stats):
         for name, obj in vars(mod).items():
             if name.startswith("_") and name.endswith("_kernel"):
                 out[f"{mod.__name__.rsplit('.', 1)[1]}.{name}"] = obj

@@ -26,8 +26,8 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from asynctrain.kernels import (conv_deliver, deliver, image_steps, lif, listed_steps, rng_triton,  # noqa: E402
-                                rows_deliver, select, select_keyed)
+from asynctrain.kernels import (conv_deliver, deliver, image_steps, lif, listed_steps, pass_stats,  # noqa: E402
+                                rng_triton, rows_deliver, select, select_keyed)
 from asynctrain.kernels._triton import is_interpreted  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
@@ -152,6 +152,12 @@ _CHUNK_SIG = {"pending_ptr": "*u8", "values_ptr": "*fp32", "is_input_ptr": "*u8"
               "stride_v": "i32", "h_key": "i64", "h_order": "i64", "noise": "fp32"}
 _MERGE_SIG = {"ckey_ptr": "*i64", "ccol_ptr": "*i32", "sel_ptr": "*i64", "out_ptr": "*i64", "pos_ptr": "*i64",
               "width": "i32", "k": "i32", "kk": "i32", "n_cand": "i32", "stride_s": "i32", "stride_o": "i32"}
+_STATS_SIG = {"vals_ptr": "*fp32", "sel_ptr": "*i64", "fired_ptr": "*u8", "fan_ptr": "*i64", "in_syn_ptr": "*i64",
+              "in_proc_ptr": "*i64", "steps_ptr": "*i64", "first_out_ptr": "*i64", "pending_ptr": "*u8",
+              "spike_sum_ptr": "*fp32", "hidden_f_ptr": "*fp32", "o_steps": "*i64", "o_synops": "*i64",
+              "o_processed": "*i64", "o_first": "*i64", "o_to_first": "*i64", "o_capped": "*u8",
+              "o_hidden": "*i64", "n_steps": "i32", "n_evals": "i32", "B": "i32", "K": "i32", "W": "i32",
+              "max_steps": "i32", "steps_after_output": "i32"}
 _RNG_SIG = {"rows_ptr": "*i64", "index_ptr": "*i64", "out_ptr": "*fp32", "h0": "i64", "n": "i32", "n_cols": "i32",
             "rs0": "i32", "rs1": "i32", "is0": "i32", "is1": "i32"}
 
@@ -201,6 +207,8 @@ CASES = {
     "select_merge_k8_one_block_fill": _merge_case(229_387, 8, fill=True),
     "select_merge_k64_stream": _merge_case(229_387, 64, fill=False),
     "select_merge_k64_stream_fill": _merge_case(229_387, 64, fill=True),
+    "pass_stats": (pass_stats._pass_stats_kernel, _STATS_SIG,
+                   dict(HAS_INPUT=True, STOP_OUTPUT=True, BLOCK_S=32, BLOCK_K=8, BLOCK_E=256, BLOCK_W=1024), 4),
     "deliver_f256": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=8, BLOCK_F=256), 4),
     "deliver_k32": (deliver._deliver_kernel, _deliver_sig("fp32"), dict(BLOCK_K=32, BLOCK_F=64), 4),
     "deliver_bwd_atomic": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp32"),
@@ -264,6 +272,11 @@ SM90_ONLY = {
     "select_keyed_fp64_one_block": _keyed_case(select._ONE_BLOCK_MAX, "fp64"),
     "select_keyed_fp64_stream": _keyed_case(70001, "fp64"),
     "select_chunk_fp64": _chunk_case(64, "fp64"),
+    "pass_stats_fp64": (pass_stats._pass_stats_kernel,
+                        dict(_STATS_SIG, vals_ptr="*fp64", spike_sum_ptr="*fp64", hidden_f_ptr="*fp64",
+                             sel_ptr="*i32"),
+                        dict(HAS_INPUT=False, STOP_OUTPUT=False, BLOCK_S=32, BLOCK_K=64, BLOCK_E=256,
+                             BLOCK_W=1024), 4),
     "deliver_fp64": (deliver._deliver_kernel, _deliver_sig("fp64"), dict(BLOCK_K=8, BLOCK_F=256), 4),
     "deliver_bwd_fp64": (deliver._deliver_backward_kernel, _deliver_bwd_sig("fp64"),
                          dict(BLOCK_K=8, BLOCK_F=256, ATOMIC_TABLE=True), 4),
