@@ -329,6 +329,41 @@ def screen(paths, reference: str = "base", seeds: tuple[int, ...] | None = None)
     return "\n".join(lines)
 
 
+def targets(paths, split: str = "test", variant: str = "base=hyper",
+            refs: tuple[str, ...] = ("base", "base=hyper")) -> str:
+    """The targets of part 3 per (task, input mode, unlayered policy): `variant`'s
+    unlayered accuracy under its own execution (mean over seeds) against the layered
+    models of the `refs` variants run under the same execution; the margin is taken
+    to the stronger of them (target >= +0.05); training accuracy (last epoch) against
+    the stronger layered model's (target >= 0.8x)."""
+    rows = [json.loads(t) for p in paths for t in open(p) if t.strip()]
+    rows = [r for r in rows if r.get("split", "val") == split]
+    unl = defaultdict(list)
+    lay = defaultdict(list)
+    for r in rows:
+        if r["policy"] != "layered" and r["variant"] == variant:
+            unl[(r["task"], r["mode"], r["policy"])].append(r)
+        elif r["policy"] == "layered" and r["variant"] in refs:
+            lay[(r["task"], r["mode"], r["variant"])].append(r)
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    lines = [f"| task | mode | policy | seeds | unlayered | layered under the same execution ({' / '.join(refs)}) | "
+             f"margin | target +0.05 | train acc unlayered / layered | ratio | target 0.8x |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for (task, mode, policy), rs in sorted(unl.items()):
+        seeds = {r["seed"] for r in rs}
+        same = [mean([r["final"][policy]["acc"] for r in lay[(task, mode, v)] if r["seed"] in seeds]) for v in refs]
+        train_l = [mean([r["last_train"] for r in lay[(task, mode, v)] if r["seed"] in seeds]) for v in refs]
+        best = int(np.nanargmax(same))
+        acc = mean([r["final"][policy]["acc"] for r in rs])
+        tr = mean([r["last_train"] for r in rs])
+        margin, ratio = acc - same[best], tr / train_l[best]
+        lines.append(f"| {task} | {mode} | {policy} | {len(rs)} | {acc:.3f} | "
+                     f"{' / '.join(f'{x:.3f}' for x in same)} | {margin:+.3f} | "
+                     f"{'met' if margin >= 0.05 else 'MISSED'} | {tr:.3f} / {train_l[best]:.3f} | {ratio:.2f} | "
+                     f"{'met' if ratio >= 0.8 else 'MISSED'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,6 +376,10 @@ def main(argv=None) -> int:
     ap.add_argument("--held-out", action="store_true", help="allow the held-out task")
     ap.add_argument("--log", default=None, help="append the JSON lines here too")
     ap.add_argument("--summary", nargs="+", metavar="JSONL", help="print a table of these results")
+    ap.add_argument("--targets", nargs="+", metavar="JSONL",
+                    help="print part 3's targets (base=hyper's unlayered models against the layered models "
+                         "of base and base=hyper under the same execution) of these results; with --final "
+                         "the test split's")
     ap.add_argument("--screen", nargs="+", metavar="JSONL",
                     help="print the screening table (variants x cells) of these results "
                          "(--seeds: only these seeds)")
@@ -352,6 +391,9 @@ def main(argv=None) -> int:
         return 0
     if a.summary:
         print(summary(a.summary, "test" if a.final else "val"))
+        return 0
+    if a.targets:
+        print(targets(a.targets, "test" if a.final else "val"))
         return 0
     if a.screen:
         seeds = tuple(a.seeds) if "--seeds" in (argv or sys.argv) else None
