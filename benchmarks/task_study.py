@@ -354,10 +354,11 @@ def targets(paths, split: str = "test", variant: str = "base=hyper",
         same = [mean([r["final"][policy]["acc"] for r in lay[(task, mode, v)] if r["seed"] in seeds]) for v in refs]
         train_l = [mean([r["last_train"] for r in lay[(task, mode, v)] if r["seed"] in seeds]) for v in refs]
         best = int(np.nanargmax(same))
-        acc = mean([r["final"][policy]["acc"] for r in rs])
+        accs = [r["final"][policy]["acc"] for r in rs]
+        acc = mean(accs)
         tr = mean([r["last_train"] for r in rs])
         margin, ratio = acc - same[best], tr / train_l[best]
-        lines.append(f"| {task} | {mode} | {policy} | {len(rs)} | {acc:.3f} | "
+        lines.append(f"| {task} | {mode} | {policy} | {len(rs)} | {acc:.3f} ± {float(np.std(accs)):.3f} | "
                      f"{' / '.join(f'{x:.3f}' for x in same)} | {margin:+.3f} | "
                      f"{'met' if margin >= 0.05 else 'MISSED'} | {tr:.3f} / {train_l[best]:.3f} | {ratio:.2f} | "
                      f"{'met' if ratio >= 0.8 else 'MISSED'} |")
