@@ -48,12 +48,12 @@ BUDGETS = dict(launches_per_step=16, setup_launches_per_pass=40, host_syncs_per_
 # Where a budget is not met yet: today's counts, per (case, phase) and field, that
 # tests/test_launches.py holds as ceilings (lower them as the counts go down).
 CEILINGS: dict[tuple[str, str], dict[str, float]] = {
-    ("shd-mlp", "forward"): {"setup_launches_per_pass": 60.0},
-    ("shd-mlp-per-op", "forward"): {"launches_per_step": 42.9, "setup_launches_per_pass": 46.0},
+    ("shd-mlp", "forward"): {"setup_launches_per_pass": 54.0},
+    ("shd-mlp-per-op", "forward"): {"launches_per_step": 42.9},
     ("shd-mlp-per-op", "backward"): {"launches_per_step": 40.0},
     ("vgg7-K8", "forward"): {"launches_per_step": 21.9},
     ("vgg7-K8", "backward"): {"launches_per_step": 17.5, "setup_launches_per_pass": 43.0},
-    ("vgg7-K64", "forward"): {"launches_per_step": 43.9, "setup_launches_per_pass": 46.0},
+    ("vgg7-K64", "forward"): {"launches_per_step": 43.9},
     ("vgg7-K64", "backward"): {"launches_per_step": 45.8},
 }
 

@@ -83,10 +83,10 @@ def pass_stats_torch(rows: StatRows, vals: torch.Tensor | None, sel: torch.Tenso
 
 
 # Not specialised on: the step and evaluation counts (every pass its own), and the
-# output rows, views at row t of the [T, B] stats (16-byte aligned or not by t and B:
-# a second variant per pointer otherwise).
+# output rows, views into the stats' one buffer at row t (16-byte aligned or not by t,
+# T and B: a second variant per pointer otherwise).
 @jit(do_not_specialize=("n_steps", "n_evals", "max_steps", "steps_after_output", "o_steps", "o_synops",
-                        "o_processed", "o_first", "o_to_first", "o_capped"))
+                        "o_processed", "o_first", "o_to_first", "o_capped", "o_hidden"))
 def _pass_stats_kernel(vals_ptr, sel_ptr, fired_ptr, fan_ptr, in_syn_ptr, in_proc_ptr, steps_ptr, first_out_ptr,
                        pending_ptr, spike_sum_ptr, hidden_f_ptr, o_steps, o_synops, o_processed, o_first,
                        o_to_first, o_capped, o_hidden, n_steps, n_evals, B, K, W, max_steps, steps_after_output,

@@ -65,16 +65,18 @@ def _keys_block(b, cols, inside, keep, val_row, is_input_ptr, h_key, h_order, no
     hash `h_key`; else that uniform (RS, RS fill). INPUTS_FIRST: inputs at +inf, and
     (INPUT_RANDOM) above it at 0x7F800000 + their order key (`rng.input_order_key`
     from hash `h_order`), as the C's `packed_key`. Hashes: uint32, mixed on the host
-    (`rng.counter_hash`). The key math of `selection_keys_torch`, and of the fused
+    (`rng.counter_hash`). Values and input flags are read only where `keep` (which
+    implies `inside`): a sparse row costs its flags' bytes and the kept entries', not
+    up to 5 bytes a column. The key math of `selection_keys_torch`, and of the fused
     steps (`_row_keys`, `_fill_keys`)."""
     if FROM_VALUES:
-        key = tl.load(val_row + cols, mask=inside, other=0.0).to(tl.float32)
+        key = tl.load(val_row + cols, mask=keep, other=0.0).to(tl.float32)
         if HAS_NOISE:
             key = key + noise * _uniform_at_from_hash(h_key, b, cols)
     else:
         key = _uniform_at_from_hash(h_key, b, cols)
     if INPUTS_FIRST:
-        inp = tl.load(is_input_ptr + cols, mask=inside, other=0) != 0
+        inp = tl.load(is_input_ptr + cols, mask=keep, other=0) != 0
         key = tl.where(inp, float("inf"), key)
     s = _sortable(key)
     if INPUTS_FIRST:
@@ -127,6 +129,39 @@ def _fill_keys(b, W, fill_row, pend_row, v_row, keys_row, h_fill, POLICY_MS: tl.
 
 
 
+@jit
+def _free_slots(s_row, width, kk, BLOCK: tl.constexpr):
+    """fill_slots: the free (dump, ``width - 1``) slots of a row's selection `s_row`
+    (kk slots): the group the fillers are chosen for."""
+    n = 0
+    for start in range(0, kk, BLOCK):
+        slot = start + tl.arange(0, BLOCK)
+        sl = tl.load(s_row + slot, mask=slot < kk, other=0)
+        n += tl.sum(((sl == width - 1) & (slot < kk)).to(tl.int32))
+    return n
+
+
+@jit
+def _fill_free(s_row, o_row, f_row, col_row, width, kk, n_sel, BLOCK: tl.constexpr, GATHER: tl.constexpr):
+    """fill_slots: the j-th free slot of the selection `s_row` takes the j-th of the
+    `n_sel` fillers in `f_row` (ascending column), recorded as -1 - column, into
+    `o_row`; other slots copied. GATHER: `f_row` holds positions into the columns
+    `col_row` (the staged merge's candidates), else the columns themselves."""
+    n_free = 0
+    for start in range(0, kk, BLOCK):
+        slot = start + tl.arange(0, BLOCK)
+        inside = slot < kk
+        sl = tl.load(s_row + slot, mask=inside, other=0)
+        free = (sl == width - 1) & inside
+        rank = n_free + tl.cumsum(free.to(tl.int32), axis=0) - 1
+        has = free & (rank < n_sel)
+        c = tl.load(f_row + rank, mask=has, other=0)
+        if GATHER:
+            c = tl.load(col_row + c, mask=has, other=0)
+        tl.store(o_row + slot, tl.where(has, -1 - c.to(tl.int64), sl), mask=inside)
+        n_free += tl.sum(free.to(tl.int32))
+
+
 # Constants (fixed for an engine: one compile per row-width class, dtype and K, and
 # per key kind, pending or fill): width, k, kk, the strides and the constexprs. Not
 # specialised on: the two hashes h_key and h_order (i64, `hash_arg`), which change
@@ -155,11 +190,7 @@ def _select_keyed_kernel(pending_ptr, values_ptr, is_input_ptr, sel_ptr, out_ptr
     if FILL:  # the group: the free (dump) slots of the step's selection
         s_row = sel_ptr + row * stride_s
         f_row = fill_ptr + row * kk
-        kr = 0
-        for start in range(0, kk, BLOCK):
-            slot = start + cols
-            sl = tl.load(s_row + slot, mask=slot < kk, other=0)
-            kr += tl.sum(((sl == width - 1) & (slot < kk)).to(tl.int32))
+        kr = _free_slots(s_row, width, kk, BLOCK)
     else:
         kr = k
     if ONE_BLOCK:
@@ -179,17 +210,7 @@ def _select_keyed_kernel(pending_ptr, values_ptr, is_input_ptr, sel_ptr, out_ptr
         # slot of the selection takes the j-th of them (-1 - column)
         n_sel = _take(keys_row, keys_row, u, f_row, width, kr, kk, prefix, BLOCK, ONE_BLOCK, True, False)
         tl.debug_barrier()
-        n_free = 0
-        for start in range(0, kk, BLOCK):
-            slot = start + cols
-            inside = slot < kk
-            sl = tl.load(s_row + slot, mask=inside, other=0)
-            free = (sl == width - 1) & inside
-            rank = n_free + tl.cumsum(free.to(tl.int32), axis=0) - 1
-            has = free & (rank < n_sel)
-            f = tl.load(f_row + rank, mask=has, other=0)
-            tl.store(o_row + slot, tl.where(has, -1 - f, sl), mask=inside)
-            n_free += tl.sum(free.to(tl.int32))
+        _fill_free(s_row, o_row, f_row, f_row, width, kk, n_sel, BLOCK, False)
     else:
         _take(keys_row, keys_row, u, o_row, width, kr, kk, prefix, BLOCK, ONE_BLOCK, True, True)
 
@@ -270,14 +291,7 @@ def _merge_kernel(ckey_ptr, ccol_ptr, sel_ptr, out_ptr, pos_ptr, width, k, kk, n
     p_row = pos_ptr + row * kk
     s_row = sel_ptr + row * stride_s
     slots = tl.arange(0, KBLOCK)
-    if FILL:  # the group: the free (dump) slots of the step's selection
-        kr = 0
-        for start in range(0, kk, KBLOCK):
-            slot = start + slots
-            sl = tl.load(s_row + slot, mask=slot < kk, other=0)
-            kr += tl.sum(((sl == width - 1) & (slot < kk)).to(tl.int32))
-    else:
-        kr = k
+    kr = _free_slots(s_row, width, kk, KBLOCK) if FILL else k  # fill: the group is the free slots
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         u = tl.load(c_row + cols, mask=cols < n_cand, other=-1)
@@ -292,19 +306,12 @@ def _merge_kernel(ckey_ptr, ccol_ptr, sel_ptr, out_ptr, pos_ptr, width, k, kk, n
     # the taken candidates' positions (ascending = ascending column), then their columns
     n_sel = _take(c_row, c_row, u, p_row, n_cand, kr, kk, prefix, BLOCK, ONE_BLOCK, True, False)
     tl.debug_barrier()
-    n_free = 0
-    for start in range(0, kk, KBLOCK):
-        slot = start + slots
-        inside = slot < kk
-        if FILL:  # the j-th free slot takes the j-th filler (-1 - column)
-            sl = tl.load(s_row + slot, mask=inside, other=0)
-            free = (sl == width - 1) & inside
-            rank = n_free + tl.cumsum(free.to(tl.int32), axis=0) - 1
-            has = free & (rank < n_sel)
-            c = tl.load(col_row + tl.load(p_row + rank, mask=has, other=0), mask=has, other=0).to(tl.int64)
-            tl.store(o_row + slot, tl.where(has, -1 - c, sl), mask=inside)
-            n_free += tl.sum(free.to(tl.int32))
-        else:
+    if FILL:
+        _fill_free(s_row, o_row, p_row, col_row, width, kk, n_sel, KBLOCK, True)
+    else:
+        for start in range(0, kk, KBLOCK):
+            slot = start + slots
+            inside = slot < kk
             has = inside & (slot < n_sel)
             c = tl.load(col_row + tl.load(p_row + slot, mask=has, other=0), mask=has, other=0).to(tl.int64)
             tl.store(o_row + slot, tl.where(has, c, width - 1), mask=inside)
