@@ -68,6 +68,12 @@ class CallLoop:
         elif name == "listed":
             self.mode = ListedReceivers(self.eng)
 
+    @property
+    def functional(self) -> bool:
+        """The event steps never update a state in place (the whole-state steps; not
+        the fused steps nor the receivers' steps), so a kept state may share tensors."""
+        return self.fused is None and self.mode is self.whole
+
     # --- forward ----------------------------------------------------------------------
     def forward(self, frames: torch.Tensor, wt: torch.Tensor, *, keep_checkpoints: bool) -> Forward:
         """Execute all passes; with `keep_checkpoints`, keep the states the backward
@@ -82,7 +88,7 @@ class CallLoop:
             self.fused.bind_weights(wt)
         plan = eng.plan
         ckpt = Checkpoints(eng.checkpoint_every, plan.record_ratio, nested=plan.nested,
-                           sync_free=plan.sync_free) if keep_checkpoints else None
+                           sync_free=plan.sync_free, share=self.functional) if keep_checkpoints else None
         # conv networks: wide steps; kept per-step tensors go to chunks (retain.py)
         keep = ChunkStore().keep if eng.syn is not None else identity
         stats = new_stats(T, B, eng.device, eng.histogram_bins)
@@ -205,7 +211,8 @@ class CallLoop:
             if owned and (not isinstance(op, EventStep) or not keep and i % states_every == 0):
                 self.fused.flush()  # their run of steps replayed before anything reads the state
             if not keep and i % states_every == 0:
-                states[i] = st.pack(eng.plan.sync_free)  # a copy: the steps go on in place
+                # a copy where the steps go on in place (fused, receivers)
+                states[i] = st.pack(eng.plan.sync_free, share=self.functional)
             rec = None
             match op:
                 case EventStep():

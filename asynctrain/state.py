@@ -30,9 +30,11 @@ class State:
         return State(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).clone()
                         for f in fields(self)})
 
-    def pack(self, sync_free: bool = False) -> "PackedState":
-        """A copy in fewer bytes for a checkpoint (`PackedState`)."""
-        return PackedState.of(self, sync_free)
+    def pack(self, sync_free: bool = False, share: bool = False) -> "PackedState":
+        """A copy in fewer bytes for a checkpoint (`PackedState`); `share`: keep this
+        state's tensors where no packing changes them (only for steps that never update
+        a state in place: the whole-state steps)."""
+        return PackedState.of(self, sync_free, share)
 
 
 @dataclass
@@ -40,9 +42,11 @@ class PackedState:
     """A kept state in ~8 bytes per column instead of 13: the outboxes as their nonzero
     entries when under half are nonzero (pending spikes: a few percent at small K),
     the received counts as int16 when they fit. A copy: the state may go on being
-    updated in place (fused steps). `sync_free` (CUDA, inside the step loop): the
-    outboxes stay dense and the counts int32, so packing reads nothing on the host
-    (13 bytes per column; the sparse choice needs the number of nonzero entries)."""
+    updated in place (fused steps, the receivers' steps); with `share` the tensors that
+    packing leaves unchanged are the state's own (steps that never update in place).
+    `sync_free` (CUDA, inside the step loop): the outboxes stay dense and the counts
+    int32, so packing reads nothing on the host (13 bytes per column; the sparse choice
+    needs the number of nonzero entries)."""
 
     v: torch.Tensor
     o: torch.Tensor                # [B, W], or the values at `o_at`
@@ -53,16 +57,16 @@ class PackedState:
     n_in_dtype: torch.dtype
 
     @staticmethod
-    def of(st: State, sync_free: bool = False) -> "PackedState":
+    def of(st: State, sync_free: bool = False, share: bool = False) -> "PackedState":
+        cp = (lambda x: x) if share else torch.Tensor.clone  # noqa: E731
         if sync_free:
-            return PackedState(st.v.clone(), st.o.clone(), None, st.acc.clone(), st.refr.clone(),
-                               st.n_in.clone(), st.n_in.dtype)
+            return PackedState(cp(st.v), cp(st.o), None, cp(st.acc), cp(st.refr), cp(st.n_in), st.n_in.dtype)
         at = st.o.reshape(-1).nonzero().squeeze(1)
         sparse = 2 * at.numel() < st.o.numel() < 2**31
-        o, o_at = (st.o.reshape(-1)[at], at.to(torch.int32)) if sparse else (st.o.clone(), None)
+        o, o_at = (st.o.reshape(-1)[at], at.to(torch.int32)) if sparse else (cp(st.o), None)
         small = st.n_in.numel() == 0 or int(st.n_in.abs().max()) < 2**15
-        n_in = st.n_in.to(torch.int16) if small else st.n_in.clone()
-        return PackedState(st.v.clone(), o, o_at, st.acc.clone(), st.refr.clone(), n_in, st.n_in.dtype)
+        n_in = st.n_in.to(torch.int16) if small else cp(st.n_in)
+        return PackedState(cp(st.v), o, o_at, cp(st.acc), cp(st.refr), n_in, st.n_in.dtype)
 
     def unpack(self) -> State:
         """The state (sharing this one's tensors: clone before updating it in place)."""

@@ -78,12 +78,15 @@ class Checkpoints:
     then weigh half of what one split segment holds at once, the minimum of their sum:
     ~3 (ops r)^(1/3) states in all.
 
-    `sync_free` (CUDA): states are packed without host reads (`PackedState.of`)."""
+    `sync_free` (CUDA): states are packed without host reads (`PackedState.of`);
+    `share`: a kept state holds the live state's tensors instead of copies (the steps
+    must never update a state in place: the whole-state steps)."""
 
     def __init__(self, every: int | None, ratio: float = 1.0, nested: bool = False,
-                 sync_free: bool = False):
+                 sync_free: bool = False, share: bool = False):
         self.adaptive = every is None
         self.sync_free = sync_free  # pack without reading the state on the host
+        self.share = share  # the steps never update a state in place: keep its tensors
         self.c = 1 if every is None else every
         self.ratio = ratio
         self.nested = nested
@@ -93,7 +96,7 @@ class Checkpoints:
         """`st` is the state before op `i`: kept when a checkpoint is due there."""
         if i % self.c:
             return
-        self.saved[i] = st.pack(sync_free=True) if self.sync_free else st.pack()
+        self.saved[i] = st.pack(sync_free=self.sync_free, share=self.share)
         cap = math.sqrt(self.c * self.ratio) if self.nested else self.c * self.ratio
         if self.adaptive and len(self.saved) > cap:
             self.c *= 2

@@ -262,7 +262,7 @@ def test_frame_gradient_through_prioritized_conv_input():
 class _Op(int):
     """Stands for a state in the checkpoint-count tests (Checkpoints keeps st.pack())."""
 
-    def pack(self):
+    def pack(self, sync_free=False, share=False):
         return self
 
 
