@@ -96,6 +96,44 @@ def _lif_kernel(v_ptr, cur_ptr, refr_ptr, recv_ptr, gate_ptr, theta_ptr,
     tl.store(v_pre_ptr + at, v_pre, mask=inside)
 
 
+@jit
+def _lif_grad(gvn, g_s, v_pre, gate, theta, last, const_ptr, DETACH_RESET: tl.constexpr,
+              HAS_GRAD_SPIKES: tl.constexpr, HAS_LAST: tl.constexpr, RECIP_FIRST: tl.constexpr):
+    """The LIF evaluation's reverse at evaluated lanes, before masking: the gradient of
+    the pre-step potential from the post-step one's `gvn` and (HAS_GRAD_SPIKES) the
+    spikes' `g_s`, with the surrogate (alpha / 2) / (1 + (scale (V1 - theta))^2) from
+    `const_ptr` (`surrogate_constants`) where the lane is synced (`gate`) and
+    (HAS_LAST, fire_or_last) fired or ends its window (`last`). The surrogate rounds as
+    the caller's twin does: (alpha / 2) / den, or RECIP_FIRST (1 / den) x (alpha / 2);
+    fp32 division IEEE (`div_rn`). Shared by `_lif_backward_kernel` and the listed
+    steps' reverse (kernels/listed_steps.py)."""
+    half_alpha = tl.load(const_ptr)
+    scale = tl.load(const_ptr + 1)
+    s = (gate & (v_pre >= theta)).to(v_pre.dtype)
+    y = scale * (v_pre - theta)
+    den = 1 + y * y
+    if v_pre.dtype == tl.float32:
+        if RECIP_FIRST:
+            sur = tl.math.div_rn(tl.full(den.shape, 1.0, tl.float32), den) * half_alpha
+        else:
+            sur = tl.math.div_rn(tl.zeros_like(den) + half_alpha, den)
+    else:
+        if RECIP_FIRST:
+            sur = (1.0 / den) * half_alpha
+        else:
+            sur = half_alpha / den
+    counts = gate
+    if HAS_LAST:  # fire_or_last: only evaluations that fire or end their window
+        counts = gate & ((s > 0) | last)
+    dsdv = tl.where(counts, sur, 0.0)
+    g_pre = gvn * (1 - s)
+    if not DETACH_RESET:
+        g_pre = g_pre - gvn * v_pre * dsdv
+    if HAS_GRAD_SPIKES:
+        g_pre = g_pre + g_s * dsdv
+    return g_pre
+
+
 # As `_lif_kernel`: `width` specialised (fixed for a network).
 @jit
 def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_ptr, last_ptr, theta_ptr,
@@ -111,24 +149,14 @@ def _lif_backward_kernel(gvn_ptr, gs_ptr, v_pre_ptr, refr_ptr, recv_ptr, gate_pt
     recv = tl.load(recv_ptr + at, mask=inside, other=0) != 0
     gate = tl.load(gate_ptr + at, mask=inside, other=0) != 0
     theta = tl.load(theta_ptr + cols, mask=inside, other=0.0)
-    half_alpha = tl.load(const_ptr)
-    scale = tl.load(const_ptr + 1)
-    s = (gate & (v_pre >= theta)).to(v_pre.dtype)
-    y = scale * (v_pre - theta)
-    den = 1 + y * y
-    if v_pre.dtype == tl.float32:
-        sur = tl.math.div_rn(tl.zeros_like(den) + half_alpha, den)
-    else:
-        sur = half_alpha / den
-    counts = gate
-    if HAS_LAST:  # fire_or_last: only evaluations that fire or end their window
-        counts = gate & ((s > 0) | (tl.load(last_ptr + at, mask=inside, other=0) != 0))
-    dsdv = tl.where(counts, sur, 0.0)
-    g_pre = gvn * (1 - s)
-    if not DETACH_RESET:
-        g_pre = g_pre - gvn * v_pre * dsdv
+    last = gate  # (not read without HAS_LAST)
+    if HAS_LAST:
+        last = tl.load(last_ptr + at, mask=inside, other=0) != 0
+    g_s = gvn  # (not read without HAS_GRAD_SPIKES)
     if HAS_GRAD_SPIKES:
-        g_pre = g_pre + tl.load(gs_ptr + at, mask=inside, other=0.0) * dsdv
+        g_s = tl.load(gs_ptr + at, mask=inside, other=0.0)
+    g_pre = _lif_grad(gvn, g_s, v_pre, gate, theta, last, const_ptr, DETACH_RESET, HAS_GRAD_SPIKES, HAS_LAST,
+                      False)
     g_pre = tl.where(recv & ~refr, g_pre, 0.0)
     tl.store(grad_cur_ptr + at, g_pre, mask=inside)
     tl.store(grad_v_ptr + at, tl.where(recv, g_pre, gvn), mask=inside)

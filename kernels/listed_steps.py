@@ -19,7 +19,7 @@ import torch
 from . import rng
 from ._triton import check_dtype, check_shape, check_tensors, hash_arg, jit, tl, triton
 from .image_steps import (_FLOATS, _REAL_COUNT_MASK, ImageLayers, _lane, receiver_list)
-from .lif import lif_backward_torch, lif_torch, surrogate_constants
+from .lif import _lif_grad, lif_backward_torch, lif_torch, surrogate_constants
 from .rng_triton import _uniform_at_from_hash
 
 
@@ -327,24 +327,11 @@ def _listed_backward_kernel(idx_ptr, recv_ptr, vpre_ptr, refr_ptr, gate_ptr, gv_
     refr = tl.load(refr_ptr + r, mask=recv, other=0) != 0
     gate = tl.load(gate_ptr + r, mask=recv, other=0) != 0
     theta = tl.load(theta_ptr + col, mask=recv, other=0.0)
-    half_alpha = tl.load(const_ptr)
-    scale = tl.load(const_ptr + 1)
-    s = (gate & (v_pre >= theta)).to(v_pre.dtype)
-    y = scale * (v_pre - theta)
-    den = 1 + y * y
-    # the twin's (alpha / 2) / den: torch takes 1 / den, then the product
-    if v_pre.dtype == tl.float32:
-        sur = tl.math.div_rn(tl.full(den.shape, 1.0, tl.float32), den) * half_alpha
-    else:
-        sur = (1.0 / den) * half_alpha
-    counts = gate
-    if ARMED:  # fire_or_last: only evaluations that fire or end their window
-        counts = gate & ((s > 0) | (tl.load(armed_ptr + at, mask=recv, other=0) != 0))
-    dsdv = tl.where(counts, sur, 0.0)
-    g_pre = gvn * (1 - s)
-    if not DETACH_RESET:
-        g_pre = g_pre - gvn * v_pre * dsdv
-    g_pre = g_pre + g_s * dsdv
+    last = gate  # (not read without ARMED)
+    if ARMED:
+        last = tl.load(armed_ptr + at, mask=recv, other=0) != 0
+    # the twin's (alpha / 2) / den: torch takes 1 / den, then the product (RECIP_FIRST)
+    g_pre = _lif_grad(gvn, g_s, v_pre, gate, theta, last, const_ptr, DETACH_RESET, True, ARMED, True)
     g_pre = tl.where(~refr, g_pre, 0.0)  # received lanes only
     if ARMED:
         tl.store(armed_ptr + at, tl.zeros_like(refr).to(tl.uint8), mask=recv)
